@@ -1,0 +1,385 @@
+"""The run config: one typed model that a recipe YAML fills, validated on load.
+
+Every field is documented once, here. `load_recipe(path, overrides)` reads a recipe, applies
+`--set key=value` overrides and validates; any problem is a `UserError` that names the key and,
+for recipe values, the file and line (`recipe.yaml:12: data.max_seq_len must be > 0, got -5`).
+The resolved config is written next to every output (`write_resolved`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "recipes"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        description="Hub id (tiiuae/falcon-7b), local folder, s3:// URI, or tiny://ARCH "
+        "(falcon, falcon-40b, llama, mistral, qwen2) for a tiny model built locally."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        False, description="Run the model repo's own code. Off unless you trust it."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Weights dtype for training/merge; auto = bf16 where the hardware has it.",
+    )
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="auto = flash-attention 2 when installed on CUDA, else SDPA."
+    )
+
+
+class DataConfig(Section):
+    path: str = Field(
+        description="JSON/JSONL/CSV/Parquet file or folder, saved HF dataset folder, "
+        "s3:// URI, hub dataset id, or sample://NAME for data shipped with kubetune."
+    )
+    format: Literal["alpaca", "dolly", "samsum", "chat", "template"] = Field(
+        description="alpaca: instruction/input/output; dolly: instruction/context/response; "
+        "samsum: dialogue/summary; chat: messages[{role, content}]; template: data.template."
+    )
+    template: str | None = Field(
+        None, description="format=template: the prompt, with {field} names."
+    )
+    response_field: str = Field(
+        "response", description="format=template: the field holding the answer."
+    )
+    split: str = Field(
+        "train", description="Split to read from a hub dataset or a saved DatasetDict."
+    )
+    max_seq_len: int = Field(
+        512, gt=0, description="Tokens per training row (prompt + response + EOS)."
+    )
+    overlength: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Rows longer than max_seq_len: truncate keeps the first max_seq_len "
+        "tokens (the response's tail and EOS are cut; rows left with no response token are "
+        "dropped); drop removes them. Both are counted in stats.json.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack examples into max_seq_len rows (best-fit "
+        "decreasing); position ids restart at each example.",
+    )
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of rows held out for eval."
+    )
+    seed: int = Field(42, description="Seed of the train/eval split.")
+    on_bad_row: Literal["error", "drop"] = Field(
+        "error",
+        description="A row with a missing/null/ill-typed field: stop with an error naming "
+        "the row, or drop it and count it in stats.json.",
+    )
+    max_rows: int | None = Field(
+        None, gt=0, description="Read at most this many rows (smoke tests)."
+    )
+
+
+class QuantConfig(Section):
+    bits: Literal[4, 8] = Field(4, description="qlora: 4-bit NF4 or 8-bit (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Matmul dtype of 4-bit layers."
+    )
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Literal["auto", "all-linear"] | list[str] = Field(
+        "auto",
+        description="auto: the architecture's attention and MLP projections; all-linear; "
+        "or a list of module names.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps; overrides epochs when set."
+    )
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the train split (when max_steps is unset)."
+    )
+    micro_batch_size: int = Field(1, gt=0, description="Rows per process per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every N optimizer steps.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Eval loss every N steps (None: at the end)."
+    )
+    logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
+    seed: int = Field(42, description="Seed of init, dropout and data order.")
+
+
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp: a replica per GPU; fsdp; deepspeed ZeRO."
+    )
+    nodes: int = Field(1, gt=0, description="Machines (PyTorchJob Master + nodes-1 Workers).")
+    procs_per_node: int = Field(1, gt=0, description="Processes per node, one per GPU.")
+    backend: Literal["local", "pytorchjob"] = Field(
+        "local", description="local: torchrun here; pytorchjob: the Training Operator."
+    )
+    zero_stage: Literal[2, 3] = Field(3, description="deepspeed: ZeRO stage.")
+    offload: Literal["none", "optimizer", "optimizer+params"] = Field(
+        "none", description="deepspeed: CPU offload."
+    )
+
+
+class HardwareConfig(Section):
+    gpu: str = Field(
+        "none",
+        description="GPU the plan is checked against (A100-80GB, H100-80GB, A10G-24GB, none).",
+    )
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Override the GPU memory of `gpu`.")
+
+
+class EvalConfig(Section):
+    num_prompts: int = Field(32, gt=0, description="Held-out prompts to generate answers for.")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per prompt.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
+    min_rouge_l: float | None = Field(None, ge=0, le=1, description="Push only if ROUGE-L >= this.")
+    max_eval_loss: float | None = Field(None, gt=0, description="Push only if eval loss <= this.")
+
+
+class OutputConfig(Section):
+    uri: str = Field(
+        "./kubetune-output",
+        description="Where the finished model is pushed: s3://bucket/prefix or a folder.",
+    )
+
+
+class KubernetesConfig(Section):
+    namespace: str = Field("kubeflow", description="Namespace of the PyTorchJob.")
+    trainer_image: str = Field(
+        "ghcr.io/kubetune/trainer:0.1.0", description="CUDA image of the worker."
+    )
+    steps_image: str = Field(
+        "ghcr.io/kubetune/steps:0.1.0", description="CPU image of the other steps."
+    )
+    service_account: str = Field("kubetune", description="ServiceAccount of the pods.")
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node selector of the GPU node pool."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Tolerations of the GPU node pool."
+    )
+    cpu: str = Field("8", description="CPU request per training pod.")
+    memory: str = Field("64Gi", description="Memory request per training pod.")
+    shm_size: str = Field("16Gi", description="Size of /dev/shm (memory emptyDir).")
+    workspace_pvc: str = Field(
+        "kubetune-workspace", description="ReadWriteMany PVC for datasets, cache and outputs."
+    )
+    s3_secret: str = Field(
+        "kubetune-s3", description="Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY."
+    )
+    hf_secret: str | None = Field(None, description="Secret with HF_TOKEN for gated models.")
+    active_deadline_seconds: int = Field(
+        86400, gt=0, description="Hard bound on the job's run time."
+    )
+    ttl_seconds_after_finished: int = Field(
+        3600, ge=0, description="Delete the finished job after this."
+    )
+
+
+class RunConfig(Section):
+    """The whole typed config of a run; a recipe YAML fills it."""
+
+    model: ModelConfig
+    data: DataConfig
+    method: Literal["qlora", "lora", "full"] = Field(
+        "lora", description="qlora, lora or full fine-tuning."
+    )
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.data.format == "template" and not self.data.template:
+            raise ValueError("data.template is required when data.format is template")
+        if self.distributed.nodes > 1 and self.distributed.backend == "local":
+            raise ValueError(
+                f"distributed.nodes={self.distributed.nodes} needs "
+                "distributed.backend=pytorchjob (local runs on one machine)"
+            )
+        if self.distributed.offload != "none" and self.distributed.strategy != "deepspeed":
+            raise ValueError("distributed.offload needs distributed.strategy=deepspeed")
+        return self
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted keys of a YAML mapping to their 1-based line numbers."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    with contextlib.suppress(yaml.YAMLError):  # the caller reports invalid YAML itself
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    return lines
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error as `key must ..., got X`."""
+    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    bounds = {
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
+        "less_than_equal": "<=",
+    }
+    if kind in bounds:
+        return f"{key} must be {bounds[kind]} {next(iter(ctx.values()))}, got {got!r}"
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "literal_error":
+        return f"{key} must be one of {ctx.get('expected')}, got {got!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return f"{key}: {err['msg'].lower()}, got {got!r}"
+
+
+def _error_key(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item}: expected key=value (e.g. data.max_seq_len=1024)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # `--set data.template=Q: {question}` means the string, not a YAML mapping; lists and
+    # mappings must be written in flow style ([a, b], {k: v}).
+    if isinstance(value, dict | list) and not raw.lstrip().startswith(("[", "{")):
+        value = raw
+    return key.strip(), value
+
+
+def apply_override(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A path, or the bare name of a shipped recipe (`tiny-demo`)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{Path(recipe).stem}.yaml"
+    if not path.suffix and shipped.is_file():
+        return shipped
+    raise UserError(f"{recipe}: no such recipe file")
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe file (or a shipped recipe's name), apply overrides, validate."""
+    path = resolve_recipe_path(recipe)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    return parse_recipe(text, str(path), overrides)
+
+
+def parse_recipe(text: str, origin: str = "recipe", overrides: list[str] = ()) -> RunConfig:
+    """Validate recipe YAML text; `origin` names it in errors (a file path, or "recipe")."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{origin}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raise UserError(f"{origin}: the recipe is empty")
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"{origin}: a recipe is a YAML mapping of sections, got {type(raw).__name__}"
+        )
+    overridden: dict[str, str] = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        apply_override(raw, key, value)
+        overridden[key] = item
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = _key_lines(text)
+        messages = []
+        for err in exc.errors():
+            key = _error_key(err)
+            where = next(
+                (
+                    f"--set {overridden[k]}"
+                    for k in overridden
+                    if key == k or key.startswith(k + ".")
+                ),
+                None,
+            )
+            if where is None:
+                line = lines.get(key) or lines.get(key.rsplit(".", 1)[0])
+                where = f"{origin}:{line}" if line else origin
+            messages.append(f"{where}: {_describe(err)}")
+        raise UserError("\n".join(messages)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved(cfg: RunConfig, out_dir: Path) -> Path:
+    """Write the resolved config beside an output, as litgpt writes hyper_parameters.yaml."""
+    target = Path(out_dir) / "recipe.yaml"
+    target.write_text(dump_config(cfg), encoding="utf-8")
+    return target

@@ -1,0 +1,234 @@
+"""Read instruction records from files, folders, saved HF datasets, S3 objects or the hub.
+
+Each reader yields `(where, row)` pairs: `where` says where the row came from in the words a
+user needs to find it (`data.jsonl:17`, `data.parquet: row 4`). Structural problems (bad JSON,
+non-UTF-8 bytes, an object where a list is expected, a CSV without a needed column, an empty
+file) are `UserError`s naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import UserError
+from ..storage import is_s3, s3_cached
+from ..tiny_models import cache_root
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+Row = tuple[str, dict]
+
+
+def _decode(path: Path, data: bytes) -> str:
+    if not data.strip():
+        raise UserError(f"{path}: file is empty")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); convert the file to UTF-8"
+        ) from None
+
+
+def _jsonl(path: Path, text: str) -> Iterator[Row]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        if not isinstance(row, dict):
+            raise UserError(
+                f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}"
+            )
+        yield f"{path}:{number}", row
+
+
+def _json(path: Path, text: str) -> Iterator[Row]:
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        # Either JSON Lines under a .json name, or one object where a list is expected.
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            yield from _jsonl(path, text)
+            return
+        keys = ", ".join(list(whole)[:5])
+        raise UserError(
+            f"{path}: expected a JSON list of records (or JSON Lines), got one object "
+            f"with keys {keys}"
+        )
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+        ) from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for index, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: row {index}: expected an object, got {type(row).__name__}")
+        yield f"{path}: row {index}", row
+
+
+def _csv(path: Path, text: str, required: tuple[str, ...]) -> Iterator[Row]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise UserError(f"{path}: file is empty") from None
+    except csv.Error as exc:
+        raise UserError(f"{path}:1: malformed CSV header ({exc})") from None
+    header = [h.strip() for h in header]
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise UserError(
+            f"{path}:1: CSV header has no column {', '.join(map(repr, missing))} "
+            f"(columns: {', '.join(header)})"
+        )
+    start = reader.line_num + 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise UserError(f"{path}:{start}: malformed CSV ({exc})") from None
+        if values:
+            if len(values) != len(header):
+                raise UserError(f"{path}:{start}: expected {len(header)} fields, got {len(values)}")
+            yield f"{path}:{start}", dict(zip(header, values, strict=True))
+        start = reader.line_num + 1
+
+
+def _parquet(path: Path, required: tuple[str, ...]) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: cannot read Parquet ({exc})") from None
+    missing = [name for name in required if name not in table.column_names]
+    if missing:
+        raise UserError(
+            f"{path}: Parquet file has no column {', '.join(map(repr, missing))} "
+            f"(columns: {', '.join(table.column_names)})"
+        )
+    if table.num_rows == 0:
+        raise UserError(f"{path}: file has no rows")
+    for index, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path}: row {index}", row
+
+
+def read_file(path: Path, required: tuple[str, ...] = ()) -> Iterator[Row]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet(path, required)
+        return
+    if suffix not in SUFFIXES:
+        raise UserError(
+            f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, "
+            ".csv or .parquet"
+        )
+    text = _decode(path, path.read_bytes())
+    if suffix == ".csv":
+        yield from _csv(path, text, required)
+    elif suffix == ".jsonl":
+        yield from _jsonl(path, text)
+    else:
+        yield from _json(path, text)
+
+
+def _hf_rows(dataset, origin: str) -> Iterator[Row]:
+    for index, row in enumerate(dataset, start=1):
+        yield f"{origin}: row {index}", row
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return any(
+        (folder / name).is_file()
+        for name in ("dataset_dict.json", "dataset_info.json", "state.json")
+    )
+
+
+def _saved_dataset(folder: Path, split: str) -> Iterator[Row]:
+    from datasets import DatasetDict, load_from_disk
+
+    loaded = load_from_disk(str(folder))
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise UserError(
+                f"{folder}: saved dataset has no split {split!r} (splits: "
+                f"{', '.join(loaded)}); set data.split"
+            )
+        loaded = loaded[split]
+    yield from _hf_rows(loaded, str(folder))
+
+
+def _folder(folder: Path, required: tuple[str, ...], split: str) -> Iterator[Row]:
+    if _is_saved_dataset(folder):
+        yield from _saved_dataset(folder, split)
+        return
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(
+            f"{folder}: folder holds no .json, .jsonl, .csv or .parquet file and is "
+            "not a saved HF dataset"
+        )
+    for file in files:
+        yield from read_file(file, required)
+
+
+def _hub(name: str, split: str) -> Iterator[Row]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, missing, gated: all are the user's to fix
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"data.path: {name!r} is not a local file or folder, and loading it as a "
+            f"hub dataset failed: {first}"
+        ) from None
+    yield from _hf_rows(loaded, name)
+
+
+def read_records(spec: str, required: tuple[str, ...] = (), split: str = "train") -> Iterator[Row]:
+    """Every row of `data.path`, whatever kind of place it names."""
+    if spec.startswith("sample://"):
+        path = SAMPLES_DIR / f"{spec[len('sample://') :]}.jsonl"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in SAMPLES_DIR.glob("*.jsonl")))
+            raise UserError(f"data.path: no sample {spec!r}; shipped samples: {known}")
+        yield from read_file(path, required)
+        return
+    if is_s3(spec):
+        local = s3_cached(spec, cache_root() / "s3")
+        yield from (
+            _folder(local, required, split) if local.is_dir() else read_file(local, required)
+        )
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        yield from _folder(path, required, split)
+    elif path.is_file():
+        yield from read_file(path, required)
+    elif (
+        path.suffix.lower() in SUFFIXES
+        or spec.startswith((".", "/", "~"))
+        or path.parent.exists()
+        and path.parent != Path(".")
+    ):
+        raise UserError(f"data.path: {spec} does not exist")
+    else:
+        yield from _hub(spec, split)

@@ -1,0 +1,115 @@
+"""Where inputs come from: local paths and `s3://` URIs (boto3, standard AWS environment).
+
+The endpoint comes from boto3's own configuration, so `AWS_ENDPOINT_URL_S3` reaches MinIO or
+any S3-compatible store. Downloads land in a temporary name and are renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+S3_SCHEME = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
+    if not bucket:
+        raise UserError(f"{uri}: an S3 URI needs a bucket (s3://bucket/key)")
+    return bucket, key
+
+
+def s3_client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _explain(uri: str, exc: Exception) -> UserError:
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
+
+    if isinstance(exc, NoCredentialsError):
+        return UserError(
+            f"{uri}: no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+        )
+    if isinstance(exc, EndpointConnectionError):
+        return UserError(f"{uri}: cannot reach the S3 endpoint ({exc})")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "?")
+        return UserError(f"{uri}: S3 refused the request ({code})")
+    return UserError(f"{uri}: {exc}")
+
+
+def s3_download(uri: str, dest_dir: Path) -> Path:
+    """Download one object, or every object under a prefix, into dest_dir; return the local path.
+
+    A single object comes back as `dest_dir/<basename>`; a prefix as `dest_dir` holding the
+    objects with their paths relative to the prefix.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    client = s3_client()
+    try:
+        keys = []
+        if key and not key.endswith("/"):
+            try:
+                client.head_object(Bucket=bucket, Key=key)
+                keys = [key]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in (
+                    "404",
+                    "NoSuchKey",
+                    "NotFound",
+                ):
+                    raise
+        single = bool(keys)
+        if not single:
+            prefix = key if not key or key.endswith("/") else key + "/"
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix
+            ):
+                keys += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+            if not keys:
+                raise UserError(f"{uri}: no such object or prefix")
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        for k in keys:
+            rel = os.path.basename(k) if single else k[len(prefix) :]
+            target = dest_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+            os.close(fd)
+            try:
+                client.download_file(bucket, k, tmp)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    except (BotoCoreError, ClientError) as exc:
+        raise _explain(uri, exc) from None
+    return dest_dir / os.path.basename(keys[0]) if single else dest_dir
+
+
+def s3_cached(uri: str, cache: Path) -> Path:
+    """Download uri once into cache/<sha of uri>; a half-finished download is never reused."""
+    folder = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    done = folder / ".complete"
+    if done.is_file():
+        return folder / done.read_text()
+    shutil.rmtree(folder, ignore_errors=True)
+    local = s3_download(uri, folder / "data")
+    done.write_text(str(local.relative_to(folder)))
+    return local

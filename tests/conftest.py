@@ -1,0 +1,101 @@
+"""Shared fixtures: a private model cache, the real CLI as a subprocess, data-file writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Tiny models are built once per test session into a private cache, never into ~/.cache.
+os.environ.setdefault("KUBETUNE_CACHE", tempfile.mkdtemp(prefix="kubetune-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "pipelines" / "recipes"
+TINY_DEMO = RECIPES / "tiny-demo.yaml"
+KUBETUNE = str(Path(sys.executable).parent / "kubetune")
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.code, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
+
+    def __repr__(self) -> str:
+        return f"exit {self.code}\nstdout:\n{self.out}\nstderr:\n{self.err}"
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> CliResult:
+    """Run the installed `kubetune` console script, as a user would."""
+    proc = subprocess.run(
+        [KUBETUNE, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )
+    return CliResult(proc)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def write_jsonl(path: Path, rows: list, crlf_lines: bool = False) -> Path:
+    sep = "\r\n" if crlf_lines else "\n"
+    path.write_text(sep.join(json.dumps(r) for r in rows) + sep, encoding="utf-8", newline="")
+    return path
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return path
+
+
+def alpaca_rows(n: int) -> list[dict]:
+    return [
+        {
+            "instruction": f"Add {i} and {i + 1}.",
+            "input": "" if i % 2 else f"numbers {i}",
+            "output": f"The sum is {2 * i + 1}.",
+        }
+        for i in range(n)
+    ]
+
+
+def dolly_rows(n: int) -> list[dict]:
+    return [
+        {
+            "instruction": f"Name the day after day {i}.",
+            "context": "Days of the week." if i % 3 else "",
+            "response": f"Day {i + 1} comes after day {i}.",
+            "category": "open_qa",
+        }
+        for i in range(n)
+    ]
+
+
+def samsum_rows(n: int) -> list[dict]:
+    return [
+        {
+            "id": str(i),
+            "dialogue": f"Anna: Lunch at {i} pm?\r\nTom: Yes, see you at {i} pm.",
+            "summary": f"Anna and Tom meet for lunch at {i} pm.",
+        }
+        for i in range(n)
+    ]
+
+
+def assert_user_error(result: CliResult, *fragments: str) -> None:
+    """Exit code 2, each fragment in stderr, and no traceback."""
+    assert result.code == 2, result
+    assert "Traceback" not in result.err and "Traceback" not in result.out, result
+    for fragment in fragments:
+        assert fragment in result.err, result
