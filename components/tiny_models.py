@@ -36,14 +36,18 @@ CHAT_TEMPLATE = (
 )
 
 
+# Shared scale of every tiny model: 2 layers, hidden 64, 4 heads.
+_SCALE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+# The Llama family's grouped-query layout at that scale.
+_GQA = {**_SCALE, "intermediate_size": 128, "num_key_value_heads": 2}
+
+
 def _falcon(**kw):
     from transformers import FalconConfig
 
     # Falcon-7B's layout: multi-query attention, parallel attention/MLP, no biases.
     return FalconConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **_SCALE,
         multi_query=True,
         parallel_attn=True,
         new_decoder_architecture=False,
@@ -58,9 +62,7 @@ def _falcon40b(**kw):
 
     # Falcon-40B/180B's layout: the new decoder architecture with grouped KV heads.
     return FalconConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **_SCALE,
         num_kv_heads=2,
         new_decoder_architecture=True,
         parallel_attn=True,
@@ -73,44 +75,19 @@ def _falcon40b(**kw):
 def _llama(**kw):
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        **kw,
-    )
+    return LlamaConfig(**_GQA, tie_word_embeddings=False, **kw)
 
 
 def _mistral(**kw):
     from transformers import MistralConfig
 
-    return MistralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=None,
-        tie_word_embeddings=False,
-        **kw,
-    )
+    return MistralConfig(**_GQA, sliding_window=None, tie_word_embeddings=False, **kw)
 
 
 def _qwen2(**kw):
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        **kw,
-    )
+    return Qwen2Config(**_GQA, tie_word_embeddings=True, **kw)
 
 
 ARCHITECTURES: dict[str, Callable] = {

@@ -43,6 +43,12 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> Cli
     return CliResult(proc)
 
 
+def run_prepare(out: Path, *sets: str, env: dict | None = None) -> CliResult:
+    """`kubetune prepare tiny-demo.yaml --output OUT --set ...` for each KEY=VALUE in sets."""
+    overrides = [arg for item in sets for arg in ("--set", item)]
+    return run_cli("prepare", TINY_DEMO, "--output", out, *overrides, env=env)
+
+
 @pytest.fixture
 def cli():
     return run_cli

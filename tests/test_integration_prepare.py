@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from .conftest import TINY_DEMO, assert_user_error, dolly_rows, samsum_rows, write_jsonl
+from .conftest import (
+    TINY_DEMO,
+    assert_user_error,
+    dolly_rows,
+    run_prepare,
+    samsum_rows,
+    write_jsonl,
+)
 from .s3server import S3Server
 
 pytestmark = pytest.mark.integration
@@ -27,12 +34,8 @@ def test_prepare_reads_an_s3_object(cli, tmp_path, s3):
     body = write_jsonl(tmp_path / "s.jsonl", samsum_rows(30)).read_bytes()
     client.put_object(Bucket="data", Key="sets/samsum.jsonl", Body=body)
     out = tmp_path / "out"
-    result = cli(
-        "prepare",
-        TINY_DEMO,
-        "--output",
+    result = run_prepare(
         out,
-        "--set",
         "data.path=s3://data/sets/samsum.jsonl",
         env={**s3.env(), "KUBETUNE_CACHE": str(tmp_path / "cache")},
     )

@@ -20,7 +20,15 @@ from kubetune.components.prepare_dataset.formats import (
     SAMSUM_PROMPT,
 )
 
-from .conftest import TINY_DEMO, alpaca_rows, dolly_rows, samsum_rows, write_json, write_jsonl
+from .conftest import (
+    TINY_DEMO,
+    alpaca_rows,
+    dolly_rows,
+    run_prepare,
+    samsum_rows,
+    write_json,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +38,7 @@ def tokenizer():
 
 def prepare(cli, tmp_path, path, fmt, *sets):
     out = tmp_path / "out"
-    result = cli(
-        "prepare",
-        TINY_DEMO,
-        "--output",
-        out,
-        "--set",
-        f"data.path={path}",
-        "--set",
-        f"data.format={fmt}",
-        *[a for s in sets for a in ("--set", s)],
-    )
+    result = run_prepare(out, f"data.path={path}", f"data.format={fmt}", *sets)
     assert result.code == 0, result
     return load_from_disk(str(out)), json.loads((out / "stats.json").read_text())
 

@@ -6,22 +6,11 @@ import json
 
 import pytest
 
-from .conftest import TINY_DEMO, assert_user_error, dolly_rows, write_jsonl
+from .conftest import assert_user_error, dolly_rows, run_prepare, write_jsonl
 
 
 def run(cli, tmp_path, path, fmt="dolly", *sets):
-    out = tmp_path / "out"
-    result = cli(
-        "prepare",
-        TINY_DEMO,
-        "--output",
-        out,
-        "--set",
-        f"data.path={path}",
-        "--set",
-        f"data.format={fmt}",
-        *[a for s in sets for a in ("--set", s)],
-    )
+    result = run_prepare(tmp_path / "out", f"data.path={path}", f"data.format={fmt}", *sets)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
     assert leftovers == [], f"output left behind: {leftovers}"
     return result

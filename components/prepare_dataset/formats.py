@@ -61,24 +61,23 @@ def normalize(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def alpaca(row: dict) -> Segments:
+def instruction_with_context(row: dict, context_field: str, response_field: str) -> Segments:
+    """Alpaca's prompt, with or without its input block, for alpaca and dolly records."""
     instruction = normalize(text_field(row, "instruction")).strip()
-    context = normalize(text_field(row, "input", optional=True)).strip()
+    context = normalize(text_field(row, context_field, optional=True)).strip()
     template = ALPACA_PROMPT if context else ALPACA_PROMPT_NO_INPUT
     return [
         (template.format(instruction=instruction, input=context), False),
-        (normalize(text_field(row, "output")).strip(), True),
+        (normalize(text_field(row, response_field)).strip(), True),
     ]
+
+
+def alpaca(row: dict) -> Segments:
+    return instruction_with_context(row, "input", "output")
 
 
 def dolly(row: dict) -> Segments:
-    instruction = normalize(text_field(row, "instruction")).strip()
-    context = normalize(text_field(row, "context", optional=True)).strip()
-    template = ALPACA_PROMPT if context else ALPACA_PROMPT_NO_INPUT
-    return [
-        (template.format(instruction=instruction, input=context), False),
-        (normalize(text_field(row, "response")).strip(), True),
-    ]
+    return instruction_with_context(row, "context", "response")
 
 
 def samsum(row: dict) -> Segments:
