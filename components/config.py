@@ -235,6 +235,11 @@ class RunConfig(Section):
                 f"distributed.nodes={self.distributed.nodes} needs "
                 "distributed.backend=pytorchjob (local runs on one machine)"
             )
+        if self.method == "qlora" and self.distributed.strategy != "ddp":
+            raise ValueError(
+                f"method=qlora runs with distributed.strategy=ddp (a 4-bit replica "
+                f"per GPU), not {self.distributed.strategy}"
+            )
         if self.distributed.offload != "none" and self.distributed.strategy != "deepspeed":
             raise ValueError("distributed.offload needs distributed.strategy=deepspeed")
         return self

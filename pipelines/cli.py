@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kubetune.components import __version__
 from kubetune.components.config import RECIPES_DIR, dump_config, load_recipe
+from kubetune.components.console import quiet_progress_off_terminal
 from kubetune.components.errors import UserError
 
 
@@ -63,6 +64,22 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from kubetune.components.train.launcher import train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    return train(cfg, args.dataset, args.output)
+
+
+def cmd_plan(args) -> int:
+    from kubetune.components.train.plan import estimate, render
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    plan = estimate(cfg)
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else render(plan, cfg), end="")
+    return 0
+
+
 def cmd_tiny(args) -> int:
     import shutil
 
@@ -102,22 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser(
+        "train",
+        help="fine-tune (torchrun here, or a PyTorchJob); resumes if OUTPUT has checkpoints",
+    )
+    _recipe_args(p)
+    p.add_argument("--dataset", required=True, help="a `kubetune prepare` output folder")
+    p.add_argument(
+        "--output", required=True, help="folder for the adapter/weights, checkpoints and metrics"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "plan", help="predict peak GPU memory per GPU and whether it fits hardware.gpu"
+    )
+    _recipe_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("tiny", help="build a tiny://ARCH model (random weights, no download)")
     p.add_argument("arch", help="falcon, falcon-40b, llama, mistral or qwen2")
     p.add_argument("--output", help="copy it to this folder (default: print the cache folder)")
     p.set_defaults(func=cmd_tiny)
     return parser
-
-
-def quiet_progress_off_terminal() -> None:
-    """Progress bars on a terminal; plain log lines (no bars) in a pod or a CI log."""
-    if sys.stderr.isatty():
-        return
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""The train step: the torchrun worker and its launchers."""

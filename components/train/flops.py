@@ -1,0 +1,41 @@
+"""Model FLOPs utilisation: achieved training FLOPs over the GPUs' peak (None off GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor data sheets, SXM parts).
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "V100": 125e12,
+}
+
+
+def train_flops_per_token(model, total: int, trainable: int) -> float:
+    """Forward 2N, backward 2N for activations (+2N' for trained weights), plus attention."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    hidden = getattr(config, "hidden_size", 0) or 0
+    seq = getattr(config, "max_position_embeddings", 2048) or 2048
+    attention = 12 * layers * hidden * min(seq, 2048)
+    return 4 * total + 2 * trainable + attention
+
+
+def gpu_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, world) -> float | None:
+    peak = gpu_peak(world.device)
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_second / (peak * world.size)

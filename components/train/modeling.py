@@ -1,0 +1,289 @@
+"""Load the base model for a method, quantize it for real (qlora), wrap it with LoRA.
+
+QLoRA does not go through transformers' bitsandbytes integration: it converts only modules
+whose type is exactly `nn.Linear`, so Falcon's `FalconLinear` layers stay in bf16 without a
+word. Instead the model is built on the meta device, every linear layer (subclasses included,
+the output head excepted) is replaced by a bitsandbytes 4-bit or 8-bit layer, and the
+safetensors tensors are streamed in one at a time, each quantized as it reaches its device —
+so peak memory is the quantized model plus one tensor. The count of quantized layers is
+checked against the count of linear layers before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models import resolve_model
+
+# lora.target_modules: auto — the attention and MLP projections of each architecture.
+AUTO_TARGETS = {
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def weights_dtype(cfg, device: torch.device) -> torch.dtype:
+    """model.dtype, with auto = bf16 on a GPU that has it, else fp32 (CPU tests, old GPUs)."""
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def attention_implementation(cfg, device: torch.device) -> str:
+    """flash-attention 2 when installed on CUDA, else PyTorch SDPA (model.attn_implementation)."""
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def lora_targets(cfg, model_type: str) -> list[str] | str:
+    targets = cfg.lora.target_modules
+    if targets == "auto":
+        if model_type not in AUTO_TARGETS:
+            raise UserError(
+                f"lora.target_modules: no automatic choice for model type "
+                f"{model_type!r}; set all-linear or a list of module names"
+            )
+        return AUTO_TARGETS[model_type]
+    return targets
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Every linear layer a 4-bit model should quantize: all nn.Linear (and subclasses such
+    as FalconLinear) except the output head."""
+    head = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    ]
+
+
+def count_quantized(model: nn.Module) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.modules())
+
+
+def safetensors_files(source: str, revision: str | None) -> list[Path]:
+    """The checkpoint's safetensors shards (downloading a hub model's, never pickle files)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(
+                snapshot_download(
+                    source, revision=revision, allow_patterns=["*.safetensors", "*.json"]
+                )
+            )
+        except Exception as exc:  # offline, gated, missing: the user's to fix
+            raise UserError(f"model.name_or_path: cannot download {source!r}: {exc}") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(
+            f"model.name_or_path: {source} has no safetensors weights (pickle "
+            "checkpoints are not loaded)"
+        )
+    return files
+
+
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor, make) -> bool:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    if attr in module._parameters:
+        module._parameters[attr] = make(module, attr, tensor)
+        return True
+    if attr in module._buffers:
+        module._buffers[attr] = tensor
+        return True
+    return False
+
+
+def replace_linear_layers(model: nn.Module, names: list[str], cfg, compute: torch.dtype) -> None:
+    """Swap the named (meta) linear layers for empty bitsandbytes 4-bit or 8-bit layers."""
+    import bitsandbytes as bnb
+
+    for name in names:
+        old = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        if cfg.quant.bits == 4:
+            new = bnb.nn.Linear4bit(
+                old.in_features,
+                old.out_features,
+                bias=old.bias is not None,
+                compute_dtype=compute,
+                compress_statistics=cfg.quant.double_quant,
+                quant_type=cfg.quant.quant_type,
+                device="meta",
+            )
+        else:
+            new = bnb.nn.Linear8bitLt(
+                old.in_features,
+                old.out_features,
+                bias=old.bias is not None,
+                has_fp16_weights=False,
+                threshold=6.0,
+                device="meta",
+            )
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def load_quantized(cfg, source: str, device: torch.device, attn: str) -> tuple[nn.Module, int]:
+    """Build on meta, swap linear layers for bitsandbytes layers, stream weights in."""
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    compute = DTYPES[cfg.quant.compute_dtype]
+    config = AutoConfig.from_pretrained(
+        source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=compute,
+            attn_implementation=attn,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    targets = linear_layer_names(model)
+    replace_linear_layers(model, targets, cfg, compute)
+
+    def make(module, attr, tensor):
+        if attr == "weight" and isinstance(module, bnb.nn.Linear4bit):
+            return bnb.nn.Params4bit(
+                tensor.to(compute),
+                requires_grad=False,
+                quant_type=cfg.quant.quant_type,
+                compress_statistics=cfg.quant.double_quant,
+                module=module,
+            ).to(device)
+        if attr == "weight" and isinstance(module, bnb.nn.Linear8bitLt):
+            return bnb.nn.Int8Params(
+                tensor.to(torch.float16), requires_grad=False, has_fp16_weights=False
+            ).to(device)
+        return nn.Parameter(tensor.to(device=device, dtype=compute), requires_grad=False)
+
+    for file in safetensors_files(source, cfg.model.revision):
+        with safe_open(str(file), framework="pt") as shard:
+            for key in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
+                _set_tensor(model, key, shard.get_tensor(key), make)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise UserError(
+            f"model.name_or_path: the checkpoint has no tensor for {', '.join(missing[:5])}"
+        )
+    for name, buf in model.named_buffers():
+        if buf.device != device:
+            module_name, _, attr = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[attr] = buf.to(device)
+    quantized = count_quantized(model)
+    if quantized == 0 or quantized < len(targets):
+        raise UserError(
+            f"method=qlora: only {quantized} of {len(targets)} linear layers were "
+            f"quantized to {cfg.quant.bits}-bit; refusing to train a model that is "
+            "not what the recipe asks for"
+        )
+    # peft picks its bitsandbytes LoRA layers from these flags.
+    model.is_loaded_in_4bit = cfg.quant.bits == 4
+    model.is_loaded_in_8bit = cfg.quant.bits == 8
+    return model, quantized
+
+
+def load_base(cfg, device: torch.device, deepspeed_zero3: bool = False) -> tuple[nn.Module, int]:
+    """The base model for cfg.method on device; returns (model, quantized linear layers)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(cfg.model.name_or_path)
+    attn = attention_implementation(cfg, device)
+    if cfg.method == "qlora":
+        return load_quantized(cfg, source, device, attn)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        dtype=weights_dtype(cfg, device),
+        attn_implementation=attn,
+        use_safetensors=True,
+    )
+    if not deepspeed_zero3:
+        model.to(device)
+    return model, 0
+
+
+def add_lora(cfg, model: nn.Module) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_targets(cfg, model.config.model_type),
+        bias=cfg.lora.bias,
+        use_rslora=cfg.lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {exc}") from None
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts as in x out, not its packed size."""
+    import importlib.util
+
+    packed = ()
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes as bnb
+
+        packed = (bnb.nn.Linear4bit,)
+    total = trainable = 0
+    seen = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            if packed and isinstance(module, packed) and name == "weight":
+                n = module.in_features * module.out_features
+            total += n
+            trainable += n if p.requires_grad else 0
+    return trainable, total

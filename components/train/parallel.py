@@ -1,0 +1,135 @@
+"""Process group, device, and the three ways of spreading a model over processes.
+
+- ddp: a whole replica per process (QLoRA's data parallelism); gradients all-reduced.
+- fsdp: PyTorch FSDP2 (`fully_shard`) per decoder layer, then the root; parameters sharded.
+- deepspeed: ZeRO stage 2 or 3, optimizer (and for stage 3 parameter) offload to CPU.
+All run on CPU with gloo (DeepSpeed with DS_ACCELERATOR=cpu) as well as on GPUs with NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Read torchrun's / the Training Operator's environment and join the process group."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if "MASTER_ADDR" not in os.environ:  # a single process started by hand
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", RANK="0", WORLD_SIZE="1")
+    dist.init_process_group(backend, rank=rank, world_size=size)
+    return World(rank, local_rank, size, device)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (FSDP's wrapping unit), found by the model's own
+    `_no_split_modules` class names."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    inner = model
+    while not names and hasattr(inner, "base_model") and inner.base_model is not inner:
+        inner = inner.base_model
+        names = set(getattr(inner, "_no_split_modules", None) or [])
+    if not names:
+        inner = getattr(getattr(model, "base_model", model), "model", model)
+        names = set(getattr(inner, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def wrap_ddp(model: nn.Module, world: World) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [world.local_rank] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def wrap_fsdp(model: nn.Module, world: World, dtype: torch.dtype) -> nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    if not layers:
+        raise RuntimeError("no decoder layers found to shard")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def deepspeed_config(cfg, world: World, bf16: bool) -> dict:
+    zero = {
+        "stage": cfg.distributed.zero_stage,
+        "overlap_comm": world.device.type == "cuda",
+        "contiguous_gradients": True,
+    }
+    if cfg.distributed.offload in ("optimizer", "optimizer+params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": world.device.type == "cuda"}
+    if cfg.distributed.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": world.device.type == "cuda"}
+    if cfg.distributed.zero_stage == 3:
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=False, stage3_param_persistence_threshold=0
+        )
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.train.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": cfg.train.weight_decay,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def all_reduce_sum(value: float, world: World) -> float:
+    t = torch.tensor(
+        [float(value)],
+        dtype=torch.float64,
+        device=world.device if world.device.type == "cuda" else "cpu",
+    )
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def all_reduce_max(value: float, world: World) -> float:
+    t = torch.tensor(
+        [float(value)],
+        dtype=torch.float64,
+        device=world.device if world.device.type == "cuda" else "cpu",
+    )
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())

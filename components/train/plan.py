@@ -1,0 +1,348 @@
+"""`kubetune plan`: predicted peak GPU memory per GPU for a recipe, and whether it fits.
+
+The model is built on the meta device from its real config (shipped below for the recipes'
+hub models, read from config.json for local and tiny:// models), so parameter counts and LoRA
+shapes are exact. Memory per GPU is the sum of:
+
+- weights: bf16/fp16 2 bytes (fp32 4); qlora: linear layers 4-bit NF4 (0.5 byte + 0.0158 for
+  double-quantized constants, 0.0625 without) or 8-bit (1 byte); the rest in fp32, as
+  peft's prepare_model_for_kbit_training leaves it;
+- trainable state: LoRA weights fp32 + gradient fp32 + AdamW moments fp32 = 16 bytes/param;
+  full fine-tuning: gradient in the weights' dtype + AdamW moments in the weights' dtype
+  (what the worker runs: no fp32 master copy);
+- activations (Korthikanti et al. 2022, bf16): per layer and token (11 + 4 + MLP) * hidden
+  bytes, MLP = 2 + 8*i/h for gated MLPs or 2 + 4*i/h; with gradient checkpointing only each
+  layer's input (2*hidden bytes per token) is kept plus one layer being recomputed; eager
+  attention adds 5*heads*seq bytes per token and layer (SDPA/flash do not materialise scores);
+- logits: seq * batch * vocab * 10 bytes (bf16 logits, fp32 upcast and its gradient);
+- sharding: fsdp and ZeRO-3 divide weights and trainable state by the GPU count (plus two
+  gathered layers); ZeRO-2 divides trainable state; optimizer offload moves the AdamW moments
+  (and fp32 master) to the CPU, parameter offload the weights;
+- 1 GB of CUDA context and allocator slack.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+GB = 1e9
+GPU_MEMORY_GB = {
+    "A100-80GB": 80,
+    "A100-40GB": 40,
+    "H100-80GB": 80,
+    "H200-141GB": 141,
+    "A10G-24GB": 24,
+    "L4-24GB": 24,
+    "L40S-48GB": 48,
+    "V100-32GB": 32,
+    "V100-16GB": 16,
+}
+CUDA_OVERHEAD = 1.0 * GB
+
+# Public configs of the recipes' hub models (so planning needs no download).
+KNOWN_CONFIGS = {
+    "tiiuae/falcon-7b": {
+        "model_type": "falcon",
+        "hidden_size": 4544,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 71,
+        "multi_query": True,
+        "parallel_attn": True,
+        "new_decoder_architecture": False,
+        "bias": False,
+        "alibi": False,
+        "vocab_size": 65024,
+    },
+    "tiiuae/falcon-40b": {
+        "model_type": "falcon",
+        "hidden_size": 8192,
+        "num_hidden_layers": 60,
+        "num_attention_heads": 128,
+        "num_kv_heads": 8,
+        "new_decoder_architecture": True,
+        "parallel_attn": True,
+        "bias": False,
+        "alibi": False,
+        "vocab_size": 65024,
+    },
+    "tiiuae/falcon-180B": {
+        "model_type": "falcon",
+        "hidden_size": 14848,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 232,
+        "num_kv_heads": 8,
+        "new_decoder_architecture": True,
+        "parallel_attn": True,
+        "bias": False,
+        "alibi": False,
+        "vocab_size": 65024,
+    },
+    "meta-llama/Meta-Llama-3-8B": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    "meta-llama/Meta-Llama-3-70B": {
+        "model_type": "llama",
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    "mistralai/Mistral-7B-v0.1": {
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    "Qwen/Qwen2-7B": {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+@dataclass
+class Architecture:
+    model_type: str
+    total_params: int
+    linear_params: int  # in quantizable linear layers (not the output head)
+    lora_params: int  # trainable LoRA parameters for the recipe's targets and rank
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+    layer_params: int
+
+
+def model_config(name_or_path: str):
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if name_or_path in KNOWN_CONFIGS:
+        values = dict(KNOWN_CONFIGS[name_or_path])
+        return CONFIG_MAPPING[values.pop("model_type")](**values)
+    from ..models import resolve_model
+
+    source = resolve_model(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"model.name_or_path: no config for {name_or_path!r} ({exc}); kubetune "
+            f"plan knows {', '.join(KNOWN_CONFIGS)} without a download"
+        ) from None
+
+
+def architecture(cfg) -> Architecture:
+    """Count parameters exactly on a meta-device instance of the model."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import linear_layer_names, lora_targets
+
+    config = model_config(cfg.model.name_or_path)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.tie_weights()  # from_config on meta leaves tied heads as separate tensors
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    linears = linear_layer_names(model)
+    linear_params = sum(model.get_submodule(n).weight.numel() for n in linears)
+    targets = lora_targets(cfg, config.model_type) if cfg.method != "full" else []
+    lora = 0
+    for name in linears:
+        leaf = name.rsplit(".", 1)[-1]
+        if targets == "all-linear" or leaf in targets:
+            module = model.get_submodule(name)
+            lora += cfg.lora.r * (module.in_features + module.out_features)
+    layers = config.num_hidden_layers
+    hidden = config.hidden_size
+    intermediate = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "ffn_hidden_size", None)
+        or 4 * hidden
+    )
+    layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
+    return Architecture(
+        model_type=config.model_type,
+        total_params=total,
+        linear_params=linear_params,
+        lora_params=lora,
+        layers=layers,
+        hidden=hidden,
+        heads=config.num_attention_heads,
+        intermediate=intermediate,
+        vocab=config.vocab_size,
+        gated_mlp=config.model_type != "falcon",
+        layer_params=layer_params,
+    )
+
+
+@dataclass
+class Plan:
+    arch: Architecture
+    gpus: int
+    seq_len: int
+    micro_batch: int
+    parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU
+    gpu: str = "none"
+    gpu_memory: float | None = None
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory is None else self.total <= self.gpu_memory
+
+    def as_dict(self) -> dict:
+        return {
+            "gpu": self.gpu,
+            "gpu_memory_gb": self.gpu_memory / GB if self.gpu_memory else None,
+            "gpus": self.gpus,
+            "seq_len": self.seq_len,
+            "micro_batch": self.micro_batch,
+            "total_params": self.arch.total_params,
+            "trainable_params": self.arch.lora_params,
+            "parts_gb": {k: round(v / GB, 2) for k, v in self.parts.items()},
+            "total_gb": round(self.total / GB, 2),
+            "fits": self.fits,
+        }
+
+
+def weight_bytes(cfg, arch: Architecture, dtype_bytes: int) -> float:
+    if cfg.method == "qlora":
+        other = arch.total_params - arch.linear_params
+        per = (
+            1.0
+            if cfg.quant.bits == 8
+            else 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quant.double_quant else 4 / 64)
+        )
+        return arch.linear_params * per + other * 4
+    return arch.total_params * dtype_bytes
+
+
+def trainable_bytes(cfg, arch: Architecture, dtype_bytes: int) -> tuple[float, float]:
+    """(bytes that live with the weights: gradients, LoRA fp32 weights; AdamW moments)."""
+    if cfg.method == "full":
+        return arch.total_params * dtype_bytes, arch.total_params * 2 * dtype_bytes
+    return arch.lora_params * 8, arch.lora_params * 8
+
+
+def activation_bytes(cfg, arch: Architecture, tokens: int, seq: int, eager: bool) -> float:
+    mlp = 2 + (8 if arch.gated_mlp else 4) * arch.intermediate / arch.hidden
+    per_layer_token = (11 + 4 + mlp) * arch.hidden
+    if eager:
+        per_layer_token += 5 * arch.heads * seq
+    if cfg.train.gradient_checkpointing:
+        return tokens * (arch.layers * 2 * arch.hidden + per_layer_token)
+    return tokens * arch.layers * per_layer_token
+
+
+def estimate(cfg, gpus: int | None = None, dtype_bytes: int = 2) -> Plan:
+    arch = architecture(cfg)
+    gpus = gpus or cfg.distributed.nodes * cfg.distributed.procs_per_node
+    seq, micro = cfg.data.max_seq_len, cfg.train.micro_batch_size
+    strategy, zero, offload = (
+        cfg.distributed.strategy,
+        cfg.distributed.zero_stage,
+        cfg.distributed.offload,
+    )
+    weights = weight_bytes(cfg, arch, dtype_bytes)
+    with_weights, moments = trainable_bytes(cfg, arch, dtype_bytes)
+    shard_weights = strategy == "fsdp" or (strategy == "deepspeed" and zero == 3)
+    shard_state = shard_weights or strategy == "deepspeed"
+    gathered = 2 * arch.layer_params * dtype_bytes if shard_weights else 0
+    if shard_weights:
+        weights /= gpus
+    if shard_state:
+        with_weights /= gpus
+        moments /= gpus
+    if strategy == "deepspeed" and offload in ("optimizer", "optimizer+params"):
+        moments = 0.0
+        if cfg.method != "full":
+            with_weights /= 2  # fp32 master copy goes with the optimizer
+    if strategy == "deepspeed" and offload == "optimizer+params":
+        weights = 0.0
+    tokens = seq * micro
+    eager = cfg.model.attn_implementation == "eager"
+    plan = Plan(
+        arch,
+        gpus,
+        seq,
+        micro,
+        {
+            "weights": weights,
+            "trainable state": with_weights + moments,
+            "gathered layers": float(gathered),
+            "activations": activation_bytes(cfg, arch, tokens, seq, eager),
+            "logits": float(tokens * arch.vocab * 10),
+            "cuda overhead": CUDA_OVERHEAD,
+        },
+    )
+    plan.gpu = cfg.hardware.gpu
+    memory_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
+    if memory_gb is None and cfg.hardware.gpu != "none":
+        raise UserError(
+            f"hardware.gpu: unknown GPU {cfg.hardware.gpu!r}; known: "
+            f"{', '.join(GPU_MEMORY_GB)} (or set hardware.gpu_memory_gb)"
+        )
+    plan.gpu_memory = memory_gb * GB if memory_gb else None
+    return plan
+
+
+def render(plan: Plan, cfg) -> str:
+    a = plan.arch
+    lines = [
+        f"{cfg.model.name_or_path}: {a.total_params / 1e9:.2f}B params ({a.model_type}), "
+        f"method {cfg.method}, strategy {cfg.distributed.strategy}, {plan.gpus} GPU(s), "
+        f"seq {plan.seq_len} x micro batch {plan.micro_batch}, gradient checkpointing "
+        f"{'on' if cfg.train.gradient_checkpointing else 'off'}",
+        f"trainable: {(a.lora_params if cfg.method != 'full' else a.total_params) / 1e6:,.1f}M params",
+        "",
+        "| per GPU | GB |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {name} | {value / GB:.2f} |" for name, value in plan.parts.items()]
+    lines.append(f"| **total** | **{plan.total / GB:.2f}** |")
+    if plan.gpu_memory:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines += [
+            "",
+            f"{verdict} on {plan.gpu} ({plan.gpu_memory / GB:.0f} GB): "
+            f"{(plan.gpu_memory - plan.total) / GB:+.1f} GB headroom",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def dump(plan: Plan, path: Path) -> None:
+    path.write_text(json.dumps(plan.as_dict(), indent=1))

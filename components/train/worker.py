@@ -1,0 +1,400 @@
+"""The training worker: one process per GPU (or per CPU slot), started by torchrun.
+
+    torchrun ... -m kubetune.components.train.worker --recipe R --dataset D --output O
+
+It reads as one story: join the process group → load the base model (quantized for qlora) →
+add LoRA → shard (ddp / fsdp / deepspeed) → resume from the newest complete checkpoint →
+train (accumulation, clipping, warmup + schedule) → checkpoint every train.save_steps →
+evaluate → save the adapter or full weights, the tokenizer, the recipe and metrics.json.
+Everything comes from the recipe, these arguments and the environment that torchrun or the
+Training Operator sets, so a PyTorchJob pod runs exactly this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from contextlib import nullcontext, suppress
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import load_recipe, write_resolved
+from ..console import quiet_progress_off_terminal
+from ..errors import UserError
+from . import checkpoint as ckpt
+from .data import BatchPlan, check_rows, collate, total_steps
+from .flops import mfu, train_flops_per_token
+from .modeling import add_lora, attention_implementation, load_base, parameter_counts, weights_dtype
+from .parallel import (
+    World,
+    all_reduce_max,
+    all_reduce_sum,
+    deepspeed_config,
+    init_world,
+    wrap_ddp,
+    wrap_fsdp,
+)
+
+ERROR_FILE = ".worker-error"
+
+
+def lr_lambda(cfg, steps: int):
+    warmup = cfg.train.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        if cfg.train.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.train.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor
+
+
+def build_model(cfg, world: World):
+    """Base model (+ LoRA), wrapped for the strategy; returns what the loop needs."""
+    zero3 = cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 3
+    dtype = weights_dtype(cfg, world.device)
+    ds_config = (
+        deepspeed_config(cfg, world, dtype == torch.bfloat16)
+        if cfg.distributed.strategy == "deepspeed"
+        else None
+    )
+    hf_ds = None
+    if zero3:  # transformers then builds the model straight into ZeRO-3 partitions
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive while loading)
+    model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3)
+    if cfg.method in ("lora", "qlora"):
+        model = add_lora(cfg, model)
+    elif cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if cfg.train.gradient_checkpointing and cfg.method != "qlora":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    trainable, total = parameter_counts(model)
+    return model, quantized, trainable, total, dtype, ds_config
+
+
+def wrap(cfg, model, world: World, dtype, ds_config, steps: int):
+    """(engine or wrapped model, optimizer, scheduler) for the strategy."""
+    strategy = cfg.distributed.strategy
+    if strategy == "deepspeed":
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps)),
+        )
+        return engine, optimizer, scheduler
+    if strategy == "fsdp":
+        model = wrap_fsdp(model, world, dtype)
+    elif world.size > 1:
+        model = wrap_ddp(model, world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        fused=world.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+    return model, optimizer, scheduler
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def trainable_named(model) -> dict:
+    return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def restore_optimizer(optimizer, saved: dict) -> None:
+    """Load optimizer state saved as local shards, re-wrapping them as DTensors for FSDP2."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved["state"].items():
+        param = params[int(index)]
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import DTensor
+
+            for key, value in list(values.items()):
+                if key != "step" and value.dim() > 0:
+                    values[key] = DTensor.from_local(
+                        value.to(param.to_local().device), param.device_mesh, param.placements
+                    )
+    saved["state"] = {int(k): v for k, v in saved["state"].items()}
+    optimizer.load_state_dict(saved)
+
+
+def forward_loss(model, batch: dict, device) -> torch.Tensor:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "tokens"}
+    return model(**inputs).loss
+
+
+@torch.no_grad()
+def evaluate(cfg, model, split, world: World, pad_id: int, attn: str, dtype) -> float | None:
+    """Token-weighted mean loss over the eval split, sharded across ranks."""
+    if split is None or len(split) == 0:
+        return None
+    model.eval()
+    loss_sum = tokens = 0.0
+    indices = list(range(world.rank, len(split), world.size))
+    size = cfg.train.micro_batch_size
+    for start in range(0, max(len(indices), 1), size):
+        chunk = indices[start : start + size] or indices[:1]  # every rank runs the same forwards
+        batch = collate([split[i] for i in chunk], pad_id, attn, dtype)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        loss = forward_loss(model, batch, world.device)
+        if indices[start : start + size]:
+            loss_sum += float(loss) * n
+            tokens += n
+    # all ranks must run the same number of forwards for FSDP/ZeRO-3 collectives
+    model.train()
+    total = all_reduce_sum(tokens, world)
+    return all_reduce_sum(loss_sum, world) / total if total else None
+
+
+def peak_memory(world: World) -> int:
+    if world.device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(world.device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def save_outputs(cfg, model, tokenizer, output: Path, world: World) -> None:
+    """Adapter (LoRA/QLoRA) or full weights as safetensors, on rank 0, plus the tokenizer."""
+    strategy = cfg.distributed.strategy
+    base = unwrap(model)
+    state = None
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(
+            model,
+            options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.method != "full"
+            ),
+        )
+    elif strategy == "deepspeed" and cfg.distributed.zero_stage == 3:
+        import deepspeed
+
+        if cfg.method == "full":
+            state = model._zero3_consolidated_16bit_state_dict()
+        else:
+            named = trainable_named(model)
+            with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
+                state = {n: p.detach().cpu().clone() for n, p in named.items()}
+    if world.main:  # a PeftModel writes only the adapter; a full model all its weights
+        base.save_pretrained(output, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(output)
+    dist.barrier()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="kubetune training worker (run by torchrun)")
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    return parser.parse_args(argv)
+
+
+def run(args) -> None:
+    cfg = load_recipe(args.recipe, args.overrides)
+    output, world = Path(args.output), init_world()
+    torch.manual_seed(cfg.train.seed)
+    from datasets import load_from_disk
+
+    from ..models import load_tokenizer
+
+    data = load_from_disk(args.dataset)
+    train_split, eval_split = data["train"], data.get("eval", None)
+    tokenizer = load_tokenizer(cfg.model)
+    model, quantized, trainable, total, dtype, ds_config = build_model(cfg, world)
+    attn = attention_implementation(cfg, world.device)
+    plan = BatchPlan(
+        len(train_split), cfg.train.micro_batch_size, world.rank, world.size, cfg.data.seed
+    )
+    check_rows(args.dataset, len(train_split), world.size, cfg.train.micro_batch_size)
+    steps = total_steps(cfg, plan.per_epoch)
+    model, optimizer, scheduler = wrap(cfg, model, world, dtype, ds_config, steps)
+    is_ds = cfg.distributed.strategy == "deepspeed"
+
+    start, losses, resumed = 0, [], 0
+    latest = ckpt.latest_checkpoint(output)
+    if latest is not None:
+        state, params, optim, tensors = ckpt.load_checkpoint(latest, world.rank)
+        if state["world_size"] != world.size or state["strategy"] != cfg.distributed.strategy:
+            raise UserError(
+                f"{latest}: written by {state['world_size']} {state['strategy']} "
+                f"processes; this run has {world.size} {cfg.distributed.strategy}"
+            )
+        if is_ds and cfg.distributed.zero_stage == 3:
+            import deepspeed
+
+            named = trainable_named(model)
+            with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0):
+                if world.main:
+                    ckpt.restore_params(named, params)
+        else:
+            ckpt.restore_params(trainable_named(model), params)
+        if optim is not None:
+            restore_optimizer(optimizer, optim)
+        scheduler.load_state_dict(
+            {
+                **scheduler.state_dict(),
+                "last_epoch": state["step"],
+                "_step_count": state["step"] + 1,
+            }
+        )
+        ckpt.restore_rng(tensors)
+        start = resumed = state["step"]
+        losses = state["loss"]
+        if world.main:
+            print(f"resuming from {latest} (step {start} of {steps})", flush=True)
+
+    writer = None
+    if world.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(output / "tensorboard"))
+    accum, pad_id = cfg.train.grad_accum, tokenizer.pad_token_id
+    flops_token = train_flops_per_token(unwrap(model), total, trainable)
+    train_seconds, tokens_done, rows_done = 0.0, 0.0, 0.0
+    model.train()
+    for step in range(start, steps):
+        began = time.perf_counter()
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(accum):
+            rows = plan.rows(step * accum + micro)
+            batch = collate([train_split[int(i)] for i in rows], pad_id, attn, dtype)
+            sync = nullcontext()
+            if (
+                not is_ds
+                and world.size > 1
+                and cfg.distributed.strategy == "ddp"
+                and micro < accum - 1
+            ):
+                sync = model.no_sync()
+            with sync:
+                loss = forward_loss(model, batch, world.device)
+                if is_ds:
+                    model.backward(loss)
+                    model.step()
+                else:
+                    (loss / accum).backward()
+            step_loss += float(loss.detach()) / accum
+            step_tokens += batch["tokens"]
+        if not is_ds:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        mean_loss = all_reduce_sum(step_loss, world) / world.size
+        train_seconds += time.perf_counter() - began
+        tokens_done += all_reduce_sum(step_tokens, world)
+        rows_done += world.size * accum * cfg.train.micro_batch_size
+        done = step + 1
+        losses.append([done, round(mean_loss, 6)])
+        if writer is not None:
+            writer.add_scalar("train/loss", mean_loss, done)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+        if world.main and (done % cfg.train.logging_steps == 0 or done == steps):
+            print(
+                f"step {done}/{steps} loss {mean_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                f"tokens/s {tokens_done / train_seconds:.0f}",
+                flush=True,
+            )
+        if cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < steps:
+            eval_loss = evaluate(cfg, model, eval_split, world, pad_id, attn, dtype)
+            if writer is not None and eval_loss is not None:
+                writer.add_scalar("eval/loss", eval_loss, done)
+        if done % cfg.train.save_steps == 0 and done < steps:
+            optim_state = None if is_ds else optimizer.state_dict()
+            params = trainable_named(model)
+            if is_ds and cfg.distributed.zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+                    params = {n: p.detach().cpu().clone() for n, p in params.items()}
+            ckpt.save_checkpoint(
+                output,
+                done,
+                world.rank,
+                params,
+                optim_state,
+                {
+                    "step": done,
+                    "loss": losses,
+                    "world_size": world.size,
+                    "strategy": cfg.distributed.strategy,
+                    "steps": steps,
+                },
+            )
+
+    eval_loss = evaluate(cfg, model, eval_split, world, pad_id, attn, dtype)
+    save_outputs(cfg, model, tokenizer, output, world)
+    peak = all_reduce_max(peak_memory(world), world)
+    if world.main:
+        tps = tokens_done / train_seconds if train_seconds else None
+        metrics = {
+            "steps": steps,
+            "resumed_from_step": resumed,
+            "loss": losses,
+            "eval_loss": eval_loss,
+            "tokens_per_second": tps,
+            "samples_per_second": rows_done / train_seconds if train_seconds else None,
+            "peak_memory_bytes": int(peak),
+            "trainable_params": trainable,
+            "total_params": total,
+            "quantized_linear_modules": quantized,
+            "mfu": mfu(flops_token, tps, world) if tps else None,
+            "method": cfg.method,
+            "strategy": cfg.distributed.strategy,
+            "world_size": world.size,
+            "device": str(world.device.type),
+            "attn_implementation": attn,
+            "train_seconds": round(train_seconds, 3),
+        }
+        if writer is not None:
+            if eval_loss is not None:
+                writer.add_scalar("eval/loss", eval_loss, steps)
+            writer.close()
+        write_resolved(cfg, output)
+        # metrics.json last: its presence marks a finished run.
+        (output / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        print(f"done: {steps} steps, eval loss {eval_loss}, wrote {output}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_progress_off_terminal()
+    try:
+        run(args)
+    except UserError as exc:
+        message = str(exc)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        with suppress(OSError):
+            Path(args.output, ERROR_FILE).write_text(message + "\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""`kubetune train` through the real CLI: 2 torchrun workers on gloo, tiny models, checked with
+peft and plain transformers (eval loss recomputed outside kubetune)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM
+
+from kubetune.components.models import resolve_model
+
+from .conftest import KUBETUNE, TINY_DEMO, assert_user_error, run_prepare
+
+pytestmark = pytest.mark.integration
+
+METRIC_KEYS = {
+    "steps",
+    "resumed_from_step",
+    "loss",
+    "eval_loss",
+    "tokens_per_second",
+    "samples_per_second",
+    "peak_memory_bytes",
+    "trainable_params",
+    "total_params",
+    "quantized_linear_modules",
+    "mfu",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "dataset"
+    assert run_prepare(out).code == 0
+    return out
+
+
+def train(cli, dataset, output, *sets):
+    args = [a for s in sets for a in ("--set", s)]
+    return cli("train", TINY_DEMO, "--dataset", dataset, "--output", output, *args)
+
+
+@torch.no_grad()
+def eval_loss(model, dataset: Path) -> float:
+    """Token-weighted loss over the eval split, one unpadded row at a time."""
+    model.eval()
+    total = tokens = 0.0
+    for row in load_from_disk(str(dataset))["eval"]:
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor([row["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(model(input_ids=ids, labels=labels).loss) * n
+        tokens += n
+    return total / tokens
+
+
+def base_model(arch="falcon"):
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model(f"tiny://{arch}"), dtype=torch.float32
+    )
+
+
+def metrics_of(output: Path) -> dict:
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS
+    return metrics
+
+
+def loss_fell(metrics: dict) -> bool:
+    losses = [loss for _, loss in metrics["loss"]]
+    return sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
+
+
+def test_qlora_ddp_trains_and_the_adapter_loads_with_peft(cli, dataset, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "qlora"
+    result = train(
+        cli,
+        dataset,
+        out,
+        "method=qlora",
+        "distributed.strategy=ddp",
+        "distributed.procs_per_node=2",
+        "train.max_steps=30",
+    )
+    assert result.code == 0, result
+    metrics = metrics_of(out)
+    assert metrics["steps"] == 30 and metrics["world_size"] == 2 and loss_fell(metrics)
+    assert metrics["quantized_linear_modules"] == 8  # 2 layers x 4 linear layers of Falcon
+    assert metrics["mfu"] is None  # no GPU here
+    assert (out / "adapter_model.safetensors").is_file() and list((out / "tensorboard").iterdir())
+    tuned = PeftModel.from_pretrained(base_model(), out)
+    # the adapter trained on the 4-bit base still helps the full-precision base
+    assert eval_loss(tuned, dataset) < eval_loss(base_model(), dataset) - 0.05
+
+
+def test_lora_fsdp_matches_peft_recomputation(cli, dataset, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "fsdp"
+    result = train(cli, dataset, out, "distributed.strategy=fsdp", "train.max_steps=30")
+    assert result.code == 0, result
+    metrics = metrics_of(out)
+    assert loss_fell(metrics)
+    tuned = PeftModel.from_pretrained(base_model(), out)
+    recomputed = eval_loss(tuned, dataset)
+    assert recomputed == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    assert recomputed < eval_loss(base_model(), dataset) - 0.05
+    assert metrics["trainable_params"] == sum(
+        p.numel() for n, p in tuned.named_parameters() if "lora_" in n
+    )
+
+
+def test_lora_deepspeed_zero3_with_optimizer_offload(cli, dataset, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "zero3"
+    result = train(
+        cli,
+        dataset,
+        out,
+        "distributed.strategy=deepspeed",
+        "distributed.zero_stage=3",
+        "distributed.offload=optimizer",
+        "train.max_steps=30",
+    )
+    assert result.code == 0, result
+    metrics = metrics_of(out)
+    assert loss_fell(metrics)
+    tuned = PeftModel.from_pretrained(base_model(), out)
+    assert eval_loss(tuned, dataset) == pytest.approx(metrics["eval_loss"], rel=1e-4)
+
+
+def test_full_fsdp_writes_a_model_from_pretrained_loads(cli, dataset, tmp_path):
+    out = tmp_path / "full"
+    result = train(
+        cli,
+        dataset,
+        out,
+        "method=full",
+        "distributed.strategy=fsdp",
+        "train.max_steps=20",
+        "train.lr=1e-3",
+    )
+    assert result.code == 0, result
+    metrics = metrics_of(out)
+    assert loss_fell(metrics) and metrics["trainable_params"] == metrics["total_params"]
+    tuned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+    recomputed = eval_loss(tuned, dataset)
+    assert recomputed == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    assert recomputed < eval_loss(base_model(), dataset) - 0.3
+
+
+def test_resume_continues_exactly(cli, dataset, tmp_path):
+    """Interrupted at a checkpoint and resumed, a run has the very losses of an uninterrupted one."""
+    out = tmp_path / "run"
+    sets = ("train.max_steps=20", "train.save_steps=5", "lora.dropout=0.1")
+    assert train(cli, dataset, out, *sets).code == 0
+    straight = metrics_of(out)
+    # Back to the state right after step 10: later checkpoints, outputs and metrics gone, and a
+    # half-written checkpoint of step 15 left behind as a crash would leave it.
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000010", "step-0000015"]
+    (checkpoints / "step-0000015").rename(checkpoints / ".step-0000015.partial")
+    (checkpoints / ".step-0000015.partial" / "trainer_state.json").unlink()
+    for name in ("metrics.json", "adapter_model.safetensors"):
+        (out / name).unlink()
+    result = train(cli, dataset, out, *sets)
+    assert result.code == 0, result
+    assert "resuming from" in result.out and "step-0000010" in result.out
+    resumed = metrics_of(out)
+    assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 20
+    assert [s for s, _ in resumed["loss"]] == list(range(1, 21))
+    for (step, a), (_, b) in zip(straight["loss"], resumed["loss"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5), step
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-5)
+
+
+def test_sigkill_a_worker_then_rerun_resumes_and_finishes(dataset, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [
+        KUBETUNE,
+        "train",
+        str(TINY_DEMO),
+        "--dataset",
+        str(dataset),
+        "--output",
+        str(out),
+        "--set",
+        "train.max_steps=300",
+        "--set",
+        "train.save_steps=10",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((out / "checkpoints").glob("step-*")), "no checkpoint appeared"
+    workers = subprocess.run(
+        ["pgrep", "-f", f"kubetune.components.train.worker.*{out}"], capture_output=True, text=True
+    ).stdout.split()
+    assert workers, "no worker process found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (out / "metrics.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming from" in again.stdout
+    metrics = metrics_of(out)
+    assert metrics["steps"] == 300 and metrics["resumed_from_step"] >= 10
+    assert [s for s, _ in metrics["loss"]] == list(range(1, 301))
+
+
+def test_bad_inputs(cli, dataset, tmp_path):
+    assert_user_error(
+        train(cli, tmp_path / "nothing", tmp_path / "o"), "not a finished `kubetune prepare` output"
+    )
+    assert_user_error(
+        train(cli, dataset, tmp_path / "o", "method=qlora", "distributed.strategy=fsdp"),
+        "method=qlora runs with distributed.strategy=ddp",
+    )
+    assert_user_error(
+        train(cli, dataset, tmp_path / "o", "distributed.backend=pytorchjob"),
+        "distributed.backend=pytorchjob",
+    )
+    assert_user_error(
+        train(cli, dataset, tmp_path / "o", "train.micro_batch_size=500"),
+        "fewer than 2 processes x train.micro_batch_size 500",
+    )
+    assert_user_error(
+        train(cli, dataset, tmp_path / "o", "lora.target_modules=[nonexistent]"),
+        "lora.target_modules",
+    )
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)
