@@ -268,8 +268,10 @@ def activation_bytes(cfg, arch: Architecture, tokens: int, seq: int, eager: bool
     return tokens * arch.layers * per_layer_token
 
 
-def estimate(cfg, gpus: int | None = None, dtype_bytes: int = 2) -> Plan:
+def estimate(cfg, gpus: int | None = None, dtype_bytes: int | None = None) -> Plan:
+    """The plan on GPUs; dtype_bytes defaults to model.dtype's (auto: bf16 on a GPU)."""
     arch = architecture(cfg)
+    dtype_bytes = dtype_bytes or (4 if cfg.model.dtype == "float32" else 2)
     gpus = gpus or cfg.distributed.nodes * cfg.distributed.procs_per_node
     seq, micro = cfg.data.max_seq_len, cfg.train.micro_batch_size
     strategy, zero, offload = (
