@@ -43,6 +43,16 @@ GPU_MEMORY_GB = {
 }
 CUDA_OVERHEAD = 1.0 * GB
 
+# Falcon-40B and -180B: the new decoder architecture with 8 grouped KV heads.
+_FALCON_NEW_DECODER = {
+    "model_type": "falcon",
+    "num_kv_heads": 8,
+    "new_decoder_architecture": True,
+    "parallel_attn": True,
+    "bias": False,
+    "alibi": False,
+    "vocab_size": 65024,
+}
 # Public configs of the recipes' hub models (so planning needs no download).
 KNOWN_CONFIGS = {
     "tiiuae/falcon-7b": {
@@ -58,28 +68,16 @@ KNOWN_CONFIGS = {
         "vocab_size": 65024,
     },
     "tiiuae/falcon-40b": {
-        "model_type": "falcon",
+        **_FALCON_NEW_DECODER,
         "hidden_size": 8192,
         "num_hidden_layers": 60,
         "num_attention_heads": 128,
-        "num_kv_heads": 8,
-        "new_decoder_architecture": True,
-        "parallel_attn": True,
-        "bias": False,
-        "alibi": False,
-        "vocab_size": 65024,
     },
     "tiiuae/falcon-180B": {
-        "model_type": "falcon",
+        **_FALCON_NEW_DECODER,
         "hidden_size": 14848,
         "num_hidden_layers": 80,
         "num_attention_heads": 232,
-        "num_kv_heads": 8,
-        "new_decoder_architecture": True,
-        "parallel_attn": True,
-        "bias": False,
-        "alibi": False,
-        "vocab_size": 65024,
     },
     "meta-llama/Meta-Llama-3-8B": {
         "model_type": "llama",

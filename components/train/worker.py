@@ -146,22 +146,25 @@ def forward_loss(model, batch: dict, device) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(cfg, model, split, world: World, pad_id: int, attn: str, dtype) -> float | None:
-    """Token-weighted mean loss over the eval split, sharded across ranks."""
+    """Token-weighted mean loss over the eval split, sharded across ranks.
+
+    Every rank runs the same number of forwards (FSDP and ZeRO-3 forwards are collectives); a
+    rank whose share has run out repeats a row and discards the result."""
     if split is None or len(split) == 0:
         return None
     model.eval()
     loss_sum = tokens = 0.0
     indices = list(range(world.rank, len(split), world.size))
     size = cfg.train.micro_batch_size
-    for start in range(0, max(len(indices), 1), size):
-        chunk = indices[start : start + size] or indices[:1]  # every rank runs the same forwards
-        batch = collate([split[i] for i in chunk], pad_id, attn, dtype)
-        n = int((batch["labels"][:, 1:] != -100).sum())
+    batches = math.ceil(math.ceil(len(split) / world.size) / size)
+    for b in range(batches):
+        chunk = indices[b * size : (b + 1) * size]
+        batch = collate([split[i] for i in chunk or [0]], pad_id, attn, dtype)
         loss = forward_loss(model, batch, world.device)
-        if indices[start : start + size]:
+        if chunk:
+            n = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += float(loss) * n
             tokens += n
-    # all ranks must run the same number of forwards for FSDP/ZeRO-3 collectives
     model.train()
     total = all_reduce_sum(tokens, world)
     return all_reduce_sum(loss_sum, world) / total if total else None
