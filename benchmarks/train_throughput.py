@@ -146,7 +146,7 @@ from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollator
                           AutoTokenizer, Trainer, TrainingArguments)
 from kubetune.components.train.modeling import AUTO_TARGETS, count_quantized, parameter_counts
 from kubetune.components.train.flops import train_flops_per_token, gpu_peak
-model_dir, data_dir, method, steps, micro, out = sys.argv[1:7]
+model_dir, data_dir, method, steps, micro, seq, out = sys.argv[1:8]
 cuda = torch.cuda.is_available()
 dtype = torch.bfloat16 if cuda else torch.float32
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -178,7 +178,7 @@ tokens *= rows / min(rows, len(train))
 tps = tokens / runtime
 peak = torch.cuda.max_memory_allocated() if cuda else None
 device_peak = gpu_peak(torch.device("cuda", 0)) if cuda else None
-flops = train_flops_per_token(model, total, trainable)
+flops = train_flops_per_token(model, total, trainable, int(seq))
 print(json.dumps({"tokens_per_second": tps, "samples_per_second": rows / runtime,
                   "peak_memory_bytes": peak, "mfu": flops * tps / device_peak if device_peak else None,
                   "quantized_linear_modules": quantized}))
@@ -196,6 +196,7 @@ def baseline_side(model: Path, dataset: Path, method: str, args, work: Path) -> 
             method,
             str(args.steps),
             str(args.micro_batch),
+            str(args.seq),
             str(work / f"trainer-{method}"),
         ]
     )

@@ -17,13 +17,13 @@ PEAK_BF16 = {
 }
 
 
-def train_flops_per_token(model, total: int, trainable: int) -> float:
-    """Forward 2N, backward 2N for activations (+2N' for trained weights), plus attention."""
+def train_flops_per_token(model, total: int, trainable: int, seq: int) -> float:
+    """Forward 2N, backward 2N for activations (+2N' for trained weights), plus attention
+    (12 * layers * hidden * seq: scores and values, forward and backward)."""
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", 0) or 0
     hidden = getattr(config, "hidden_size", 0) or 0
-    seq = getattr(config, "max_position_embeddings", 2048) or 2048
-    attention = 12 * layers * hidden * min(seq, 2048)
+    attention = 12 * layers * hidden * seq
     return 4 * total + 2 * trainable + attention
 
 

@@ -226,6 +226,9 @@ def load_base(cfg, device: torch.device, deepspeed_zero3: bool = False) -> tuple
     attn = attention_implementation(cfg, device)
     if cfg.method == "qlora":
         return load_quantized(cfg, source, device, attn)
+    # On a GPU, load straight onto it (not a full host-RAM copy per process); ZeRO-3
+    # partitions the weights itself while loading.
+    direct = device.type == "cuda" and not deepspeed_zero3
     model = AutoModelForCausalLM.from_pretrained(
         source,
         revision=cfg.model.revision,
@@ -233,8 +236,9 @@ def load_base(cfg, device: torch.device, deepspeed_zero3: bool = False) -> tuple
         dtype=weights_dtype(cfg, device),
         attn_implementation=attn,
         use_safetensors=True,
+        device_map={"": device} if direct else None,
     )
-    if not deepspeed_zero3:
+    if not direct and not deepspeed_zero3:
         model.to(device)
     return model, 0
 

@@ -274,7 +274,7 @@ def run(args) -> None:
 
         writer = SummaryWriter(str(output / "tensorboard"))
     accum, pad_id = cfg.train.grad_accum, tokenizer.pad_token_id
-    flops_token = train_flops_per_token(unwrap(model), total, trainable)
+    flops_token = train_flops_per_token(unwrap(model), total, trainable, cfg.data.max_seq_len)
     train_seconds, tokens_done, rows_done = 0.0, 0.0, 0.0
     model.train()
     for step in range(start, steps):
