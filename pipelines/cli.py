@@ -71,6 +71,18 @@ def cmd_train(args) -> int:
     return train(cfg, args.dataset, args.output)
 
 
+def cmd_merge(args) -> int:
+    from kubetune.components.merge_adapter import merge_adapter
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    summary = merge_adapter(cfg, args.adapter, args.output, overwrite=args.overwrite)
+    print(
+        f"merged {summary['merged_weights']} weights in {summary['shards']} shard(s) "
+        f"(scale {summary['scale']:g}) into {args.output}"
+    )
+    return 0
+
+
 def cmd_plan(args) -> int:
     from kubetune.components.train.plan import estimate, render
 
@@ -136,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights, shard by shard")
+    _recipe_args(p)
+    p.add_argument("--adapter", required=True, help="a `kubetune train` LoRA/QLoRA output folder")
+    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("tiny", help="build a tiny://ARCH model (random weights, no download)")
     p.add_argument("arch", help="falcon, falcon-40b, llama, mistral or qwen2")

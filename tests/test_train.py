@@ -125,6 +125,23 @@ def test_lora_fsdp_matches_peft_recomputation(cli, dataset, base_loss, tmp_path)
     assert metrics["trainable_params"] == sum(
         p.numel() for n, p in tuned.named_parameters() if "lora_" in n
     )
+    # the trained adapter merges, and the merged model is the adapter's model
+    assert json.loads((out / "base_model.json").read_text())["name_or_path"] == "tiny://falcon"
+    merged_dir = tmp_path / "merged"
+    assert cli("merge", TINY_DEMO, "--adapter", out, "--output", merged_dir).code == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    assert eval_loss(merged, dataset) == pytest.approx(recomputed, rel=1e-5)
+    wrong = cli(
+        "merge",
+        TINY_DEMO,
+        "--adapter",
+        out,
+        "--output",
+        tmp_path / "m2",
+        "--set",
+        "model.name_or_path=tiny://llama",
+    )
+    assert_user_error(wrong, "trained on tiny://falcon")
 
 
 def test_lora_deepspeed_zero3_with_optimizer_offload(cli, dataset, tmp_path):

@@ -202,6 +202,9 @@ def save_outputs(cfg, model, tokenizer, output: Path, world: World) -> None:
     if world.main:  # a PeftModel writes only the adapter; a full model all its weights
         base.save_pretrained(output, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(output)
+        if cfg.method != "full":  # which base this adapter belongs to, for merge to check
+            record = {"name_or_path": cfg.model.name_or_path, "revision": cfg.model.revision}
+            (output / "base_model.json").write_text(json.dumps(record) + "\n")
     dist.barrier()
 
 

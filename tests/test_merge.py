@@ -1,0 +1,134 @@
+"""`kubetune merge` against peft: logits of the merged model equal PeftModel's and peft's own
+merge_and_unload (atol 1e-4, fp32), across architectures and LoRA variants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kubetune.components.models import resolve_model
+
+from .conftest import TINY_DEMO, assert_user_error
+
+TARGETS = {
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+}
+
+
+def make_adapter(arch: str, folder, rslora=False, bias="none", seed=0):
+    """A peft adapter with random (non-zero) LoRA B and biases, made by peft itself."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model(f"tiny://{arch}"), dtype=torch.float32
+    )
+    model = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=12, target_modules=TARGETS[arch], use_rslora=rslora, bias=bias),
+    )
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
+def logits(model, ids=((5, 9, 300, 17, 2, 44, 1000, 7),)) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids)).logits
+
+
+@pytest.mark.parametrize(
+    "arch, rslora, bias",
+    [
+        ("falcon", False, "none"),  # fused query_key_value
+        ("llama", True, "none"),  # rank-stabilised scaling
+        ("qwen2", False, "lora_only"),  # q/k/v biases trained with the adapter
+    ],
+)
+def test_merge_matches_peft(cli, tmp_path, arch, rslora, bias):
+    from peft import PeftModel
+
+    adapter = make_adapter(arch, tmp_path / "adapter", rslora=rslora, bias=bias)
+    out = tmp_path / "merged"
+    result = cli(
+        "merge",
+        TINY_DEMO,
+        "--adapter",
+        adapter,
+        "--output",
+        out,
+        "--set",
+        f"model.name_or_path=tiny://{arch}",
+    )
+    assert result.code == 0, result
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model(f"tiny://{arch}"), dtype=torch.float32
+        )  # noqa: E731
+
+    with_adapter = PeftModel.from_pretrained(base(), adapter)
+    peft_merged = PeftModel.from_pretrained(base(), adapter).merge_and_unload()
+    torch.testing.assert_close(logits(merged), logits(with_adapter), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(merged), logits(peft_merged), atol=1e-4, rtol=0)
+    assert (logits(merged) - logits(base())).abs().max() > 1e-2  # the adapter did something
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "merge.json",
+    }
+
+
+def test_merge_refuses_an_adapter_of_another_base(cli, tmp_path):
+    adapter = make_adapter("llama", tmp_path / "adapter")
+    result = cli("merge", TINY_DEMO, "--adapter", adapter, "--output", tmp_path / "m")
+    assert_user_error(result, "adapter_config.json names base")
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_mismatched_shapes(cli, tmp_path):
+    adapter = make_adapter("falcon", tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "tiny://falcon-40b"  # claim another base, same names
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = cli(
+        "merge",
+        TINY_DEMO,
+        "--adapter",
+        adapter,
+        "--output",
+        tmp_path / "m",
+        "--set",
+        "model.name_or_path=tiny://falcon-40b",
+    )
+    assert_user_error(result, "query_key_value.weight has shape")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_merge_refuses_a_folder_without_an_adapter(cli, tmp_path):
+    assert_user_error(
+        cli("merge", TINY_DEMO, "--adapter", tmp_path, "--output", tmp_path / "m"),
+        "not a LoRA adapter",
+    )
+
+
+def test_merge_refuses_an_adapter_targeting_missing_weights(cli, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter("falcon", tmp_path / "adapter")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    renamed = {k.replace("h.1.mlp.dense_4h_to_h", "h.1.mlp.ghost"): v for k, v in tensors.items()}
+    save_file(renamed, str(adapter / "adapter_model.safetensors"))
+    result = cli("merge", TINY_DEMO, "--adapter", adapter, "--output", tmp_path / "m")
+    assert_user_error(result, "targets transformer.h.1.mlp.ghost.weight, which the base model")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
