@@ -40,6 +40,12 @@ def make_adapter(arch: str, folder, rslora=False, bias="none", seed=0):
     return folder
 
 
+def merge(cli, adapter, out, arch: str | None = None):
+    """`kubetune merge tiny-demo.yaml --adapter ADAPTER --output OUT [--set model=tiny://ARCH]`."""
+    model = ["--set", f"model.name_or_path=tiny://{arch}"] if arch else []
+    return cli("merge", TINY_DEMO, "--adapter", adapter, "--output", out, *model)
+
+
 def logits(model, ids=((5, 9, 300, 17, 2, 44, 1000, 7),)) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids)).logits
@@ -58,16 +64,7 @@ def test_merge_matches_peft(cli, tmp_path, arch, rslora, bias):
 
     adapter = make_adapter(arch, tmp_path / "adapter", rslora=rslora, bias=bias)
     out = tmp_path / "merged"
-    result = cli(
-        "merge",
-        TINY_DEMO,
-        "--adapter",
-        adapter,
-        "--output",
-        out,
-        "--set",
-        f"model.name_or_path=tiny://{arch}",
-    )
+    result = merge(cli, adapter, out, arch)
     assert result.code == 0, result
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
 
@@ -91,7 +88,7 @@ def test_merge_matches_peft(cli, tmp_path, arch, rslora, bias):
 
 def test_merge_refuses_an_adapter_of_another_base(cli, tmp_path):
     adapter = make_adapter("llama", tmp_path / "adapter")
-    result = cli("merge", TINY_DEMO, "--adapter", adapter, "--output", tmp_path / "m")
+    result = merge(cli, adapter, tmp_path / "m")
     assert_user_error(result, "adapter_config.json names base")
     assert not (tmp_path / "m").exists()
 
@@ -101,23 +98,14 @@ def test_merge_refuses_mismatched_shapes(cli, tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "tiny://falcon-40b"  # claim another base, same names
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    result = cli(
-        "merge",
-        TINY_DEMO,
-        "--adapter",
-        adapter,
-        "--output",
-        tmp_path / "m",
-        "--set",
-        "model.name_or_path=tiny://falcon-40b",
-    )
+    result = merge(cli, adapter, tmp_path / "m", "falcon-40b")
     assert_user_error(result, "query_key_value.weight has shape")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_merge_refuses_a_folder_without_an_adapter(cli, tmp_path):
     assert_user_error(
-        cli("merge", TINY_DEMO, "--adapter", tmp_path, "--output", tmp_path / "m"),
+        merge(cli, tmp_path, tmp_path / "m"),
         "not a LoRA adapter",
     )
 
@@ -129,6 +117,6 @@ def test_merge_refuses_an_adapter_targeting_missing_weights(cli, tmp_path):
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     renamed = {k.replace("h.1.mlp.dense_4h_to_h", "h.1.mlp.ghost"): v for k, v in tensors.items()}
     save_file(renamed, str(adapter / "adapter_model.safetensors"))
-    result = cli("merge", TINY_DEMO, "--adapter", adapter, "--output", tmp_path / "m")
+    result = merge(cli, adapter, tmp_path / "m")
     assert_user_error(result, "targets transformer.h.1.mlp.ghost.weight, which the base model")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
