@@ -62,7 +62,7 @@ def lr_lambda(cfg, steps: int):
 
 def build_model(cfg, world: World):
     """Base model (+ LoRA), wrapped for the strategy; returns what the loop needs."""
-    zero3 = cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 3
+    zero3 = is_zero3(cfg)
     dtype = weights_dtype(cfg, world.device)
     ds_config = (
         deepspeed_config(cfg, world, dtype == torch.bfloat16)
@@ -120,6 +120,19 @@ def unwrap(model):
 
 def trainable_named(model) -> dict:
     return {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def is_zero3(cfg) -> bool:
+    return cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 3
+
+
+def gathered_trainable(model) -> dict:
+    """Full copies of the trainable tensors of a ZeRO-3 model (a collective: every rank calls)."""
+    import deepspeed
+
+    named = trainable_named(model)
+    with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
+        return {n: p.detach().cpu().clone() for n, p in named.items()}
 
 
 def restore_optimizer(optimizer, saved: dict) -> None:
@@ -190,15 +203,9 @@ def save_outputs(cfg, model, tokenizer, output: Path, world: World) -> None:
                 full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.method != "full"
             ),
         )
-    elif strategy == "deepspeed" and cfg.distributed.zero_stage == 3:
-        import deepspeed
-
-        if cfg.method == "full":
-            state = model._zero3_consolidated_16bit_state_dict()
-        else:
-            named = trainable_named(model)
-            with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
-                state = {n: p.detach().cpu().clone() for n, p in named.items()}
+    elif is_zero3(cfg):
+        full = cfg.method == "full"
+        state = model._zero3_consolidated_16bit_state_dict() if full else gathered_trainable(model)
     if world.main:  # a PeftModel writes only the adapter; a full model all its weights
         base.save_pretrained(output, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(output)
@@ -247,7 +254,7 @@ def run(args) -> None:
                 f"{latest}: written by {state['world_size']} {state['strategy']} "
                 f"processes; this run has {world.size} {cfg.distributed.strategy}"
             )
-        if is_ds and cfg.distributed.zero_stage == 3:
+        if is_zero3(cfg):
             import deepspeed
 
             named = trainable_named(model)
@@ -331,12 +338,7 @@ def run(args) -> None:
                 writer.add_scalar("eval/loss", eval_loss, done)
         if done % cfg.train.save_steps == 0 and done < steps:
             optim_state = None if is_ds else optimizer.state_dict()
-            params = trainable_named(model)
-            if is_ds and cfg.distributed.zero_stage == 3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-                    params = {n: p.detach().cpu().clone() for n, p in params.items()}
+            params = gathered_trainable(model) if is_zero3(cfg) else trainable_named(model)
             ckpt.save_checkpoint(
                 output,
                 done,
