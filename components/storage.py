@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import UserError
 
 S3_SCHEME = "s3://"
+CREDENTIAL_ERRORS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken")
 
 
 def is_s3(uri: str) -> bool:
@@ -28,28 +29,53 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_client():
+def s3_client(pool: int = 10):
+    """A boto3 S3 client from the standard AWS environment/config, with bounded retries
+    (`AWS_MAX_ATTEMPTS`, default 5, standard retry mode)."""
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3")
+    try:
+        attempts = max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "5")))
+    except ValueError:
+        raise UserError("AWS_MAX_ATTEMPTS must be a whole number") from None
+
+    return boto3.client(
+        "s3",
+        config=Config(
+            max_pool_connections=pool,
+            retries={"max_attempts": attempts, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=120,
+        ),
+    )
 
 
 def _explain(uri: str, exc: Exception) -> UserError:
-    from botocore.exceptions import (
-        ClientError,
-        EndpointConnectionError,
-        NoCredentialsError,
-    )
+    from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+    from botocore.exceptions import ConnectionError as S3ConnectionError
 
     if isinstance(exc, NoCredentialsError):
         return UserError(
             f"{uri}: no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
         )
-    if isinstance(exc, EndpointConnectionError):
+    if isinstance(exc, S3ConnectionError):
         return UserError(f"{uri}: cannot reach the S3 endpoint ({exc})")
+    if isinstance(exc, HTTPClientError):
+        return UserError(f"{uri}: the connection to the S3 endpoint was lost ({exc})")
     if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "?")
-        return UserError(f"{uri}: S3 refused the request ({code})")
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "?")
+        if code in CREDENTIAL_ERRORS:
+            return UserError(
+                f"{uri}: S3 rejected the credentials ({code}); check AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY or the profile"
+            )
+        if code in ("NoSuchBucket",):
+            return UserError(f"{uri}: the bucket does not exist")
+        if code in ("AccessDenied", "403"):
+            return UserError(f"{uri}: access denied by S3 ({error.get('Message') or code})")
+        return UserError(f"{uri}: S3 refused the request ({code}: {error.get('Message', '')})")
     return UserError(f"{uri}: {exc}")
 
 

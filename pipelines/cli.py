@@ -83,6 +83,79 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from kubetune.components.evaluate import evaluate
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    metrics = evaluate(
+        cfg,
+        args.model,
+        args.dataset,
+        args.output,
+        baseline=args.baseline,
+        training_metrics=args.training_metrics,
+        overwrite=args.overwrite,
+    )
+    sides = [("tuned", metrics["tuned"])]
+    if metrics["baseline"]:
+        sides.insert(0, ("base", metrics["baseline"]))
+    print(
+        f"{'':6} {'eval loss':>10} {'perplexity':>11} {'ROUGE-1':>8} {'ROUGE-2':>8} "
+        f"{'ROUGE-L':>8} {'exact':>6}"
+    )
+    for name, m in sides:
+        loss = f"{m['eval_loss']:.4f}" if m["eval_loss"] is not None else "-"
+        ppl = f"{m['perplexity']:.2f}" if m["perplexity"] is not None else "-"
+        print(
+            f"{name:6} {loss:>10} {ppl:>11} {m['rouge1']:8.4f} {m['rouge2']:8.4f} "
+            f"{m['rougeL']:8.4f} {m['exact_match']:6.3f}"
+        )
+    gate = metrics["gate"]
+    if gate["checks"]:
+        print(f"quality gate: {'passed' if gate['passed'] else 'FAILED'}")
+    out = Path(args.output)
+    print(f"wrote {out / 'metrics.json'}, {out / 'generations.jsonl'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from kubetune.components.push_model import push
+
+    evaluation = None
+    if args.metrics:
+        try:
+            evaluation = json.loads(Path(args.metrics).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--metrics {args.metrics}: {exc}") from None
+    summary = push(
+        args.src,
+        args.dest,
+        evaluation=evaluation,
+        part_size=args.part_size_mb * 1024 * 1024,
+        workers=args.workers,
+    )
+    print(
+        f"pushed {summary['uploaded']} file(s), {summary['bytes_uploaded']} bytes "
+        f"({summary['skipped']} already there) in {summary['seconds']:.1f} s"
+    )
+    print(
+        f"wrote {args.dest.rstrip('/')}/manifest.json ({summary['files']} files, "
+        f"{summary['total_bytes']} bytes)"
+    )
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from kubetune.components.push_model import pull
+
+    summary = pull(args.uri, args.output, overwrite=args.overwrite, workers=args.workers)
+    print(
+        f"pulled {summary['files']} file(s), {summary['total_bytes']} bytes, all checksums "
+        f"match; wrote {args.output}"
+    )
+    return 0
+
+
 def cmd_plan(args) -> int:
     from kubetune.components.train.plan import estimate, render
 
@@ -155,6 +228,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for the merged model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "evaluate", help="generate for held-out prompts; loss, ROUGE, exact match; report.html"
+    )
+    _recipe_args(p)
+    p.add_argument("--model", required=True, help="merged/full model folder or adapter folder")
+    p.add_argument("--dataset", required=True, help="a `kubetune prepare` output folder")
+    p.add_argument("--output", required=True, help="folder for metrics.json, generations, report")
+    p.add_argument("--baseline", help="the base model (folder or model id) to compare against")
+    p.add_argument(
+        "--training-metrics",
+        help="training metrics.json for the loss curve (default: found beside the model)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "push", help="upload a model to s3://bucket/prefix or a folder; manifest.json last"
+    )
+    p.add_argument("src", help="model folder (merge, train or any folder of files)")
+    p.add_argument("dest", help="s3://bucket/prefix or a local folder")
+    p.add_argument("--metrics", help="evaluation metrics.json to record in the manifest")
+    p.add_argument("--part-size-mb", type=int, default=64, help="multipart part size (MiB)")
+    p.add_argument("--workers", type=int, default=8, help="parallel uploads")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser(
+        "pull", help="download a pushed model, only if manifest.json and every checksum match"
+    )
+    p.add_argument("uri", help="s3://bucket/prefix or a folder that `kubetune push` wrote")
+    p.add_argument("output", help="folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("tiny", help="build a tiny://ARCH model (random weights, no download)")
     p.add_argument("arch", help="falcon, falcon-40b, llama, mistral or qwen2")

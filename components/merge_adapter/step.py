@@ -205,8 +205,16 @@ def merge_adapter(
 
         AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(staging)
         write_resolved(cfg, staging)
+        trained = (
+            json.loads(recorded.read_text()) if (recorded := adapter / BASE_FILE).is_file() else {}
+        )
+        if (adapter / "metrics.json").is_file():  # the training run's metrics travel along
+            shutil.copy2(adapter / "metrics.json", staging / "training_metrics.json")
         summary = {
             "base": cfg.model.name_or_path,
+            "revision": cfg.model.revision,
+            "method": trained.get("method", cfg.method),
+            "dataset_fingerprint": trained.get("dataset_fingerprint"),
             "adapter": str(adapter),
             "shards": len(shards),
             "merged_weights": len(pairs),

@@ -226,7 +226,9 @@ def prepare_dataset(cfg: RunConfig, output_dir: str | Path, overwrite: bool = Fa
     try:
         from datasets import DatasetDict
 
-        DatasetDict({"train": train_ds, "eval": eval_ds}).save_to_disk(str(staging))
+        # datasets cannot load back an empty split it saved: no eval split when there is none
+        splits = {"train": train_ds, "eval": eval_ds} if len(eval_ds) else {"train": train_ds}
+        DatasetDict(splits).save_to_disk(str(staging))
         write_resolved(cfg, staging)
         # stats.json is written last: a folder with it is complete.
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")

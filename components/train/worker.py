@@ -189,7 +189,9 @@ def peak_memory(world: World) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def save_outputs(cfg, model, tokenizer, output: Path, world: World) -> None:
+def save_outputs(
+    cfg, model, tokenizer, output: Path, world: World, fingerprint: str | None
+) -> None:
     """Adapter (LoRA/QLoRA) or full weights as safetensors, on rank 0, plus the tokenizer."""
     strategy = cfg.distributed.strategy
     base = unwrap(model)
@@ -209,9 +211,14 @@ def save_outputs(cfg, model, tokenizer, output: Path, world: World) -> None:
     if world.main:  # a PeftModel writes only the adapter; a full model all its weights
         base.save_pretrained(output, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(output)
-        if cfg.method != "full":  # which base this adapter belongs to, for merge to check
-            record = {"name_or_path": cfg.model.name_or_path, "revision": cfg.model.revision}
-            (output / "base_model.json").write_text(json.dumps(record) + "\n")
+        # Which base and data this model came from: merge checks the base, push records both.
+        record = {
+            "name_or_path": cfg.model.name_or_path,
+            "revision": cfg.model.revision,
+            "method": cfg.method,
+            "dataset_fingerprint": fingerprint,
+        }
+        (output / "base_model.json").write_text(json.dumps(record) + "\n")
     dist.barrier()
 
 
@@ -234,6 +241,10 @@ def run(args) -> None:
 
     data = load_from_disk(args.dataset)
     train_split, eval_split = data["train"], data.get("eval", None)
+    stats_file = Path(args.dataset) / "stats.json"
+    fingerprint = (
+        json.loads(stats_file.read_text()).get("fingerprint") if stats_file.is_file() else None
+    )
     tokenizer = load_tokenizer(cfg.model)
     model, quantized, trainable, total, dtype, ds_config = build_model(cfg, world)
     attn = attention_implementation(cfg, world.device)
@@ -355,7 +366,7 @@ def run(args) -> None:
             )
 
     eval_loss = evaluate(cfg, model, eval_split, world, pad_id, attn, dtype)
-    save_outputs(cfg, model, tokenizer, output, world)
+    save_outputs(cfg, model, tokenizer, output, world, fingerprint)
     peak = all_reduce_max(peak_memory(world), world)
     if world.main:
         tps = tokens_done / train_seconds if train_seconds else None
@@ -377,6 +388,7 @@ def run(args) -> None:
             "device": str(world.device.type),
             "attn_implementation": attn,
             "train_seconds": round(train_seconds, 3),
+            "dataset_fingerprint": fingerprint,
         }
         if writer is not None:
             if eval_loss is not None:

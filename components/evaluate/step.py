@@ -1,0 +1,313 @@
+"""evaluate: generations for held-out prompts, loss/perplexity, ROUGE and exact match, for the
+tuned model and (optionally) the base model side by side; metrics.json, generations.jsonl and
+a report.html a person reads.
+
+Prompts are the eval split's own prompt tokens (exactly what training conditioned on), the
+first `eval.num_prompts` rows, generated in batches of `eval.batch_size` with left padding and
+greedy decoding unless `eval.do_sample`. Eval loss is the token-weighted mean cross entropy over
+the response tokens of the whole eval split, the same quantity training reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, write_resolved
+from ..errors import UserError
+from ..models import load_tokenizer, resolve_model
+from .report import render_report
+from .scores import per_example, score_texts
+
+IGNORE = -100
+
+
+def _device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
+def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+    """A merged/full model folder, a `kubetune train` adapter folder, or any model id that
+    `model.name_or_path` accepts (hub id, s3://, tiny://)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name)
+    adapter = path.is_dir() and (path / "adapter_config.json").is_file()
+    base_name = name
+    if adapter:
+        record = path / "base_model.json"
+        base_name = (
+            json.loads(record.read_text())["name_or_path"]
+            if record.is_file()
+            else cfg.model.name_or_path
+        )
+    elif path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"{name}: neither a model folder (config.json) nor an adapter folder")
+    source = resolve_model(base_name)
+    placement = {"device_map": "auto"} if device.type == "cuda" else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            revision=None if Path(source).exists() else cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation="sdpa",
+            **placement,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{name}: cannot load the model: {str(exc).splitlines()[0]}") from None
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path))
+    if device.type != "cuda":
+        model.to(device)
+    return model.eval()
+
+
+def prompt_ids(row: dict) -> list[int]:
+    """The row's tokens before its first trained label: the prompt the model answers."""
+    labels = row["labels"]
+    start = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+    return list(row["input_ids"][:start])
+
+
+@torch.no_grad()
+def eval_loss(model, split, batch_size: int, pad_id: int) -> tuple[float | None, int]:
+    """Token-weighted mean loss over every row's trained labels, and the token count."""
+    device = next(model.parameters()).device
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        rows = split[start : start + batch_size]
+        length = max(len(ids) for ids in rows["input_ids"])
+        ids = torch.full((len(rows["input_ids"]), length), pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE)
+        mask = torch.zeros_like(ids)
+        for i, (row_ids, row_labels) in enumerate(
+            zip(rows["input_ids"], rows["labels"], strict=True)
+        ):
+            ids[i, : len(row_ids)] = torch.as_tensor(row_ids)
+            labels[i, : len(row_labels)] = torch.as_tensor(row_labels)
+            mask[i, : len(row_ids)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        targets = labels[:, 1:].to(device)
+        loss_sum += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+        )
+        tokens += int((targets != IGNORE).sum())
+    return (loss_sum / tokens if tokens else None), tokens
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], cfg: RunConfig) -> list[str]:
+    """Answers to token-id prompts, batched with left padding; special tokens dropped."""
+    device = next(model.parameters()).device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    options = {"do_sample": cfg.eval.do_sample, "max_new_tokens": cfg.eval.max_new_tokens}
+    if cfg.eval.do_sample:
+        options["temperature"] = cfg.eval.temperature
+        torch.manual_seed(cfg.train.seed)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    answers = []
+    for start in range(0, len(prompts), cfg.eval.batch_size):
+        batch = prompts[start : start + cfg.eval.batch_size]
+        length = max(len(p) for p in batch)
+        ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(batch):
+            ids[i, length - len(p) :] = torch.as_tensor(p)
+            mask[i, length - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            **options,
+        )
+        for row in out[:, length:].tolist():
+            if eos_id in row:
+                row = row[: row.index(eos_id)]
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def evaluate_model(name: str, cfg: RunConfig, split, prompts, tokenizer) -> tuple[dict, list[str]]:
+    device, dtype = _device_and_dtype()
+    model = load_model(name, cfg, dtype, device)
+    started = time.monotonic()
+    loss, tokens = eval_loss(model, split, cfg.eval.batch_size, tokenizer.pad_token_id)
+    loss_seconds = time.monotonic() - started
+    started = time.monotonic()
+    answers = generate(model, tokenizer, prompts, cfg)
+    generate_seconds = time.monotonic() - started
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "model": name,
+        "eval_loss": loss,
+        "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
+        "eval_tokens": tokens,
+        "loss_seconds": round(loss_seconds, 3),
+        "generate_seconds": round(generate_seconds, 3),
+    }, answers
+
+
+def gate(cfg: RunConfig, tuned: dict) -> dict:
+    """Whether the tuned model clears eval.min_rouge_l / eval.max_eval_loss (no bound: passes)."""
+    checks = []
+    if cfg.eval.min_rouge_l is not None:
+        value = tuned["rougeL"]
+        checks.append(
+            {"metric": "rougeL", "op": ">=", "threshold": cfg.eval.min_rouge_l, "value": value}
+        )
+        checks[-1]["passed"] = value >= cfg.eval.min_rouge_l
+    if cfg.eval.max_eval_loss is not None:
+        value = tuned["eval_loss"]
+        passed = value is not None and value <= cfg.eval.max_eval_loss
+        checks.append(
+            {
+                "metric": "eval_loss",
+                "op": "<=",
+                "threshold": cfg.eval.max_eval_loss,
+                "value": value,
+                "passed": passed,
+            }
+        )
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}
+
+
+def load_eval_split(dataset_dir: str | Path):
+    from datasets import load_from_disk
+
+    path = Path(dataset_dir)
+    if not (path / "dataset_dict.json").is_file():
+        raise UserError(f"{path}: not a `kubetune prepare` output (no dataset_dict.json)")
+    data = load_from_disk(str(path))
+    if "eval" not in data or len(data["eval"]) == 0:
+        raise UserError(f"{path}: has no eval split (set data.eval_fraction > 0 in prepare)")
+    split = data["eval"]
+    missing = {"input_ids", "labels", "prompt", "reference"} - set(split.column_names)
+    if missing:
+        raise UserError(f"{path}: the eval split lacks column(s) {', '.join(sorted(missing))}")
+    return split
+
+
+def find_training_metrics(model_dir: str, given: str | None) -> dict | None:
+    candidates = [Path(given)] if given else []
+    path = Path(model_dir)
+    candidates += [path / "training_metrics.json", path / "metrics.json"]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except ValueError:
+                raise UserError(f"{candidate}: not valid JSON") from None
+            if isinstance(data, dict) and "loss" in data:
+                return data
+        elif given and candidate == Path(given):
+            raise UserError(f"{given}: no such file")
+    return None
+
+
+def evaluate(
+    cfg: RunConfig,
+    model_dir: str,
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    baseline: str | None = None,
+    training_metrics: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Evaluate model_dir (and baseline) on the eval split; write metrics.json,
+    generations.jsonl and report.html to output_dir; return the metrics."""
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"{output} already exists; pass --overwrite to replace it")
+    split = load_eval_split(dataset_dir)
+    training = find_training_metrics(model_dir, training_metrics)
+    tokenizer = load_tokenizer(cfg.model)
+    n = min(cfg.eval.num_prompts, len(split))
+    head = split.select(range(n))
+    prompts = [prompt_ids(row) for row in head]
+    references = list(head["reference"])
+
+    tuned, tuned_answers = evaluate_model(model_dir, cfg, split, prompts, tokenizer)
+    tuned.update(score_texts(tuned_answers, references))
+    base, base_answers = None, None
+    if baseline is not None:
+        base, base_answers = evaluate_model(baseline, cfg, split, prompts, tokenizer)
+        base.update(score_texts(base_answers, references))
+    metrics = {
+        "num_prompts": n,
+        "eval_rows": len(split),
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "do_sample": cfg.eval.do_sample,
+        "tuned": tuned,
+        "baseline": base,
+        "gate": gate(cfg, tuned),
+    }
+    if base is not None:
+        metrics["improvement"] = {
+            k: tuned[k] - base[k] for k in ("rouge1", "rouge2", "rougeL", "exact_match")
+        }
+        if tuned["eval_loss"] is not None and base["eval_loss"] is not None:
+            metrics["improvement"]["eval_loss"] = base["eval_loss"] - tuned["eval_loss"]
+    generations = []
+    for i in range(n):
+        item = {
+            "index": i,
+            "prompt": head[i]["prompt"],
+            "reference": references[i],
+            "tuned": tuned_answers[i],
+            "tuned_scores": per_example(tuned_answers[i], references[i]),
+        }
+        if base_answers is not None:
+            item["baseline"] = base_answers[i]
+            item["baseline_scores"] = per_example(base_answers[i], references[i])
+        generations.append(item)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        with open(staging / "generations.jsonl", "w", encoding="utf-8") as f:
+            for item in generations:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        (staging / "report.html").write_text(
+            render_report(cfg, metrics, generations, training), encoding="utf-8"
+        )
+        write_resolved(cfg, staging)
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metrics
+
+
+def kfp_metrics(metrics: dict) -> dict[str, float]:
+    """Flat numbers for a KFP Metrics artifact: tuned_*, baseline_*, gate_passed."""
+    flat = {}
+    for side in ("tuned", "baseline"):
+        if metrics.get(side):
+            for key in ("eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "exact_match"):
+                if metrics[side].get(key) is not None:
+                    flat[f"{side}_{key}"] = float(metrics[side][key])
+    flat["gate_passed"] = float(metrics["gate"]["passed"])
+    return flat
