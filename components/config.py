@@ -183,7 +183,9 @@ class KubernetesConfig(Section):
     steps_image: str = Field(
         "ghcr.io/kubetune/steps:0.1.0", description="CPU image of the other steps."
     )
-    service_account: str = Field("kubetune", description="ServiceAccount of the pods.")
+    service_account: str = Field(
+        "kubetune-trainer", description="ServiceAccount of the training pods."
+    )
     gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node selector of the GPU node pool."
@@ -207,6 +209,21 @@ class KubernetesConfig(Section):
     ttl_seconds_after_finished: int = Field(
         3600, ge=0, description="Delete the finished job after this."
     )
+    backoff_limit: int = Field(3, ge=0, description="Pod restarts before the job fails.")
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        "Running", description="Pods deleted when the job ends (Running: keep finished ones' logs)."
+    )
+    elastic_min_nodes: int | None = Field(
+        None, gt=0, description="Elastic training: run on min..distributed.nodes nodes (c10d)."
+    )
+    elastic_max_restarts: int = Field(3, ge=0, description="Elastic training: restarts allowed.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="imagePullPolicy of the training pods."
+    )
+    workspace_mount: str = Field(
+        "/workspace", description="Where the workspace PVC is mounted in every pod."
+    )
+    run_as_user: int = Field(1000, gt=0, description="Non-root UID of the pods (the image's user).")
 
 
 class RunConfig(Section):
@@ -242,6 +259,14 @@ class RunConfig(Section):
             )
         if self.distributed.offload != "none" and self.distributed.strategy != "deepspeed":
             raise ValueError("distributed.offload needs distributed.strategy=deepspeed")
+        low = self.kubernetes.elastic_min_nodes
+        if low is not None and low > self.distributed.nodes:
+            raise ValueError(
+                f"kubernetes.elastic_min_nodes={low} is more than distributed.nodes="
+                f"{self.distributed.nodes}"
+            )
+        if not self.kubernetes.workspace_mount.startswith("/"):
+            raise ValueError("kubernetes.workspace_mount must be an absolute path")
         return self
 
 

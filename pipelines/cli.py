@@ -156,6 +156,23 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_render_job(args) -> int:
+    from kubetune.components.train.kube import check_paths, default_job_name
+    from kubetune.components.train.pytorchjob import default_paths, render_job, to_yaml
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.name:
+        name = args.name
+    else:
+        dataset, output = default_paths(cfg, "run")
+        name = default_job_name(cfg, args.dataset or dataset, args.output or output)
+    dataset, output = default_paths(cfg, name)
+    dataset, output = args.dataset or dataset, args.output or output
+    check_paths(cfg, dataset, output)
+    sys.stdout.write(to_yaml(render_job(cfg, name, dataset, output)))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from kubetune.components.train.plan import estimate, render
 
@@ -214,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="folder for the adapter/weights, checkpoints and metrics"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "render-job", help="print the PyTorchJob YAML of a recipe (pipe it to kubectl apply -f -)"
+    )
+    _recipe_args(p)
+    p.add_argument("--name", help="job name (default: derived from the recipe and paths)")
+    p.add_argument(
+        "--dataset", help="prepared dataset inside the pods (default: WORKSPACE/runs/NAME/dataset)"
+    )
+    p.add_argument("--output", help="training output inside the pods (default: .../NAME/train)")
+    p.set_defaults(func=cmd_render_job)
 
     p = sub.add_parser(
         "plan", help="predict peak GPU memory per GPU and whether it fits hardware.gpu"

@@ -56,7 +56,7 @@ def test_s3_errors_are_clear(cli, tmp_path, s3):
         "data.path=s3://nobucket/x.jsonl",
         env=env,
     )
-    assert_user_error(missing, "s3://nobucket/x.jsonl: S3 refused the request (NoSuchBucket)")
+    assert_user_error(missing, "s3://nobucket/x.jsonl: the bucket does not exist")
     unreachable = cli(
         "prepare",
         TINY_DEMO,

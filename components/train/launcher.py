@@ -1,4 +1,4 @@
-"""Start the training worker: `local` runs torchrun here; `pytorchjob` is the Kubernetes issue.
+"""Start the training worker: `local` runs torchrun here; `pytorchjob` creates a PyTorchJob.
 
 Both start the very same worker command (`worker_args`); the local backend adds torchrun's
 own arguments, a PyTorchJob gets them from the Training Operator's PET_* environment.
@@ -17,9 +17,8 @@ from pathlib import Path
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
 from .data import check_rows
+from .pytorchjob import WORKER_MODULE
 from .worker import ERROR_FILE
-
-WORKER_MODULE = "kubetune.components.train.worker"
 
 
 def worker_args(recipe: Path, dataset: Path, output: Path) -> list[str]:
@@ -85,13 +84,15 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 
 def train(cfg: RunConfig, dataset: str | Path, output: str | Path) -> int:
     """Run training to completion (resuming if OUTPUT holds checkpoints); the exit code."""
+    if cfg.distributed.backend == "pytorchjob":
+        from .kube import launch
+
+        # paths inside the pods; checked here only when this machine sees the same volume
+        if Path(dataset).is_dir():
+            check_dataset(cfg, Path(dataset))
+        return launch(cfg, str(dataset), str(output))
     dataset, output = Path(dataset).resolve(), Path(output).resolve()
     check_dataset(cfg, dataset)
-    if cfg.distributed.backend != "local":
-        raise UserError(
-            "distributed.backend=pytorchjob: the Kubernetes launcher is not part of "
-            "this version; use distributed.backend=local or `kubetune render-job`"
-        )
     if (output / "metrics.json").is_file():
         raise UserError(f"{output} holds a finished run (metrics.json); choose another --output")
     output.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import load_recipe, write_resolved
+from ..config import load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
 from . import checkpoint as ckpt
@@ -231,8 +232,20 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def recipe_from_arg(arg: str, overrides: list[str]):
+    """`--recipe PATH`, or `--recipe env:NAME` for a recipe carried in an environment variable
+    (how a PyTorchJob hands every pod the resolved recipe)."""
+    if arg.startswith("env:"):
+        name = arg[len("env:") :]
+        text = os.environ.get(name)
+        if not text:
+            raise UserError(f"--recipe {arg}: the environment variable {name} is not set")
+        return parse_recipe(text, f"${name}", overrides)
+    return load_recipe(arg, overrides)
+
+
 def run(args) -> None:
-    cfg = load_recipe(args.recipe, args.overrides)
+    cfg = recipe_from_arg(args.recipe, args.overrides)
     output, world = Path(args.output), init_world()
     torch.manual_seed(cfg.train.seed)
     from datasets import load_from_disk

@@ -1,0 +1,386 @@
+"""The `pytorchjob` backend of `kubetune train`: run the worker as a Kubeflow PyTorchJob.
+
+create (or adopt) → watch the job's conditions → stream rank 0's log → return when it ends:
+exit 0 when it Succeeded, 1 with the Operator's reason and message when it Failed. SIGTERM or
+SIGINT (a cancelled KFP run, Ctrl-C) deletes the job. The job name is a pure function of the run
+(`KUBETUNE_JOB_NAME`, which the KFP step sets from the run and task, or a digest of the recipe
+and paths), so a retried step finds the job it already created and watches it instead of
+starting a second one; a job that already Failed is deleted and created again (training
+resumes from its checkpoints on the workspace volume). API calls are retried a bounded number
+of times on 429/5xx and connection errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import PurePosixPath
+
+from ..config import RunConfig, dump_config
+from ..errors import UserError
+from .pytorchjob import CONTAINER, GROUP, PLURAL, VERSION, job_name, lead_replica, render_job
+
+RETRYABLE = {429, 500, 502, 503, 504}
+TERMINAL = ("Succeeded", "Failed")
+CONDITIONS = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+
+
+def _attempts() -> int:
+    return max(1, int(os.environ.get("KUBETUNE_API_ATTEMPTS", "5")))
+
+
+def _backoff() -> float:
+    return float(os.environ.get("KUBETUNE_API_BACKOFF", "1.0"))
+
+
+def _watch_timeout() -> int:
+    return max(1, int(os.environ.get("KUBETUNE_WATCH_TIMEOUT", "60")))
+
+
+class Cancelled(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def job_state(job: dict) -> tuple[str, str, str]:
+    """(state, reason, message) of the newest true condition; ("Pending", "", "") if none."""
+    conditions = [
+        c
+        for c in (job.get("status") or {}).get("conditions") or []
+        if c.get("status") == "True" and c.get("type") in CONDITIONS
+    ]
+    if not conditions:
+        return "Pending", "", ""
+    terminal = [c for c in conditions if c["type"] in TERMINAL]
+    last = terminal[-1] if terminal else conditions[-1]
+    return last["type"], last.get("reason") or "", last.get("message") or ""
+
+
+class JobApi:
+    """The few Kubernetes API calls the launcher makes, each retried on transient errors."""
+
+    def __init__(self, namespace: str):
+        from kubernetes import client, config
+
+        try:
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config()
+            else:
+                config.load_kube_config()
+        except config.ConfigException as exc:
+            raise UserError(
+                f"no Kubernetes configuration (in-cluster or KUBECONFIG/~/.kube/config): {exc}"
+            ) from None
+        self.namespace = namespace
+        self.api_client = client.ApiClient()
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.host = self.api_client.configuration.host
+
+    def call(self, what: str, fn, *args, **kwargs):
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        attempts = _attempts()
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except ApiException as exc:
+                if exc.status not in RETRYABLE or attempt == attempts - 1:
+                    raise self.explain(what, exc) from None
+                problem = f"HTTP {exc.status}"
+            except (HTTPError, OSError) as exc:
+                if attempt == attempts - 1:
+                    raise UserError(
+                        f"{what}: cannot reach the Kubernetes API at {self.host} after "
+                        f"{attempts} attempts ({exc.__class__.__name__})"
+                    ) from None
+                problem = exc.__class__.__name__
+            delay = min(_backoff() * 2**attempt, 30.0)
+            print(f"{what}: {problem}, retrying in {delay:g} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def explain(self, what: str, exc) -> Exception:
+        import json
+
+        try:
+            message = json.loads(exc.body).get("message", "")
+        except (TypeError, ValueError, AttributeError):
+            message = ""
+        if exc.status in (401, 403):
+            return UserError(
+                f"{what}: the Kubernetes API refused it (HTTP {exc.status}{': ' + message if message else ''}); "
+                "check the service account's Role (manifests/base/rbac.yaml)"
+            )
+        if exc.status == 404:
+            return NotFound(what)
+        if exc.status == 409:
+            return Conflict(what)
+        if exc.status == 422:
+            return UserError(f"{what}: the API server rejected the PyTorchJob: {message}")
+        return UserError(f"{what}: Kubernetes API error HTTP {exc.status} {message}".rstrip())
+
+    def get(self, name: str) -> dict | None:
+        try:
+            return self.call(
+                f"get pytorchjob {name}",
+                self.custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                name,
+            )
+        except NotFound:
+            return None
+
+    def create(self, job: dict) -> dict:
+        try:
+            return self.call(
+                f"create pytorchjob {job['metadata']['name']}",
+                self.custom.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                job,
+            )
+        except NotFound:
+            raise UserError(
+                f"the API server at {self.host} has no pytorchjobs.kubeflow.org/v1 in namespace "
+                f"{self.namespace}: is the Kubeflow Training Operator installed?"
+            ) from None
+
+    def delete(self, name: str) -> None:
+        from kubernetes import client
+
+        with contextlib.suppress(NotFound):
+            self.call(
+                f"delete pytorchjob {name}",
+                self.custom.delete_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                name,
+                body=client.V1DeleteOptions(propagation_policy="Background"),
+            )
+
+    def watch(self, name: str, resource_version: str | None):
+        """Events for this job until the server ends the watch (a timeout)."""
+        from kubernetes import watch
+
+        stream = watch.Watch().stream(
+            self.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            field_selector=f"metadata.name={name}",
+            resource_version=resource_version,
+            timeout_seconds=_watch_timeout(),
+        )
+        yield from stream
+
+    def lead_pod(self, name: str, replica: str) -> dict | None:
+        selector = (
+            f"training.kubeflow.org/job-name={name},"
+            f"training.kubeflow.org/replica-type={replica},"
+            "training.kubeflow.org/replica-index=0"
+        )
+        pods = self.call(
+            f"list pods of {name}",
+            self.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=selector,
+        )
+        items = self.api_client.sanitize_for_serialization(pods).get("items", [])
+        return items[0] if items else None
+
+    def log_stream(self, pod: str):
+        return self.core.read_namespaced_pod_log(
+            pod, self.namespace, container=CONTAINER, follow=True, _preload_content=False
+        )
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+class LogFollower(threading.Thread):
+    """Print rank 0's log as it is written; follow again when its container restarts."""
+
+    def __init__(self, api: JobApi, name: str, replica: str):
+        super().__init__(daemon=True)
+        self.api, self.name, self.replica = api, name, replica
+        self.stop = threading.Event()
+        self.seen: set[tuple[str, int]] = set()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.follow_once()
+            except Exception as exc:  # logs are a convenience: never fail the run over them
+                print(f"(log stream: {exc.__class__.__name__}: {exc})", file=sys.stderr)
+            self.stop.wait(2.0)
+
+    def follow_once(self) -> None:
+        pod = self.api.lead_pod(self.name, self.replica)
+        if pod is None or pod.get("status", {}).get("phase") not in (
+            "Running",
+            "Succeeded",
+            "Failed",
+        ):
+            return
+        statuses = pod["status"].get("containerStatuses") or [{}]
+        attempt = (pod["metadata"]["uid"], int(statuses[0].get("restartCount", 0)))
+        if attempt in self.seen:
+            return
+        self.seen.add(attempt)
+        response = self.api.log_stream(pod["metadata"]["name"])
+        buffer = b""
+        try:
+            for chunk in response.stream(4096):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    print(line.decode("utf-8", "replace"), flush=True)
+            if buffer:
+                print(buffer.decode("utf-8", "replace"), flush=True)
+        finally:
+            response.release_conn()
+
+
+def check_paths(cfg: RunConfig, dataset: str, output: str) -> None:
+    mount = PurePosixPath(cfg.kubernetes.workspace_mount)
+    for flag, value in (("--dataset", dataset), ("--output", output)):
+        path = PurePosixPath(value)
+        if not path.is_absolute() or mount not in (path, *path.parents):
+            raise UserError(
+                f"{flag} {value}: with distributed.backend=pytorchjob it is a path inside the "
+                f"pods, on the workspace volume (under {mount})"
+            )
+
+
+def default_job_name(cfg: RunConfig, dataset: str, output: str) -> str:
+    explicit = os.environ.get("KUBETUNE_JOB_NAME")
+    if explicit:
+        return explicit
+    model = cfg.model.name_or_path.rstrip("/").split("/")[-1]
+    return job_name(f"{model}-{cfg.method}", f"{dump_config(cfg)}\n{dataset}\n{output}")
+
+
+def launch(cfg: RunConfig, dataset: str, output: str) -> int:
+    """Run training as a PyTorchJob and wait for it; the exit code (0 Succeeded, 1 Failed)."""
+    check_paths(cfg, dataset, output)
+    name = default_job_name(cfg, dataset, output)
+    namespace = cfg.kubernetes.namespace
+    job = render_job(cfg, name, dataset, output)
+    api = JobApi(namespace)
+    where = f"PyTorchJob {namespace}/{name}"
+
+    def cancel(signum, _frame):
+        raise Cancelled(signum)
+
+    previous = {s: signal.signal(s, cancel) for s in (signal.SIGTERM, signal.SIGINT)}
+    follower, cancelled = None, False
+    try:
+        existing = api.get(name)
+        if existing is not None and job_state(existing)[0] == "Failed":
+            print(f"{where} failed before; deleting it and starting again", flush=True)
+            api.delete(name)
+            wait_gone(api, name)
+            existing = None
+        if existing is None:
+            try:
+                existing = api.create(job)
+                print(f"created {where}", flush=True)
+            except Conflict:
+                existing = api.get(name)
+                print(f"{where} already exists: watching it", flush=True)
+        else:
+            print(f"{where} already exists ({job_state(existing)[0]}): watching it", flush=True)
+        follower = LogFollower(api, name, lead_replica(job))
+        follower.start()
+        state, reason, message = wait(api, name, where)
+    except Cancelled as exc:
+        cancelled = True
+        print(f"{exc}: deleting {where}", file=sys.stderr, flush=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        api.delete(name)
+        return 128 + exc.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if follower is not None:
+            follower.stop.set()
+            follower.join(timeout=0 if cancelled else 15)  # let the last lines arrive
+    if state == "Succeeded":
+        print(f"{where} succeeded", flush=True)
+        return 0
+    detail = ": ".join(x for x in (reason, message) if x)
+    print(f"{where} {state.lower()}{': ' + detail if detail else ''}", file=sys.stderr, flush=True)
+    return 1
+
+
+def wait_gone(api: JobApi, name: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while api.get(name) is not None:
+        if time.monotonic() > deadline:
+            raise UserError(f"pytorchjob {name} was not deleted within {timeout:.0f} s")
+        time.sleep(1)
+
+
+def wait(api: JobApi, name: str, where: str) -> tuple[str, str, str]:
+    """Watch the job until it Succeeded or Failed (or was deleted by someone else)."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    reported = None
+    failures = 0
+    while True:
+        job = api.get(name)
+        if job is None:
+            return "Deleted", "", "the job was deleted while it ran"
+        events = [("SNAPSHOT", job)]
+        try:
+            events_iter = api.watch(name, job["metadata"].get("resourceVersion"))
+            for kind, obj in _chain(events, events_iter):
+                if kind == "DELETED":
+                    return "Deleted", "", "the job was deleted while it ran"
+                if kind == "ERROR":  # e.g. 410 Gone: start again from a fresh GET
+                    break
+                state = job_state(obj)
+                if state != reported:
+                    reported = state
+                    line = f"{where}: {state[0]}"
+                    if state[0] in ("Restarting", "Failed") and (state[1] or state[2]):
+                        line += f" ({': '.join(x for x in state[1:] if x)})"
+                    print(line, flush=True)
+                if state[0] in TERMINAL:
+                    return state
+            failures = 0
+        except (ApiException, HTTPError, OSError) as exc:
+            failures += 1
+            if failures >= _attempts():
+                raise UserError(
+                    f"watching {where}: the Kubernetes API keeps failing ({exc.__class__.__name__})"
+                ) from None
+            time.sleep(min(_backoff() * 2**failures, 30.0))
+
+
+def _chain(first: list, stream):
+    yield from first
+    for event in stream:
+        yield event["type"], event["object"]

@@ -1,0 +1,235 @@
+"""The Kubeflow Training Operator `PyTorchJob` (kubeflow.org/v1) that runs the training worker.
+
+One Master and `distributed.nodes - 1` Workers (or, with `kubernetes.elastic_min_nodes`, an
+elastic group of Workers), `nprocPerNode` processes per pod. Every pod runs the same command as
+the local backend, `torchrun -m kubetune.components.train.worker ...`: torchrun takes nodes,
+node rank, processes per node and the rendezvous from the PET_* variables the Operator sets. The
+resolved recipe travels in the job itself (an environment variable), datasets, model cache and
+outputs on the workspace PVC, credentials only as `secretKeyRef`s. Pods meet the "restricted"
+Pod Security Standard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import PurePosixPath
+
+import yaml
+
+from ..config import RunConfig, dump_config
+
+WORKER_MODULE = "kubetune.components.train.worker"  # what torchrun starts in every pod
+API_VERSION = "kubeflow.org/v1"
+KIND = "PyTorchJob"
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
+RECIPE_ENV = "KUBETUNE_RECIPE"
+MAX_NAME = 40  # pods are NAME-worker-N and need room under the 63-character DNS label limit
+
+
+def job_name(prefix: str, key: str) -> str:
+    """A DNS-1123 name, the same for the same key: a retry finds the job it created."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-") or "run"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    room = MAX_NAME - len("kt--") - len(digest)
+    return f"kt-{slug[:room].rstrip('-')}-{digest}"
+
+
+def default_paths(cfg: RunConfig, name: str) -> tuple[str, str]:
+    """Dataset and output folders on the workspace volume when none are given."""
+    root = PurePosixPath(cfg.kubernetes.workspace_mount)
+    return str(root / "runs" / name / "dataset"), str(root / "runs" / name / "train")
+
+
+def uses_gpu(cfg: RunConfig) -> bool:
+    return cfg.hardware.gpu.lower() != "none"
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict:
+    return {
+        "name": name,
+        "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}},
+    }
+
+
+def container_env(cfg: RunConfig, recipe_text: str) -> list[dict]:
+    k8s, mount = cfg.kubernetes, cfg.kubernetes.workspace_mount.rstrip("/")
+    threads = (
+        max(1, int(float(k8s.cpu)) // cfg.distributed.procs_per_node) if _is_number(k8s.cpu) else 1
+    )
+    env = [
+        {"name": RECIPE_ENV, "value": recipe_text},
+        {"name": "KUBETUNE_CACHE", "value": f"{mount}/cache/kubetune"},
+        {"name": "HF_HOME", "value": f"{mount}/cache/huggingface"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        {"name": "OMP_NUM_THREADS", "value": str(threads)},
+        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+    ]
+    if not uses_gpu(cfg):
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        env.append(_secret_env(key, k8s.s3_secret, key))
+    if k8s.hf_secret:
+        env.append(_secret_env("HF_TOKEN", k8s.hf_secret, "HF_TOKEN"))
+    return env
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def pod_template(cfg: RunConfig, recipe_text: str, dataset: str, output: str, name: str) -> dict:
+    k8s = cfg.kubernetes
+    requests = {"cpu": k8s.cpu, "memory": k8s.memory}
+    limits = {"memory": k8s.memory}
+    if uses_gpu(cfg):
+        requests[k8s.gpu_resource] = cfg.distributed.procs_per_node
+        limits[k8s.gpu_resource] = cfg.distributed.procs_per_node
+    command = [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        *(
+            ["--max-restarts", str(k8s.elastic_max_restarts)]
+            if k8s.elastic_min_nodes is not None
+            else []
+        ),
+        "-m",
+        WORKER_MODULE,
+        "--recipe",
+        f"env:{RECIPE_ENV}",
+        "--dataset",
+        dataset,
+        "--output",
+        output,
+    ]
+    spec = {
+        "serviceAccountName": k8s.service_account,
+        "automountServiceAccountToken": False,  # training never calls the Kubernetes API
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": k8s.run_as_user,
+            "runAsGroup": k8s.run_as_user,
+            "fsGroup": k8s.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": CONTAINER,
+                "image": k8s.trainer_image,
+                "imagePullPolicy": k8s.image_pull_policy,
+                "command": command,
+                "env": container_env(cfg, recipe_text),
+                "resources": {"requests": requests, "limits": limits},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "runAsNonRoot": True,
+                    "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "volumeMounts": [
+                    {"name": "workspace", "mountPath": k8s.workspace_mount},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "workspace", "persistentVolumeClaim": {"claimName": k8s.workspace_pvc}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if k8s.node_selector:
+        spec["nodeSelector"] = dict(k8s.node_selector)
+    if k8s.tolerations:
+        spec["tolerations"] = [dict(t) for t in k8s.tolerations]
+    return {
+        "metadata": {
+            "labels": labels(name),
+            # an Istio sidecar never exits and would keep a finished pod Running
+            "annotations": {"sidecar.istio.io/inject": "false"},
+        },
+        "spec": spec,
+    }
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "kubetune",
+    }
+
+
+def render_job(
+    cfg: RunConfig, name: str, dataset: str | None = None, output: str | None = None
+) -> dict:
+    """The PyTorchJob as a dict (apply it with the API, or print it as YAML)."""
+    k8s, dist = cfg.kubernetes, cfg.distributed
+    default_dataset, default_output = default_paths(cfg, name)
+    recipe_text = dump_config(cfg)
+    template = pod_template(
+        cfg, recipe_text, dataset or default_dataset, output or default_output, name
+    )
+
+    def replica(count: int) -> dict:
+        return {"replicas": count, "restartPolicy": "OnFailure", "template": template}
+
+    spec: dict = {"nprocPerNode": str(dist.procs_per_node)}
+    if k8s.elastic_min_nodes is not None:
+        spec["elasticPolicy"] = {
+            "rdzvBackend": "c10d",
+            "minReplicas": k8s.elastic_min_nodes,
+            "maxReplicas": dist.nodes,
+            "maxRestarts": k8s.elastic_max_restarts,
+        }
+        spec["pytorchReplicaSpecs"] = {"Worker": replica(dist.nodes)}
+    else:
+        spec["pytorchReplicaSpecs"] = {"Master": replica(1)}
+        if dist.nodes > 1:
+            spec["pytorchReplicaSpecs"]["Worker"] = replica(dist.nodes - 1)
+    spec["runPolicy"] = {
+        "cleanPodPolicy": k8s.clean_pod_policy,
+        "backoffLimit": k8s.backoff_limit,
+        "activeDeadlineSeconds": k8s.active_deadline_seconds,
+        "ttlSecondsAfterFinished": k8s.ttl_seconds_after_finished,
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels(name)},
+        "spec": spec,
+    }
+
+
+def lead_replica(job: dict) -> str:
+    """The replica type whose pod 0 carries the logs worth streaming (rank 0)."""
+    return "master" if "Master" in job["spec"]["pytorchReplicaSpecs"] else "worker"
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:  # every replica spells its template out
+        return True
+
+
+def _str(dumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(job: dict) -> str:
+    return yaml.dump(job, Dumper=_Dumper, sort_keys=False, width=100)

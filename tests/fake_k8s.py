@@ -1,0 +1,299 @@
+"""A loopback HTTP server answering the Kubernetes REST paths the pytorchjob launcher uses, since
+no API server runs in CI. Created jobs are checked against the Training Operator's CRD schema
+and their pod template against the core schema (kubernetes-validate), like an API server with
+strict field validation would; the job then moves through the conditions a scenario gives."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from .k8s_schemas import crd_errors, pod_template_errors
+
+JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
+
+
+class FakeKube:
+    def __init__(self, namespace: str = "kubeflow"):
+        self.ns = namespace
+        self.jobs: dict[str, dict] = {}
+        self.logs: dict[str, list[str]] = {}
+        self.pods: dict[str, dict] = {}
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.invalid: list[str] = []
+        self.failures: dict[str, list[int]] = {}  # "POST"/"GET"/...: statuses to answer first
+        self.scenario: list[tuple[float, str, str, str]] | None = None
+        self.rv = 0
+        self.cond = threading.Condition()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kubeconfig(self, folder: Path) -> Path:
+        path = folder / "kubeconfig"
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "u", "user": {"token": "not-a-secret"}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "fake", "user": "u"}}],
+                    "current-context": "c",
+                }
+            )
+        )
+        return path
+
+    def close(self) -> None:
+        self.server.shutdown()
+        with self.cond:
+            self.cond.notify_all()
+
+    # --- what the test drives ---
+
+    def count(self, method: str, suffix: str = "") -> int:
+        return sum(1 for m, p, _ in self.requests if m == method and p.endswith(suffix))
+
+    def set_condition(self, name: str, kind: str, reason: str = "", message: str = "") -> None:
+        with self.cond:
+            job = self.jobs[name]
+            conditions = job.setdefault("status", {}).setdefault("conditions", [])
+            for c in conditions:
+                if kind in ("Running", "Succeeded", "Failed", "Restarting") and c["type"] in (
+                    "Running",
+                    "Restarting",
+                ):
+                    c["status"] = "False"
+            conditions.append(
+                {
+                    "type": kind,
+                    "status": "True",
+                    "reason": reason or f"PyTorchJob{kind}",
+                    "message": message or f"PyTorchJob {name} is {kind.lower()}.",
+                    "lastTransitionTime": "2026-11-22T00:00:00Z",
+                    "lastUpdateTime": "2026-11-22T00:00:00Z",
+                }
+            )
+            if kind == "Running":
+                self._add_pod(name)
+            if kind in ("Succeeded", "Failed"):
+                for pod in self.pods.values():
+                    if pod["metadata"]["labels"]["training.kubeflow.org/job-name"] == name:
+                        pod["status"]["phase"] = kind
+            self._bump(job)
+
+    def log(self, name: str, line: str) -> None:
+        with self.cond:
+            self.logs.setdefault(f"{name}-master-0", []).append(line)
+            self.cond.notify_all()
+
+    def run_scenario(self, name: str) -> None:
+        for delay, kind, reason, message in self.scenario or []:
+            time.sleep(delay)
+            if name not in self.jobs:
+                return
+            if kind == "log":
+                self.log(name, reason)
+            else:
+                self.set_condition(name, kind, reason, message)
+
+    # --- internals ---
+
+    def _bump(self, job: dict) -> None:
+        self.rv += 1
+        job["metadata"]["resourceVersion"] = str(self.rv)
+        self.cond.notify_all()
+
+    def _add_pod(self, name: str) -> None:
+        pod_name = f"{name}-master-0"
+        self.pods[pod_name] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod_name,
+                "namespace": self.ns,
+                "uid": str(uuid.uuid4()),
+                "labels": {
+                    "training.kubeflow.org/job-name": name,
+                    "training.kubeflow.org/replica-type": "master",
+                    "training.kubeflow.org/replica-index": "0",
+                },
+            },
+            "spec": {"containers": [{"name": "pytorch", "image": "x"}]},
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "pytorch",
+                        "image": "x",
+                        "imageID": "x",
+                        "ready": True,
+                        "restartCount": 0,
+                    }
+                ],
+            },
+        }
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # bodies end when the connection closes: watch streams
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _status(self, code: int, reason: str, message: str) -> None:
+                self._send(
+                    code,
+                    {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "message": message,
+                        "reason": reason,
+                        "code": code,
+                    },
+                )
+
+            def _body(self) -> dict | None:
+                length = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(length)) if length else None
+
+            def _injected(self, method: str) -> bool:
+                queue = fake.failures.get(method)
+                if queue:
+                    code = queue.pop(0)
+                    self._status(code, "Injected", f"injected HTTP {code}")
+                    return True
+                return False
+
+            def do_POST(self):
+                body = self._body()
+                fake.requests.append(("POST", self.path, body))
+                if self._injected("POST"):
+                    return
+                jobs = JOBS.format(ns=fake.ns)
+                if urlparse(self.path).path != jobs:
+                    return self._status(404, "NotFound", "no such path")
+                errors = crd_errors(body)
+                for replica in body.get("spec", {}).get("pytorchReplicaSpecs", {}).values():
+                    errors += pod_template_errors(replica.get("template", {}))
+                if errors:
+                    fake.invalid += errors
+                    return self._status(422, "Invalid", "; ".join(errors))
+                name = body["metadata"]["name"]
+                with fake.cond:
+                    if name in fake.jobs:
+                        return self._status(409, "AlreadyExists", f'"{name}" already exists')
+                    body["metadata"]["uid"] = str(uuid.uuid4())
+                    body["metadata"]["creationTimestamp"] = "2026-11-22T00:00:00Z"
+                    fake.jobs[name] = body
+                    fake._bump(body)
+                threading.Thread(target=fake.run_scenario, args=(name,), daemon=True).start()
+                self._send(201, body)
+
+            def do_DELETE(self):
+                fake.requests.append(("DELETE", self.path, self._body()))
+                if self._injected("DELETE"):
+                    return
+                name = urlparse(self.path).path.rsplit("/", 1)[-1]
+                with fake.cond:
+                    job = fake.jobs.pop(name, None)
+                    if job is None:
+                        return self._status(404, "NotFound", f'"{name}" not found')
+                    job["deleted"] = True
+                    fake.cond.notify_all()
+                self._send(200, {"kind": "Status", "status": "Success"})
+
+            def do_GET(self):
+                url = urlparse(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                fake.requests.append(("GET", self.path, None))
+                if self._injected("GET"):
+                    return
+                jobs = JOBS.format(ns=fake.ns)
+                if url.path == jobs and query.get("watch", "").lower() == "true":
+                    return self._watch(query)
+                if url.path.startswith(jobs + "/"):
+                    name = url.path[len(jobs) + 1 :].split("/")[0]
+                    job = fake.jobs.get(name)
+                    if job is None:
+                        return self._status(404, "NotFound", f'pytorchjobs "{name}" not found')
+                    return self._send(200, job)
+                pods = f"/api/v1/namespaces/{fake.ns}/pods"
+                if url.path == pods:
+                    wanted = dict(
+                        kv.split("=", 1) for kv in query.get("labelSelector", "").split(",") if kv
+                    )
+                    items = [
+                        p
+                        for p in fake.pods.values()
+                        if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+                    ]
+                    return self._send(
+                        200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
+                    )
+                if url.path.startswith(pods + "/") and url.path.endswith("/log"):
+                    return self._logs(url.path[len(pods) + 1 : -len("/log")], query)
+                self._status(404, "NotFound", "no such path")
+
+            def _watch(self, query: dict) -> None:
+                name = query.get("fieldSelector", "").removeprefix("metadata.name=")
+                sent = int(query.get("resourceVersion") or 0)
+                deadline = time.monotonic() + float(query.get("timeoutSeconds") or 30)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                with fake.cond:
+                    while time.monotonic() < deadline:
+                        job = fake.jobs.get(name)
+                        if job is None:
+                            event = {"type": "DELETED", "object": {"metadata": {"name": name}}}
+                            self.wfile.write((json.dumps(event) + "\n").encode())
+                            return
+                        rv = int(job["metadata"]["resourceVersion"])
+                        if rv > sent:
+                            event = {"type": "MODIFIED", "object": job}
+                            self.wfile.write((json.dumps(event) + "\n").encode())
+                            self.wfile.flush()
+                            sent = rv
+                        fake.cond.wait(timeout=0.2)
+
+            def _logs(self, pod: str, query: dict) -> None:
+                if pod not in fake.pods:
+                    return self._status(404, "NotFound", f'pods "{pod}" not found')
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                sent = 0
+                with fake.cond:
+                    while True:
+                        lines = fake.logs.get(pod, [])
+                        for line in lines[sent:]:
+                            self.wfile.write((line + "\n").encode())
+                        self.wfile.flush()
+                        sent = len(lines)
+                        if (
+                            fake.pods[pod]["status"]["phase"] != "Running"
+                            or query.get("follow", "").lower() != "true"
+                        ):
+                            return
+                        fake.cond.wait(timeout=0.2)
+
+        return Handler

@@ -1,0 +1,123 @@
+"""Validation against the real schemas: the Training Operator's PyTorchJob CRD (a copy in
+../shared/schemas/), Kubernetes core/RBAC types with kubernetes-validate, and the rules of the
+"restricted" Pod Security Standard (https://kubernetes.io/docs/concepts/security/pod-security-standards/)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+K8S_VERSION = "1.32.0"
+
+
+def _strict(schema):
+    """Unknown fields are errors (kubectl's strict field validation), except where the CRD
+    itself preserves unknown fields."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+            and "additionalProperties" not in schema
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    return schema
+
+
+@functools.cache
+def _crd_validator(name: str = "kubeflow.org_pytorchjobs.yaml"):
+    crd = yaml.safe_load((SCHEMAS / name).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+    # metadata is `type: object` in a CRD; the API server checks it as ObjectMeta
+    schema = _strict(schema)
+    schema["properties"]["metadata"] = {"type": "object"}
+    return jsonschema.Draft7Validator(schema), crd["spec"]["group"], crd["spec"]["names"]["kind"]
+
+
+def crd_errors(job: dict) -> list[str]:
+    validator, group, kind = _crd_validator()
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in validator.iter_errors(job)
+    ]
+    if job.get("apiVersion") != f"{group}/v1" or job.get("kind") != kind:
+        errors.append(f"apiVersion/kind must be {group}/v1 {kind}")
+    name = job.get("metadata", {}).get("name", "")
+    if not name or len(name) > 63:
+        errors.append(f"metadata.name {name!r} must be a DNS label")
+    return errors
+
+
+def core_errors(obj: dict) -> list[str]:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(map(str, exc.path))
+        return [f"{obj.get('kind')} {path}: {exc.message}"]
+    return []
+
+
+def pod_template_errors(template: dict) -> list[str]:
+    return core_errors(
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
+    )
+
+
+def restricted_violations(pod_spec: dict) -> list[str]:
+    """The "restricted" profile's checks (v1.32) on one pod spec."""
+    problems = []
+    pod_sc = pod_spec.get("securityContext", {})
+    for forbidden in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod_spec.get(forbidden):
+            problems.append(f"{forbidden} must not be set")
+    allowed_volumes = {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
+    for volume in pod_spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= allowed_volumes:
+            problems.append(f"volume {volume['name']}: type {kinds} not allowed")
+    containers = pod_spec.get("containers", []) + pod_spec.get("initContainers", [])
+    for c in containers:
+        sc = c.get("securityContext", {})
+        where = f"container {c['name']}"
+        if sc.get("privileged"):
+            problems.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            problems.append(f"{where}: capabilities must drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: adds capabilities")
+        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        if non_root is not True:
+            problems.append(f"{where}: runAsNonRoot must be true")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            problems.append(f"{where}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{where}: seccompProfile must be RuntimeDefault or Localhost")
+        for port in c.get("ports", []):
+            if port.get("hostPort"):
+                problems.append(f"{where}: hostPort")
+    return problems
