@@ -173,6 +173,40 @@ def cmd_render_job(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from kubetune.pipelines.finetune import compile_pipeline
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    compile_pipeline(cfg, args.output)
+    print(f"wrote {args.output} (upload it in the KFP UI, or `kubetune submit`)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from kubetune.pipelines.local import run_local
+
+    if not args.local:
+        raise UserError("kubetune run needs --local (on a cluster: kubetune submit --host URL)")
+    return run_local(args.recipe, args.overrides, args.workspace)
+
+
+def cmd_submit(args) -> int:
+    from kubetune.pipelines.submit import submit
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    result = submit(
+        cfg,
+        host=args.host,
+        experiment=args.experiment,
+        schedule=args.schedule,
+        run_name=args.run_name,
+        namespace=args.namespace,
+    )
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from kubetune.components.train.plan import estimate, render
 
@@ -231,6 +265,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="folder for the adapter/weights, checkpoints and metrics"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compile", help="compile the recipe's KFP pipeline to IR YAML")
+    _recipe_args(p)
+    p.add_argument("--output", required=True, help="pipeline YAML to write (upload in the KFP UI)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "run", help="run the whole pipeline on this machine with KFP's local runner (--local)"
+    )
+    _recipe_args(p)
+    p.add_argument("--local", action="store_true", help="use kfp.local (subprocess runner)")
+    p.add_argument(
+        "--workspace",
+        default="kubetune-work",
+        help="folder for run folders (default: ./kubetune-work)",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "submit", help="create a run, or a recurring run (--schedule), on a KFP endpoint"
+    )
+    _recipe_args(p)
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com")
+    p.add_argument("--experiment", default="kubetune", help="experiment name (created if missing)")
+    p.add_argument("--schedule", help="cron expression (6 fields, KFP's format): a recurring run")
+    p.add_argument("--run-name", help="run name (default: kubetune-<recipe model>-<time>)")
+    p.add_argument("--namespace", help="KFP namespace (multi-user Kubeflow)")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser(
         "render-job", help="print the PyTorchJob YAML of a recipe (pipe it to kubectl apply -f -)"

@@ -9,10 +9,11 @@ import json
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from .httpjson import JsonHandler
 from .k8s_schemas import crd_errors, pod_template_errors
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
@@ -144,19 +145,8 @@ class FakeKube:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             protocol_version = "HTTP/1.0"  # bodies end when the connection closes: watch streams
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
             def _status(self, code: int, reason: str, message: str) -> None:
                 self._send(

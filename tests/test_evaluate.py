@@ -101,7 +101,19 @@ def test_metrics_agree_with_independent_computations(trained, evaluated):
     assert metrics["baseline"]["eval_loss"] == pytest.approx(base_loss, rel=1e-4)
     assert metrics["tuned"]["perplexity"] == pytest.approx(math.exp(metrics["tuned"]["eval_loss"]))
     assert metrics["tuned"]["eval_loss"] < metrics["baseline"]["eval_loss"]
-    assert metrics["gate"] == {"passed": True, "checks": []}
+    rouge_l = metrics["tuned"]["rougeL"]  # the recipe's gate: eval.min_rouge_l 0.2
+    assert metrics["gate"] == {
+        "passed": rouge_l >= 0.2,
+        "checks": [
+            {
+                "metric": "rougeL",
+                "op": ">=",
+                "threshold": 0.2,
+                "value": rouge_l,
+                "passed": rouge_l >= 0.2,
+            }
+        ],
+    }
 
     # batched, left-padded answers equal transformers' greedy answer to each prompt alone
     model = load(trained / "merged")
@@ -239,24 +251,25 @@ def test_push_pull_round_trip_keeps_the_model(trained, evaluated, tmp_path):
 def test_evaluate_component_under_kfp_local(trained, tmp_path, monkeypatch):
     from kfp import local
 
-    from kubetune.components.evaluate.component import evaluate_model
+    from kubetune.components.config import dump_config, load_recipe
+    from kubetune.components.evaluate.component import evaluate_model, quality_gate
 
     monkeypatch.chdir(tmp_path)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    cfg = load_recipe(str(TINY_DEMO), ["eval.num_prompts=4", "eval.max_eval_loss=100"])
     task = evaluate_model(
-        recipe_yaml=TINY_DEMO.read_text(),
-        overrides=["eval.num_prompts=4", "eval.max_eval_loss=100"],
+        recipe_yaml=dump_config(cfg),
         model_dir=str(trained / "merged"),
         dataset_dir=str(trained / "dataset"),
-        output_dir=str(tmp_path / "eval"),
-        baseline="",
+        run_dir=str(tmp_path / "run"),
     )
-    assert task.outputs["Output"] is True
-    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    eval_dir = Path(task.outputs["Output"])
+    assert eval_dir == tmp_path / "run" / "eval"
+    written = json.loads((eval_dir / "metrics.json").read_text())
     logged = task.outputs["metrics"].metadata
     assert logged["tuned_eval_loss"] == pytest.approx(written["tuned"]["eval_loss"])
-    assert logged["gate_passed"] == 1.0 and "baseline_rougeL" not in logged
-    assert (
-        Path(task.outputs["report"].path).read_text()
-        == (tmp_path / "eval" / "report.html").read_text()
-    )
+    assert logged["baseline_eval_loss"] == pytest.approx(written["baseline"]["eval_loss"])
+    assert logged["gate_passed"] == float(written["gate"]["passed"])
+    assert written["baseline"]["model"] == "tiny://falcon"  # the pipeline always compares
+    assert Path(task.outputs["report"].path).read_text() == (eval_dir / "report.html").read_text()
+    assert quality_gate(eval_dir=str(eval_dir)).output is written["gate"]["passed"]

@@ -73,15 +73,16 @@ def test_s3_errors_are_clear(cli, tmp_path, s3):
 def test_kfp_component_runs_under_kfp_local(tmp_path, monkeypatch):
     from kfp import local
 
+    from kubetune.components.config import dump_config, load_recipe
     from kubetune.components.prepare_dataset.component import prepare_dataset
 
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", dolly_rows(40))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    task = prepare_dataset(
-        recipe_yaml=TINY_DEMO.read_text(), overrides=[f"data.path={data}", "data.format=dolly"]
-    )
-    dataset_dir = Path(task.outputs["dataset"].path)
+    cfg = load_recipe(str(TINY_DEMO), [f"data.path={data}", "data.format=dolly"])
+    task = prepare_dataset(recipe_yaml=dump_config(cfg), run_dir=str(tmp_path / "run"))
+    dataset_dir = Path(task.outputs["Output"])
+    assert dataset_dir == tmp_path / "run" / "dataset"
     stats = json.loads((dataset_dir / "stats.json").read_text())
     assert stats["rows_read"] == 40
     metrics = task.outputs["metrics"].metadata

@@ -3,32 +3,28 @@
 from kfp import dsl
 from kfp.dsl import HTML, Metrics, Output
 
-from ..prepare_dataset.component import STEPS_IMAGE
+from ..pipeline_steps.image import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def evaluate_model(
     recipe_yaml: str,
-    overrides: list,
     model_dir: str,
     dataset_dir: str,
-    output_dir: str,
-    baseline: str,
+    run_dir: str,
     metrics: Output[Metrics],
     report: Output[HTML],
-) -> bool:
-    """Generate answers for held-out prompts, score tuned vs base; returns whether the quality
-    gate (eval.min_rouge_l / eval.max_eval_loss) passed. Model and dataset are paths (on the
-    workspace volume) or model URIs; an empty baseline skips the base model."""
-    from kubetune.components.evaluate.kfp_outputs import run_evaluate_component
+) -> str:
+    """Tuned vs base model on the eval split (loss, perplexity, ROUGE, exact match) into
+    RUN_DIR/eval; Metrics and the HTML report for the KFP UI. Returns the evaluation folder."""
+    from kubetune.components.pipeline_steps.bodies import evaluate
 
-    return run_evaluate_component(
-        recipe_yaml,
-        overrides,
-        model_dir,
-        dataset_dir,
-        output_dir,
-        baseline,
-        metrics,
-        report.path,
-    )
+    return evaluate(recipe_yaml, model_dir, dataset_dir, run_dir, metrics, report.path)
+
+
+@dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
+def quality_gate(eval_dir: str) -> bool:
+    """Whether the evaluation passed the recipe's gate (eval.min_rouge_l, eval.max_eval_loss)."""
+    from kubetune.components.pipeline_steps.bodies import gate_passed
+
+    return gate_passed(eval_dir)

@@ -55,16 +55,3 @@ def report_to_kfp(stats: dict, metrics, summary_path: str) -> None:
         metrics.log_metric(name, value)
     with open(summary_path, "w", encoding="utf-8") as f:
         f.write(stats_markdown(stats))
-
-
-def run_prepare_component(
-    recipe_yaml: str, overrides: list, dataset_path: str, metrics, summary_path: str
-) -> dict:
-    """The whole body of the KFP component: validate the recipe, run the step, report."""
-    from ..config import parse_recipe
-    from .step import prepare_dataset
-
-    cfg = parse_recipe(recipe_yaml, "recipe", [str(o) for o in overrides])
-    stats = prepare_dataset(cfg, dataset_path, overwrite=True)
-    report_to_kfp(stats, metrics, summary_path)
-    return stats

@@ -1,0 +1,169 @@
+"""The fine-tuning pipeline (KFP v2): resolve_recipe → prepare_dataset → train → merge →
+evaluate → push (only when the evaluation passes the recipe's quality gate).
+
+`build_pipeline(cfg)` returns the pipeline for one recipe: the recipe's fields are its
+parameters (with the recipe's values as defaults), so the KFP UI's run form shows and edits
+them. Datasets and weights stay on the workspace PVC (`kubernetes.workspace_pvc`, mounted at
+`kubernetes.workspace_mount` in every step); only their paths pass between tasks. S3 and hub
+credentials come from Kubernetes Secrets as environment variables, never from parameters. The
+train task is the PyTorchJob launcher (CPU); the GPU node pool's selector, tolerations and an
+accelerator go to the evaluate task, which generates with the model.
+"""
+
+# no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
+import json
+from typing import Optional
+
+import yaml
+from kfp import dsl, kubernetes
+
+from kubetune.components.config import RunConfig, dump_config
+from kubetune.components.evaluate.component import evaluate_model, quality_gate
+from kubetune.components.merge_adapter.component import merge_model
+from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
+from kubetune.components.pipeline_steps.component import resolve_recipe
+from kubetune.components.prepare_dataset.component import prepare_dataset
+from kubetune.components.push_model.component import push_model
+from kubetune.components.train.component import train_model
+from kubetune.components.train.pytorchjob import uses_gpu
+
+PIPELINE_NAME = "kubetune-finetune"
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
+RETRIES = {"num_retries": 2, "backoff_duration": "60s", "backoff_factor": 2.0}
+
+
+def _on_cluster(task, cfg: RunConfig, s3: bool = True, hub: bool = False):
+    """Workspace volume, credentials from Secrets, the steps image."""
+    k8s = cfg.kubernetes
+    task.set_container_image(k8s.steps_image)
+    kubernetes.mount_pvc(task, pvc_name=k8s.workspace_pvc, mount_path=k8s.workspace_mount)
+    if s3:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=k8s.s3_secret,
+            secret_key_to_env={k: k for k in S3_KEYS},
+            optional=True,
+        )
+    if hub and k8s.hf_secret:
+        kubernetes.use_secret_as_env(
+            task, secret_name=k8s.hf_secret, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"}
+        )
+    return task
+
+
+def _on_gpu_pool(task, cfg: RunConfig):
+    k8s = cfg.kubernetes
+    for key, value in k8s.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for t in k8s.tolerations:
+        kubernetes.add_toleration(
+            task,
+            key=t.get("key"),
+            operator=t.get("operator"),
+            value=t.get("value"),
+            effect=t.get("effect"),
+            toleration_seconds=t.get("tolerationSeconds"),
+        )
+    task.set_accelerator_type(k8s.gpu_resource).set_accelerator_limit(1)
+    return task
+
+
+def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP045
+    """The pipeline of one recipe; `workspace` overrides where the run folders go (a local
+    folder for `kubetune run --local`, the PVC mount path on a cluster)."""
+    # one line: KFP writes parameter defaults into the IR's comment header, and a multi-line
+    # default would break that YAML; JSON is YAML, so the recipe parses the same
+    recipe_text = json.dumps(yaml.safe_load(dump_config(cfg)), separators=(",", ":"))
+    d = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
+    gpu = uses_gpu(cfg)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description=f"Fine-tune {cfg.model.name_or_path} ({cfg.method}) with kubetune: prepare, "
+        "train (PyTorchJob), merge, evaluate, push to S3 when the quality gate passes.",
+    )
+    def finetune(
+        recipe_yaml: str = recipe_text,
+        overrides: list = [],  # noqa: B006 (KFP reads the default; KEY=VALUE strings)
+        workspace: str = workspace or cfg.kubernetes.workspace_mount,
+        model_name_or_path: str = d["model_name_or_path"],
+        data_path: str = d["data_path"],
+        data_format: str = d["data_format"],
+        data_max_seq_len: int = d["data_max_seq_len"],
+        method: str = d["method"],
+        lora_r: int = d["lora_r"],
+        lora_alpha: float = d["lora_alpha"],
+        train_epochs: float = d["train_epochs"],
+        train_lr: float = d["train_lr"],
+        train_micro_batch_size: int = d["train_micro_batch_size"],
+        train_grad_accum: int = d["train_grad_accum"],
+        distributed_nodes: int = d["distributed_nodes"],
+        distributed_procs_per_node: int = d["distributed_procs_per_node"],
+        distributed_backend: str = d["distributed_backend"],
+        eval_num_prompts: int = d["eval_num_prompts"],
+        output_uri: str = d["output_uri"],
+    ) -> str:
+        resolved = resolve_recipe(
+            recipe_yaml=recipe_yaml,
+            overrides=overrides,
+            workspace=workspace,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            model_name_or_path=model_name_or_path,
+            data_path=data_path,
+            data_format=data_format,
+            data_max_seq_len=data_max_seq_len,
+            method=method,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            train_epochs=train_epochs,
+            train_lr=train_lr,
+            train_micro_batch_size=train_micro_batch_size,
+            train_grad_accum=train_grad_accum,
+            distributed_nodes=distributed_nodes,
+            distributed_procs_per_node=distributed_procs_per_node,
+            distributed_backend=distributed_backend,
+            eval_num_prompts=eval_num_prompts,
+            output_uri=output_uri,
+        ).set_display_name("resolve recipe")
+        _on_cluster(resolved, cfg, s3=False)
+        recipe, run_dir = resolved.outputs["recipe_yaml"], resolved.outputs["run_dir"]
+
+        prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir)
+        _on_cluster(prepared, cfg, hub=True).set_retry(**RETRIES).set_display_name("prepare")
+
+        trained = train_model(
+            recipe_yaml=recipe, dataset_dir=prepared.outputs["Output"], run_dir=run_dir
+        )
+        # never cached: a cache hit would skip a run whose output may be gone
+        _on_cluster(trained, cfg, hub=True).set_caching_options(False).set_display_name("train")
+
+        merged = merge_model(recipe_yaml=recipe, train_dir=trained.output, run_dir=run_dir)
+        _on_cluster(merged, cfg, hub=True).set_retry(**RETRIES).set_display_name("merge")
+
+        evaluated = evaluate_model(
+            recipe_yaml=recipe,
+            model_dir=merged.output,
+            dataset_dir=prepared.outputs["Output"],
+            run_dir=run_dir,
+        )
+        _on_cluster(evaluated, cfg, hub=True).set_retry(**RETRIES).set_display_name("evaluate")
+        if gpu:
+            _on_gpu_pool(evaluated, cfg)
+
+        gate = quality_gate(eval_dir=evaluated.outputs["Output"]).set_display_name("quality gate")
+        _on_cluster(gate, cfg, s3=False)
+        with dsl.If(gate.output == True, name="gate-passed"):  # noqa: E712
+            pushed = push_model(
+                recipe_yaml=recipe, model_dir=merged.output, eval_dir=evaluated.outputs["Output"]
+            )
+            _on_cluster(pushed, cfg).set_caching_options(False).set_retry(**RETRIES)
+            pushed.set_display_name("push")
+        return evaluated.outputs["Output"]
+
+    return finetune
+
+
+def compile_pipeline(cfg: RunConfig, path: str) -> None:
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(cfg), package_path=path)

@@ -1,0 +1,196 @@
+"""The KFP pipeline: compiled IR (golden files and its structure), `kubetune run --local` (the
+README's main job) through kfp.local, and `kubetune submit` against a loopback KFP API."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import RECIPES, TINY_DEMO, assert_user_error, run_cli
+from .fake_kfp import FakeKfp
+
+GOLDEN = Path(__file__).parent / "golden"
+STEPS = ("prepare-dataset", "train-model", "merge-model", "evaluate-model", "push-model")
+
+
+def compile_to(path: Path, recipe: Path, *sets: str, env: dict | None = None) -> dict:
+    args = [a for s in sets for a in ("--set", s)]
+    result = run_cli("compile", recipe, "--output", path, *args, env=env)
+    assert result.code == 0, result
+    return next(yaml.safe_load_all(path.read_text()))
+
+
+@pytest.mark.parametrize("recipe", ["tiny-demo", "falcon-7b-qlora"])
+def test_compiled_pipeline_matches_golden_file(recipe, tmp_path):
+    """Regenerate after an intended change: KUBETUNE_UPDATE_GOLDEN=1 python -m pytest -k golden"""
+    out = tmp_path / "pipeline.yaml"
+    compile_to(out, RECIPES / f"{recipe}.yaml")
+    golden = GOLDEN / f"{recipe}.pipeline.yaml"
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(out.read_text())
+    assert out.read_text() == golden.read_text()
+
+
+def test_compiled_pipeline_wires_steps_node_pool_and_secrets(tmp_path):
+    secret_value = "sk-THIS-MUST-NOT-APPEAR"
+    out = tmp_path / "p.yaml"
+    result = run_cli(
+        "compile",
+        RECIPES / "falcon-40b-qlora.yaml",
+        "--output",
+        out,
+        env={"AWS_SECRET_ACCESS_KEY": secret_value, "HF_TOKEN": secret_value},
+    )
+    assert result.code == 0, result
+    text = out.read_text()
+    assert secret_value not in text
+    docs = list(yaml.safe_load_all(text))
+    ir, platform = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    root = ir["root"]["dag"]["tasks"]
+    assert set(root) >= {"resolve-recipe", "prepare-dataset", "train-model", "merge-model"}
+    assert {"evaluate-model", "quality-gate"} <= set(root)
+    (condition,) = [t for t in root if t.startswith("condition")]
+    assert root[condition]["triggerPolicy"]["condition"].endswith("== true")
+    push_tasks = ir["components"][root[condition]["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(push_tasks) == ["push-model"]
+    tasks = {**root, **push_tasks}
+    assert all(step in tasks for step in STEPS)
+    # the recipe's fields are the pipeline's parameters, with its values as defaults
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert params["model_name_or_path"]["defaultValue"] == "tiiuae/falcon-40b"
+    assert params["distributed_nodes"]["defaultValue"] == 2.0
+    assert params["train_lr"]["defaultValue"] == pytest.approx(2e-4)
+    assert not any("secret" in p.lower() or "aws" in p.lower() for p in params)
+    # caching off for train and push, retries for the transient steps
+    assert tasks["train-model"]["cachingOptions"] == {}
+    assert tasks["push-model"]["cachingOptions"] == {}
+    for step in ("prepare-dataset", "merge-model", "evaluate-model", "push-model"):
+        assert tasks[step]["retryPolicy"]["maxRetryCount"] == 2
+    assert "retryPolicy" not in tasks["train-model"]
+
+    def executor(task: str) -> dict:
+        return platform[f"exec-{task}"]
+
+    gpu = executor("evaluate-model")
+    assert gpu["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert gpu["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    resources = ir["deploymentSpec"]["executors"]["exec-evaluate-model"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    for task in ("prepare-dataset", "train-model", "merge-model", "evaluate-model", "push-model"):
+        spec = executor(task)
+        assert spec["pvcMount"][0]["mountPath"] == "/workspace"
+        assert spec["pvcMount"][0]["constant"] == "kubetune-workspace"
+        (secret,) = [s for s in spec["secretAsEnv"] if s["secretName"] == "kubetune-s3"]
+        keys = {m["secretKey"] for m in secret["keyToEnv"]}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= keys
+    assert "nodeSelector" not in executor("train-model")  # the launcher is a CPU pod
+    images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
+    assert images == {"ghcr.io/kubetune/steps:0.1.0"}
+
+
+def run_local(tmp_path: Path, output: Path, *sets: str):
+    """`kubetune run tiny-demo.yaml --local --set output.uri=OUTPUT --set ... --workspace W`"""
+    args = [a for s in (f"output.uri={output}", *sets) for a in ("--set", s)]
+    return run_cli(
+        "run", TINY_DEMO, "--local", *args, "--workspace", tmp_path / "work", cwd=tmp_path
+    )
+
+
+@pytest.mark.integration
+def test_run_local_tiny_demo_is_the_main_job(tmp_path):
+    output = tmp_path / "model"
+    result = run_local(tmp_path, output)
+    assert result.code == 0, result
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert (
+        manifest["kind"] == "merged" and manifest["base_model"]["name_or_path"] == "tiny://falcon"
+    )
+    evaluation = manifest["metrics"]["evaluation"]
+    assert evaluation["tuned"]["rougeL"] > evaluation["baseline"]["rougeL"]
+    assert evaluation["tuned"]["eval_loss"] < evaluation["baseline"]["eval_loss"]
+    assert evaluation["gate"]["passed"] is True
+    report = next(line for line in result.out.splitlines() if line.startswith("report: "))
+    html = Path(report.removeprefix("report: ")).read_text()
+    assert f"{evaluation['tuned']['rougeL']:.4f}" in html and "<svg" in html
+    assert f"model:  {output}" in result.out
+    pulled = run_cli("pull", output, tmp_path / "pulled")
+    assert pulled.code == 0, pulled  # every checksum in the manifest holds
+
+
+@pytest.mark.integration
+def test_run_local_does_not_push_when_the_gate_fails(tmp_path):
+    output = tmp_path / "model"
+    result = run_local(tmp_path, output, "train.max_steps=2", "eval.min_rouge_l=0.99")
+    assert_user_error(result, "the quality gate failed (rougeL", "the model was not pushed")
+    assert not output.exists()
+    bad = run_cli("run", TINY_DEMO, "--local", "--set", "train.lr=fast")
+    assert_user_error(bad, "train.lr")
+
+
+def test_submit_creates_a_run_then_a_recurring_run(tmp_path):
+    kfp = FakeKfp()
+    try:
+        run = run_cli("submit", TINY_DEMO, "--host", kfp.url, "--experiment", "nightly")
+        assert run.code == 0, run
+        recurring = run_cli(
+            "submit",
+            TINY_DEMO,
+            "--host",
+            kfp.url,
+            "--experiment",
+            "nightly",
+            "--schedule",
+            "0 3 * * 1",
+        )
+        assert recurring.code == 0, recurring
+    finally:
+        kfp.close()
+    (created,) = kfp.calls("POST", "/apis/v2beta1/experiments")
+    assert created["body"] == {"display_name": "nightly"}
+    (upload,) = kfp.calls("POST", "/apis/v2beta1/pipelines/upload")
+    assert upload["query"]["name"] == "kubetune-falcon-lora"
+    (version_upload,) = kfp.calls("POST", "/apis/v2beta1/pipelines/upload_version")
+    pipeline_id = version_upload["query"]["pipelineid"]
+    # what was uploaded is exactly what `kubetune compile` writes
+    compiled = tmp_path / "p.yaml"
+    compile_to(compiled, TINY_DEMO)
+    assert kfp.uploads[0] == kfp.uploads[1] == compiled.read_bytes()
+
+    (run_call,) = kfp.calls("POST", "/apis/v2beta1/runs")
+    body = run_call["body"]
+    first_version = kfp.versions[pipeline_id][-1]["pipeline_version_id"]
+    assert body["pipeline_version_reference"] == {
+        "pipeline_id": pipeline_id,
+        "pipeline_version_id": first_version,
+    }
+    assert body["experiment_id"] == next(iter(kfp.experiments))
+    assert body["service_account"] == "kubetune"
+    assert body["display_name"].startswith("kubetune-falcon-lora-")
+    assert f"run: {kfp.runs[0]['run_id']}" in run.out and "url: " in run.out
+
+    (rec_call,) = kfp.calls("POST", "/apis/v2beta1/recurringruns")
+    rec = rec_call["body"]
+    assert rec["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"
+    assert rec["max_concurrency"] == 1 and rec["mode"] == "ENABLE"
+    assert rec["service_account"] == "kubetune"
+    assert rec["pipeline_version_reference"]["pipeline_version_id"] == version_upload_id(kfp)
+    assert "recurring_run: " in recurring.out
+
+
+def version_upload_id(kfp: FakeKfp) -> str:
+    pid = next(iter(kfp.versions))
+    return kfp.versions[pid][0]["pipeline_version_id"]
+
+
+def test_submit_errors_are_clear():
+    bad_cron = run_cli("submit", TINY_DEMO, "--host", "http://127.0.0.1:9", "--schedule", "daily")
+    assert_user_error(bad_cron, "--schedule 'daily': a cron expression has 5 or 6 fields")
+    down = run_cli("submit", TINY_DEMO, "--host", "http://127.0.0.1:9")
+    assert_user_error(down, "KFP endpoint http://127.0.0.1:9")
