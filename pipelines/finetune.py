@@ -12,6 +12,7 @@ accelerator go to the evaluate task, which generates with the model.
 
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
 import json
+import math
 from typing import Optional
 
 import yaml
@@ -64,8 +65,26 @@ def _on_gpu_pool(task, cfg: RunConfig):
             effect=t.get("effect"),
             toleration_seconds=t.get("tolerationSeconds"),
         )
-    task.set_accelerator_type(k8s.gpu_resource).set_accelerator_limit(1)
+    task.set_accelerator_type(k8s.gpu_resource).set_accelerator_limit(eval_gpus(cfg))
     return task
+
+
+def eval_gpus(cfg: RunConfig) -> int:
+    """GPUs the evaluate task needs to hold the model in bf16 with 30% room for activations
+    and the KV cache (generation spreads it over them with device_map="auto"), at most a
+    node's worth; 1 when the model or the GPU is not known."""
+    from kubetune.components.errors import UserError
+    from kubetune.components.train.plan import GB, GPU_MEMORY_GB, architecture
+
+    memory_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
+    if not memory_gb:
+        return 1
+    try:
+        params = architecture(cfg).total_params
+    except UserError:
+        return 1
+    need = math.ceil(params * 2 * 1.3 / (memory_gb * GB))
+    return max(1, min(need, cfg.distributed.procs_per_node))
 
 
 def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP045

@@ -83,6 +83,8 @@ def test_compiled_pipeline_wires_steps_node_pool_and_secrets(tmp_path):
     ]
     resources = ir["deploymentSpec"]["executors"]["exec-evaluate-model"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    # 41.8B parameters in bf16 (+30%) need two 80 GB GPUs to generate with
+    assert resources["accelerator"]["resourceCount"] == "2"
     for task in ("prepare-dataset", "train-model", "merge-model", "evaluate-model", "push-model"):
         spec = executor(task)
         assert spec["pvcMount"][0]["mountPath"] == "/workspace"
