@@ -10,6 +10,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -79,28 +81,46 @@ def _explain(uri: str, exc: Exception) -> UserError:
     return UserError(f"{uri}: {exc}")
 
 
+@contextmanager
+def s3_errors(uri: str) -> Iterator[None]:
+    """Turn boto errors inside the block into one-line user errors naming the URI."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as exc:
+        raise _explain(uri, exc) from None
+
+
+def is_not_found(exc: Exception) -> bool:
+    """A ClientError for a missing key (HEAD answers a bare 404, GET NoSuchKey)."""
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+def s3_key(prefix: str, path: str) -> str:
+    """The key of `path` under a prefix ("" or "a/b", slashes at the ends ignored)."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/{path}" if prefix else path
+
+
 def s3_download(uri: str, dest_dir: Path) -> Path:
     """Download one object, or every object under a prefix, into dest_dir; return the local path.
 
     A single object comes back as `dest_dir/<basename>`; a prefix as `dest_dir` holding the
     objects with their paths relative to the prefix.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
     client = s3_client()
-    try:
+    with s3_errors(uri):
         keys = []
         if key and not key.endswith("/"):
             try:
                 client.head_object(Bucket=bucket, Key=key)
                 keys = [key]
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in (
-                    "404",
-                    "NoSuchKey",
-                    "NotFound",
-                ):
+                if not is_not_found(exc):
                     raise
         single = bool(keys)
         if not single:
@@ -124,8 +144,6 @@ def s3_download(uri: str, dest_dir: Path) -> Path:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-    except (BotoCoreError, ClientError) as exc:
-        raise _explain(uri, exc) from None
     return dest_dir / os.path.basename(keys[0]) if single else dest_dir
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
 from ..models import load_tokenizer, resolve_model
+from ..outputs import check_output, staged_output
 from .report import render_report
 from .scores import per_example, score_texts
 
@@ -209,19 +208,21 @@ def load_eval_split(dataset_dir: str | Path):
 
 
 def find_training_metrics(model_dir: str, given: str | None) -> dict | None:
-    candidates = [Path(given)] if given else []
+    """`--training-metrics FILE`, else training_metrics.json or metrics.json beside the model:
+    the first that holds a loss history."""
+    if given and not Path(given).is_file():
+        raise UserError(f"{given}: no such file")
     path = Path(model_dir)
-    candidates += [path / "training_metrics.json", path / "metrics.json"]
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text())
-            except ValueError:
-                raise UserError(f"{candidate}: not valid JSON") from None
-            if isinstance(data, dict) and "loss" in data:
-                return data
-        elif given and candidate == Path(given):
-            raise UserError(f"{given}: no such file")
+    candidates = [Path(given)] if given else []
+    for candidate in [*candidates, path / "training_metrics.json", path / "metrics.json"]:
+        if not candidate.is_file():
+            continue
+        try:
+            data = json.loads(candidate.read_text())
+        except ValueError:
+            raise UserError(f"{candidate}: not valid JSON") from None
+        if isinstance(data, dict) and "loss" in data:
+            return data
     return None
 
 
@@ -237,8 +238,7 @@ def evaluate(
     """Evaluate model_dir (and baseline) on the eval split; write metrics.json,
     generations.jsonl and report.html to output_dir; return the metrics."""
     output = Path(output_dir)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"{output} already exists; pass --overwrite to replace it")
+    check_output(output, overwrite)
     split = load_eval_split(dataset_dir)
     training = find_training_metrics(model_dir, training_metrics)
     tokenizer = load_tokenizer(cfg.model)
@@ -282,9 +282,7 @@ def evaluate(
             item["baseline_scores"] = per_example(base_answers[i], references[i])
         generations.append(item)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_output(output, overwrite) as staging:
         with open(staging / "generations.jsonl", "w", encoding="utf-8") as f:
             for item in generations:
                 f.write(json.dumps(item, ensure_ascii=False) + "\n")
@@ -293,11 +291,6 @@ def evaluate(
         )
         write_resolved(cfg, staging)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return metrics
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
 from ..models import resolve_model
+from ..outputs import check_output, staged_output
 from ..train.modeling import safetensors_files
 
 PEFT_PREFIX = "base_model.model."
@@ -174,8 +174,7 @@ def merge_adapter(
 ) -> dict:
     """Write the merged model (shards, index, config, tokenizer) to output_dir; returns a summary."""
     adapter, output = Path(adapter_dir), Path(output_dir)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"{output} already exists; pass --overwrite to replace it")
+    check_output(output, overwrite)
     config, pairs, biases = read_adapter(adapter)
     source = resolve_model(cfg.model.name_or_path)
     check_base(cfg, adapter, config, source)
@@ -191,9 +190,7 @@ def merge_adapter(
             f"{adapter}: targets {missing[0]}, which the base model "
             f"{cfg.model.name_or_path} does not have"
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_output(output, overwrite) as staging:
         for shard in shards:
             merge_shard(shard, staging / shard.name, pairs, biases, scale, fan_in_fan_out, adapter)
         base_dir = shards[0].parent
@@ -222,9 +219,4 @@ def merge_adapter(
             "scale": scale,
         }
         (staging / "merge.json").write_text(json.dumps(summary, indent=1) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return summary

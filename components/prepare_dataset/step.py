@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import numpy as np
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
 from ..models import load_tokenizer
+from ..outputs import check_output, staged_output
 from .formats import RowError, formatter
 from .packing import best_fit_decreasing
 from .ragged import IGNORE, Rows, assemble, pack
@@ -123,31 +121,6 @@ def to_dataset(rows: Rows, positions: np.ndarray, texts: dict[str, list[str]], d
     return Dataset(pa.table(columns), fingerprint=digest.copy().hexdigest()[:16])
 
 
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to replace a finished output unless asked (an empty folder, as KFP makes, is fine)."""
-    if output.exists() and not overwrite and not _is_empty_dir(output):
-        raise UserError(f"{output} already exists; pass --overwrite to replace it")
-
-
-def _publish(staging: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished folder into place, so the output is never seen half-written."""
-    check_output(output, overwrite)
-    old = None
-    if _is_empty_dir(output):
-        output.rmdir()
-    elif output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _length_stats(lengths: np.ndarray) -> dict:
     return {
         "min": int(lengths.min()),
@@ -222,22 +195,13 @@ def prepare_dataset(cfg: RunConfig, output_dir: str | Path, overwrite: bool = Fa
         },
         "fingerprint": digest.hexdigest(),
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=_parent(output)))
-    try:
-        from datasets import DatasetDict
+    from datasets import DatasetDict
 
+    with staged_output(output, overwrite) as staging:
         # datasets cannot load back an empty split it saved: no eval split when there is none
         splits = {"train": train_ds, "eval": eval_ds} if len(eval_ds) else {"train": train_ds}
         DatasetDict(splits).save_to_disk(str(staging))
         write_resolved(cfg, staging)
         # stats.json is written last: a folder with it is complete.
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        _publish(staging, output, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return stats
-
-
-def _parent(output: Path) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return output.parent

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UserError
-from ..storage import is_s3, s3_client, split_s3
+from ..outputs import check_output, staged_output
+from ..storage import is_not_found, is_s3, s3_client, s3_errors, s3_key, split_s3
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kubetune.manifest/v1"
@@ -269,13 +270,12 @@ def _b64(digest: bytes) -> str:
 class S3Destination:
     def __init__(self, uri: str, part_size: int, workers: int):
         self.uri = uri.rstrip("/")
-        self.bucket, prefix = split_s3(uri)
-        self.prefix = prefix.strip("/")
+        self.bucket, self.prefix = split_s3(uri)
         self.part_size = part_size
         self.client = s3_client(pool=workers + 2)
 
     def key(self, path: str) -> str:
-        return f"{self.prefix}/{path}" if self.prefix else path
+        return s3_key(self.prefix, path)
 
     def check(self) -> None:
         # Lists one key: this fails with the real reason (no bucket, bad credentials, no
@@ -291,7 +291,7 @@ class S3Destination:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if is_not_found(exc):
                 return None
             raise
 
@@ -437,22 +437,9 @@ def _destination(dest: str, part_size: int, workers: int):
     return S3Destination(dest, part_size, workers) if is_s3(dest) else LocalDestination(Path(dest))
 
 
-def _s3_errors(uri: str):
-    """Turn boto errors into one-line user errors naming the URI."""
-    from contextlib import contextmanager
-
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from ..storage import _explain
-
-    @contextmanager
-    def guard():
-        try:
-            yield
-        except (BotoCoreError, ClientError) as exc:
-            raise _explain(uri, exc) from None
-
-    return guard()
+def _check_workers(workers: int) -> None:
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
 
 
 def push(
@@ -465,14 +452,13 @@ def push(
     """Upload every file of src_dir to dest, verify each, then write manifest.json; returns a
     summary (files, bytes uploaded and skipped, seconds, the manifest)."""
     src = Path(src_dir)
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+    _check_workers(workers)
     if part_size < MIN_PART_SIZE:
         raise UserError(f"part size must be at least {MIN_PART_SIZE // MiB} MiB")
     files = model_files(src)
     started = time.monotonic()
     target = _destination(dest, part_size, workers)
-    with _s3_errors(dest):
+    with s3_errors(dest):
         target.check()
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda f: hash_file(f, part_size), files))
@@ -508,11 +494,11 @@ def _fetch_manifest(source: str) -> dict:
         from botocore.exceptions import ClientError
 
         bucket, prefix = split_s3(source)
-        key = f"{prefix.strip('/')}/{MANIFEST}" if prefix.strip("/") else MANIFEST
+        key = s3_key(prefix, MANIFEST)
         try:
             body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            if is_not_found(exc):
                 body = None
             else:
                 raise
@@ -540,16 +526,12 @@ def pull(source: str, dest_dir: str | Path, overwrite: bool = False, workers: in
     """Download a pushed model into dest_dir, only if its manifest is there and every file's
     size and SHA-256 match it; dest_dir appears complete or not at all."""
     dest = Path(dest_dir)
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
-        raise UserError(f"{dest} already exists; pass --overwrite to replace it")
+    _check_workers(workers)
+    check_output(dest, overwrite)
     source = source.rstrip("/")
-    with _s3_errors(source):
+    with s3_errors(source):
         manifest = _fetch_manifest(source)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-        try:
+        with staged_output(dest, overwrite) as staging:
             client = s3_client(pool=workers + 2) if is_s3(source) else None
             bucket, prefix = split_s3(source) if is_s3(source) else (None, None)
             progress = Progress(manifest.get("total_bytes", 0), f"pull {source}")
@@ -558,16 +540,13 @@ def pull(source: str, dest_dir: str | Path, overwrite: bool = False, workers: in
                 target = staging / item["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if client is not None:
-                    key = (
-                        f"{prefix.strip('/')}/{item['path']}" if prefix.strip("/") else item["path"]
-                    )
+                    key = s3_key(prefix, item["path"])
                     from botocore.exceptions import ClientError
 
                     try:
                         client.download_file(bucket, key, str(target))
                     except ClientError as exc:
-                        code = exc.response.get("Error", {}).get("Code")
-                        if code in ("404", "NoSuchKey", "NotFound"):
+                        if is_not_found(exc):
                             raise UserError(
                                 f"{source}/{item['path']}: listed in {MANIFEST} but missing"
                             ) from None
@@ -592,9 +571,4 @@ def pull(source: str, dest_dir: str | Path, overwrite: bool = False, workers: in
             finally:
                 progress.close()
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            if dest.exists():
-                shutil.rmtree(dest)
-            staging.rename(dest)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return {"files": len(manifest["files"]), "total_bytes": manifest.get("total_bytes")}

@@ -55,9 +55,7 @@ def _secret_env(name: str, secret: str, key: str) -> dict:
 
 def container_env(cfg: RunConfig, recipe_text: str) -> list[dict]:
     k8s, mount = cfg.kubernetes, cfg.kubernetes.workspace_mount.rstrip("/")
-    threads = (
-        max(1, int(float(k8s.cpu)) // cfg.distributed.procs_per_node) if _is_number(k8s.cpu) else 1
-    )
+    threads = max(1, _whole_cpus(k8s.cpu) // cfg.distributed.procs_per_node)
     env = [
         {"name": RECIPE_ENV, "value": recipe_text},
         {"name": "KUBETUNE_CACHE", "value": f"{mount}/cache/kubetune"},
@@ -78,12 +76,12 @@ def container_env(cfg: RunConfig, recipe_text: str) -> list[dict]:
     return env
 
 
-def _is_number(value: str) -> bool:
+def _whole_cpus(quantity: str) -> int:
+    """Whole CPUs of a Kubernetes quantity ("8" → 8; "500m" and the like → 1)."""
     try:
-        float(value)
+        return int(float(quantity))
     except ValueError:
-        return False
-    return True
+        return 1
 
 
 def pod_template(cfg: RunConfig, recipe_text: str, dataset: str, output: str, name: str) -> dict:
