@@ -1,15 +1,21 @@
-"""Training throughput of the kubetune worker against plain transformers Trainer + peft.
+"""Training speed and memory of the kubetune worker against transformers Trainer + peft.
 
-    python benchmarks/train_throughput.py                 # CUDA: Falcon-7B and Llama-3-8B
+    python benchmarks/train_throughput.py                 # CUDA: the cases below
     python benchmarks/train_throughput.py --smoke         # CPU: tiny models, same harness
 
-Both sides train the same random-initialised architecture (configs only, no download: the
-weights are generated and saved as safetensors first), the same LoRA settings, on the same
-prepared rows (packed to --seq tokens), for the same number of steps, on one device, in the
-same run. Each side runs in its own process so peak memory is its own. Reported: tokens/s,
-samples/s (rows of --seq tokens), MFU (GPU only) and peak memory, plus how many linear layers
-each side really quantized: transformers' bitsandbytes path skips Falcon's FalconLinear layers.
-The seeds' reference: 6.7 samples/s for Falcon-7B 4-bit on one H100.
+Both sides train, in the same run and on the same GPU, the same random-initialised
+architecture (configs only, no download: the weights are generated once and saved as
+safetensors), with the same LoRA settings, on the same examples for the same number of
+optimizer steps, each in its own process so peak memory is its own:
+(a) transformers `Trainer` + peft with its best stock settings: bf16, SDPA, gradient
+    checkpointing, packing by its own `DataCollatorWithFlattening` (one row per micro batch,
+    position ids restarting per example), bitsandbytes 4-bit through `BitsAndBytesConfig`;
+(b) kubetune's worker (`kubetune train`, `train.kernels=auto`) on the rows `kubetune prepare`
+    packed to the case's sequence length.
+Reported per side: tokens/s, samples/s (rows of --seq tokens), MFU, peak memory, the mean loss
+of the last 5 steps and how many linear layers were really 4-bit (transformers' bitsandbytes
+path skips Falcon's FalconLinear layers); then kubetune / Trainer ratios. The seeds'
+reference: 6.7 samples/s for Falcon-7B 4-bit, micro batch 4, sequence 512, on one H100.
 """
 
 from __future__ import annotations
@@ -20,12 +26,38 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
-MODELS = {"falcon-7b": "tiiuae/falcon-7b", "llama3-8b": "meta-llama/Meta-Llama-3-8B"}
-SMOKE_MODELS = {"tiny-falcon": "tiny://falcon", "tiny-llama": "tiny://llama"}
+LLAMA3_8B, FALCON_7B = "meta-llama/Meta-Llama-3-8B", "tiiuae/falcon-7b"
+LAMBDA_H100_SAMPLES_PER_S = 6.7  # Falcon-7B QLoRA, micro batch 4, seq 512, one H100
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    model: str
+    method: str
+    r: int
+    alpha: float
+    dropout: float
+    seq: int
+    micro: int
+    targets: str = "auto"  # the architecture's attention and MLP projections
+
+
+CASES = [
+    Case("llama3-8b-lora-r16", LLAMA3_8B, "lora", 16, 32, 0.05, 2048, 2),
+    Case("llama3-8b-qlora-r16", LLAMA3_8B, "qlora", 16, 32, 0.05, 2048, 2),
+    Case("falcon-7b-qlora-r64", FALCON_7B, "qlora", 64, 16, 0.1, 2048, 2),
+    Case("falcon-7b-qlora-mb4-s512", FALCON_7B, "qlora", 64, 16, 0.1, 512, 4),
+]
+SMOKE_CASES = [
+    Case("tiny-llama-lora", "tiny://llama", "lora", 16, 32, 0.05, 256, 2),
+    Case("tiny-falcon-qlora", "tiny://falcon", "qlora", 64, 16, 0.1, 256, 2),
+]
 
 
 def make_model(name: str, folder: Path) -> Path:
@@ -49,7 +81,7 @@ def make_model(name: str, folder: Path) -> Path:
     return folder
 
 
-def make_dataset(folder: Path, seq: int, rows: int) -> Path:
+def make_dataset(folder: Path, seq: int, examples: int) -> Path:
     """Generated alpaca rows, prepared and packed by kubetune to `seq` tokens."""
     import random
 
@@ -70,7 +102,7 @@ def make_dataset(folder: Path, seq: int, rows: int) -> Path:
     ]
     data = folder / "rows.jsonl"
     with open(data, "w") as f:
-        for i in range(rows):
+        for i in range(examples):
             text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
             f.write(
                 json.dumps({"instruction": f"Task {i}", "input": text, "output": text[::-1]}) + "\n"
@@ -105,102 +137,109 @@ def run(cmd: list[str], env: dict | None = None) -> str:
     return proc.stdout
 
 
-def kubetune_side(model: Path, dataset: Path, method: str, args, work: Path) -> dict:
-    out = work / f"kubetune-{method}"
+def kubetune_side(model: Path, dataset: Path, case: Case, args, work: Path) -> dict:
+    out = work / f"kubetune-{case.label}"
+    cuda = _cuda()
     sets = [
         f"model.name_or_path={model}",
-        f"method={method}",
+        f"method={case.method}",
         "distributed.procs_per_node=1",
+        f"data.max_seq_len={case.seq}",
         f"train.max_steps={args.steps}",
-        f"train.micro_batch_size={args.micro_batch}",
+        f"train.micro_batch_size={case.micro}",
         "train.grad_accum=1",
+        "train.lr=2e-4",
+        "train.lr_scheduler=cosine",
+        "train.warmup_steps=0",
+        "train.logging_steps=1",
         "train.save_steps=100000",
         "train.gradient_checkpointing=true",
-        "lora.r=64",
-        "lora.alpha=16",
-        "lora.dropout=0.1",
-        f"data.max_seq_len={args.seq}",
-        "train.warmup_steps=0",
-        "eval.num_prompts=1",
+        "train.kernels=auto",
+        f"quant.compute_dtype={'bfloat16' if cuda else 'float32'}",
+        f"lora.r={case.r}",
+        f"lora.alpha={case.alpha}",
+        f"lora.dropout={case.dropout}",
+        f"lora.target_modules={case.targets}",
     ]
     run(
-        [
-            KUBETUNE,
-            "train",
-            "tiny-demo",
-            "--dataset",
-            str(dataset),
-            "--output",
-            str(out),
-            *[a for s in sets for a in ("--set", s)],
-        ]
+        [KUBETUNE, "train", "tiny-demo", "--dataset", str(dataset), "--output", str(out)]
+        + [a for s in sets for a in ("--set", s)]
     )
-    return json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [loss for _, loss in metrics["loss"]]
+    metrics["final_loss"] = sum(losses[-5:]) / len(losses[-5:])
+    return metrics
 
 
 BASELINE = r"""
 import json, sys, time, torch
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                          AutoTokenizer, Trainer, TrainingArguments)
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening,
+                          Trainer, TrainingArguments)
 from kubetune.components.train.modeling import AUTO_TARGETS, count_quantized, parameter_counts
 from kubetune.components.train.flops import train_flops_per_token, gpu_peak
-model_dir, data_dir, method, steps, micro, seq, out = sys.argv[1:8]
+model_dir, data_dir, method, steps, micro, seq, r, alpha, dropout, out = sys.argv[1:11]
+steps, micro, seq = int(steps), int(micro), int(seq)
 cuda = torch.cuda.is_available()
 dtype = torch.bfloat16 if cuda else torch.float32
+# The same examples kubetune trains on: its packed rows split back at each position id 0.
+packed = load_from_disk(data_dir)["train"]
+examples = []
+for row in packed:
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    for a, b in zip(starts, starts[1:]):
+        examples.append({"input_ids": row["input_ids"][a:b], "labels": row["labels"][a:b]})
+per_step = max(1, round(micro * len(examples) / len(packed)))  # same tokens per step
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=dtype) if method == "qlora" else None
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant,
                                              device_map={"": 0} if cuda else None, attn_implementation="sdpa")
 quantized = count_quantized(model) if method == "qlora" else 0
 if method == "qlora":
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-else:
-    model.gradient_checkpointing_enable(); model.enable_input_require_grads()
-model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM",
-                                         target_modules=AUTO_TARGETS[model.config.model_type]))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+model = get_peft_model(model, LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
+                                         task_type="CAUSAL_LM", target_modules=AUTO_TARGETS[model.config.model_type]))
 trainable, total = parameter_counts(model)
-train = load_from_disk(data_dir)["train"].remove_columns(["position_ids"])
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(micro), max_steps=int(steps),
-                         learning_rate=2e-4, bf16=cuda, logging_steps=10**9, save_strategy="no",
-                         report_to=[], gradient_checkpointing=True, dataloader_num_workers=0,
-                         use_cpu=not cuda, lr_scheduler_type="cosine")
-trainer = Trainer(model=model, args=args, train_dataset=train,
-                  data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
+tokens = [0]
+flatten = DataCollatorWithFlattening(return_position_ids=True)
+def collate(batch):
+    tokens[0] += sum(len(x["input_ids"]) for x in batch)
+    return flatten(batch)
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=per_step, max_steps=steps,
+                         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0, bf16=cuda,
+                         logging_steps=1, save_strategy="no", report_to=[], gradient_checkpointing=True,
+                         gradient_checkpointing_kwargs={"use_reentrant": False},
+                         dataloader_num_workers=1 if cuda else 0, dataloader_pin_memory=cuda,
+                         use_cpu=not cuda, remove_unused_columns=False, disable_tqdm=True)
+trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=collate)
 if cuda: torch.cuda.reset_peak_memory_stats()
 result = trainer.train()
 runtime = result.metrics["train_runtime"]
-rows = int(steps) * int(micro)
-tokens = sum(len(train[i]["input_ids"]) for i in range(min(rows, len(train))))
-tokens *= rows / min(rows, len(train))
-tps = tokens / runtime
+losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+tps = tokens[0] / runtime
 peak = torch.cuda.max_memory_allocated() if cuda else None
 device_peak = gpu_peak(torch.device("cuda", 0)) if cuda else None
-flops = train_flops_per_token(model, total, trainable, int(seq))
-print(json.dumps({"tokens_per_second": tps, "samples_per_second": rows / runtime,
+flops = train_flops_per_token(model, total, trainable, seq)
+print(json.dumps({"tokens_per_second": tps, "samples_per_second": tps / seq,
                   "peak_memory_bytes": peak, "mfu": flops * tps / device_peak if device_peak else None,
+                  "final_loss": sum(losses[-5:]) / len(losses[-5:]),
                   "quantized_linear_modules": quantized}))
 """
 
 
-def baseline_side(model: Path, dataset: Path, method: str, args, work: Path) -> dict:
-    out = run(
-        [
-            sys.executable,
-            "-c",
-            BASELINE,
-            str(model),
-            str(dataset),
-            method,
-            str(args.steps),
-            str(args.micro_batch),
-            str(args.seq),
-            str(work / f"trainer-{method}"),
-        ]
-    )
+def baseline_side(model: Path, dataset: Path, case: Case, args, work: Path) -> dict:
+    argv = [model, dataset, case.method, args.steps, case.micro, case.seq, case.r, case.alpha]
+    argv += [case.dropout, work / f"trainer-{case.label}"]
+    out = run([sys.executable, "-c", BASELINE, *map(str, argv)])
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def fmt(value, kind: str) -> str:
@@ -210,7 +249,55 @@ def fmt(value, kind: str) -> str:
         return f"{value / 1e9:.1f}"
     if kind == "pct":
         return f"{100 * value:.1f}%"
+    if kind == "x":
+        return f"{value:.2f}x"
+    if kind == "loss":
+        return f"{value:.4f}"
     return f"{value:,.1f}"
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def report(results: list, device: str, args) -> str:
+    lines = [
+        f"train throughput on {device}: {args.steps} optimizer steps per side, "
+        "gradient checkpointing, bf16 where supported, same examples and weights",
+        "",
+        "| case | trainer | tokens/s | samples/s | MFU | peak GB | loss (last 5) | 4-bit layers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case, theirs, ours in results:
+        for who, m in (("transformers Trainer + peft", theirs), ("kubetune worker", ours)):
+            lines.append(
+                f"| {case.label} | {who} | {fmt(m['tokens_per_second'], 'n')} | "
+                f"{fmt(m['samples_per_second'], 'n')} | {fmt(m['mfu'], 'pct')} | "
+                f"{fmt(m['peak_memory_bytes'], 'gb')} | {fmt(m['final_loss'], 'loss')} | "
+                f"{m['quantized_linear_modules']} |"
+            )
+    lines += [
+        "",
+        "| case | tokens/s kubetune/Trainer | peak memory kubetune/Trainer | loss kubetune/Trainer |",
+        "|---|---:|---:|---:|",
+    ]
+    for case, theirs, ours in results:
+        lines.append(
+            f"| {case.label} | {fmt(ratio(ours['tokens_per_second'], theirs['tokens_per_second']), 'x')}"
+            f" | {fmt(ratio(ours['peak_memory_bytes'], theirs['peak_memory_bytes']), 'x')}"
+            f" | {fmt(ratio(ours['final_loss'], theirs['final_loss']), 'x')} |"
+        )
+    for case, _, ours in results:
+        if case.label == "falcon-7b-qlora-mb4-s512":
+            lines += [
+                "",
+                f"Falcon-7B QLoRA, micro batch 4, seq 512: kubetune "
+                f"{fmt(ours['samples_per_second'], 'n')} samples/s against Lambda's published "
+                f"{LAMBDA_H100_SAMPLES_PER_S} on one H100 "
+                f"({fmt(ratio(ours['samples_per_second'], LAMBDA_H100_SAMPLES_PER_S), 'x')}; "
+                "goal 2x)",
+            ]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -218,16 +305,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny models on CPU (checks the harness)"
     )
-    parser.add_argument("--methods", default="qlora,lora")
-    parser.add_argument("--models", help="comma-separated subset of the models (default: all)")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--cases", help="comma-separated subset of the case labels")
+    parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args(argv)
     import torch
 
     if args.smoke:
-        models, args.seq, args.steps = SMOKE_MODELS, min(args.seq, 256), min(args.steps, 4)
+        cases, args.steps = SMOKE_CASES, min(args.steps, 6)
     elif not torch.cuda.is_available():
         print(
             "train_throughput needs a CUDA GPU (use --smoke to check the harness on CPU)",
@@ -235,37 +319,31 @@ def main(argv=None) -> int:
         )
         return 2
     else:
-        models = MODELS
-    if args.models:
-        models = {k: v for k, v in models.items() if k in args.models.split(",")}
+        cases = CASES
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = sorted(set(wanted) - {c.label for c in cases})
+        if unknown:
+            print(f"--cases: unknown {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        cases = [c for c in cases if c.label in wanted]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    rows = []
+    results = []
     with tempfile.TemporaryDirectory(prefix="kubetune-train-bench-") as tmp:
         work = Path(tmp)
-        dataset = make_dataset(
-            work / "data",
-            args.seq,
-            rows=max(400, 4 * args.steps * args.micro_batch) * (args.seq // 256 or 1),
-        )
-        for label, name in models.items():
-            model = make_model(name, work / label)
-            for method in args.methods.split(","):
-                ours = kubetune_side(model, dataset, method, args, work / label)
-                theirs = baseline_side(model, dataset, method, args, work / label)
-                rows.append((label, method, "transformers Trainer + peft", theirs))
-                rows.append((label, method, "kubetune worker", ours))
-    print(
-        f"train throughput on {device}: seq {args.seq}, micro batch {args.micro_batch}, "
-        f"{args.steps} steps, LoRA r=64, gradient checkpointing, bf16 where supported"
-    )
-    print("| model | method | trainer | tokens/s | samples/s | MFU | peak GB | 4-bit layers |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for label, method, who, m in rows:
-        print(
-            f"| {label} | {method} | {who} | {fmt(m['tokens_per_second'], 'n')} | "
-            f"{fmt(m['samples_per_second'], 'n')} | {fmt(m['mfu'], 'pct')} | "
-            f"{fmt(m['peak_memory_bytes'], 'gb')} | {m['quantized_linear_modules']} |"
-        )
+        models, datasets = {}, {}
+        for case in cases:
+            if case.model not in models:
+                models[case.model] = make_model(case.model, work / f"model-{len(models)}")
+            if case.seq not in datasets:
+                # examples average ~150 tokens: enough of them for every step's packed rows
+                examples = args.steps * case.micro * max(1, case.seq // 128) + 200
+                datasets[case.seq] = make_dataset(work / f"data-{case.seq}", case.seq, examples)
+            model, dataset = models[case.model], datasets[case.seq]
+            ours = kubetune_side(model, dataset, case, args, work)
+            theirs = baseline_side(model, dataset, case, args, work)
+            results.append((case, theirs, ours))
+    print(report(results, device, args))
     return 0
 
 

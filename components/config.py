@@ -133,6 +133,14 @@ class TrainConfig(Section):
     )
     logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
     seed: int = Field(42, description="Seed of init, dropout and data order.")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="auto: Liger-Kernel's RMSNorm/RoPE/SwiGLU/fused linear cross-entropy where "
+        "installed on CUDA for Llama/Mistral/Qwen2, else kubetune's chunked linear + "
+        "cross-entropy (never the full logits); liger: Liger or an error; none: "
+        "transformers' own forward.",
+    )
+    compile: bool = Field(False, description="torch.compile each decoder layer.")
 
 
 class DistributedConfig(Section):
@@ -147,6 +155,11 @@ class DistributedConfig(Section):
     zero_stage: Literal[2, 3] = Field(3, description="deepspeed: ZeRO stage.")
     offload: Literal["none", "optimizer", "optimizer+params"] = Field(
         "none", description="deepspeed: CPU offload."
+    )
+    low_memory_load: bool = Field(
+        True,
+        description="fsdp with lora/full: only rank 0 reads the checkpoint; the other ranks "
+        "build on the meta device and receive their shards (llama-recipes' low_cpu_fsdp).",
     )
 
 
@@ -252,10 +265,10 @@ class RunConfig(Section):
                 f"distributed.nodes={self.distributed.nodes} needs "
                 "distributed.backend=pytorchjob (local runs on one machine)"
             )
-        if self.method == "qlora" and self.distributed.strategy != "ddp":
+        if self.method == "qlora" and self.distributed.strategy == "deepspeed":
             raise ValueError(
-                f"method=qlora runs with distributed.strategy=ddp (a 4-bit replica "
-                f"per GPU), not {self.distributed.strategy}"
+                "method=qlora runs with distributed.strategy=ddp (a 4-bit replica per GPU) "
+                "or fsdp (the 4-bit base sharded per decoder layer), not deepspeed"
             )
         if self.distributed.offload != "none" and self.distributed.strategy != "deepspeed":
             raise ValueError("distributed.offload needs distributed.strategy=deepspeed")

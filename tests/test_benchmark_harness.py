@@ -18,10 +18,8 @@ def test_train_throughput_smoke_runs_both_sides():
             sys.executable,
             str(REPO / "benchmarks" / "train_throughput.py"),
             "--smoke",
-            "--models",
-            "tiny-falcon",
-            "--methods",
-            "qlora",
+            "--cases",
+            "tiny-falcon-qlora",
         ],
         capture_output=True,
         text=True,
@@ -29,9 +27,14 @@ def test_train_throughput_smoke_runs_both_sides():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny-falcon")]
-    assert len(rows) == 2
+    assert len(rows) == 3  # both sides, then the ratios
     ours = next(r for r in rows if "kubetune worker" in r)
     assert ours.rstrip(" |").endswith("| 8"), ours  # every Falcon linear layer is 4-bit
+    theirs = next(r for r in rows if "Trainer + peft" in r)
+    losses = [float(r.split("|")[7]) for r in (ours, theirs)]
+    assert all(5.0 < loss < 8.0 for loss in losses), rows  # both trained the same task
+    ratios = rows[-1].split("|")
+    assert ratios[2].strip().endswith("x"), rows[-1]
 
 
 def test_train_throughput_without_a_gpu_says_so():

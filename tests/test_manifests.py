@@ -131,7 +131,7 @@ def constraints() -> dict[str, str]:
 def test_versions_are_pinned_in_one_place_that_everything_shares():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("qlora", "deepspeed"):
+    for extra in ("qlora", "deepspeed", "gpu"):
         requirements += [Requirement(r) for r in project["optional-dependencies"][extra]]
     pins = constraints()
     for req in requirements:
@@ -150,7 +150,7 @@ def test_versions_are_pinned_in_one_place_that_everything_shares():
         assert "-c /src/images/constraints.txt" in dockerfile
         users = re.findall(r"^USER (\S+)", dockerfile, re.M)
         assert users and users[-1].split(":")[0] == str(KubernetesConfig().run_as_user)
-    assert "[qlora,deepspeed]" in trainer and "flash-attn" in trainer
+    assert "[qlora,deepspeed,gpu]" in trainer and "flash-attn" in trainer
     assert "-c images/constraints.txt" in (REPO / ".ci" / "run").read_text()
 
     version = project["version"]

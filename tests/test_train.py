@@ -250,7 +250,7 @@ def test_bad_inputs(cli, dataset, tmp_path):
         train(cli, tmp_path / "nothing", tmp_path / "o"), "not a finished `kubetune prepare` output"
     )
     assert_user_error(
-        train(cli, dataset, tmp_path / "o", "method=qlora", "distributed.strategy=fsdp"),
+        train(cli, dataset, tmp_path / "o", "method=qlora", "distributed.strategy=deepspeed"),
         "method=qlora runs with distributed.strategy=ddp",
     )
     assert_user_error(
@@ -327,3 +327,58 @@ def test_fsdp_eval_with_uneven_shares_finishes(cli, tmp_path):
     assert result.code == 0, result
     tuned = PeftModel.from_pretrained(base_model(), out)
     assert eval_loss(tuned, data) == pytest.approx(metrics_of(out)["eval_loss"], rel=1e-4)
+
+
+def test_qlora_fsdp_shards_the_4bit_base_and_trains(cli, dataset, base_loss, tmp_path):
+    """QLoRA under FSDP: 4-bit weights stored in the compute dtype, sharded per decoder layer."""
+    from peft import PeftModel
+
+    out = tmp_path / "qlora-fsdp"
+    result = train(
+        cli,
+        dataset,
+        out,
+        "method=qlora",
+        "distributed.strategy=fsdp",
+        "quant.compute_dtype=float32",
+        "train.gradient_checkpointing=true",
+        "train.max_steps=30",
+    )
+    assert result.code == 0, result
+    metrics = metrics_of(out)
+    assert metrics["strategy"] == "fsdp" and metrics["quantized_linear_modules"] == 8
+    assert loss_fell(metrics)
+    tuned = PeftModel.from_pretrained(base_model(), out)
+    assert eval_loss(tuned, dataset) < base_loss - 0.05
+
+
+def test_low_memory_fsdp_load_equals_every_rank_loading(cli, dataset, tmp_path):
+    """Rank 0 streaming the checkpoint into meta-built shards gives the very model (and so the
+    very losses and weights) that every rank loading it whole gives."""
+    runs = {}
+    for low in ("true", "false"):
+        out = tmp_path / f"low-{low}"
+        result = train(
+            cli,
+            dataset,
+            out,
+            "method=full",
+            "distributed.strategy=fsdp",
+            f"distributed.low_memory_load={low}",
+            "train.max_steps=6",
+            "train.lr=1e-3",
+        )
+        assert result.code == 0, result
+        runs[low] = out
+    fast, slow = (metrics_of(runs[k]) for k in ("true", "false"))
+    for (step, a), (_, b) in zip(fast["loss"], slow["loss"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5), step
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = weights(runs["true"]), weights(runs["false"])
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -57,12 +57,29 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
 
 
+def document_block_mask(position_ids: torch.Tensor):
+    """flex_attention's sparse BlockMask for packed rows: causal within each example (built on
+    position_ids' device, never as a dense L x L tensor on the GPU's attention path)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment = torch.cumsum((position_ids == 0).long(), dim=1)
+
+    def same_example_causal(b, h, q, kv):
+        return (segment[b, q] == segment[b, kv]) & (q >= kv)
+
+    batch, length = position_ids.shape
+    return create_block_mask(
+        same_example_causal, batch, None, length, length, device=position_ids.device
+    )
+
+
 def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype) -> dict:
     """Right-pad a batch; pads are an example of their own with labels -100.
 
-    flash-attention 2 separates packed examples from position_ids itself; SDPA and eager get a
-    block-diagonal causal mask (bool for SDPA, additive for eager), and only when a row holds
-    more than one example or padding.
+    flash-attention 2 separates packed examples from position_ids itself, and flex_attention
+    gets a sparse document mask on the device (`document_block_mask`, built by the worker);
+    SDPA and eager (the CPU fallback) get a dense block-diagonal causal mask (bool for SDPA,
+    additive for eager), and only when a row holds more than one example or padding.
     """
     length = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -75,10 +92,43 @@ def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype) -> dic
         positions[i, :n] = torch.as_tensor(r["position_ids"])
         positions[i, n:] = torch.arange(length - n)
     batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    if attn != "flash_attention_2" and int((positions == 0).sum()) > len(rows):
+    dense = attn not in ("flash_attention_2", "flex_attention")
+    if dense and int((positions == 0).sum()) > len(rows):
         mask = block_causal_mask(positions)
         if attn == "eager":
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         batch["attention_mask"] = mask
     batch["tokens"] = sum(len(r["input_ids"]) for r in rows)
     return batch
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro batch k of the run (BatchPlan's rows, collated): what the DataLoader's worker
+    builds ahead of the training loop, in the plan's order."""
+
+    def __init__(self, split, plan: BatchPlan, pad_id: int, attn: str, dtype: torch.dtype):
+        self.split, self.plan, self.pad_id, self.attn, self.dtype = split, plan, pad_id, attn, dtype
+
+    def __getitem__(self, k: int) -> dict:
+        columns = self.split[[int(i) for i in self.plan.rows(k)]]
+        keys = ("input_ids", "labels", "position_ids")
+        rows = [{c: columns[c][i] for c in keys} for i in range(len(columns["input_ids"]))]
+        return collate(rows, self.pad_id, self.attn, self.dtype)
+
+
+def batch_loader(
+    split, plan: BatchPlan, first: int, end: int, pad_id: int, attn: str, dtype, pin: bool
+):
+    """Micro batches first..end-1, built by one worker process ahead of the loop (pinned
+    memory on a GPU), in exactly BatchPlan's order: a resumed run starts at its step."""
+    return torch.utils.data.DataLoader(
+        MicroBatches(split, plan, pad_id, attn, dtype),
+        batch_size=None,
+        sampler=range(first, end),
+        num_workers=1,
+        prefetch_factor=4,
+        pin_memory=pin,
+        # its own generator: starting the worker must not draw from the global RNG, whose
+        # state (dropout) a resumed run restores exactly
+        generator=torch.Generator().manual_seed(plan.seed),
+    )

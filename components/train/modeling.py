@@ -11,6 +11,7 @@ checked against the count of linear layers before training starts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -41,18 +42,31 @@ def weights_dtype(cfg, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def attention_implementation(cfg, device: torch.device) -> str:
-    """flash-attention 2 when installed on CUDA, else PyTorch SDPA (model.attn_implementation)."""
+def attention_implementation(cfg, device: torch.device, packed: bool = False) -> str:
+    """model.attn_implementation; auto = flash-attention 2 when installed on CUDA (packed rows
+    by position_ids), else on CUDA for packed rows flex_attention with a document mask where
+    the architecture supports it, else PyTorch SDPA (with a dense mask for packed rows: the CPU
+    fallback, and Falcon's, whose transformers code has no flex path)."""
     if cfg.model.attn_implementation != "auto":
         return cfg.model.attn_implementation
     if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
+        if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-        except ImportError:
-            pass
+        if packed and supports_flex_attention(cfg):
+            return "flex_attention"
     return "sdpa"
+
+
+def supports_flex_attention(cfg) -> bool:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    source = resolve_model(cfg.model.name_or_path)
+    config = AutoConfig.from_pretrained(
+        source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config))
+    return bool(getattr(model_class, "_supports_flex_attn", False))
 
 
 def lora_targets(cfg, model_type: str) -> list[str] | str:
@@ -126,6 +140,12 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor, make) -> bool:
     return False
 
 
+def quant_storage(cfg, compute: torch.dtype) -> torch.dtype:
+    """The dtype packed 4-bit weights are stored in: uint8, or the compute dtype under FSDP so
+    a decoder layer's tensors share one dtype and shard together."""
+    return compute if cfg.distributed.strategy == "fsdp" else torch.uint8
+
+
 def replace_linear_layers(model: nn.Module, names: list[str], cfg, compute: torch.dtype) -> None:
     """Swap the named (meta) linear layers for empty bitsandbytes 4-bit or 8-bit layers."""
     import bitsandbytes as bnb
@@ -141,6 +161,7 @@ def replace_linear_layers(model: nn.Module, names: list[str], cfg, compute: torc
                 compute_dtype=compute,
                 compress_statistics=cfg.quant.double_quant,
                 quant_type=cfg.quant.quant_type,
+                quant_storage=quant_storage(cfg, compute),
                 device="meta",
             )
         else:
@@ -183,6 +204,7 @@ def load_quantized(cfg, source: str, device: torch.device, attn: str) -> tuple[n
                 requires_grad=False,
                 quant_type=cfg.quant.quant_type,
                 compress_statistics=cfg.quant.double_quant,
+                quant_storage=quant_storage(cfg, compute),
                 module=module,
             ).to(device)
         if attr == "weight" and isinstance(module, bnb.nn.Linear8bitLt):
@@ -218,12 +240,14 @@ def load_quantized(cfg, source: str, device: torch.device, attn: str) -> tuple[n
     return model, quantized
 
 
-def load_base(cfg, device: torch.device, deepspeed_zero3: bool = False) -> tuple[nn.Module, int]:
+def load_base(
+    cfg, device: torch.device, deepspeed_zero3: bool = False, attn: str | None = None
+) -> tuple[nn.Module, int]:
     """The base model for cfg.method on device; returns (model, quantized linear layers)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(cfg.model.name_or_path)
-    attn = attention_implementation(cfg, device)
+    attn = attn or attention_implementation(cfg, device)
     if cfg.method == "qlora":
         return load_quantized(cfg, source, device, attn)
     # On a GPU, load straight onto it (not a full host-RAM copy per process); ZeRO-3

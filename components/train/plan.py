@@ -14,7 +14,10 @@ shapes are exact. Memory per GPU is the sum of:
   bytes, MLP = 2 + 8*i/h for gated MLPs or 2 + 4*i/h; with gradient checkpointing only each
   layer's input (2*hidden bytes per token) is kept plus one layer being recomputed; eager
   attention adds 5*heads*seq bytes per token and layer (SDPA/flash do not materialise scores);
-- logits: seq * batch * vocab * 10 bytes (bf16 logits, fp32 upcast and its gradient);
+- logits: with train.kernels=none, seq * batch * vocab * 10 bytes (bf16 logits, fp32 upcast
+  and its gradient); otherwise the loss runs chunk by chunk over the output head (kubetune's
+  chunked loss or Liger's): one chunk's logits in fp32 plus their bf16 copy, and the saved
+  gradient of the hidden states;
 - sharding: fsdp and ZeRO-3 divide weights and trainable state by the GPU count (plus two
   gathered layers); ZeRO-2 divides trainable state; optimizer offload moves the AdamW moments
   (and fp32 master) to the CPU, parameter offload the weights;
@@ -266,6 +269,15 @@ def activation_bytes(cfg, arch: Architecture, tokens: int, seq: int, eager: bool
     return tokens * arch.layers * per_layer_token
 
 
+def logits_bytes(cfg, arch: Architecture, tokens: int) -> float:
+    if cfg.train.kernels == "none":
+        return float(tokens * arch.vocab * 10)
+    from .kernels import chunk_rows
+
+    chunk = min(tokens, chunk_rows(tokens, arch.hidden, arch.vocab))
+    return float(chunk * arch.vocab * 6 + tokens * arch.hidden * 2)
+
+
 def estimate(cfg, gpus: int | None = None, dtype_bytes: int | None = None) -> Plan:
     """The plan on GPUs; dtype_bytes defaults to model.dtype's (auto: bf16 on a GPU)."""
     arch = architecture(cfg)
@@ -305,7 +317,7 @@ def estimate(cfg, gpus: int | None = None, dtype_bytes: int | None = None) -> Pl
             "trainable state": with_weights + moments,
             "gathered layers": float(gathered),
             "activations": activation_bytes(cfg, arch, tokens, seq, eager),
-            "logits": float(tokens * arch.vocab * 10),
+            "logits": logits_bytes(cfg, arch, tokens),
             "cuda overhead": CUDA_OVERHEAD,
         },
     )

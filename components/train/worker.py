@@ -29,13 +29,23 @@ from ..config import load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .data import BatchPlan, check_rows, collate, total_steps
+from .data import BatchPlan, batch_loader, check_rows, collate, document_block_mask, total_steps
 from .flops import mfu, train_flops_per_token
-from .modeling import add_lora, attention_implementation, load_base, parameter_counts, weights_dtype
+from .kernels import apply_kernels, compile_layers, select_kernels
+from .meta_load import build_on_meta, materialize
+from .modeling import (
+    DTYPES,
+    add_lora,
+    attention_implementation,
+    load_base,
+    parameter_counts,
+    weights_dtype,
+)
 from .parallel import (
     World,
     all_reduce_max,
     all_reduce_sum,
+    decoder_layers,
     deepspeed_config,
     init_world,
     wrap_ddp,
@@ -61,8 +71,17 @@ def lr_lambda(cfg, steps: int):
     return factor
 
 
-def build_model(cfg, world: World):
-    """Base model (+ LoRA), wrapped for the strategy; returns what the loop needs."""
+def low_memory_fsdp(cfg) -> bool:
+    """FSDP lora/full with distributed.low_memory_load: build on meta, rank 0 streams weights."""
+    return (
+        cfg.distributed.strategy == "fsdp"
+        and cfg.distributed.low_memory_load
+        and cfg.method != "qlora"
+    )
+
+
+def build_model(cfg, world: World, attn: str):
+    """Base model (+ kernels, + LoRA, + compiled layers), not yet sharded."""
     zero3 = is_zero3(cfg)
     dtype = weights_dtype(cfg, world.device)
     ds_config = (
@@ -75,7 +94,12 @@ def build_model(cfg, world: World):
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive while loading)
-    model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3)
+    if low_memory_fsdp(cfg):
+        model, quantized = build_on_meta(cfg, dtype, attn), 0
+    else:
+        model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
+    kernels = select_kernels(cfg, world.device, model.config.model_type)
+    apply_kernels(model, kernels)
     if cfg.method in ("lora", "qlora"):
         model = add_lora(cfg, model)
     elif cfg.train.gradient_checkpointing:
@@ -83,8 +107,10 @@ def build_model(cfg, world: World):
     if cfg.train.gradient_checkpointing and cfg.method != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if kernels.compile:
+        compile_layers(decoder_layers(model))
     trainable, total = parameter_counts(model)
-    return model, quantized, trainable, total, dtype, ds_config
+    return model, quantized, trainable, total, dtype, ds_config, kernels
 
 
 def wrap(cfg, model, world: World, dtype, ds_config, steps: int):
@@ -101,7 +127,11 @@ def wrap(cfg, model, world: World, dtype, ds_config, steps: int):
         )
         return engine, optimizer, scheduler
     if strategy == "fsdp":
-        model = wrap_fsdp(model, world, dtype)
+        # 4-bit weights are stored in the compute dtype: gather them in it, unconverted.
+        param_dtype = DTYPES[cfg.quant.compute_dtype] if cfg.method == "qlora" else dtype
+        model = wrap_fsdp(model, world, param_dtype)
+        if low_memory_fsdp(cfg):
+            materialize(model, cfg, world)
     elif world.size > 1:
         model = wrap_ddp(model, world)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -153,8 +183,10 @@ def restore_optimizer(optimizer, saved: dict) -> None:
     optimizer.load_state_dict(saved)
 
 
-def forward_loss(model, batch: dict, device) -> torch.Tensor:
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "tokens"}
+def forward_loss(model, batch: dict, device, attn: str) -> torch.Tensor:
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "tokens"}
+    if attn == "flex_attention":  # packed rows: a sparse document mask, built on the device
+        inputs["attention_mask"] = document_block_mask(inputs["position_ids"])
     return model(**inputs).loss
 
 
@@ -174,7 +206,7 @@ def evaluate(cfg, model, split, world: World, pad_id: int, attn: str, dtype) -> 
     for b in range(batches):
         chunk = indices[b * size : (b + 1) * size]
         batch = collate([split[i] for i in chunk or [0]], pad_id, attn, dtype)
-        loss = forward_loss(model, batch, world.device)
+        loss = forward_loss(model, batch, world.device, attn)
         if chunk:
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += float(loss) * n
@@ -244,6 +276,90 @@ def recipe_from_arg(arg: str, overrides: list[str]):
     return load_recipe(arg, overrides)
 
 
+def synchronize(world: World) -> None:
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)
+
+
+class LossLog:
+    """Per-step losses kept on the device and read (all-reduced across ranks) only when
+    flushed: at logging steps, checkpoints and the end. No host round trip per micro batch."""
+
+    def __init__(self, world: World, losses: list, writer):
+        self.world, self.losses, self.writer = world, losses, writer
+        self.pending: list[tuple[int, torch.Tensor, float]] = []
+        self.tokens = 0.0  # all ranks' tokens, as of the last flush
+        self.local_tokens = 0
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, tokens: int) -> None:
+        self.pending.append((step, loss, lr))
+        self.local_tokens += tokens
+
+    def flush(self) -> float | None:
+        """Append the pending steps' mean losses; returns the last one."""
+        if not self.pending:
+            return None
+        stacked = torch.stack([loss for _, loss, _ in self.pending]).to(torch.float64)
+        counts = torch.cat(
+            [
+                stacked,
+                torch.tensor(
+                    [float(self.local_tokens)], device=stacked.device, dtype=torch.float64
+                ),
+            ]
+        )
+        if self.world.device.type != "cuda":
+            counts = counts.cpu()
+        dist.all_reduce(counts)
+        values = counts.tolist()
+        self.tokens += values[-1]
+        self.local_tokens = 0
+        for (step, _, lr), total in zip(self.pending, values[:-1], strict=False):
+            mean = total / self.world.size
+            self.losses.append([step, round(mean, 6)])
+            if self.writer is not None:
+                self.writer.add_scalar("train/loss", mean, step)
+                self.writer.add_scalar("train/lr", lr, step)
+        self.pending.clear()
+        return self.losses[-1][1]
+
+
+def resume(cfg, output: Path, world: World, model, optimizer, scheduler, steps: int):
+    """(first step, losses so far) from the newest complete checkpoint, or (0, [])."""
+    latest = ckpt.latest_checkpoint(output)
+    if latest is None:
+        return 0, []
+    state, params, optim, tensors = ckpt.load_checkpoint(latest, world.rank)
+    if state["world_size"] != world.size or state["strategy"] != cfg.distributed.strategy:
+        raise UserError(
+            f"{latest}: written by {state['world_size']} {state['strategy']} "
+            f"processes; this run has {world.size} {cfg.distributed.strategy}"
+        )
+    if is_zero3(cfg):
+        import deepspeed
+
+        named = trainable_named(model)
+        with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0):
+            if world.main:
+                ckpt.restore_params(named, params)
+    else:
+        ckpt.restore_params(trainable_named(model), params)
+    if optim is not None:
+        restore_optimizer(optimizer, optim)
+    scheduler.load_state_dict(
+        {**scheduler.state_dict(), "last_epoch": state["step"], "_step_count": state["step"] + 1}
+    )
+    ckpt.restore_rng(tensors)
+    if world.main:
+        print(f"resuming from {latest} (step {state['step']} of {steps})", flush=True)
+    return state["step"], state["loss"]
+
+
+def dataset_stats(dataset: str) -> dict:
+    stats_file = Path(dataset) / "stats.json"
+    return json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+
+
 def run(args) -> None:
     cfg = recipe_from_arg(args.recipe, args.overrides)
     output, world = Path(args.output), init_world()
@@ -254,13 +370,12 @@ def run(args) -> None:
 
     data = load_from_disk(args.dataset)
     train_split, eval_split = data["train"], data.get("eval", None)
-    stats_file = Path(args.dataset) / "stats.json"
-    fingerprint = (
-        json.loads(stats_file.read_text()).get("fingerprint") if stats_file.is_file() else None
-    )
+    stats = dataset_stats(args.dataset)
+    fingerprint = stats.get("fingerprint")
+    packed = bool(stats.get("packing", {}).get("enabled", cfg.data.packing))
     tokenizer = load_tokenizer(cfg.model)
-    model, quantized, trainable, total, dtype, ds_config = build_model(cfg, world)
-    attn = attention_implementation(cfg, world.device)
+    attn = attention_implementation(cfg, world.device, packed)
+    model, quantized, trainable, total, dtype, ds_config, kernels = build_model(cfg, world, attn)
     plan = BatchPlan(
         len(train_split), cfg.train.micro_batch_size, world.rank, world.size, cfg.data.seed
     )
@@ -268,39 +383,7 @@ def run(args) -> None:
     steps = total_steps(cfg, plan.per_epoch)
     model, optimizer, scheduler = wrap(cfg, model, world, dtype, ds_config, steps)
     is_ds = cfg.distributed.strategy == "deepspeed"
-
-    start, losses, resumed = 0, [], 0
-    latest = ckpt.latest_checkpoint(output)
-    if latest is not None:
-        state, params, optim, tensors = ckpt.load_checkpoint(latest, world.rank)
-        if state["world_size"] != world.size or state["strategy"] != cfg.distributed.strategy:
-            raise UserError(
-                f"{latest}: written by {state['world_size']} {state['strategy']} "
-                f"processes; this run has {world.size} {cfg.distributed.strategy}"
-            )
-        if is_zero3(cfg):
-            import deepspeed
-
-            named = trainable_named(model)
-            with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=0):
-                if world.main:
-                    ckpt.restore_params(named, params)
-        else:
-            ckpt.restore_params(trainable_named(model), params)
-        if optim is not None:
-            restore_optimizer(optimizer, optim)
-        scheduler.load_state_dict(
-            {
-                **scheduler.state_dict(),
-                "last_epoch": state["step"],
-                "_step_count": state["step"] + 1,
-            }
-        )
-        ckpt.restore_rng(tensors)
-        start = resumed = state["step"]
-        losses = state["loss"]
-        if world.main:
-            print(f"resuming from {latest} (step {start} of {steps})", flush=True)
+    start, losses = resume(cfg, output, world, model, optimizer, scheduler, steps)
 
     writer = None
     if world.main:
@@ -309,108 +392,147 @@ def run(args) -> None:
         writer = SummaryWriter(str(output / "tensorboard"))
     accum, pad_id = cfg.train.grad_accum, tokenizer.pad_token_id
     flops_token = train_flops_per_token(unwrap(model), total, trainable, cfg.data.max_seq_len)
-    train_seconds, tokens_done, rows_done = 0.0, 0.0, 0.0
+    log = LossLog(world, losses, writer)
+    batches = iter(
+        batch_loader(
+            train_split,
+            plan,
+            start * accum,
+            steps * accum,
+            pad_id,
+            attn,
+            dtype,
+            pin=world.device.type == "cuda",
+        )
+    )
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    ddp_accum = not is_ds and world.size > 1 and cfg.distributed.strategy == "ddp"
+    rows_done, paused = 0.0, 0.0
     model.train()
+    began = time.perf_counter()
     for step in range(start, steps):
-        began = time.perf_counter()
-        step_loss, step_tokens = 0.0, 0
+        step_loss, step_tokens = None, 0
         for micro in range(accum):
-            rows = plan.rows(step * accum + micro)
-            batch = collate([train_split[int(i)] for i in rows], pad_id, attn, dtype)
-            sync = nullcontext()
-            if (
-                not is_ds
-                and world.size > 1
-                and cfg.distributed.strategy == "ddp"
-                and micro < accum - 1
-            ):
-                sync = model.no_sync()
+            batch = next(batches)
+            sync = model.no_sync() if ddp_accum and micro < accum - 1 else nullcontext()
             with sync:
-                loss = forward_loss(model, batch, world.device)
+                loss = forward_loss(model, batch, world.device, attn)
                 if is_ds:
                     model.backward(loss)
                     model.step()
                 else:
                     (loss / accum).backward()
-            step_loss += float(loss.detach()) / accum
+            part = loss.detach() / accum
+            step_loss = part if step_loss is None else step_loss + part
             step_tokens += batch["tokens"]
         if not is_ds:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm
-            )
+            torch.nn.utils.clip_grad_norm_(trainable_params, cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        mean_loss = all_reduce_sum(step_loss, world) / world.size
-        train_seconds += time.perf_counter() - began
-        tokens_done += all_reduce_sum(step_tokens, world)
         rows_done += world.size * accum * cfg.train.micro_batch_size
         done = step + 1
-        losses.append([done, round(mean_loss, 6)])
-        if writer is not None:
-            writer.add_scalar("train/loss", mean_loss, done)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
-        if world.main and (done % cfg.train.logging_steps == 0 or done == steps):
-            print(
-                f"step {done}/{steps} loss {mean_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                f"tokens/s {tokens_done / train_seconds:.0f}",
-                flush=True,
-            )
-        if cfg.train.eval_steps and done % cfg.train.eval_steps == 0 and done < steps:
-            eval_loss = evaluate(cfg, model, eval_split, world, pad_id, attn, dtype)
-            if writer is not None and eval_loss is not None:
-                writer.add_scalar("eval/loss", eval_loss, done)
-        if done % cfg.train.save_steps == 0 and done < steps:
-            optim_state = None if is_ds else optimizer.state_dict()
-            params = gathered_trainable(model) if is_zero3(cfg) else trainable_named(model)
-            ckpt.save_checkpoint(
-                output,
-                done,
-                world.rank,
-                params,
-                optim_state,
-                {
-                    "step": done,
-                    "loss": losses,
-                    "world_size": world.size,
-                    "strategy": cfg.distributed.strategy,
-                    "steps": steps,
-                },
-            )
-
-    eval_loss = evaluate(cfg, model, eval_split, world, pad_id, attn, dtype)
-    save_outputs(cfg, model, tokenizer, output, world, fingerprint)
-    peak = all_reduce_max(peak_memory(world), world)
-    if world.main:
-        tps = tokens_done / train_seconds if train_seconds else None
-        metrics = {
+        log.add(done, step_loss, scheduler.get_last_lr()[0], step_tokens)
+        evaluating = bool(cfg.train.eval_steps and done % cfg.train.eval_steps == 0)
+        saving = done % cfg.train.save_steps == 0
+        if (done % cfg.train.logging_steps == 0 or done == steps) or (
+            done < steps and (evaluating or saving)
+        ):
+            mean_loss = log.flush()  # the one read of the device per logging step
+            elapsed = time.perf_counter() - began - paused
+            if world.main and (done % cfg.train.logging_steps == 0 or done == steps):
+                print(
+                    f"step {done}/{steps} loss {mean_loss:.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} tokens/s {log.tokens / elapsed:.0f}",
+                    flush=True,
+                )
+        if done < steps and (evaluating or saving):
+            synchronize(world)
+            pause = time.perf_counter()
+            if evaluating:
+                eval_loss = evaluate(cfg, model, eval_split, world, pad_id, attn, dtype)
+                if writer is not None and eval_loss is not None:
+                    writer.add_scalar("eval/loss", eval_loss, done)
+            if saving:
+                save_checkpoint(cfg, output, done, world, model, optimizer, losses, steps)
+            paused += time.perf_counter() - pause
+    log.flush()
+    synchronize(world)
+    train_seconds = time.perf_counter() - began - paused
+    finish(
+        cfg,
+        model,
+        tokenizer,
+        world,
+        output,
+        (eval_split, attn, dtype),
+        writer,
+        {
             "steps": steps,
-            "resumed_from_step": resumed,
+            "resumed_from_step": start,
             "loss": losses,
-            "eval_loss": eval_loss,
-            "tokens_per_second": tps,
-            "samples_per_second": rows_done / train_seconds if train_seconds else None,
-            "peak_memory_bytes": int(peak),
+            "tokens_per_second": log.tokens / train_seconds if start < steps else None,
+            "samples_per_second": rows_done / train_seconds if start < steps else None,
             "trainable_params": trainable,
             "total_params": total,
             "quantized_linear_modules": quantized,
-            "mfu": mfu(flops_token, tps, world) if tps else None,
+            "flops_per_token": flops_token,
             "method": cfg.method,
             "strategy": cfg.distributed.strategy,
             "world_size": world.size,
             "device": str(world.device.type),
             "attn_implementation": attn,
+            "kernels": kernels.as_dict(),
             "train_seconds": round(train_seconds, 3),
             "dataset_fingerprint": fingerprint,
-        }
-        if writer is not None:
-            if eval_loss is not None:
-                writer.add_scalar("eval/loss", eval_loss, steps)
-            writer.close()
+        },
+    )
+
+
+def save_checkpoint(cfg, output, done, world, model, optimizer, losses, steps) -> None:
+    is_ds = cfg.distributed.strategy == "deepspeed"
+    optim_state = None if is_ds else optimizer.state_dict()
+    params = gathered_trainable(model) if is_zero3(cfg) else trainable_named(model)
+    ckpt.save_checkpoint(
+        output,
+        done,
+        world.rank,
+        params,
+        optim_state,
+        {
+            "step": done,
+            "loss": losses,
+            "world_size": world.size,
+            "strategy": cfg.distributed.strategy,
+            "steps": steps,
+        },
+    )
+
+
+def finish(cfg, model, tokenizer, world, output, evaluation, writer, metrics) -> None:
+    """Final eval, the adapter or weights, then metrics.json (last: it marks a finished run)."""
+    eval_split, attn, dtype = evaluation
+    eval_loss = evaluate(cfg, model, eval_split, world, tokenizer.pad_token_id, attn, dtype)
+    save_outputs(cfg, model, tokenizer, output, world, metrics["dataset_fingerprint"])
+    peak = all_reduce_max(peak_memory(world), world)
+    if world.main:
+        tps = metrics["tokens_per_second"]
+        flops_token = metrics.pop("flops_per_token")
+        metrics.update(
+            eval_loss=eval_loss,
+            peak_memory_bytes=int(peak),
+            mfu=mfu(flops_token, tps, world) if tps else None,
+        )
+        if eval_loss is not None:
+            writer.add_scalar("eval/loss", eval_loss, metrics["steps"])
+        writer.close()
         write_resolved(cfg, output)
-        # metrics.json last: its presence marks a finished run.
         (output / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        print(f"done: {steps} steps, eval loss {eval_loss}, wrote {output}", flush=True)
+        print(
+            f"done: {metrics['steps']} steps, eval loss {eval_loss}, attention "
+            f"{metrics['attn_implementation']}, kernels {metrics['kernels']}, wrote {output}",
+            flush=True,
+        )
     dist.barrier()
     dist.destroy_process_group()
 

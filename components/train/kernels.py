@@ -1,0 +1,220 @@
+"""The one place that chooses the training kernels, and the loss that never builds full logits.
+
+`train.kernels`:
+- `auto`: Liger-Kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy where it is
+  installed, the device is CUDA and the architecture is one Liger patches (Llama, Mistral,
+  Qwen2); everywhere else (Falcon, CPU, Liger missing) kubetune's chunked linear +
+  cross-entropy over the output head.
+- `liger`: Liger's kernels, or a clear error saying why they cannot run.
+- `none`: transformers' own forward (full logits, upcast to fp32): the reference.
+
+What ran is written to metrics.json (`kernels`), so a run says what it actually used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from types import MethodType
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+IGNORE = -100
+LIGER_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What the worker runs; written to metrics.json as `kernels`."""
+
+    rms_norm: str = "transformers"  # transformers | liger
+    rope: str = "transformers"
+    swiglu: str = "transformers"
+    loss: str = "transformers"  # transformers | chunked_linear_ce | liger_fused_linear_ce
+    compile: bool = False
+
+    @property
+    def liger_modules(self) -> bool:
+        return self.rms_norm == "liger"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def select_kernels(cfg, device: torch.device, model_type: str) -> Kernels:
+    """The kernels for this recipe, device and architecture (see the module docstring).
+
+    Under DeepSpeed ZeRO-3 the output head is partitioned: the loss gathers a frozen head
+    (LoRA) for the chunked loss; a trained head (full) keeps transformers' loss."""
+    choice, compiled = cfg.train.kernels, cfg.train.compile
+    if choice == "none":
+        return Kernels(compile=compiled)
+    zero3 = cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 3
+    chunked = "transformers" if zero3 and cfg.method == "full" else "chunked_linear_ce"
+    why_not = None
+    if device.type != "cuda":
+        why_not = f"Liger's Triton kernels need a CUDA device, this run is on {device.type}"
+    elif model_type not in LIGER_ARCHITECTURES:
+        why_not = (
+            f"Liger has no kernels for model type {model_type!r} "
+            f"(it patches {', '.join(LIGER_ARCHITECTURES)})"
+        )
+    elif not liger_installed():
+        why_not = "liger-kernel is not installed (pip install 'kubetune[gpu]')"
+    if why_not is None:
+        loss = chunked if zero3 else "liger_fused_linear_ce"
+        return Kernels("liger", "liger", "liger", loss, compiled)
+    if choice == "liger":
+        raise UserError(f"train.kernels=liger: {why_not}")
+    return Kernels(loss=chunked, compile=compiled)
+
+
+def apply_kernels(model: nn.Module, kernels: Kernels) -> None:
+    """Patch the (unwrapped, not yet LoRA-wrapped) causal LM in place."""
+    if kernels.liger_modules:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(
+            model=model,
+            rope=True,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=kernels.loss == "liger_fused_linear_ce",
+        )
+    if kernels.loss == "chunked_linear_ce":
+        use_chunked_loss(model)
+
+
+# --- the chunked linear + cross-entropy ------------------------------------------------------
+
+
+def chunk_rows(rows: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk: the chunk's logits about as large as the hidden states (Liger's rule),
+    a power of two of at least 256."""
+    ratio = max(1, math.ceil(vocab / hidden))
+    return max(256, 1 << max(0, math.ceil(rows / ratio) - 1).bit_length())
+
+
+def _chunked_ce(hidden, weight, labels, chunk: int, want_h: bool, want_w: bool):
+    """(mean loss, d loss/d hidden or None, d loss/d weight or None), one chunk of rows at a
+    time: only one chunk's logits (in fp32) exist at once."""
+    valid = labels != IGNORE
+    count = valid.sum().clamp(min=1).to(torch.float32)
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start : start + chunk].to(weight.dtype)
+        y, ok = labels[start : start + chunk].clamp(min=0), valid[start : start + chunk]
+        logits = (h @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        total += ((lse - logits.gather(1, y[:, None])[:, 0]) * ok).sum()
+        if not (want_h or want_w):
+            continue
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        probs[torch.arange(h.shape[0], device=h.device), y] -= 1.0
+        g = probs.mul_((ok / count)[:, None]).to(weight.dtype)
+        if want_h:
+            grad_h[start : start + chunk] = g @ weight
+        if want_w:
+            grad_w += (g.t() @ h).float()
+    return total / count, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Gradients are computed in the forward pass (the chunk's logits exist only there),
+    saved, and scaled by the incoming gradient in backward (Liger's scheme)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int):
+        loss, grad_h, grad_w = _chunked_ce(
+            hidden, weight, labels, chunk, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_output.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_output).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """Causal-LM loss of `hidden` (B, L, H) through the output head `weight` (V, H) against
+    `labels` (B, L), shifted by one as transformers does, without materialising B x L x V."""
+    shifted = nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    chunk = chunk or chunk_rows(flat.shape[0], weight.shape[1], weight.shape[0])
+    if not torch.is_grad_enabled():  # evaluation: the loss alone
+        return _chunked_ce(flat, weight, shifted, chunk, False, False)[0]
+    return _LinearCrossEntropy.apply(flat, weight, shifted, chunk)
+
+
+def _chunked_loss_forward(self, input_ids=None, labels=None, **kwargs):
+    """The causal LM's forward with the loss computed chunk by chunk over the output head.
+    Without labels (generation) it is the model's own forward."""
+    if labels is None:
+        return type(self).forward(self, input_ids=input_ids, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    kwargs.pop("logits_to_keep", None)
+    kwargs.pop("num_items_in_batch", None)
+    body = getattr(self, self.base_model_prefix)
+    outputs = body(input_ids=input_ids, **kwargs)
+    weight = self.get_output_embeddings().weight
+    gather = nullcontext()
+    if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partition: gather the (frozen) head
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if weight.ds_status != ZeroParamStatus.AVAILABLE:  # (a tied head may be gathered)
+            gather = deepspeed.zero.GatheredParameters([weight])
+    with gather:
+        loss = linear_cross_entropy(outputs[0], weight, labels)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def chunked_loss_supported(model: nn.Module) -> str | None:
+    """None when the model is decoder -> bias-free linear head with no logit post-processing;
+    else why not."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return "its output head is not a bias-free linear layer"
+    config = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return f"its config sets {attr}"
+    if not hasattr(model, getattr(model, "base_model_prefix", "") or "-"):
+        return "it has no decoder under base_model_prefix"
+    return None
+
+
+def use_chunked_loss(model: nn.Module) -> None:
+    why_not = chunked_loss_supported(model)
+    if why_not is not None:
+        raise UserError(
+            f"train.kernels: the chunked loss cannot run on {model.config.model_type}: {why_not}; "
+            "set train.kernels=none"
+        )
+    model.forward = MethodType(_chunked_loss_forward, model)
+
+
+def compile_layers(layers: list[nn.Module]) -> None:
+    """train.compile: torch.compile each decoder layer in place (the unit FSDP shards too)."""
+    for layer in layers:
+        layer.compile()

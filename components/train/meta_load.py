@@ -1,0 +1,120 @@
+"""Low-memory FSDP loading (llama-recipes' low_cpu_fsdp), for lora and full fine-tuning.
+
+Every rank builds the model on the meta device (no memory), adds LoRA and shards it with FSDP;
+then the shards get their values: rank 0 alone opens the safetensors checkpoint and streams it
+tensor by tensor, each tensor scattered so that every rank keeps only its own shard. No process
+ever holds the whole model, and the other ranks never read the checkpoint. LoRA weights (not in
+the checkpoint) are initialised on rank 0 as peft does (A Kaiming-uniform, B zero) and scattered
+the same way. Buffers computed at construction (rotary frequencies) are kept as built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UserError
+from ..models import resolve_model
+from .modeling import safetensors_files
+
+
+def build_on_meta(cfg, dtype: torch.dtype, attn: str) -> nn.Module:
+    """The architecture with its parameters on the meta device (buffers real, on the CPU)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(
+        resolve_model(cfg.model.name_or_path),
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            attn_implementation=attn,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    model.tie_weights()
+    return model
+
+
+def checkpoint_name(name: str) -> str:
+    """A (peft-wrapped) model parameter's name as the base checkpoint stores it."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _broadcast(obj):
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+@torch.no_grad()
+def _scatter_into(param: torch.Tensor, full: torch.Tensor | None, device) -> None:
+    """Give every rank its part of `full` (present on rank 0 only) inside `param`."""
+    if full is None:
+        full = torch.empty(param.shape, dtype=param.dtype, device=device)
+    else:
+        full = full.to(device=device, dtype=param.dtype)
+    if hasattr(param, "device_mesh"):  # an FSDP2 DTensor: keep only this rank's shard
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0)
+        param.to_local().copy_(shard.to_local())
+    else:
+        dist.broadcast(full, src=0)
+        param.copy_(full)
+
+
+def lora_init(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """peft's default LoRA init: A Kaiming-uniform (a=sqrt(5)), B zeros."""
+    tensor = torch.empty(shape, dtype=torch.float32)
+    if ".lora_A." in name:
+        nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
+    elif ".lora_B." in name:
+        tensor.zero_()
+    else:
+        raise RuntimeError(f"no initialiser for {name}")
+    return tensor
+
+
+def materialize(model: nn.Module, cfg, world) -> None:
+    """After fully_shard on a meta-built model: allocate the shards and fill them (see above)."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=world.device)
+    for name, value in buffers.items():
+        module_name, _, attr = name.rpartition(".")
+        model.get_submodule(module_name)._buffers[attr] = value.to(world.device)
+    params = dict(model.named_parameters())
+    by_checkpoint = {checkpoint_name(n): n for n in params if "lora_" not in n}
+    files = (
+        safetensors_files(resolve_model(cfg.model.name_or_path), cfg.model.revision)
+        if world.main
+        else []
+    )
+    loaded: set[str] = set()
+    for index in range(_broadcast(len(files))):
+        from safetensors import safe_open
+
+        handle = safe_open(str(files[index]), framework="pt") if world.main else None
+        names = list(handle.keys()) if handle else []  # noqa: SIM118 (safe_open is not a dict)
+        keys = _broadcast([k for k in names if k in by_checkpoint] if handle else None)
+        for key in keys:
+            name = by_checkpoint[key]
+            _scatter_into(params[name], handle.get_tensor(key) if handle else None, world.device)
+            loaded.add(name)
+    missing = [n for n in by_checkpoint.values() if n not in loaded]
+    if missing:
+        raise UserError(
+            f"model.name_or_path: the checkpoint has no tensor for "
+            f"{', '.join(checkpoint_name(n) for n in missing[:5])}"
+        )
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    for name in [n for n in params if "lora_" in n]:
+        init = lora_init(name, params[name].shape, generator) if world.main else None
+        _scatter_into(params[name], init, world.device)

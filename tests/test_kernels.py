@@ -1,0 +1,176 @@
+"""Training speed paths checked on CPU against independent references: the chunked loss against
+transformers' own loss and gradients, kernel selection, the prefetching loader against BatchPlan,
+flex_attention's document mask against each example run alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kubetune.components.config import load_recipe
+from kubetune.components.errors import UserError
+from kubetune.components.models import resolve_model
+from kubetune.components.tiny_models import ARCHITECTURES
+from kubetune.components.train.data import BatchPlan, batch_loader, collate
+from kubetune.components.train.kernels import (
+    chunk_rows,
+    linear_cross_entropy,
+    select_kernels,
+    use_chunked_loss,
+)
+
+from .conftest import TINY_DEMO
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def cfg(*sets):
+    return load_recipe(TINY_DEMO, list(sets))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_chunked_loss_equals_transformers_loss_and_gradients(arch):
+    """The model's loss and every parameter's gradient equal transformers' full-logits ones."""
+    reference = AutoModelForCausalLM.from_pretrained(resolve_model(f"tiny://{arch}"))
+    chunked = copy.deepcopy(reference)
+    use_chunked_loss(chunked)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 40), generator=generator)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 30:] = -100
+    positions = torch.arange(40).repeat(2, 1)
+    expected = reference(input_ids=ids, labels=labels, position_ids=positions).loss
+    expected.backward()
+    out = chunked(input_ids=ids, labels=labels, position_ids=positions)
+    assert out.logits is None  # the full logits were never built
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=1e-6)
+    pairs = zip(reference.named_parameters(), chunked.named_parameters(), strict=True)
+    for (name, a), (_, b) in pairs:
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
+    # without labels (generation) the model's own forward runs and returns logits
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_linear_cross_entropy_over_many_chunks_with_a_trained_head():
+    """Small chunks, uneven tail, masked rows, a trained head, a scaled loss: all gradients equal
+    plain cross_entropy's."""
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 50, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(300, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 300, (3, 50), generator=generator)
+    labels[0, :10] = -100
+    logits = hidden @ weight.t()
+    plain = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1)
+    )
+    grads = torch.autograd.grad(plain * 3, (hidden, weight))
+    ours = linear_cross_entropy(hidden, weight, labels, chunk=7)
+    torch.testing.assert_close(ours, plain)
+    for got, want in zip(torch.autograd.grad(ours * 3, (hidden, weight)), grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: the same loss, no gradient work
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), plain)
+
+
+def test_chunk_rows_follows_the_vocab_to_hidden_ratio():
+    assert chunk_rows(8192, 4096, 128256) == 256  # Llama-3: V/H rounds up to 32
+    assert chunk_rows(32768, 4096, 128256) == 1024
+    assert chunk_rows(100, 64, 1024) == 256  # never below 256
+    assert chunk_rows(8192, 4544, 65024) & (chunk_rows(8192, 4544, 65024) - 1) == 0
+
+
+def test_kernel_selection(monkeypatch):
+    import kubetune.components.train.kernels as kernels
+
+    auto = cfg()
+    on_cpu = select_kernels(auto, CPU, "llama")
+    assert (on_cpu.loss, on_cpu.rms_norm) == ("chunked_linear_ce", "transformers")
+    assert select_kernels(cfg("train.kernels=none"), CPU, "llama").loss == "transformers"
+    monkeypatch.setattr(kernels, "liger_installed", lambda: True)
+    liger = select_kernels(auto, CUDA, "llama")
+    assert liger.as_dict() == {
+        "rms_norm": "liger",
+        "rope": "liger",
+        "swiglu": "liger",
+        "loss": "liger_fused_linear_ce",
+        "compile": False,
+    }
+    falcon = select_kernels(auto, CUDA, "falcon")  # no Liger for Falcon: the chunked loss
+    assert (falcon.loss, falcon.swiglu) == ("chunked_linear_ce", "transformers")
+    zero3_full = cfg("method=full", "distributed.strategy=deepspeed", "distributed.zero_stage=3")
+    assert select_kernels(zero3_full, CUDA, "llama").loss == "transformers"
+    with pytest.raises(UserError, match="train.kernels=liger: Liger has no kernels for model type"):
+        select_kernels(cfg("train.kernels=liger"), CUDA, "falcon")
+    with pytest.raises(UserError, match="need a CUDA device"):
+        select_kernels(cfg("train.kernels=liger"), CPU, "llama")
+    monkeypatch.setattr(kernels, "liger_installed", lambda: False)
+    assert select_kernels(auto, CUDA, "qwen2").loss == "chunked_linear_ce"
+    with pytest.raises(UserError, match="liger-kernel is not installed"):
+        select_kernels(cfg("train.kernels=liger"), CUDA, "qwen2")
+
+
+def rows(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        length = 3 + i % 5
+        ids = list(range(10 + i, 10 + i + length))
+        out.append({"input_ids": ids, "labels": ids, "position_ids": list(range(length))})
+    return out
+
+
+def test_loader_yields_batch_plan_order_from_any_step():
+    """The prefetching loader (a worker process) yields exactly BatchPlan's micro batches,
+    collated, from any starting point: a resumed run continues the order."""
+    from datasets import Dataset
+
+    data = rows(37)
+    split = Dataset.from_list(data)
+    plan = BatchPlan(len(split), 4, 1, 2, seed=5)
+    for first in (0, 7):
+        loader = batch_loader(split, plan, first, first + 12, 0, "sdpa", torch.float32, pin=False)
+        got = list(loader)
+        assert len(got) == 12
+        for k, batch in zip(range(first, first + 12), got, strict=True):
+            want = collate([data[int(i)] for i in plan.rows(k)], 0, "sdpa", torch.float32)
+            assert batch.keys() == want.keys()
+            for key in want:
+                if key == "tokens":
+                    assert batch[key] == want[key]
+                else:
+                    assert torch.equal(batch[key], want[key]), (k, key)
+
+
+def test_flex_collate_builds_no_dense_mask():
+    batch = collate(rows(3), 0, "flex_attention", torch.float32)
+    assert "attention_mask" not in batch
+    assert "attention_mask" in collate(rows(3), 0, "sdpa", torch.float32)
+
+
+@pytest.mark.integration  # flex_attention compiles its kernel on the CPU (~40 s)
+def test_flex_attention_document_mask_keeps_examples_apart():
+    from kubetune.components.train.data import document_block_mask
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model("tiny://llama"), attn_implementation="flex_attention"
+    ).eval()
+    a, b = list(range(3, 10)), list(range(20, 25))
+    row = {"input_ids": a + b, "labels": a + b, "position_ids": list(range(7)) + list(range(5))}
+    short = {"input_ids": a, "labels": a, "position_ids": list(range(7))}
+    batch = collate([row, short], pad_id=1, attn="flex_attention", dtype=torch.float32)
+    mask = document_block_mask(batch["position_ids"])
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask
+        ).logits
+        alone_a = model(input_ids=torch.tensor([a])).logits[0]
+        alone_b = model(input_ids=torch.tensor([b])).logits[0]
+    torch.testing.assert_close(packed[0, :7], alone_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[0, 7:], alone_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[1, :7], alone_a, atol=1e-5, rtol=1e-4)
