@@ -37,8 +37,12 @@ class ModelConfig(Section):
         "auto",
         description="Weights dtype for training/merge; auto = bf16 where the hardware has it.",
     )
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
-        "auto", description="auto = flash-attention 2 when installed on CUDA, else SDPA."
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = (
+        Field(
+            "auto",
+            description="auto = flash-attention 2 when installed on CUDA; else on CUDA "
+            "flex_attention with a document mask for packed rows; else SDPA.",
+        )
     )
 
 

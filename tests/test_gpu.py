@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from kubetune.components.config import load_recipe
 from kubetune.components.models import resolve_model
+from kubetune.components.train.attention import transformers_attention, use_flex_attention
 from kubetune.components.train.data import collate, document_block_mask
 from kubetune.components.train.kernels import apply_kernels, select_kernels, use_chunked_loss
 
@@ -27,9 +28,14 @@ CUDA = torch.device("cuda", 0)
 
 
 def tiny(arch: str, attn: str = "sdpa"):
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model(f"tiny://{arch}"), dtype=torch.bfloat16, attn_implementation=attn
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(f"tiny://{arch}"),
+        dtype=torch.bfloat16,
+        attn_implementation=transformers_attention(attn, arch.split("-")[0]),
     ).to(CUDA)
+    if attn == "flex_attention":
+        use_flex_attention(model)
+    return model
 
 
 def batch_on_gpu():
@@ -79,10 +85,11 @@ def packed_attentions() -> list[str]:
     return found
 
 
+@pytest.mark.parametrize("arch", ["llama", "falcon", "falcon-40b"])
 @pytest.mark.parametrize("attn", packed_attentions())
-def test_packed_loss_equals_each_example_alone_on_gpu(attn):
+def test_packed_loss_equals_each_example_alone_on_gpu(attn, arch):
     """The loss of a packed row (no dense mask) is the token-weighted loss of its examples."""
-    model = tiny("llama", attn).eval()
+    model = tiny(arch, attn).eval()
     use_chunked_loss(model)
     examples = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((70, 130, 41))]
     packed = {

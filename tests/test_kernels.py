@@ -153,13 +153,44 @@ def test_flex_collate_builds_no_dense_mask():
     assert "attention_mask" in collate(rows(3), 0, "sdpa", torch.float32)
 
 
-@pytest.mark.integration  # flex_attention compiles its kernel on the CPU (~40 s)
-def test_flex_attention_document_mask_keeps_examples_apart():
+def test_attention_selection():
+    """auto: flex_attention for packed rows on CUDA (Falcon through kubetune's own path, not
+    ALiBi Falcon), SDPA on the CPU and for unpacked rows; a recipe's explicit choice wins."""
+    from kubetune.components.train.attention import (
+        attention_implementation,
+        supports_flex_attention,
+        transformers_attention,
+    )
+    from kubetune.components.train.attention import model_config as config_of
+
+    for arch in ("llama", "falcon", "qwen2"):
+        recipe = cfg(f"model.name_or_path=tiny://{arch}")
+        assert attention_implementation(recipe, CUDA, packed=True) == "flex_attention"
+        assert attention_implementation(recipe, CUDA, packed=False) == "sdpa"
+        assert attention_implementation(recipe, CPU, packed=True) == "sdpa"
+    falcon = config_of(cfg())
+    falcon.alibi = True
+    assert not supports_flex_attention(falcon)
+    assert attention_implementation(cfg("model.attn_implementation=eager"), CUDA, True) == "eager"
+    assert transformers_attention("flex_attention", "falcon") == "sdpa"
+    assert transformers_attention("flex_attention", "llama") == "flex_attention"
+
+
+@pytest.mark.integration  # flex_attention compiles its kernel on the CPU (~20 s)
+@pytest.mark.parametrize("arch", ["llama", "falcon", "falcon-40b"])
+def test_flex_attention_document_mask_keeps_examples_apart(arch):
+    """Packed rows through flex_attention with the document mask (transformers' flex path for
+    Llama, kubetune's for both Falcon layouts) give each example its logits alone."""
+    from kubetune.components.train.attention import transformers_attention, use_flex_attention
     from kubetune.components.train.data import document_block_mask
 
+    source = resolve_model(f"tiny://{arch}")
+    model_type = "falcon" if arch.startswith("falcon") else arch
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model("tiny://llama"), attn_implementation="flex_attention"
+        source, attn_implementation=transformers_attention("flex_attention", model_type)
     ).eval()
+    use_flex_attention(model)
+    reference = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa").eval()
     a, b = list(range(3, 10)), list(range(20, 25))
     row = {"input_ids": a + b, "labels": a + b, "position_ids": list(range(7)) + list(range(5))}
     short = {"input_ids": a, "labels": a, "position_ids": list(range(7))}
@@ -169,8 +200,8 @@ def test_flex_attention_document_mask_keeps_examples_apart():
         packed = model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask
         ).logits
-        alone_a = model(input_ids=torch.tensor([a])).logits[0]
-        alone_b = model(input_ids=torch.tensor([b])).logits[0]
+        alone_a = reference(input_ids=torch.tensor([a])).logits[0]
+        alone_b = reference(input_ids=torch.tensor([b])).logits[0]
     torch.testing.assert_close(packed[0, :7], alone_a, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[0, 7:], alone_b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[1, :7], alone_a, atol=1e-5, rtol=1e-4)

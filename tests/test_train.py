@@ -103,6 +103,9 @@ def test_qlora_ddp_trains_and_the_adapter_loads_with_peft(cli, dataset, base_los
     metrics = metrics_of(out)
     assert metrics["steps"] == 30 and metrics["world_size"] == 2 and loss_fell(metrics)
     assert metrics["quantized_linear_modules"] == 8  # 2 layers x 4 linear layers of Falcon
+    # on the CPU: no Liger, the chunked loss over the output head, the dense-mask fallback
+    assert metrics["kernels"]["loss"] == "chunked_linear_ce"
+    assert metrics["attn_implementation"] == "sdpa"
     assert metrics["mfu"] is None  # no GPU here
     assert (out / "adapter_model.safetensors").is_file() and list((out / "tensorboard").iterdir())
     tuned = PeftModel.from_pretrained(base_model(), out)
@@ -382,3 +385,21 @@ def test_low_memory_fsdp_load_equals_every_rank_loading(cli, dataset, tmp_path):
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_compiled_decoder_layers_train_like_eager_ones(cli, dataset, tmp_path):
+    """train.compile=true: torch.compile'd decoder layers (inductor on the CPU here) give the
+    eager run's losses."""
+    runs = {}
+    for compiled in ("true", "false"):
+        out = tmp_path / f"compile-{compiled}"
+        sets = ("distributed.procs_per_node=1", "train.max_steps=4", f"train.compile={compiled}")
+        result = train(cli, dataset, out, *sets)
+        assert result.code == 0, result
+        runs[compiled] = metrics_of(out)
+    assert runs["true"]["kernels"]["compile"] is True
+    for (step, a), (_, b) in zip(runs["true"]["loss"], runs["false"]["loss"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4), step
+    # flex_attention (the GPU path for packed rows) has no backward on the CPU: a clear error
+    flex = train(cli, dataset, tmp_path / "flex", "model.attn_implementation=flex_attention")
+    assert_user_error(flex, "flex_attention trains on CUDA only")

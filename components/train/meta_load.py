@@ -18,24 +18,21 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import resolve_model
+from .attention import model_config, transformers_attention
 from .modeling import safetensors_files
 
 
 def build_on_meta(cfg, dtype: torch.dtype, attn: str) -> nn.Module:
     """The architecture with its parameters on the meta device (buffers real, on the CPU)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(
-        resolve_model(cfg.model.name_or_path),
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    config = model_config(cfg)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config,
             dtype=dtype,
-            attn_implementation=attn,
+            attn_implementation=transformers_attention(attn, config.model_type),
             trust_remote_code=cfg.model.trust_remote_code,
         )
     model.tie_weights()

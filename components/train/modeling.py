@@ -11,7 +11,6 @@ checked against the count of linear layers before training starts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import resolve_model
+from .attention import attention_implementation, transformers_attention
 
 # lora.target_modules: auto — the attention and MLP projections of each architecture.
 AUTO_TARGETS = {
@@ -40,33 +40,6 @@ def weights_dtype(cfg, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-def attention_implementation(cfg, device: torch.device, packed: bool = False) -> str:
-    """model.attn_implementation; auto = flash-attention 2 when installed on CUDA (packed rows
-    by position_ids), else on CUDA for packed rows flex_attention with a document mask where
-    the architecture supports it, else PyTorch SDPA (with a dense mask for packed rows: the CPU
-    fallback, and Falcon's, whose transformers code has no flex path)."""
-    if cfg.model.attn_implementation != "auto":
-        return cfg.model.attn_implementation
-    if device.type == "cuda":
-        if importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        if packed and supports_flex_attention(cfg):
-            return "flex_attention"
-    return "sdpa"
-
-
-def supports_flex_attention(cfg) -> bool:
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    source = resolve_model(cfg.model.name_or_path)
-    config = AutoConfig.from_pretrained(
-        source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config))
-    return bool(getattr(model_class, "_supports_flex_attn", False))
 
 
 def lora_targets(cfg, model_type: str) -> list[str] | str:
@@ -191,7 +164,7 @@ def load_quantized(cfg, source: str, device: torch.device, attn: str) -> tuple[n
         model = AutoModelForCausalLM.from_config(
             config,
             dtype=compute,
-            attn_implementation=attn,
+            attn_implementation=transformers_attention(attn, config.model_type),
             trust_remote_code=cfg.model.trust_remote_code,
         )
     targets = linear_layer_names(model)
@@ -250,6 +223,10 @@ def load_base(
     attn = attn or attention_implementation(cfg, device)
     if cfg.method == "qlora":
         return load_quantized(cfg, source, device, attn)
+    if attn == "flex_attention":
+        from .attention import model_config
+
+        attn = transformers_attention(attn, model_config(cfg).model_type)
     # On a GPU, load straight onto it (not a full host-RAM copy per process); ZeRO-3
     # partitions the weights itself while loading.
     direct = device.type == "cuda" and not deepspeed_zero3

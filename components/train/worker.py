@@ -29,6 +29,7 @@ from ..config import load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
 from . import checkpoint as ckpt
+from .attention import FLEX, attention_implementation, use_flex_attention
 from .data import BatchPlan, batch_loader, check_rows, collate, document_block_mask, total_steps
 from .flops import mfu, train_flops_per_token
 from .kernels import apply_kernels, compile_layers, select_kernels
@@ -36,7 +37,6 @@ from .meta_load import build_on_meta, materialize
 from .modeling import (
     DTYPES,
     add_lora,
-    attention_implementation,
     load_base,
     parameter_counts,
     weights_dtype,
@@ -98,6 +98,8 @@ def build_model(cfg, world: World, attn: str):
         model, quantized = build_on_meta(cfg, dtype, attn), 0
     else:
         model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
+    if attn == FLEX:
+        use_flex_attention(model)
     kernels = select_kernels(cfg, world.device, model.config.model_type)
     apply_kernels(model, kernels)
     if cfg.method in ("lora", "qlora"):
@@ -185,7 +187,7 @@ def restore_optimizer(optimizer, saved: dict) -> None:
 
 def forward_loss(model, batch: dict, device, attn: str) -> torch.Tensor:
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "tokens"}
-    if attn == "flex_attention":  # packed rows: a sparse document mask, built on the device
+    if attn == FLEX:  # packed rows: a sparse document mask, built on the device
         inputs["attention_mask"] = document_block_mask(inputs["position_ids"])
     return model(**inputs).loss
 
@@ -314,7 +316,7 @@ class LossLog:
         values = counts.tolist()
         self.tokens += values[-1]
         self.local_tokens = 0
-        for (step, _, lr), total in zip(self.pending, values[:-1], strict=False):
+        for (step, _, lr), total in zip(self.pending, values[:-1], strict=True):
             mean = total / self.world.size
             self.losses.append([step, round(mean, 6)])
             if self.writer is not None:

@@ -1,0 +1,132 @@
+"""Which attention the worker runs, and flex_attention for Falcon (which transformers lacks).
+
+`model.attn_implementation: auto` picks, in this order:
+- flash-attention 2 when installed on CUDA: packed rows separated by their position ids
+  (varlen kernels), no mask at all;
+- on CUDA, for packed rows: PyTorch flex_attention with a sparse document mask (a `BlockMask`
+  built on the device from the position ids). Llama, Mistral and Qwen2 use transformers' own
+  flex path; Falcon (rotary, no ALiBi) uses `falcon_flex_forward` below;
+- else SDPA, with a dense block-diagonal mask for packed rows: the CPU fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from types import MethodType
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+FLEX = "flex_attention"
+
+
+def model_config(cfg):
+    from transformers import AutoConfig
+
+    from ..models import resolve_model
+
+    return AutoConfig.from_pretrained(
+        resolve_model(cfg.model.name_or_path),
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def supports_flex_attention(config) -> bool:
+    """transformers' flex path for the architecture, or ours for rotary Falcon."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if config.model_type == "falcon":
+        return not config.alibi
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return bool(getattr(model_class, "_supports_flex_attn", False))
+
+
+def attention_implementation(cfg, device: torch.device, packed: bool = False) -> str:
+    """The attention the worker runs (see the module docstring)."""
+    if cfg.model.attn_implementation == FLEX and device.type != "cuda":
+        raise UserError(
+            "model.attn_implementation=flex_attention trains on CUDA only (PyTorch's "
+            f"flex_attention has no backward on {device.type}); use sdpa or auto"
+        )
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    if device.type == "cuda":
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        if packed and supports_flex_attention(model_config(cfg)):
+            return FLEX
+    return "sdpa"
+
+
+def transformers_attention(attn: str, model_type: str) -> str:
+    """What transformers builds the model with: Falcon runs our flex path on its SDPA build."""
+    return "sdpa" if attn == FLEX and model_type == "falcon" else attn
+
+
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def falcon_flex_forward(
+    self,
+    hidden_states,
+    alibi,
+    attention_mask,
+    position_ids=None,
+    layer_past=None,
+    use_cache=False,
+    output_attentions=False,
+    position_embeddings=None,
+    **kwargs,
+):
+    """FalconAttention.forward for a flex `BlockMask` (rotary Falcon), as transformers' SDPA
+    path computes it; any other mask goes to transformers' own forward."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(attention_mask, BlockMask) or alibi is not None:
+        return type(self).forward(
+            self,
+            hidden_states,
+            alibi,
+            attention_mask,
+            position_ids=position_ids,
+            layer_past=layer_past,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+    kv_heads = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
+    query, key, value = self._split_heads(self.query_key_value(hidden_states))
+    batch, length = query.shape[:2]
+    query = query.transpose(1, 2).reshape(batch, self.num_heads, length, self.head_dim)
+    key = key.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim)
+    value = value.transpose(1, 2).reshape(batch, kv_heads, length, self.head_dim)
+    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    out = compiled_flex_attention()(
+        query, key, value, block_mask=attention_mask, enable_gqa=kv_heads != self.num_heads
+    )
+    out = out.permute(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim)
+    return self.dense(out), None
+
+
+def use_flex_attention(model: nn.Module) -> None:
+    """Give a Falcon model's attention layers the flex path (others have transformers')."""
+    if model.config.model_type != "falcon":
+        return
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    for module in model.modules():
+        if isinstance(module, FalconAttention):
+            module.forward = MethodType(falcon_flex_forward, module)
