@@ -51,6 +51,7 @@ from .parallel import (
     wrap_ddp,
     wrap_fsdp,
 )
+from .progress import LossLog, synchronize
 
 ERROR_FILE = ".worker-error"
 
@@ -278,54 +279,6 @@ def recipe_from_arg(arg: str, overrides: list[str]):
     return load_recipe(arg, overrides)
 
 
-def synchronize(world: World) -> None:
-    if world.device.type == "cuda":
-        torch.cuda.synchronize(world.device)
-
-
-class LossLog:
-    """Per-step losses kept on the device and read (all-reduced across ranks) only when
-    flushed: at logging steps, checkpoints and the end. No host round trip per micro batch."""
-
-    def __init__(self, world: World, losses: list, writer):
-        self.world, self.losses, self.writer = world, losses, writer
-        self.pending: list[tuple[int, torch.Tensor, float]] = []
-        self.tokens = 0.0  # all ranks' tokens, as of the last flush
-        self.local_tokens = 0
-
-    def add(self, step: int, loss: torch.Tensor, lr: float, tokens: int) -> None:
-        self.pending.append((step, loss, lr))
-        self.local_tokens += tokens
-
-    def flush(self) -> float | None:
-        """Append the pending steps' mean losses; returns the last one."""
-        if not self.pending:
-            return None
-        stacked = torch.stack([loss for _, loss, _ in self.pending]).to(torch.float64)
-        counts = torch.cat(
-            [
-                stacked,
-                torch.tensor(
-                    [float(self.local_tokens)], device=stacked.device, dtype=torch.float64
-                ),
-            ]
-        )
-        if self.world.device.type != "cuda":
-            counts = counts.cpu()
-        dist.all_reduce(counts)
-        values = counts.tolist()
-        self.tokens += values[-1]
-        self.local_tokens = 0
-        for (step, _, lr), total in zip(self.pending, values[:-1], strict=True):
-            mean = total / self.world.size
-            self.losses.append([step, round(mean, 6)])
-            if self.writer is not None:
-                self.writer.add_scalar("train/loss", mean, step)
-                self.writer.add_scalar("train/lr", lr, step)
-        self.pending.clear()
-        return self.losses[-1][1]
-
-
 def resume(cfg, output: Path, world: World, model, optimizer, scheduler, steps: int):
     """(first step, losses so far) from the newest complete checkpoint, or (0, [])."""
     latest = ckpt.latest_checkpoint(output)
@@ -437,18 +390,18 @@ def run(args) -> None:
         log.add(done, step_loss, scheduler.get_last_lr()[0], step_tokens)
         evaluating = bool(cfg.train.eval_steps and done % cfg.train.eval_steps == 0)
         saving = done % cfg.train.save_steps == 0
-        if (done % cfg.train.logging_steps == 0 or done == steps) or (
-            done < steps and (evaluating or saving)
-        ):
+        logging = done % cfg.train.logging_steps == 0 or done == steps
+        pausing = done < steps and (evaluating or saving)
+        if logging or pausing:
             mean_loss = log.flush()  # the one read of the device per logging step
-            elapsed = time.perf_counter() - began - paused
-            if world.main and (done % cfg.train.logging_steps == 0 or done == steps):
+            if world.main and logging:
+                elapsed = time.perf_counter() - began - paused
                 print(
                     f"step {done}/{steps} loss {mean_loss:.4f} "
                     f"lr {scheduler.get_last_lr()[0]:.2e} tokens/s {log.tokens / elapsed:.0f}",
                     flush=True,
                 )
-        if done < steps and (evaluating or saving):
+        if pausing:
             synchronize(world)
             pause = time.perf_counter()
             if evaluating:
