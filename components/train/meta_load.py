@@ -18,25 +18,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import resolve_model
-from .attention import model_config, transformers_attention
 from .modeling import safetensors_files
-
-
-def build_on_meta(cfg, dtype: torch.dtype, attn: str) -> nn.Module:
-    """The architecture with its parameters on the meta device (buffers real, on the CPU)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    config = model_config(cfg)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(
-            config,
-            dtype=dtype,
-            attn_implementation=transformers_attention(attn, config.model_type),
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    model.tie_weights()
-    return model
 
 
 def checkpoint_name(name: str) -> str:

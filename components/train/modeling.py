@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import resolve_model
-from .attention import attention_implementation, transformers_attention
+from .attention import attention_implementation, model_config, transformers_attention
 
 # lora.target_modules: auto — the attention and MLP projections of each architecture.
 AUTO_TARGETS = {
@@ -149,24 +149,30 @@ def replace_linear_layers(model: nn.Module, names: list[str], cfg, compute: torc
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def load_quantized(cfg, source: str, device: torch.device, attn: str) -> tuple[nn.Module, int]:
-    """Build on meta, swap linear layers for bitsandbytes layers, stream weights in."""
-    import bitsandbytes as bnb
+def build_on_meta(cfg, dtype: torch.dtype, attn: str) -> nn.Module:
+    """The architecture with its parameters on the meta device (buffers real, on the CPU)."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    compute = DTYPES[cfg.quant.compute_dtype]
-    config = AutoConfig.from_pretrained(
-        source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    config = model_config(cfg)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config,
-            dtype=compute,
+            dtype=dtype,
             attn_implementation=transformers_attention(attn, config.model_type),
             trust_remote_code=cfg.model.trust_remote_code,
         )
+    model.tie_weights()
+    return model
+
+
+def load_quantized(cfg, source: str, device: torch.device, attn: str) -> tuple[nn.Module, int]:
+    """Build on meta, swap linear layers for bitsandbytes layers, stream weights in."""
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    compute = DTYPES[cfg.quant.compute_dtype]
+    model = build_on_meta(cfg, compute, attn)
     targets = linear_layer_names(model)
     replace_linear_layers(model, targets, cfg, compute)
 
@@ -224,8 +230,6 @@ def load_base(
     if cfg.method == "qlora":
         return load_quantized(cfg, source, device, attn)
     if attn == "flex_attention":
-        from .attention import model_config
-
         attn = transformers_attention(attn, model_config(cfg).model_type)
     # On a GPU, load straight onto it (not a full host-RAM copy per process); ZeRO-3
     # partitions the weights itself while loading.

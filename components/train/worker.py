@@ -33,10 +33,11 @@ from .attention import FLEX, attention_implementation, use_flex_attention
 from .data import BatchPlan, batch_loader, check_rows, collate, document_block_mask, total_steps
 from .flops import mfu, train_flops_per_token
 from .kernels import apply_kernels, compile_layers, select_kernels
-from .meta_load import build_on_meta, materialize
+from .meta_load import materialize
 from .modeling import (
     DTYPES,
     add_lora,
+    build_on_meta,
     load_base,
     parameter_counts,
     weights_dtype,
