@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kubetune.components.config import load_recipe
+from kubetune.components.train.modeling import add_lora, load_base
 from kubetune.components.train.plan import GB, estimate
 
 from .conftest import RECIPES, TINY_DEMO
@@ -88,7 +89,6 @@ def test_plan_is_near_the_published_points(name, recipe, sets, part, published):
 def test_plan_counts_match_the_real_tiny_model_and_optimizer():
     """Weights and trainable state as the planner counts them equal the bytes of a real tiny
     LoRA model and its AdamW state after one step (fp32 on CPU)."""
-    from kubetune.components.train.modeling import add_lora, load_base
 
     cfg = load_recipe(TINY_DEMO, ["train.gradient_checkpointing=false"])
     plan = estimate(cfg, gpus=1, dtype_bytes=4)
@@ -122,5 +122,13 @@ def test_plan_cli_says_whether_it_fits(cli):
     result = cli("plan", RECIPES / "falcon-7b-qlora.yaml", "--json")
     plan = json.loads(result.out)
     assert plan["fits"] is True and plan["total_params"] == 6_921_720_704
+    for method in ("full", "lora"):  # every method's trainable count, against the real model
+        result = cli("plan", TINY_DEMO, "--json", "--set", f"method={method}")
+        assert result.code == 0, result
+        cfg = load_recipe(TINY_DEMO, [f"method={method}"])
+        model, _ = load_base(cfg, torch.device("cpu"))
+        model = add_lora(cfg, model) if method == "lora" else model
+        real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert json.loads(result.out)["trainable_params"] == real, method
     result = cli("plan", RECIPES / "falcon-7b-qlora.yaml", "--set", "hardware.gpu=TPU-v9")
     assert result.code == 2 and "unknown GPU 'TPU-v9'" in result.err

@@ -216,6 +216,12 @@ class Plan:
     parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU
     gpu: str = "none"
     gpu_memory: float | None = None
+    method: str = "lora"
+
+    @property
+    def trainable_params(self) -> int:
+        """Every parameter for full fine-tuning; the LoRA weights otherwise."""
+        return self.arch.total_params if self.method == "full" else self.arch.lora_params
 
     @property
     def total(self) -> float:
@@ -233,7 +239,7 @@ class Plan:
             "seq_len": self.seq_len,
             "micro_batch": self.micro_batch,
             "total_params": self.arch.total_params,
-            "trainable_params": self.arch.lora_params,
+            "trainable_params": self.trainable_params,
             "parts_gb": {k: round(v / GB, 2) for k, v in self.parts.items()},
             "total_gb": round(self.total / GB, 2),
             "fits": self.fits,
@@ -321,7 +327,7 @@ def estimate(cfg, gpus: int | None = None, dtype_bytes: int | None = None) -> Pl
             "cuda overhead": CUDA_OVERHEAD,
         },
     )
-    plan.gpu = cfg.hardware.gpu
+    plan.gpu, plan.method = cfg.hardware.gpu, cfg.method
     memory_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
     if memory_gb is None and cfg.hardware.gpu != "none":
         raise UserError(
@@ -339,7 +345,7 @@ def render(plan: Plan, cfg) -> str:
         f"method {cfg.method}, strategy {cfg.distributed.strategy}, {plan.gpus} GPU(s), "
         f"seq {plan.seq_len} x micro batch {plan.micro_batch}, gradient checkpointing "
         f"{'on' if cfg.train.gradient_checkpointing else 'off'}",
-        f"trainable: {(a.lora_params if cfg.method != 'full' else a.total_params) / 1e6:,.1f}M params",
+        f"trainable: {plan.trainable_params / 1e6:,.1f}M params",
         "",
         "| per GPU | GB |",
         "| --- | ---: |",
