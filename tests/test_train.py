@@ -403,3 +403,45 @@ def test_compiled_decoder_layers_train_like_eager_ones(cli, dataset, tmp_path):
     # flex_attention (the GPU path for packed rows) has no backward on the CPU: a clear error
     flex = train(cli, dataset, tmp_path / "flex", "model.attn_implementation=flex_attention")
     assert_user_error(flex, "flex_attention trains on CUDA only")
+
+
+def test_data_and_model_must_belong_together(cli, dataset, tmp_path):
+    """A dataset trains and evaluates only a model with its tokenizer and enough embeddings:
+    one line naming both models, exit 2, before any worker starts and with no output left."""
+    from transformers import AutoTokenizer
+
+    record = json.loads((dataset / "stats.json").read_text())["tokenizer"]
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny://falcon"))
+    assert record["model"] == "tiny://falcon" and record["vocab_size"] == len(tokenizer)
+    out = tmp_path / "out"
+    other = train(cli, dataset, out, "model.name_or_path=tiny://qwen2")
+    assert_user_error(
+        other, "prepared with the tokenizer of tiny://falcon", "model.name_or_path tiny://qwen2"
+    )
+    assert not out.exists()
+    evaluated = cli(
+        "evaluate",
+        TINY_DEMO,
+        "--model",
+        resolve_model("tiny://qwen2"),
+        "--dataset",
+        dataset,
+        "--output",
+        tmp_path / "eval",
+        "--set",
+        "model.name_or_path=tiny://qwen2",
+    )
+    assert_user_error(evaluated, "not the tokenizer of model.name_or_path tiny://qwen2")
+    assert not (tmp_path / "eval").exists()
+    # the same tokenizer, but fewer embeddings than the data's largest token id
+    largest = max(
+        max(row["input_ids"]) for split in load_from_disk(str(dataset)).values() for row in split
+    )
+    small = tmp_path / "small-vocab"
+    model = base_model("llama")
+    model.resize_token_embeddings(largest)
+    model.save_pretrained(small)
+    AutoTokenizer.from_pretrained(resolve_model("tiny://llama")).save_pretrained(small)
+    result = train(cli, dataset, out, f"model.name_or_path={small}")
+    assert_user_error(result, f"holds token id {largest}", f"has {largest} embeddings")
+    assert not out.exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, write_resolved
+from ..data_model_match import check_data_matches_model
 from ..errors import UserError
 from ..models import load_tokenizer, resolve_model
 from ..outputs import check_output, staged_output
@@ -240,6 +241,8 @@ def evaluate(
     output = Path(output_dir)
     check_output(output, overwrite)
     split = load_eval_split(dataset_dir)
+    if (Path(dataset_dir) / "stats.json").is_file():
+        check_data_matches_model(cfg.model, dataset_dir)
     training = find_training_metrics(model_dir, training_metrics)
     tokenizer = load_tokenizer(cfg.model)
     n = min(cfg.eval.num_prompts, len(split))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RunConfig, write_resolved
+from ..data_model_match import tokenizer_record
 from ..errors import UserError
 from ..models import load_tokenizer
 from ..outputs import check_output, staged_output
@@ -194,6 +195,7 @@ def prepare_dataset(cfg: RunConfig, output_dir: str | Path, overwrite: bool = Fa
             else 0.0,
         },
         "fingerprint": digest.hexdigest(),
+        "tokenizer": tokenizer_record(tokenizer, cfg.model.name_or_path),
     }
     from datasets import DatasetDict
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..config import RunConfig, write_resolved
+from ..data_model_match import check_data_matches_model
 from ..errors import UserError
 from .data import check_rows
 from .pytorchjob import WORKER_MODULE
@@ -67,6 +68,7 @@ def check_dataset(cfg: RunConfig, dataset: Path) -> None:
     rows = json.loads((dataset / "stats.json").read_text())["splits"]["train"]
     world = cfg.distributed.nodes * cfg.distributed.procs_per_node
     check_rows(dataset, rows, world, cfg.train.micro_batch_size)
+    check_data_matches_model(cfg.model, dataset)
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
