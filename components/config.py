@@ -13,8 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from . import k8s_values
 from .errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "recipes"
@@ -241,6 +250,47 @@ class KubernetesConfig(Section):
         "/workspace", description="Where the workspace PVC is mounted in every pod."
     )
     run_as_user: int = Field(1000, gt=0, description="Non-root UID of the pods (the image's user).")
+
+    # What the API server would reject is rejected here, naming the recipe key.
+    @field_validator("cpu", "memory", "shm_size", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any, info: ValidationInfo) -> str:
+        # `cpu: 8` in YAML is a number; the API takes it as the quantity "8"
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"kubernetes.{info.field_name} must be a quantity, got {value!r}")
+        return k8s_values.quantity(str(value), f"kubernetes.{info.field_name}", allow_zero=False)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return k8s_values.dns_label(value, "kubernetes.namespace")
+
+    @field_validator("service_account", "workspace_pvc", "s3_secret", "hf_secret")
+    @classmethod
+    def _object_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        return k8s_values.dns_subdomain(value, f"kubernetes.{info.field_name}")
+
+    @field_validator("gpu_resource")
+    @classmethod
+    def _gpu_resource(cls, value: str) -> str:
+        return k8s_values.extended_resource(value, "kubernetes.gpu_resource")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _node_selector(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            k8s_values.qualified_name(key, f"kubernetes.node_selector key {key!r}")
+            k8s_values.label_value(label, f"kubernetes.node_selector.{key}")
+        return value
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for index, item in enumerate(value):
+            k8s_values.toleration(item, f"kubernetes.tolerations[{index}]")
+        return value
 
 
 class RunConfig(Section):

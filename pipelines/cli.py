@@ -156,13 +156,22 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def checked_job_name(name: str, where: str, nodes: int) -> str:
+    from kubetune.components.k8s_values import job_name
+
+    try:
+        return job_name(name, where, nodes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def cmd_render_job(args) -> int:
     from kubetune.components.train.kube import check_paths, default_job_name
     from kubetune.components.train.pytorchjob import default_paths, render_job, to_yaml
 
     cfg = load_recipe(args.recipe, args.overrides)
     if args.name:
-        name = args.name
+        name = checked_job_name(args.name, "--name", cfg.distributed.nodes)
     else:
         dataset, output = default_paths(cfg, "run")
         name = default_job_name(cfg, args.dataset or dataset, args.output or output)

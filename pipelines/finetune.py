@@ -6,8 +6,9 @@ parameters (with the recipe's values as defaults), so the KFP UI's run form show
 them. Datasets and weights stay on the workspace PVC (`kubernetes.workspace_pvc`, mounted at
 `kubernetes.workspace_mount` in every step); only their paths pass between tasks. S3 and hub
 credentials come from Kubernetes Secrets as environment variables, never from parameters. The
-train task is the PyTorchJob launcher (CPU); the GPU node pool's selector, tolerations and an
-accelerator go to the evaluate task, which generates with the model.
+train task is the PyTorchJob launcher (CPU); the GPU node pool's selector, tolerations,
+accelerators and the CUDA trainer image go to the evaluate task, which generates with the model;
+every CPU task runs in the steps image.
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
@@ -53,7 +54,9 @@ def _on_cluster(task, cfg: RunConfig, s3: bool = True, hub: bool = False):
 
 
 def _on_gpu_pool(task, cfg: RunConfig):
+    """The GPU node pool, its accelerators, and the CUDA image that can use them."""
     k8s = cfg.kubernetes
+    task.set_container_image(k8s.trainer_image)
     for key, value in k8s.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for t in k8s.tolerations:

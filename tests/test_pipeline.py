@@ -93,8 +93,33 @@ def test_compiled_pipeline_wires_steps_node_pool_and_secrets(tmp_path):
         keys = {m["secretKey"] for m in secret["keyToEnv"]}
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= keys
     assert "nodeSelector" not in executor("train-model")  # the launcher is a CPU pod
-    images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()}
-    assert images == {"ghcr.io/kubetune/steps:0.1.0"}
+    assert images_by_resources(ir) == {"exec-evaluate-model": "ghcr.io/kubetune/trainer:0.1.0"}
+
+
+def images_by_resources(ir: dict, steps_image: str = "ghcr.io/kubetune/steps:0.1.0") -> dict:
+    """The executors whose image is not the steps image, and that image; asserts along the way
+    that exactly the executors asking for accelerators run another (the CUDA) image."""
+    other = {}
+    for name, executor in ir["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        gpus = container.get("resources", {}).get("accelerator")
+        assert (container["image"] != steps_image) == bool(gpus), (name, container["image"])
+        if gpus:
+            other[name] = container["image"]
+    return other
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+def test_every_gpu_task_runs_in_the_cuda_image(recipe, tmp_path):
+    """For every shipped recipe: a task with accelerators runs in kubernetes.trainer_image, a
+    task without them in kubernetes.steps_image (the CPU build of PyTorch)."""
+    from kubetune.components.config import load_recipe
+
+    cfg = load_recipe(RECIPES / f"{recipe}.yaml")
+    ir = compile_to(tmp_path / "p.yaml", RECIPES / f"{recipe}.yaml")
+    other = images_by_resources(ir, cfg.kubernetes.steps_image)
+    assert set(other.values()) <= {cfg.kubernetes.trainer_image}
+    assert bool(other) == (cfg.hardware.gpu != "none")
 
 
 def run_local(tmp_path: Path, output: Path, *sets: str):

@@ -22,6 +22,7 @@ from pathlib import PurePosixPath
 
 from ..config import RunConfig, dump_config
 from ..errors import UserError
+from ..k8s_values import job_name as k8s_job_name
 from .pytorchjob import CONTAINER, GROUP, PLURAL, VERSION, job_name, lead_replica, render_job
 
 RETRYABLE = {429, 500, 502, 503, 504}
@@ -275,7 +276,10 @@ def check_paths(cfg: RunConfig, dataset: str, output: str) -> None:
 def default_job_name(cfg: RunConfig, dataset: str, output: str) -> str:
     explicit = os.environ.get("KUBETUNE_JOB_NAME")
     if explicit:
-        return explicit
+        try:
+            return k8s_job_name(explicit, "KUBETUNE_JOB_NAME", cfg.distributed.nodes)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     model = cfg.model.name_or_path.rstrip("/").split("/")[-1]
     return job_name(f"{model}-{cfg.method}", f"{dump_config(cfg)}\n{dataset}\n{output}")
 
