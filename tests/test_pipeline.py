@@ -149,6 +149,23 @@ def test_run_local_tiny_demo_is_the_main_job(tmp_path):
     assert f"model:  {output}" in result.out
     pulled = run_cli("pull", output, tmp_path / "pulled")
     assert pulled.code == 0, pulled  # every checksum in the manifest holds
+    # the training run's TensorBoard events went along with the model, and say its losses
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert any(f["path"].startswith("tensorboard/") for f in manifest["files"])
+    events = EventAccumulator(str(tmp_path / "pulled" / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    trained = json.loads((tmp_path / "pulled" / "training_metrics.json").read_text())["loss"]
+    assert [step for step, _ in logged] == [step for step, _ in trained]
+    for (_, a), (_, b) in zip(logged, trained, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    # the push step's Markdown in the KFP UI links the model, its manifest and its events
+    (summary,) = (tmp_path / "work" / "kfp-root").rglob("push-model*/summary")
+    text = summary.read_text()
+    assert (
+        f"{output}/manifest.json" in text and f"tensorboard --logdir {output}/tensorboard" in text
+    )
 
 
 @pytest.mark.integration

@@ -207,6 +207,8 @@ def merge_adapter(
         )
         if (adapter / "metrics.json").is_file():  # the training run's metrics travel along
             shutil.copy2(adapter / "metrics.json", staging / "training_metrics.json")
+        if (adapter / "tensorboard").is_dir():  # and its TensorBoard events
+            shutil.copytree(adapter / "tensorboard", staging / "tensorboard")
         summary = {
             "base": cfg.model.name_or_path,
             "revision": cfg.model.revision,

@@ -1,14 +1,16 @@
 """KFP interface of push_model. No logic here: the body imports the step and calls it."""
 
 from kfp import dsl
+from kfp.dsl import Markdown, Output
 
 from ..pipeline_steps.image import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def push_model(recipe_yaml: str, model_dir: str, eval_dir: str) -> str:
-    """Upload the model to output.uri with checksums, manifest.json last (evaluation metrics
-    included). Returns the manifest's URI."""
+def push_model(recipe_yaml: str, model_dir: str, eval_dir: str, summary: Output[Markdown]) -> str:
+    """Upload the model (and its training run's TensorBoard events) to output.uri with
+    checksums, manifest.json last (evaluation metrics included); a Markdown summary links them.
+    Returns the manifest's URI."""
     from kubetune.components.pipeline_steps.bodies import push
 
-    return push(recipe_yaml, model_dir, eval_dir)
+    return push(recipe_yaml, model_dir, eval_dir, summary.path)
