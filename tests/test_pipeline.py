@@ -114,9 +114,11 @@ def test_every_gpu_task_runs_in_the_cuda_image(recipe, tmp_path):
     """For every shipped recipe: a task with accelerators runs in kubernetes.trainer_image, a
     task without them in kubernetes.steps_image (the CPU build of PyTorch)."""
     from kubetune.components.config import load_recipe
+    from kubetune.pipelines.finetune import compile_pipeline
 
     cfg = load_recipe(RECIPES / f"{recipe}.yaml")
-    ir = compile_to(tmp_path / "p.yaml", RECIPES / f"{recipe}.yaml")
+    compile_pipeline(cfg, str(tmp_path / "p.yaml"))  # what `kubetune compile` runs, in this process
+    ir = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
     other = images_by_resources(ir, cfg.kubernetes.steps_image)
     assert set(other.values()) <= {cfg.kubernetes.trainer_image}
     assert bool(other) == (cfg.hardware.gpu != "none")
