@@ -56,7 +56,7 @@ def max_token_id(dataset_dir: Path) -> int:
 
 def check_data_matches_model(model_cfg, dataset_dir: str | Path) -> None:
     """Refuse a dataset prepared for another tokenizer or holding ids the model lacks."""
-    from .models import load_tokenizer, resolve_model
+    from .models import load_config, load_tokenizer
 
     dataset = Path(dataset_dir)
     stats = json.loads((dataset / "stats.json").read_text())
@@ -67,14 +67,7 @@ def check_data_matches_model(model_cfg, dataset_dir: str | Path) -> None:
             f"{dataset}: prepared with the tokenizer of {made['model']}, which is not the "
             f"tokenizer of model.name_or_path {name}; run `kubetune prepare` with this model"
         )
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(
-        resolve_model(name),
-        revision=model_cfg.revision,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
-    embeddings = getattr(config, "vocab_size", None)
+    embeddings = getattr(load_config(model_cfg), "vocab_size", None)
     largest = max_token_id(dataset)
     if embeddings is not None and largest >= embeddings:
         source = made["model"] if made else stats.get("model", "another model")

@@ -30,6 +30,17 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def load_config(model_cfg):
+    """The model's transformers config (config.json only: no weights are read)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        resolve_model(model_cfg.name_or_path),
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+
+
 def load_tokenizer(model_cfg):
     """The model's tokenizer, with a pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer

@@ -156,19 +156,19 @@ def test_flex_collate_builds_no_dense_mask():
 def test_attention_selection():
     """auto: flex_attention for packed rows on CUDA (Falcon through kubetune's own path, not
     ALiBi Falcon), SDPA on the CPU and for unpacked rows; a recipe's explicit choice wins."""
+    from kubetune.components.models import load_config
     from kubetune.components.train.attention import (
         attention_implementation,
         supports_flex_attention,
         transformers_attention,
     )
-    from kubetune.components.train.attention import model_config as config_of
 
     for arch in ("llama", "falcon", "qwen2"):
         recipe = cfg(f"model.name_or_path=tiny://{arch}")
         assert attention_implementation(recipe, CUDA, packed=True) == "flex_attention"
         assert attention_implementation(recipe, CUDA, packed=False) == "sdpa"
         assert attention_implementation(recipe, CPU, packed=True) == "sdpa"
-    falcon = config_of(cfg())
+    falcon = load_config(cfg().model)
     falcon.alibi = True
     assert not supports_flex_attention(falcon)
     assert attention_implementation(cfg("model.attn_implementation=eager"), CUDA, True) == "eager"

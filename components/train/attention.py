@@ -19,20 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..models import load_config
 
 FLEX = "flex_attention"
-
-
-def model_config(cfg):
-    from transformers import AutoConfig
-
-    from ..models import resolve_model
-
-    return AutoConfig.from_pretrained(
-        resolve_model(cfg.model.name_or_path),
-        revision=cfg.model.revision,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
 
 
 def supports_flex_attention(config) -> bool:
@@ -57,7 +46,7 @@ def attention_implementation(cfg, device: torch.device, packed: bool = False) ->
     if device.type == "cuda":
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-        if packed and supports_flex_attention(model_config(cfg)):
+        if packed and supports_flex_attention(load_config(cfg.model)):
             return FLEX
     return "sdpa"
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import resolve_model
-from .attention import attention_implementation, model_config, transformers_attention
+from ..models import load_config, resolve_model
+from .attention import attention_implementation, transformers_attention
 
 # lora.target_modules: auto — the attention and MLP projections of each architecture.
 AUTO_TARGETS = {
@@ -154,7 +154,7 @@ def build_on_meta(cfg, dtype: torch.dtype, attn: str) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    config = model_config(cfg)
+    config = load_config(cfg.model)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config,
@@ -230,7 +230,7 @@ def load_base(
     if cfg.method == "qlora":
         return load_quantized(cfg, source, device, attn)
     if attn == "flex_attention":
-        attn = transformers_attention(attn, model_config(cfg).model_type)
+        attn = transformers_attention(attn, load_config(cfg.model).model_type)
     # On a GPU, load straight onto it (not a full host-RAM copy per process); ZeRO-3
     # partitions the weights itself while loading.
     direct = device.type == "cuda" and not deepspeed_zero3
