@@ -12,7 +12,8 @@ optimizer steps, each in its own process so peak memory is its own:
     position ids restarting per example), bitsandbytes 4-bit through `BitsAndBytesConfig`;
 (b) kubetune's worker (`kubetune train`, `train.kernels=auto`) on the rows `kubetune prepare`
     packed to the case's sequence length.
-Reported per side: tokens/s, samples/s (rows of --seq tokens), MFU, peak memory, the mean loss
+Reported per side: tokens/s over the whole run and steady tokens/s after the first 5 steps
+(compiles, autotuning), samples/s (rows of --seq tokens), MFU, peak memory, the mean loss
 of the last 5 steps and how many linear layers were really 4-bit (transformers' bitsandbytes
 path skips Falcon's FalconLinear layers); then kubetune / Trainer ratios. The seeds'
 reference: 6.7 samples/s for Falcon-7B 4-bit, micro batch 4, sequence 512, on one H100.
@@ -176,7 +177,7 @@ import json, sys, time, torch
 from datasets import Dataset, load_from_disk
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening,
-                          Trainer, TrainingArguments)
+                          Trainer, TrainerCallback, TrainingArguments)
 from kubetune.components.train.modeling import AUTO_TARGETS, count_quantized, parameter_counts
 from kubetune.components.train.flops import train_flops_per_token, gpu_peak
 model_dir, data_dir, method, steps, micro, seq, r, alpha, dropout, out = sys.argv[1:11]
@@ -202,27 +203,42 @@ if method == "qlora":
 model = get_peft_model(model, LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
                                          task_type="CAUSAL_LM", target_modules=AUTO_TARGETS[model.config.model_type]))
 trainable, total = parameter_counts(model)
-tokens = [0]
+# Tokens come from Trainer's own count (the collator runs in a DataLoader worker process on
+# GPU, so a counter there would never reach this process).
 flatten = DataCollatorWithFlattening(return_position_ids=True)
-def collate(batch):
-    tokens[0] += sum(len(x["input_ids"]) for x in batch)
-    return flatten(batch)
+class Clock(TrainerCallback):  # the same steady window as the worker: after the first 5 steps
+    warm = None
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 5 and steps >= 10:
+            if cuda: torch.cuda.synchronize()
+            self.warm = (time.perf_counter(), state.num_input_tokens_seen)
+    def on_train_end(self, args, state, control, **kw):
+        if cuda: torch.cuda.synchronize()
+        self.end = (time.perf_counter(), state.num_input_tokens_seen)
+clock = Clock()
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=per_step, max_steps=steps,
                          learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0, bf16=cuda,
                          logging_steps=1, save_strategy="no", report_to=[], gradient_checkpointing=True,
                          gradient_checkpointing_kwargs={"use_reentrant": False},
                          dataloader_num_workers=1 if cuda else 0, dataloader_pin_memory=cuda,
-                         use_cpu=not cuda, remove_unused_columns=False, disable_tqdm=True)
-trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=collate)
+                         use_cpu=not cuda, remove_unused_columns=False, disable_tqdm=True,
+                         include_num_input_tokens_seen=True)
+trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                  data_collator=flatten, callbacks=[clock])
 if cuda: torch.cuda.reset_peak_memory_stats()
 result = trainer.train()
 runtime = result.metrics["train_runtime"]
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-tps = tokens[0] / runtime
+tokens = trainer.state.num_input_tokens_seen
+tps = tokens / runtime
+steady = None
+if clock.warm:
+    steady = (clock.end[1] - clock.warm[1]) / (clock.end[0] - clock.warm[0])
 peak = torch.cuda.max_memory_allocated() if cuda else None
 device_peak = gpu_peak(torch.device("cuda", 0)) if cuda else None
 flops = train_flops_per_token(model, total, trainable, seq)
 print(json.dumps({"tokens_per_second": tps, "samples_per_second": tps / seq,
+                  "steady_tokens_per_second": steady,
                   "peak_memory_bytes": peak, "mfu": flops * tps / device_peak if device_peak else None,
                   "final_loss": sum(losses[-5:]) / len(losses[-5:]),
                   "quantized_linear_modules": quantized}))
@@ -265,25 +281,30 @@ def report(results: list, device: str, args) -> str:
         f"train throughput on {device}: {args.steps} optimizer steps per side, "
         "gradient checkpointing, bf16 where supported, same examples and weights",
         "",
-        "| case | trainer | tokens/s | samples/s | MFU | peak GB | loss (last 5) | 4-bit layers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| case | trainer | tokens/s | steady tokens/s | samples/s | MFU | peak GB | "
+        "loss (last 5) | 4-bit layers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case, theirs, ours in results:
         for who, m in (("transformers Trainer + peft", theirs), ("kubetune worker", ours)):
             lines.append(
                 f"| {case.label} | {who} | {fmt(m['tokens_per_second'], 'n')} | "
+                f"{fmt(m.get('steady_tokens_per_second'), 'n')} | "
                 f"{fmt(m['samples_per_second'], 'n')} | {fmt(m['mfu'], 'pct')} | "
                 f"{fmt(m['peak_memory_bytes'], 'gb')} | {fmt(m['final_loss'], 'loss')} | "
                 f"{m['quantized_linear_modules']} |"
             )
     lines += [
         "",
-        "| case | tokens/s kubetune/Trainer | peak memory kubetune/Trainer | loss kubetune/Trainer |",
-        "|---|---:|---:|---:|",
+        "| case | tokens/s kubetune/Trainer | steady tokens/s kubetune/Trainer | "
+        "peak memory kubetune/Trainer | loss kubetune/Trainer |",
+        "|---|---:|---:|---:|---:|",
     ]
     for case, theirs, ours in results:
+        steady = ratio(ours.get("steady_tokens_per_second"), theirs.get("steady_tokens_per_second"))
         lines.append(
             f"| {case.label} | {fmt(ratio(ours['tokens_per_second'], theirs['tokens_per_second']), 'x')}"
+            f" | {fmt(steady, 'x')}"
             f" | {fmt(ratio(ours['peak_memory_bytes'], theirs['peak_memory_bytes']), 'x')}"
             f" | {fmt(ratio(ours['final_loss'], theirs['final_loss']), 'x')} |"
         )
@@ -343,6 +364,8 @@ def main(argv=None) -> int:
             ours = kubetune_side(model, dataset, case, args, work)
             theirs = baseline_side(model, dataset, case, args, work)
             results.append((case, theirs, ours))
+            # one line per finished case, so a run cut short still leaves its numbers
+            print(json.dumps({"case": case.label, "trainer": theirs, "kubetune": ours}), flush=True)
     print(report(results, device, args))
     return 0
 

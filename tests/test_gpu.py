@@ -88,9 +88,11 @@ def packed_attentions() -> list[str]:
 @pytest.mark.parametrize("arch", ["llama", "falcon", "falcon-40b"])
 @pytest.mark.parametrize("attn", packed_attentions())
 def test_packed_loss_equals_each_example_alone_on_gpu(attn, arch):
-    """The loss of a packed row (no dense mask) is the token-weighted loss of its examples."""
-    model = tiny(arch, attn).eval()
+    """The loss of a packed row (no dense mask) is the token-weighted loss of its examples,
+    each run alone through SDPA (the same weights)."""
+    model, alone = tiny(arch, attn).eval(), tiny(arch, "sdpa").eval()
     use_chunked_loss(model)
+    use_chunked_loss(alone)
     examples = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((70, 130, 41))]
     packed = {
         "input_ids": sum(examples, []),
@@ -108,7 +110,7 @@ def test_packed_loss_equals_each_example_alone_on_gpu(attn, arch):
         for e in examples:
             ids = torch.tensor([e], device=CUDA)
             n = len(e) - 1
-            total += float(model(input_ids=ids, labels=ids).loss) * n
+            total += float(alone(input_ids=ids, labels=ids).loss) * n
             tokens += n
     assert float(got) == pytest.approx(total / tokens, rel=1e-2)
 

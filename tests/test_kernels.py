@@ -153,6 +153,32 @@ def test_flex_collate_builds_no_dense_mask():
     assert "attention_mask" in collate(rows(3), 0, "sdpa", torch.float32)
 
 
+def test_flex_batches_have_one_shape():
+    """flex_attention batches are padded to data.max_seq_len rounded up to whole 128-token
+    blocks, whatever their rows' lengths: the compiled kernels see one shape. The pads are an
+    example of their own that counts no tokens and carries no labels."""
+    from datasets import Dataset
+
+    from kubetune.components.train.data import flex_length
+
+    assert [flex_length(n) for n in (1, 128, 129, 2048, 2049)] == [128, 128, 256, 2048, 2176]
+    data = rows(37)
+    plan = BatchPlan(len(data), 4, 0, 1, seed=5)
+    loader = batch_loader(
+        Dataset.from_list(data), plan, 0, 9, 0, "flex_attention", torch.float32, False, 128
+    )
+    for k, batch in enumerate(loader):
+        chosen = [data[int(i)] for i in plan.rows(k)]
+        assert batch["input_ids"].shape == (4, 128)
+        assert batch["tokens"] == sum(len(r["input_ids"]) for r in chosen)
+        for row, ids, labels, positions in zip(
+            chosen, batch["input_ids"], batch["labels"], batch["position_ids"], strict=True
+        ):
+            n = len(row["input_ids"])
+            assert ids[:n].tolist() == row["input_ids"] and bool((labels[n:] == -100).all())
+            assert positions[n:].tolist() == list(range(128 - n))
+
+
 def test_attention_selection():
     """auto: flex_attention for packed rows on CUDA (Falcon through kubetune's own path, not
     ALiBi Falcon), SDPA on the CPU and for unpacked rows; a recipe's explicit choice wins."""
@@ -182,7 +208,7 @@ def test_flex_attention_document_mask_keeps_examples_apart(arch):
     """Packed rows through flex_attention with the document mask (transformers' flex path for
     Llama, kubetune's for both Falcon layouts) give each example its logits alone."""
     from kubetune.components.train.attention import transformers_attention, use_flex_attention
-    from kubetune.components.train.data import document_block_mask
+    from kubetune.components.train.data import document_block_mask, flex_length
 
     source = resolve_model(f"tiny://{arch}")
     model_type = "falcon" if arch.startswith("falcon") else arch
@@ -194,7 +220,9 @@ def test_flex_attention_document_mask_keeps_examples_apart(arch):
     a, b = list(range(3, 10)), list(range(20, 25))
     row = {"input_ids": a + b, "labels": a + b, "position_ids": list(range(7)) + list(range(5))}
     short = {"input_ids": a, "labels": a, "position_ids": list(range(7))}
-    batch = collate([row, short], pad_id=1, attn="flex_attention", dtype=torch.float32)
+    batch = collate(
+        [row, short], pad_id=1, attn="flex_attention", dtype=torch.float32, pad_to=flex_length(12)
+    )
     mask = document_block_mask(batch["position_ids"])
     with torch.no_grad():
         packed = model(
@@ -203,5 +231,5 @@ def test_flex_attention_document_mask_keeps_examples_apart(arch):
         alone_a = reference(input_ids=torch.tensor([a])).logits[0]
         alone_b = reference(input_ids=torch.tensor([b])).logits[0]
     torch.testing.assert_close(packed[0, :7], alone_a, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(packed[0, 7:], alone_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[0, 7:12], alone_b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[1, :7], alone_a, atol=1e-5, rtol=1e-4)

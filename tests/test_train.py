@@ -28,6 +28,7 @@ METRIC_KEYS = {
     "loss",
     "eval_loss",
     "tokens_per_second",
+    "steady_tokens_per_second",
     "samples_per_second",
     "peak_memory_bytes",
     "trainable_params",
@@ -107,6 +108,8 @@ def test_qlora_ddp_trains_and_the_adapter_loads_with_peft(cli, dataset, base_los
     assert metrics["kernels"]["loss"] == "chunked_linear_ce"
     assert metrics["attn_implementation"] == "sdpa"
     assert metrics["mfu"] is None  # no GPU here
+    # steady speed: the tokens after the first 5 steps over their time, so some of the run
+    assert metrics["steady_tokens_per_second"] > 0
     assert (out / "adapter_model.safetensors").is_file() and list((out / "tensorboard").iterdir())
     tuned = PeftModel.from_pretrained(base_model(), out)
     # the adapter trained on the 4-bit base still helps the full-precision base

@@ -60,7 +60,7 @@ def transformers_attention(attn: str, model_type: str) -> str:
 def compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def falcon_flex_forward(
@@ -111,7 +111,14 @@ def falcon_flex_forward(
 
 
 def use_flex_attention(model: nn.Module) -> None:
-    """Give a Falcon model's attention layers the flex path (others have transformers')."""
+    """Static shapes for flex_attention's compiled kernels, and a Falcon model's attention
+    layers the flex path (others have transformers').
+
+    The worker pads every flex batch to one length (`data.flex_length`), so each kernel
+    compiles once per batch shape. Left to itself, torch.compile would recompile on the second
+    shape it saw with symbolic lengths, which PyTorch 2.11's flex_attention lowering could not
+    do on the H100 and H200 it ran on ("NoValidChoicesError: No choices exist for backend")."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
     if model.config.model_type != "falcon":
         return
     from transformers.models.falcon.modeling_falcon import FalconAttention

@@ -73,15 +73,26 @@ def document_block_mask(position_ids: torch.Tensor):
     )
 
 
-def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype) -> dict:
-    """Right-pad a batch; pads are an example of their own with labels -100.
+FLEX_BLOCK = 128  # flex_attention's sparse block size
+
+
+def flex_length(max_seq_len: int) -> int:
+    """The one row length of every flex_attention batch: max_seq_len rounded up to whole
+    blocks. A fixed shape compiles flex_attention's kernels once (static shapes), instead of
+    a recompile per padded length."""
+    return -(-max_seq_len // FLEX_BLOCK) * FLEX_BLOCK
+
+
+def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to: int = 0) -> dict:
+    """Right-pad a batch (to at least `pad_to` tokens); pads are an example of their own with
+    labels -100.
 
     flash-attention 2 separates packed examples from position_ids itself, and flex_attention
     gets a sparse document mask on the device (`document_block_mask`, built by the worker);
     SDPA and eager (the CPU fallback) get a dense block-diagonal causal mask (bool for SDPA,
     additive for eager), and only when a row holds more than one example or padding.
     """
-    length = max(len(r["input_ids"]) for r in rows)
+    length = max(pad_to, *(len(r["input_ids"]) for r in rows))
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)
@@ -106,23 +117,34 @@ class MicroBatches(torch.utils.data.Dataset):
     """Micro batch k of the run (BatchPlan's rows, collated): what the DataLoader's worker
     builds ahead of the training loop, in the plan's order."""
 
-    def __init__(self, split, plan: BatchPlan, pad_id: int, attn: str, dtype: torch.dtype):
+    def __init__(
+        self, split, plan: BatchPlan, pad_id: int, attn: str, dtype: torch.dtype, pad_to: int = 0
+    ):
         self.split, self.plan, self.pad_id, self.attn, self.dtype = split, plan, pad_id, attn, dtype
+        self.pad_to = pad_to
 
     def __getitem__(self, k: int) -> dict:
         columns = self.split[[int(i) for i in self.plan.rows(k)]]
         keys = ("input_ids", "labels", "position_ids")
         rows = [{c: columns[c][i] for c in keys} for i in range(len(columns["input_ids"]))]
-        return collate(rows, self.pad_id, self.attn, self.dtype)
+        return collate(rows, self.pad_id, self.attn, self.dtype, self.pad_to)
 
 
 def batch_loader(
-    split, plan: BatchPlan, first: int, end: int, pad_id: int, attn: str, dtype, pin: bool
+    split,
+    plan: BatchPlan,
+    first: int,
+    end: int,
+    pad_id: int,
+    attn: str,
+    dtype,
+    pin: bool,
+    pad_to: int = 0,
 ):
     """Micro batches first..end-1, built by one worker process ahead of the loop (pinned
     memory on a GPU), in exactly BatchPlan's order: a resumed run starts at its step."""
     return torch.utils.data.DataLoader(
-        MicroBatches(split, plan, pad_id, attn, dtype),
+        MicroBatches(split, plan, pad_id, attn, dtype, pad_to),
         batch_size=None,
         sampler=range(first, end),
         num_workers=1,

@@ -30,7 +30,15 @@ from ..console import quiet_progress_off_terminal
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .attention import FLEX, attention_implementation, use_flex_attention
-from .data import BatchPlan, batch_loader, check_rows, collate, document_block_mask, total_steps
+from .data import (
+    BatchPlan,
+    batch_loader,
+    check_rows,
+    collate,
+    document_block_mask,
+    flex_length,
+    total_steps,
+)
 from .flops import mfu, train_flops_per_token
 from .kernels import apply_kernels, compile_layers, select_kernels
 from .meta_load import materialize
@@ -55,6 +63,7 @@ from .parallel import (
 from .progress import LossLog, synchronize
 
 ERROR_FILE = ".worker-error"
+WARMUP_STEPS = 5  # steps left out of steady_tokens_per_second
 
 
 def lr_lambda(cfg, steps: int):
@@ -203,13 +212,14 @@ def evaluate(cfg, model, split, world: World, pad_id: int, attn: str, dtype) -> 
     if split is None or len(split) == 0:
         return None
     model.eval()
+    pad_to = flex_length(cfg.data.max_seq_len) if attn == FLEX else 0
     loss_sum = tokens = 0.0
     indices = list(range(world.rank, len(split), world.size))
     size = cfg.train.micro_batch_size
     batches = math.ceil(math.ceil(len(split) / world.size) / size)
     for b in range(batches):
         chunk = indices[b * size : (b + 1) * size]
-        batch = collate([split[i] for i in chunk or [0]], pad_id, attn, dtype)
+        batch = collate([split[i] for i in chunk or [0]], pad_id, attn, dtype, pad_to)
         loss = forward_loss(model, batch, world.device, attn)
         if chunk:
             n = int((batch["labels"][:, 1:] != -100).sum())
@@ -359,11 +369,16 @@ def run(args) -> None:
             attn,
             dtype,
             pin=world.device.type == "cuda",
+            pad_to=flex_length(cfg.data.max_seq_len) if attn == FLEX else 0,
         )
     )
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     ddp_accum = not is_ds and world.size > 1 and cfg.distributed.strategy == "ddp"
     rows_done, paused = 0.0, 0.0
+    # Steady speed leaves out the first steps (flex_attention/Triton compiles, autotuning,
+    # the allocator's growth): the figure a long run settles at.
+    warm_step = start + WARMUP_STEPS if steps - start >= 2 * WARMUP_STEPS else None
+    warm_seconds = warm_tokens = None
     model.train()
     began = time.perf_counter()
     for step in range(start, steps):
@@ -402,6 +417,10 @@ def run(args) -> None:
                     f"lr {scheduler.get_last_lr()[0]:.2e} tokens/s {log.tokens / elapsed:.0f}",
                     flush=True,
                 )
+        if done == warm_step:
+            log.flush()
+            synchronize(world)
+            warm_seconds, warm_tokens = time.perf_counter() - began - paused, log.tokens
         if pausing:
             synchronize(world)
             pause = time.perf_counter()
@@ -429,6 +448,11 @@ def run(args) -> None:
             "loss": losses,
             "tokens_per_second": log.tokens / train_seconds if start < steps else None,
             "samples_per_second": rows_done / train_seconds if start < steps else None,
+            "steady_tokens_per_second": (
+                (log.tokens - warm_tokens) / (train_seconds - warm_seconds)
+                if warm_seconds is not None
+                else None
+            ),
             "trainable_params": trainable,
             "total_params": total,
             "quantized_linear_modules": quantized,
