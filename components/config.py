@@ -39,6 +39,16 @@ class ModelConfig(Section):
         "(falcon, falcon-40b, llama, mistral, qwen2) for a tiny model built locally."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    local_dir: str | None = Field(
+        None,
+        description="A fetched copy of the model (WORKSPACE/models/NAME@REVISION, written by "
+        "`kubetune fetch-model` and the pipeline's fetch step): every step loads from it, with "
+        "the hub off.",
+    )
+    commit: str | None = Field(
+        None,
+        description="The fetched copy's commit (hub) or listing digest (s3), set with local_dir.",
+    )
     trust_remote_code: bool = Field(
         False, description="Run the model repo's own code. Off unless you trust it."
     )

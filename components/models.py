@@ -30,13 +30,32 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def model_source(model_cfg) -> str:
+    """Where the recipe's model loads from: its fetched copy (`model.local_dir`) when it has
+    one, else what `resolve_model` makes of `model.name_or_path`."""
+    if model_cfg.local_dir:
+        folder = Path(model_cfg.local_dir)
+        if not (folder / "config.json").is_file():
+            raise UserError(
+                f"model.local_dir: {folder} is not a fetched model (no config.json); run the "
+                "fetch step again"
+            )
+        return str(folder)
+    return resolve_model(model_cfg.name_or_path)
+
+
+def model_revision(model_cfg) -> str | None:
+    """The hub revision to ask transformers for (none for a fetched copy: it is a folder)."""
+    return None if model_cfg.local_dir else model_cfg.revision
+
+
 def load_config(model_cfg):
     """The model's transformers config (config.json only: no weights are read)."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(
-        resolve_model(model_cfg.name_or_path),
-        revision=model_cfg.revision,
+        model_source(model_cfg),
+        revision=model_revision(model_cfg),
         trust_remote_code=model_cfg.trust_remote_code,
     )
 
@@ -45,11 +64,11 @@ def load_tokenizer(model_cfg):
     """The model's tokenizer, with a pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model(model_cfg.name_or_path)
+    source = model_source(model_cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source,
-            revision=model_cfg.revision,
+            revision=model_revision(model_cfg),
             trust_remote_code=model_cfg.trust_remote_code,
         )
     except (OSError, ValueError) as exc:

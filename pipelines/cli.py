@@ -46,6 +46,25 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_fetch_model(args) -> int:
+    from kubetune.components.fetch_model import fetch_model
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    record = fetch_model(cfg.model, args.workspace)
+    if record is None:
+        print(f"{cfg.model.name_or_path}: nothing to fetch (a tiny model or a local folder)")
+        return 0
+    how = "downloaded" if record["downloaded"] else "already fetched (sizes checked)"
+    size = sum(record["files"].values())
+    print(
+        f"{record['source']} at {record['commit']}: {len(record['files'])} files, "
+        f"{size / 1e9:.2f} GB, {how}"
+    )
+    print(f"folder: {record['path']}")
+    print(f"use it: --set model.local_dir={record['path']} --set model.commit={record['commit']}")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from kubetune.components.prepare_dataset import prepare_dataset
 
@@ -257,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "fetch-model",
+        help="download a hub or s3:// model once per revision into WORKSPACE/models",
+    )
+    _recipe_args(p)
+    p.add_argument(
+        "--workspace",
+        default="kubetune-work",
+        help="folder whose models/ holds the copies (default: ./kubetune-work)",
+    )
+    p.set_defaults(func=cmd_fetch_model)
 
     p = sub.add_parser("prepare", help="tokenize, mask and pack a dataset for training")
     _recipe_args(p)

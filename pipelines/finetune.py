@@ -1,5 +1,5 @@
-"""The fine-tuning pipeline (KFP v2): resolve_recipe → prepare_dataset → train → merge →
-evaluate → push (only when the evaluation passes the recipe's quality gate).
+"""The fine-tuning pipeline (KFP v2): resolve_recipe → fetch_model → prepare_dataset → train →
+merge → evaluate → push (only when the evaluation passes the recipe's quality gate).
 
 `build_pipeline(cfg)` returns the pipeline for one recipe: the recipe's fields are its
 parameters (with the recipe's values as defaults), so the KFP UI's run form shows and edits
@@ -21,6 +21,7 @@ from kfp import dsl, kubernetes
 
 from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.evaluate.component import evaluate_model, quality_gate
+from kubetune.components.fetch_model.component import fetch_model
 from kubetune.components.merge_adapter.component import merge_model
 from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
 from kubetune.components.pipeline_steps.component import resolve_recipe
@@ -51,6 +52,12 @@ def _on_cluster(task, cfg: RunConfig, s3: bool = True, hub: bool = False):
             task, secret_name=k8s.hf_secret, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"}
         )
     return task
+
+
+def _hub_off(task):
+    """A step after the fetch: it loads the model from the workspace copy, never the hub
+    (prepare keeps the hub: its data may be a hub dataset)."""
+    return task.set_env_variable("HF_HUB_OFFLINE", "1")
 
 
 def _on_gpu_pool(task, cfg: RunConfig):
@@ -148,7 +155,12 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
             output_uri=output_uri,
         ).set_display_name("resolve recipe")
         _on_cluster(resolved, cfg, s3=False)
-        recipe, run_dir = resolved.outputs["recipe_yaml"], resolved.outputs["run_dir"]
+        run_dir = resolved.outputs["run_dir"]
+
+        # the model once per revision into WORKSPACE/models; every later step reads that copy
+        fetched = fetch_model(recipe_yaml=resolved.outputs["recipe_yaml"], run_dir=run_dir)
+        _on_cluster(fetched, cfg, hub=True).set_retry(**RETRIES).set_display_name("fetch model")
+        recipe = fetched.output
 
         prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir)
         _on_cluster(prepared, cfg, hub=True).set_retry(**RETRIES).set_display_name("prepare")
@@ -158,9 +170,11 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
         )
         # never cached: a cache hit would skip a run whose output may be gone
         _on_cluster(trained, cfg, hub=True).set_caching_options(False).set_display_name("train")
+        _hub_off(trained)
 
         merged = merge_model(recipe_yaml=recipe, train_dir=trained.output, run_dir=run_dir)
         _on_cluster(merged, cfg, hub=True).set_retry(**RETRIES).set_display_name("merge")
+        _hub_off(merged)
 
         evaluated = evaluate_model(
             recipe_yaml=recipe,
@@ -169,6 +183,7 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
             run_dir=run_dir,
         )
         _on_cluster(evaluated, cfg, hub=True).set_retry(**RETRIES).set_display_name("evaluate")
+        _hub_off(evaluated)
         if gpu:
             _on_gpu_pool(evaluated, cfg)
 

@@ -18,14 +18,16 @@ def free_port() -> int:
 
 
 class S3Server:
-    def __init__(self):
+    def __init__(self, log: Path | None = None):
+        """`log`: a file that receives the server's request log (one line per request)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         binary = Path(sys.executable).parent / "moto_server"
+        self.log = open(log, "w") if log else None  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [str(binary), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=self.log or subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while True:
@@ -57,12 +59,20 @@ class S3Server:
             region_name="us-east-1",
         )
 
+    def requests(self, method: str, path_prefix: str) -> list[str]:
+        """The logged requests of one method whose path starts with path_prefix."""
+        self.log.flush()
+        lines = Path(self.log.name).read_text().splitlines()
+        return [line for line in lines if f'"{method} {path_prefix}' in line]
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        if self.log:
+            self.log.close()
 
 
 def s3_env_for(server: S3Server) -> dict[str, str]:

@@ -43,6 +43,16 @@ CASES = [
     ("push {tmp}/nothing {tmp}/out", ["nothing: no such folder"], "out"),
     ("pull {tmp}/empty {tmp}/out", ["no manifest.json"], "out"),
     ("pull {tmp}/nothing {tmp}/out", ["no manifest.json"], "out"),
+    (
+        "fetch-model {R} --set model.name_or_path=s3:///m --workspace {tmp}/ws",
+        ["s3:///m: an S3 URI needs a bucket"],
+        "ws",
+    ),
+    (
+        "prepare {R} --output {tmp}/out --set model.local_dir={tmp}/empty",
+        ["model.local_dir", "no config.json"],
+        "out",
+    ),
     ("config {R} --set foo", ["--set foo: expected key=value"], None),
     ("config {R} --set =3", ["--set =3: expected key=value"], None),
     ("plan {R} --set train.lr=abc", ["--set train.lr=abc: train.lr"], None),

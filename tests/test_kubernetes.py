@@ -99,6 +99,24 @@ def test_node_pool_settings_and_elastic_policy():
     assert_user_error(outside, "--dataset /data/x", "under /workspace")
 
 
+def test_pods_read_the_fetched_model_with_the_hub_off():
+    """With model.local_dir (the fetch step's copy on the workspace volume) every pod gets
+    HF_HUB_OFFLINE=1 and the recipe naming that folder; a copy off the volume is refused."""
+    fetched = "/workspace/models/tiiuae--falcon-7b@0123abcd"
+    job = render(RECIPES / "falcon-7b-qlora.yaml", f"model.local_dir={fetched}")
+    assert crd_errors(job) == []
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        (container,) = replica["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HF_HUB_OFFLINE"] == "1"
+        assert yaml.safe_load(env["KUBETUNE_RECIPE"])["model"]["local_dir"] == fetched
+    plain = render(RECIPES / "falcon-7b-qlora.yaml")
+    (container,) = plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert "HF_HUB_OFFLINE" not in {e["name"] for e in container["env"]}
+    off = run_cli("render-job", TINY_DEMO, "--set", "model.local_dir=/home/me/model")
+    assert_user_error(off, "model.local_dir: /home/me/model is not on the workspace volume")
+
+
 # --- the pytorchjob backend ------------------------------------------------------------------
 
 OK_SCENARIO = [

@@ -14,7 +14,14 @@ from .conftest import RECIPES, TINY_DEMO, assert_user_error, run_cli
 from .fake_kfp import FakeKfp
 
 GOLDEN = Path(__file__).parent / "golden"
-STEPS = ("prepare-dataset", "train-model", "merge-model", "evaluate-model", "push-model")
+STEPS = (
+    "fetch-model",
+    "prepare-dataset",
+    "train-model",
+    "merge-model",
+    "evaluate-model",
+    "push-model",
+)
 
 
 def compile_to(path: Path, recipe: Path, *sets: str, env: dict | None = None) -> dict:
@@ -69,9 +76,17 @@ def test_compiled_pipeline_wires_steps_node_pool_and_secrets(tmp_path):
     # caching off for train and push, retries for the transient steps
     assert tasks["train-model"]["cachingOptions"] == {}
     assert tasks["push-model"]["cachingOptions"] == {}
-    for step in ("prepare-dataset", "merge-model", "evaluate-model", "push-model"):
+    for step in ("fetch-model", "prepare-dataset", "merge-model", "evaluate-model", "push-model"):
         assert tasks[step]["retryPolicy"]["maxRetryCount"] == 2
     assert "retryPolicy" not in tasks["train-model"]
+    # the model is fetched before anything reads it; the steps that load it get its recipe
+    # (model.local_dir) and the hub turned off; prepare keeps the hub for hub datasets
+    assert tasks["fetch-model"]["dependentTasks"] == ["resolve-recipe"]
+    for step in ("prepare-dataset", "train-model", "merge-model", "evaluate-model"):
+        recipe = tasks[step]["inputs"]["parameters"]["recipe_yaml"]["taskOutputParameter"]
+        assert recipe["producerTask"] == "fetch-model", step
+        env = ir["deploymentSpec"]["executors"][f"exec-{step}"]["container"].get("env", [])
+        assert ({"name": "HF_HUB_OFFLINE", "value": "1"} in env) == (step != "prepare-dataset")
 
     def executor(task: str) -> dict:
         return platform[f"exec-{task}"]
@@ -85,7 +100,7 @@ def test_compiled_pipeline_wires_steps_node_pool_and_secrets(tmp_path):
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
     # 41.8B parameters in bf16 (+30%) need two 80 GB GPUs to generate with
     assert resources["accelerator"]["resourceCount"] == "2"
-    for task in ("prepare-dataset", "train-model", "merge-model", "evaluate-model", "push-model"):
+    for task in STEPS:
         spec = executor(task)
         assert spec["pvcMount"][0]["mountPath"] == "/workspace"
         assert spec["pvcMount"][0]["constant"] == "kubetune-workspace"

@@ -20,7 +20,7 @@ import torch
 from ..config import RunConfig, write_resolved
 from ..data_model_match import check_data_matches_model
 from ..errors import UserError
-from ..models import load_tokenizer, resolve_model
+from ..models import load_tokenizer, model_source, resolve_model
 from ..outputs import check_output, staged_output
 from .report import render_report
 from .scores import per_example, score_texts
@@ -52,7 +52,9 @@ def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.devi
         )
     elif path.exists() and not (path / "config.json").is_file():
         raise UserError(f"{name}: neither a model folder (config.json) nor an adapter folder")
-    source = resolve_model(base_name)
+    # the recipe's own base loads from its fetched copy, when the pipeline fetched one
+    source = model_source(cfg.model) if base_name == cfg.model.name_or_path else None
+    source = source or resolve_model(base_name)
     placement = {"device_map": "auto"} if device.type == "cuda" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
-from ..models import resolve_model
+from ..models import model_revision, model_source
 from ..outputs import check_output, staged_output
 from ..train.modeling import safetensors_files
 
@@ -80,6 +80,11 @@ def check_base(cfg: RunConfig, adapter: Path, config: dict, source: str) -> None
                 f"{adapter}: trained on {base['name_or_path']} (revision "
                 f"{base.get('revision')}), but the recipe's model is "
                 f"{cfg.model.name_or_path} (revision {cfg.model.revision})"
+            )
+        if base.get("commit") and cfg.model.commit and base["commit"] != cfg.model.commit:
+            raise UserError(
+                f"{adapter}: trained on {base['name_or_path']} at commit {base['commit']}, but "
+                f"the fetched model (model.local_dir) is commit {cfg.model.commit}"
             )
         return
     peft_base = config.get("base_model_name_or_path")
@@ -176,10 +181,10 @@ def merge_adapter(
     adapter, output = Path(adapter_dir), Path(output_dir)
     check_output(output, overwrite)
     config, pairs, biases = read_adapter(adapter)
-    source = resolve_model(cfg.model.name_or_path)
+    source = model_source(cfg.model)
     check_base(cfg, adapter, config, source)
     scale, fan_in_fan_out = scaling(config), bool(config.get("fan_in_fan_out"))
-    shards = safetensors_files(source, cfg.model.revision)
+    shards = safetensors_files(source, model_revision(cfg.model))
     base_keys = set()
     for shard in shards:  # headers only: cheap, and it refuses a wrong adapter before any work
         with safe_open(str(shard), framework="pt") as f:
@@ -212,6 +217,7 @@ def merge_adapter(
         summary = {
             "base": cfg.model.name_or_path,
             "revision": cfg.model.revision,
+            "commit": cfg.model.commit or trained.get("commit"),
             "method": trained.get("method", cfg.method),
             "dataset_fingerprint": trained.get("dataset_fingerprint"),
             "adapter": str(adapter),

@@ -58,6 +58,21 @@ def resolve(recipe_yaml: str, overrides: list, fields: dict, workspace: str, run
     return dump_config(cfg), str(run_dir)
 
 
+def fetch(recipe_yaml: str, run_dir: str) -> str:
+    """Fetch the model once per revision into WORKSPACE/models (the workspace holds run_dir
+    as WORKSPACE/runs/RUN_ID); returns the recipe pointing at that copy (model.local_dir)."""
+    from ..config import dump_config
+    from ..fetch_model import fetched_config
+
+    cfg, record = fetched_config(_cfg(recipe_yaml), Path(run_dir).parent.parent)
+    if record is None:
+        print(f"{cfg.model.name_or_path}: nothing to fetch (a tiny model or a local folder)")
+    else:
+        how = "downloaded" if record["downloaded"] else "already fetched, sizes checked"
+        print(f"{record['source']} at {record['commit']}: {how} in {record['path']}")
+    return dump_config(cfg)
+
+
 def prepare(recipe_yaml: str, run_dir: str, metrics, summary_path: str) -> str:
     from ..prepare_dataset.kfp_outputs import report_to_kfp
     from ..prepare_dataset.step import prepare_dataset

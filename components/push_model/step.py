@@ -152,14 +152,26 @@ def describe_model(src: Path, evaluation: dict | None) -> dict:
     else:
         kind = "files"
     if merge is not None:
-        base_model = {"name_or_path": merge["base"], "revision": merge.get("revision")}
+        base_model = {
+            "name_or_path": merge["base"],
+            "revision": merge.get("revision"),
+            "commit": merge.get("commit"),
+        }
         fingerprint = merge.get("dataset_fingerprint")
     elif base is not None:
-        base_model = {"name_or_path": base["name_or_path"], "revision": base.get("revision")}
+        base_model = {
+            "name_or_path": base["name_or_path"],
+            "revision": base.get("revision"),
+            "commit": base.get("commit"),
+        }
         fingerprint = base.get("dataset_fingerprint")
     else:
         model = (recipe or {}).get("model", {})
-        base_model = {"name_or_path": model.get("name_or_path"), "revision": model.get("revision")}
+        base_model = {
+            "name_or_path": model.get("name_or_path"),
+            "revision": model.get("revision"),
+            "commit": model.get("commit"),
+        }
         fingerprint = None
     training = _read_json(src / "training_metrics.json") or (
         _read_json(src / "metrics.json") if kind != "files" else None

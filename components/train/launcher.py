@@ -81,6 +81,8 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distributed.procs_per_node))
         )
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.model.local_dir:  # a fetched copy: every rank reads it, none asks the hub
+        env["HF_HUB_OFFLINE"] = "1"
     return env
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError
-from ..models import resolve_model
+from ..models import model_revision, model_source
 from .modeling import safetensors_files
 
 
@@ -72,9 +72,7 @@ def materialize(model: nn.Module, cfg, world) -> None:
     params = dict(model.named_parameters())
     by_checkpoint = {checkpoint_name(n): n for n in params if "lora_" not in n}
     files = (
-        safetensors_files(resolve_model(cfg.model.name_or_path), cfg.model.revision)
-        if world.main
-        else []
+        safetensors_files(model_source(cfg.model), model_revision(cfg.model)) if world.main else []
     )
     loaded: set[str] = set()
     for index in range(_broadcast(len(files))):

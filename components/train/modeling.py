@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import load_config, resolve_model
+from ..models import load_config, model_revision, model_source
 from .attention import attention_implementation, transformers_attention
 
 # lora.target_modules: auto — the attention and MLP projections of each architecture.
@@ -192,7 +192,7 @@ def load_quantized(cfg, source: str, device: torch.device, attn: str) -> tuple[n
             ).to(device)
         return nn.Parameter(tensor.to(device=device, dtype=compute), requires_grad=False)
 
-    for file in safetensors_files(source, cfg.model.revision):
+    for file in safetensors_files(source, model_revision(cfg.model)):
         with safe_open(str(file), framework="pt") as shard:
             for key in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
                 _set_tensor(model, key, shard.get_tensor(key), make)
@@ -225,7 +225,7 @@ def load_base(
     """The base model for cfg.method on device; returns (model, quantized linear layers)."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model(cfg.model.name_or_path)
+    source = model_source(cfg.model)
     attn = attn or attention_implementation(cfg, device)
     if cfg.method == "qlora":
         return load_quantized(cfg, source, device, attn)
@@ -236,7 +236,7 @@ def load_base(
     direct = device.type == "cuda" and not deepspeed_zero3
     model = AutoModelForCausalLM.from_pretrained(
         source,
-        revision=cfg.model.revision,
+        revision=model_revision(cfg.model),
         trust_remote_code=cfg.model.trust_remote_code,
         dtype=weights_dtype(cfg, device),
         attn_implementation=attn,

@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 import yaml
 
 from ..config import RunConfig, dump_config
+from ..errors import UserError
 
 WORKER_MODULE = "kubetune.components.train.worker"  # what torchrun starts in every pod
 API_VERSION = "kubeflow.org/v1"
@@ -69,6 +70,8 @@ def container_env(cfg: RunConfig, recipe_text: str) -> list[dict]:
     ]
     if not uses_gpu(cfg):
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    if cfg.model.local_dir:  # the fetch step's copy on the workspace volume: no pod downloads
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
         env.append(_secret_env(key, k8s.s3_secret, key))
     if k8s.hf_secret:
@@ -170,10 +173,22 @@ def labels(name: str) -> dict[str, str]:
     }
 
 
+def check_local_dir_in_workspace(cfg: RunConfig) -> None:
+    """The pods see the workspace volume only: a fetched copy must lie on it."""
+    local = cfg.model.local_dir
+    mount = PurePosixPath(cfg.kubernetes.workspace_mount)
+    if local and not PurePosixPath(local).is_relative_to(mount):
+        raise UserError(
+            f"model.local_dir: {local} is not on the workspace volume "
+            f"(kubernetes.workspace_mount {mount}), so the PyTorchJob's pods cannot read it"
+        )
+
+
 def render_job(
     cfg: RunConfig, name: str, dataset: str | None = None, output: str | None = None
 ) -> dict:
     """The PyTorchJob as a dict (apply it with the API, or print it as YAML)."""
+    check_local_dir_in_workspace(cfg)
     k8s, dist = cfg.kubernetes, cfg.distributed
     default_dataset, default_output = default_paths(cfg, name)
     recipe_text = dump_config(cfg)

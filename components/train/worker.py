@@ -262,6 +262,7 @@ def save_outputs(
         record = {
             "name_or_path": cfg.model.name_or_path,
             "revision": cfg.model.revision,
+            "commit": cfg.model.commit,  # the fetched copy's hub commit / S3 listing digest
             "method": cfg.method,
             "dataset_fingerprint": fingerprint,
         }
