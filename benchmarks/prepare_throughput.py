@@ -1,6 +1,12 @@
 """Tokens per second of `prepare` against a plain `datasets.map` tokenization, in one run.
 
     python benchmarks/prepare_throughput.py [--rows 50000] [--repeat 3]
+    python benchmarks/prepare_throughput.py --workload samsum [--scales 50000,200000,1000000]
+
+The samsum workload (dialogue + summary rows, `data.max_seq_len=512`, packing) runs each side as
+a whole process per scale and reports wall time and peak RSS: kubetune's `prepare` command
+against `load_dataset("json")` + `Dataset.map(batched=True, num_proc=CPUs)` tokenizing the
+joined prompt + summary (`truncation=True, max_length=512`) + `save_to_disk`.
 
 Both sides start from the same generated alpaca JSONL file and the same tokenizer (tiny://falcon)
 and end with a dataset saved to disk. The baseline is what a seed script does:
@@ -114,11 +120,126 @@ def best_of(repeat: int, fn, data: Path) -> tuple[float, int]:
     return best, tokens
 
 
+SPEAKERS = ["Amanda", "Tom", "Hannah", "Eric", "Lenny", "Will", "Jane", "Ollie"]
+
+
+def generate_samsum(path: Path, rows: int) -> None:
+    """samsum-format rows: a chat of 4-14 turns and a summary (about 330 tokens each)."""
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+            turns = [
+                f"{rng.choice(SPEAKERS)}: {text(rng.randint(3, 25))}"
+                for _ in range(rng.randint(4, 14))
+            ]
+            summary = f"{rng.choice(SPEAKERS)} {text(rng.randint(8, 40))}. ({i})"
+            f.write(json.dumps({"dialogue": "\r\n".join(turns), "summary": summary}) + "\n")
+
+
+SAMSUM_BASELINE = r"""
+import json, os, resource, sys, time
+began = time.perf_counter()
+from datasets import disable_caching, disable_progress_bars, load_dataset
+from transformers import AutoTokenizer
+from kubetune.components.models import resolve_model
+from kubetune.components.prepare_dataset.formats import SAMSUM_PROMPT
+disable_progress_bars()
+data, out = sys.argv[1:3]
+tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny://falcon"))
+ds = load_dataset("json", data_files=data, split="train", cache_dir=os.path.join(out, "cache"))
+def tokenize(batch):
+    texts = [SAMSUM_PROMPT.format(dialogue=d) + s + tokenizer.eos_token
+             for d, s in zip(batch["dialogue"], batch["summary"])]
+    return tokenizer(texts, truncation=True, max_length=512)
+ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names, num_proc=os.cpu_count())
+ds.save_to_disk(os.path.join(out, "saved"))
+tokens = sum(len(x) for x in ds.with_format("arrow")["input_ids"].to_pylist())
+print(json.dumps({"seconds": time.perf_counter() - began, "tokens": tokens,
+                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "workers_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
+
+SAMSUM_KUBETUNE = r"""
+import json, resource, subprocess, sys, time
+began = time.perf_counter()
+data, out, kubetune = sys.argv[1:4]
+sets = [f"data.path={data}", "data.format=samsum", "data.max_seq_len=512", "data.packing=true"]
+subprocess.run([kubetune, "prepare", "tiny-demo", "--output", out + "/prepared",
+                *[a for s in sets for a in ("--set", s)]], check=True, stdout=subprocess.DEVNULL)
+stats = json.load(open(out + "/prepared/stats.json"))
+print(json.dumps({"seconds": time.perf_counter() - began, "tokens": stats["tokens"]["total"],
+                  "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+                  "workers_rss": None}))
+"""
+
+
+def whole_process(script: str, *argv: str) -> dict:
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        sys.exit(f"failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def samsum(scales: list[int]) -> int:
+    """Whole processes per scale: wall time and peak RSS of each side, same run."""
+    from kubetune.components.models import resolve_model
+
+    resolve_model("tiny://falcon")  # built once, outside the timings
+    kubetune = str(Path(sys.executable).parent / "kubetune")
+    results = []
+    for rows in scales:
+        work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+        try:
+            data = work / "samsum.jsonl"
+            generate_samsum(data, rows)
+            (work / "base").mkdir()
+            (work / "kt").mkdir()
+            base = whole_process(SAMSUM_BASELINE, str(data), str(work / "base"))
+            ours = whole_process(SAMSUM_KUBETUNE, str(data), str(work / "kt"), kubetune)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        results.append((rows, base, ours))
+        print(json.dumps({"rows": rows, "datasets_map": base, "kubetune": ours}), flush=True)
+    print(
+        f"prepare, samsum rows, max_seq_len 512, packing; whole processes, same run; "
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}"
+    )
+    print(
+        "| rows | pipeline | seconds | tokens | peak RSS MB (main) | peak RSS MB (a worker) "
+        "| speed vs map |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for rows, base, ours in results:
+        for name, m in (("datasets.map num_proc", base), ("kubetune prepare", ours)):
+            workers = f"{m['workers_rss'] / 2**20:,.0f}" if m["workers_rss"] else "-"
+            print(
+                f"| {rows:,} | {name} | {m['seconds']:.1f} | {m['tokens']:,} | "
+                f"{m['rss'] / 2**20:,.0f} | {workers} | {base['seconds'] / m['seconds']:.2f}x |"
+            )
+    first = results[0][2]["rss"]
+    for rows, _, ours in results[1:]:
+        print(
+            f"kubetune peak RSS at {rows:,} rows / at {results[0][0]:,}: {ours['rss'] / first:.2f}x"
+        )
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workload", choices=("alpaca", "samsum"), default="alpaca")
+    parser.add_argument("--scales", default="50000,200000,1000000", help="samsum: rows per run")
     args = parser.parse_args(argv)
+    if args.workload == "samsum":
+        return samsum([int(n) for n in args.scales.split(",")])
 
     import datasets
     import transformers
