@@ -14,6 +14,14 @@ from urllib.parse import unquote, urlparse
 from .httpjson import JsonHandler
 
 
+def not_found(handler, code: str) -> None:
+    """The hub's 404, with the error code huggingface_hub turns into its exception."""
+    handler.send_response(404)
+    handler.send_header("X-Error-Code", code)
+    handler.send_header("Content-Length", "0")
+    handler.end_headers()
+
+
 class FakeHub:
     def __init__(self):
         # repo -> commit -> {path: bytes}; repo -> branch -> commit
@@ -66,11 +74,7 @@ class FakeHub:
             if repo not in self.commits:
                 return handler._send(404, {"error": "Repository not found"})
             if commit is None:
-                handler.send_response(404)
-                handler.send_header("X-Error-Code", "RevisionNotFound")
-                handler.send_header("Content-Length", "0")
-                handler.end_headers()
-                return None
+                return not_found(handler, "RevisionNotFound")
             files = self.commits[repo][commit]
             return handler._send(
                 200,
@@ -89,11 +93,7 @@ class FakeHub:
         commit = self._commit(repo, commit_or_branch) if sep else None
         data = self.commits.get(repo, {}).get(commit or "", {}).get(name)
         if data is None:
-            handler.send_response(404)
-            handler.send_header("X-Error-Code", "EntryNotFound")
-            handler.send_header("Content-Length", "0")
-            handler.end_headers()
-            return None
+            return not_found(handler, "EntryNotFound")
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(data)))
         handler.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')

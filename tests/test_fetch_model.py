@@ -86,29 +86,17 @@ def test_an_s3_model_is_downloaded_once_for_the_whole_pipeline(s3, tmp_path):
         "commit": record["commit"],
     }
 
+    def fetch_again():
+        model = "model.name_or_path=s3://models/tiny-falcon"
+        return run_cli("fetch-model", TINY_DEMO, "--set", model, "--workspace", work, env=env)
+
     # a later fetch reuses the copy after checking sizes; a damaged copy is fetched again
-    again = run_cli(
-        "fetch-model",
-        TINY_DEMO,
-        "--set",
-        "model.name_or_path=s3://models/tiny-falcon",
-        "--workspace",
-        work,
-        env=env,
-    )
+    again = fetch_again()
     assert again.code == 0 and "already fetched" in again.out, again
     assert len(s3.requests("GET", PREFIX)) == len(sizes)
     with open(folder / "model.safetensors", "r+b") as f:
         f.truncate(100)
-    repaired = run_cli(
-        "fetch-model",
-        TINY_DEMO,
-        "--set",
-        "model.name_or_path=s3://models/tiny-falcon",
-        "--workspace",
-        work,
-        env=env,
-    )
+    repaired = fetch_again()
     assert repaired.code == 0 and "downloaded" in repaired.out, repaired
     assert len(s3.requests("GET", PREFIX)) == 2 * len(sizes)
     assert (folder / "model.safetensors").stat().st_size == sizes["model.safetensors"]
@@ -116,15 +104,7 @@ def test_an_s3_model_is_downloaded_once_for_the_whole_pipeline(s3, tmp_path):
 
     # a changed object is a new revision: a new folder, the old one kept
     s3.client().put_object(Bucket="models", Key="tiny-falcon/generation_config.json", Body=b"{}")
-    changed = run_cli(
-        "fetch-model",
-        TINY_DEMO,
-        "--set",
-        "model.name_or_path=s3://models/tiny-falcon",
-        "--workspace",
-        work,
-        env=env,
-    )
+    changed = fetch_again()
     assert changed.code == 0, changed
     assert len(list((work / "models").iterdir())) == 2
 
