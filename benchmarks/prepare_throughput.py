@@ -124,7 +124,8 @@ SPEAKERS = ["Amanda", "Tom", "Hannah", "Eric", "Lenny", "Will", "Jane", "Ollie"]
 
 
 def generate_samsum(path: Path, rows: int) -> None:
-    """samsum-format rows: a chat of 4-14 turns and a summary (about 330 tokens each)."""
+    """samsum-format rows: a chat of 3-9 turns and a summary, about 330 tiny://falcon tokens
+    each (the size of samsum's rows)."""
     import random
 
     rng = random.Random(0)
@@ -132,10 +133,10 @@ def generate_samsum(path: Path, rows: int) -> None:
         for i in range(rows):
             text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
             turns = [
-                f"{rng.choice(SPEAKERS)}: {text(rng.randint(3, 25))}"
-                for _ in range(rng.randint(4, 14))
+                f"{rng.choice(SPEAKERS)}: {text(rng.randint(2, 18))}"
+                for _ in range(rng.randint(3, 9))
             ]
-            summary = f"{rng.choice(SPEAKERS)} {text(rng.randint(8, 40))}. ({i})"
+            summary = f"{rng.choice(SPEAKERS)} {text(rng.randint(6, 30))}. ({i})"
             f.write(json.dumps({"dialogue": "\r\n".join(turns), "summary": summary}) + "\n")
 
 

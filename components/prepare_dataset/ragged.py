@@ -64,6 +64,13 @@ class Rows:
         return trained[ends] - trained[self.offsets[:-1]]
 
 
+def flatten(pieces: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists as one flat int32 array and their lengths."""
+    seg_len = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    seg_flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(seg_len.sum()))
+    return seg_flat, seg_len
+
+
 def assemble(
     pieces: list[list[int]],
     trainable: list[bool],
@@ -76,8 +83,19 @@ def assemble(
     `pieces` are the tokenized segments of all rows in order; row r owns the next
     `pieces_per_row[r]` of them.
     """
-    seg_len = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-    seg_flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(seg_len.sum()))
+    return assemble_flat(*flatten(pieces), trainable, pieces_per_row, prefix, eos)
+
+
+def assemble_flat(
+    seg_flat: np.ndarray,
+    seg_len: np.ndarray,
+    trainable: list[bool],
+    pieces_per_row: list[int],
+    prefix: list[int],
+    eos: int,
+) -> Rows:
+    """`assemble` for segments already flat: seg_flat holds segment i's tokens at
+    offsets_of(seg_len)[i]."""
     seg_start = offsets_of(seg_len)[:-1]
     # Append the prefix and EOS once to the flat array; every row points at them.
     prefix_at, eos_at = len(seg_flat), len(seg_flat) + len(prefix)

@@ -29,7 +29,7 @@ from ..models import load_tokenizer
 from ..outputs import check_output, staged_output
 from .formats import RowError, formatter
 from .packing import best_fit_decreasing
-from .ragged import IGNORE, Rows, assemble, pack
+from .ragged import IGNORE, Rows, assemble_flat, flatten, pack
 from .readers import read_records
 
 
@@ -66,16 +66,35 @@ def special_prefix(tokenizer) -> list[int]:
     return [i for i in ids if i != tokenizer.eos_token_id]
 
 
+# Segments per call of the Rust tokenizer: its Encoding objects (ids, offsets, token strings)
+# for one chunk at a time, turned into a flat int32 array at once. One call for everything
+# held every Encoding and a Python int per token: several GB at 200k samsum rows.
+TOKENIZE_CHUNK = 16_384
+
+
 def tokenize_examples(examples: list, tokenizer, chat: bool) -> Rows:
-    """All segments in one batched call of the Rust tokenizer; labels mask the prompt."""
+    """All segments through the Rust tokenizer's batched call (its own threads), a chunk at a
+    time, into one flat int32 array; labels mask the prompt."""
     texts = [text for segments in examples for text, _ in segments]
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    pieces = [e.ids for e in encode(texts, add_special_tokens=False)]
+    flats, lengths = [], []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = texts[start : start + TOKENIZE_CHUNK]
+        flat, length = flatten([e.ids for e in encode(chunk, add_special_tokens=False)])
+        flats.append(flat)
+        lengths.append(length)
     del texts
     trainable = [t for segments in examples for _, t in segments]
     prefix = [] if chat else special_prefix(tokenizer)
-    return assemble(pieces, trainable, [len(s) for s in examples], prefix, tokenizer.eos_token_id)
+    return assemble_flat(
+        np.concatenate(flats) if flats else np.zeros(0, dtype=np.int32),
+        np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64),
+        trainable,
+        [len(s) for s in examples],
+        prefix,
+        tokenizer.eos_token_id,
+    )
 
 
 def apply_length_policy(rows: Rows, max_len: int, policy: str, dropped: Counter):
