@@ -97,6 +97,11 @@ def is_not_found(exc: Exception) -> bool:
     return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
+def folder_prefix(key: str) -> str:
+    """The listing prefix of the objects under `key` as a folder ("" stays "", "a" is "a/")."""
+    return key if not key or key.endswith("/") else key + "/"
+
+
 def s3_key(prefix: str, path: str) -> str:
     """The key of `path` under a prefix ("" or "a/b", slashes at the ends ignored)."""
     prefix = prefix.strip("/")
@@ -124,7 +129,7 @@ def s3_download(uri: str, dest_dir: Path) -> Path:
                     raise
         single = bool(keys)
         if not single:
-            prefix = key if not key or key.endswith("/") else key + "/"
+            prefix = folder_prefix(key)
             for page in client.get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=prefix
             ):

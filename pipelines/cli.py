@@ -47,21 +47,15 @@ def cmd_config(args) -> int:
 
 
 def cmd_fetch_model(args) -> int:
-    from kubetune.components.fetch_model import fetch_model
+    from kubetune.components.fetch_model import fetch_model, fetch_summary
 
     cfg = load_recipe(args.recipe, args.overrides)
     record = fetch_model(cfg.model, args.workspace)
-    if record is None:
-        print(f"{cfg.model.name_or_path}: nothing to fetch (a tiny model or a local folder)")
-        return 0
-    how = "downloaded" if record["downloaded"] else "already fetched (sizes checked)"
-    size = sum(record["files"].values())
-    print(
-        f"{record['source']} at {record['commit']}: {len(record['files'])} files, "
-        f"{size / 1e9:.2f} GB, {how}"
-    )
-    print(f"folder: {record['path']}")
-    print(f"use it: --set model.local_dir={record['path']} --set model.commit={record['commit']}")
+    print(fetch_summary(cfg, record))
+    if record is not None:
+        print(
+            f"use it: --set model.local_dir={record['path']} --set model.commit={record['commit']}"
+        )
     return 0
 
 

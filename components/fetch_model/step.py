@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..storage import is_s3, s3_client, s3_errors, split_s3
+from ..storage import folder_prefix, is_s3, s3_client, s3_errors, split_s3
 from ..tiny_models import is_tiny
 
 RECORD = ".kubetune-fetch.json"
@@ -97,7 +97,7 @@ def slug(source: str) -> str:
 def list_s3(model_cfg) -> Listing:
     uri = model_cfg.name_or_path
     bucket, key = split_s3(uri)
-    prefix = key if not key or key.endswith("/") else key + "/"
+    prefix = folder_prefix(key)
     found, digest = {}, hashlib.sha256()
     with s3_errors(uri):
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -148,7 +148,7 @@ def download_s3(listing: Listing, staging: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     bucket, key = split_s3(listing.source)
-    prefix = key if not key or key.endswith("/") else key + "/"
+    prefix = folder_prefix(key)
     client = s3_client(pool=8)
 
     def one(rel: str) -> None:
@@ -231,6 +231,18 @@ def fetch_model(model_cfg, workspace: str | Path) -> dict | None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**record, "path": str(target), "downloaded": True}
+
+
+def fetch_summary(cfg, record: dict | None) -> str:
+    """What a fetch did, in a line or two (the CLI's and the KFP task's log)."""
+    if record is None:
+        return f"{cfg.model.name_or_path}: nothing to fetch (a tiny model or a local folder)"
+    how = "downloaded" if record["downloaded"] else "already fetched (sizes checked)"
+    size = sum(record["files"].values())
+    return (
+        f"{record['source']} at {record['commit']}: {len(record['files'])} files, "
+        f"{size / 1e9:.2f} GB, {how}\nfolder: {record['path']}"
+    )
 
 
 def fetched_config(cfg, workspace: str | Path):

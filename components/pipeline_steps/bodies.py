@@ -62,14 +62,10 @@ def fetch(recipe_yaml: str, run_dir: str) -> str:
     """Fetch the model once per revision into WORKSPACE/models (the workspace holds run_dir
     as WORKSPACE/runs/RUN_ID); returns the recipe pointing at that copy (model.local_dir)."""
     from ..config import dump_config
-    from ..fetch_model import fetched_config
+    from ..fetch_model import fetch_summary, fetched_config
 
     cfg, record = fetched_config(_cfg(recipe_yaml), Path(run_dir).parent.parent)
-    if record is None:
-        print(f"{cfg.model.name_or_path}: nothing to fetch (a tiny model or a local folder)")
-    else:
-        how = "downloaded" if record["downloaded"] else "already fetched, sizes checked"
-        print(f"{record['source']} at {record['commit']}: {how} in {record['path']}")
+    print(fetch_summary(cfg, record))
     return dump_config(cfg)
 
 

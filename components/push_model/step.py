@@ -135,6 +135,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _base_model(name_or_path: str | None, record: dict) -> dict:
+    """The manifest's base_model: name, requested revision, fetched commit (or digest)."""
+    return {
+        "name_or_path": name_or_path,
+        "revision": record.get("revision"),
+        "commit": record.get("commit"),
+    }
+
+
 def describe_model(src: Path, evaluation: dict | None) -> dict:
     """Provenance of a model folder written by kubetune train or merge."""
     import yaml
@@ -152,26 +161,14 @@ def describe_model(src: Path, evaluation: dict | None) -> dict:
     else:
         kind = "files"
     if merge is not None:
-        base_model = {
-            "name_or_path": merge["base"],
-            "revision": merge.get("revision"),
-            "commit": merge.get("commit"),
-        }
+        base_model = _base_model(merge["base"], merge)
         fingerprint = merge.get("dataset_fingerprint")
     elif base is not None:
-        base_model = {
-            "name_or_path": base["name_or_path"],
-            "revision": base.get("revision"),
-            "commit": base.get("commit"),
-        }
+        base_model = _base_model(base["name_or_path"], base)
         fingerprint = base.get("dataset_fingerprint")
     else:
         model = (recipe or {}).get("model", {})
-        base_model = {
-            "name_or_path": model.get("name_or_path"),
-            "revision": model.get("revision"),
-            "commit": model.get("commit"),
-        }
+        base_model = _base_model(model.get("name_or_path"), model)
         fingerprint = None
     training = _read_json(src / "training_metrics.json") or (
         _read_json(src / "metrics.json") if kind != "files" else None

@@ -83,6 +83,11 @@ def flex_length(max_seq_len: int) -> int:
     return -(-max_seq_len // FLEX_BLOCK) * FLEX_BLOCK
 
 
+def pad_length(attn: str, max_seq_len: int) -> int:
+    """The length every batch is padded to: flex_length for flex_attention, else none (0)."""
+    return flex_length(max_seq_len) if attn == "flex_attention" else 0
+
+
 def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to: int = 0) -> dict:
     """Right-pad a batch (to at least `pad_to` tokens); pads are an example of their own with
     labels -100.

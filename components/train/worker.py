@@ -36,7 +36,7 @@ from .data import (
     check_rows,
     collate,
     document_block_mask,
-    flex_length,
+    pad_length,
     total_steps,
 )
 from .flops import mfu, train_flops_per_token
@@ -212,7 +212,7 @@ def evaluate(cfg, model, split, world: World, pad_id: int, attn: str, dtype) -> 
     if split is None or len(split) == 0:
         return None
     model.eval()
-    pad_to = flex_length(cfg.data.max_seq_len) if attn == FLEX else 0
+    pad_to = pad_length(attn, cfg.data.max_seq_len)
     loss_sum = tokens = 0.0
     indices = list(range(world.rank, len(split), world.size))
     size = cfg.train.micro_batch_size
@@ -370,7 +370,7 @@ def run(args) -> None:
             attn,
             dtype,
             pin=world.device.type == "cuda",
-            pad_to=flex_length(cfg.data.max_seq_len) if attn == FLEX else 0,
+            pad_to=pad_length(attn, cfg.data.max_seq_len),
         )
     )
     trainable_params = [p for p in model.parameters() if p.requires_grad]
