@@ -176,6 +176,28 @@ print(json.dumps({"seconds": time.perf_counter() - began, "tokens": stats["token
                   "workers_rss": None}))
 """
 
+# The floor both sides share: the Rust tokenizer alone over every segment kubetune tokenizes
+# (all CPUs, its own threads; no reading, no masking, no writing), and the imports before it.
+SAMSUM_TOKENIZER_ONLY = r"""
+import json, sys, time
+began = time.perf_counter()
+from kubetune.components.models import load_tokenizer
+from kubetune.components.config import load_recipe
+from kubetune.components.prepare_dataset.formats import samsum
+cfg = load_recipe("tiny-demo", ["data.format=samsum"])
+tokenizer = load_tokenizer(cfg.model)
+imported = time.perf_counter() - began
+texts = [t for line in open(sys.argv[1], encoding="utf-8") for t, _ in samsum(json.loads(line))]
+backend = tokenizer.backend_tokenizer
+began = time.perf_counter()
+tokens = 0
+for start in range(0, len(texts), 16384):
+    tokens += sum(len(e.ids) for e in backend.encode_batch_fast(texts[start:start + 16384],
+                                                                add_special_tokens=False))
+print(json.dumps({"import_seconds": imported, "tokenize_seconds": time.perf_counter() - began,
+                  "tokens": tokens}))
+"""
+
 
 def whole_process(script: str, *argv: str) -> dict:
     import subprocess
@@ -194,7 +216,7 @@ def samsum(scales: list[int]) -> int:
 
     resolve_model("tiny://falcon")  # built once, outside the timings
     kubetune = str(Path(sys.executable).parent / "kubetune")
-    results = []
+    results, floors = [], None
     for rows in scales:
         work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
         try:
@@ -204,9 +226,11 @@ def samsum(scales: list[int]) -> int:
             (work / "kt").mkdir()
             base = whole_process(SAMSUM_BASELINE, str(data), str(work / "base"))
             ours = whole_process(SAMSUM_KUBETUNE, str(data), str(work / "kt"), kubetune)
+            floor = whole_process(SAMSUM_TOKENIZER_ONLY, str(data)) if not results else None
         finally:
             shutil.rmtree(work, ignore_errors=True)
         results.append((rows, base, ours))
+        floors = floors or floor
         print(json.dumps({"rows": rows, "datasets_map": base, "kubetune": ours}), flush=True)
     print(
         f"prepare, samsum rows, max_seq_len 512, packing; whole processes, same run; "
@@ -224,6 +248,11 @@ def samsum(scales: list[int]) -> int:
                 f"| {rows:,} | {name} | {m['seconds']:.1f} | {m['tokens']:,} | "
                 f"{m['rss'] / 2**20:,.0f} | {workers} | {base['seconds'] / m['seconds']:.2f}x |"
             )
+    print(
+        f"floor at {results[0][0]:,} rows: imports + tokenizer load {floors['import_seconds']:.1f} s"
+        f", the Rust tokenizer alone over every segment ({floors['tokens']:,} tokens, all CPUs) "
+        f"{floors['tokenize_seconds']:.1f} s"
+    )
     first = results[0][2]["rss"]
     for rows, _, ours in results[1:]:
         print(

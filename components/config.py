@@ -109,6 +109,12 @@ class DataConfig(Section):
     max_rows: int | None = Field(
         None, gt=0, description="Read at most this many rows (smoke tests)."
     )
+    num_proc: int | None = Field(
+        None,
+        gt=0,
+        description="Processes that render and tokenize records (default: the CPUs this "
+        "process may use, a pod's CPU limit included). The output is the same for any value.",
+    )
 
 
 class QuantConfig(Section):

@@ -13,3 +13,31 @@ def quiet_progress_off_terminal() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+
+
+class Progress:
+    """Rows read, tokens and rows/s while a step streams data: one line redrawn in place on a
+    terminal, a plain line every `every` seconds (and one at the end) in a pod or a CI log."""
+
+    def __init__(self, label: str, stream=None, every: float | None = None):
+        import time
+
+        self.label, self.stream = label, stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = every if every is not None else (0.5 if self.tty else 10.0)
+        self.clock = time.monotonic
+        self.began = self.last = self.clock()
+
+    def _line(self, rows: int, tokens: int) -> str:
+        rate = rows / max(self.clock() - self.began, 1e-9)
+        return f"{self.label}: {rows:,} rows read, {tokens:,} tokens, {rate:,.0f} rows/s"
+
+    def update(self, rows: int, tokens: int) -> None:
+        if self.clock() - self.last < self.every:
+            return
+        self.last = self.clock()
+        end = "\r" if self.tty else "\n"
+        print(self._line(rows, tokens), end=end, file=self.stream, flush=True)
+
+    def done(self, rows: int, tokens: int) -> None:
+        print(self._line(rows, tokens), file=self.stream, flush=True)

@@ -35,6 +35,40 @@ def test_bfd_is_valid_and_near_optimal(seed):
     assert len(bins) <= 11 / 9 * optimal_bins(lengths, 10) + 6 / 9
 
 
+def reference_bfd(lengths, capacity):
+    """Textbook best-fit decreasing over a sorted list of open rooms (the first version)."""
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins, room, room_bin = [], [], []
+    for index in order:
+        length = lengths[index]
+        pos = bisect.bisect_left(room, length)
+        if pos < len(room):
+            left, target = room.pop(pos) - length, room_bin.pop(pos)
+            bins[target].append(index)
+        else:
+            target, left = len(bins), capacity - length
+            bins.append([index])
+        if left > 0:
+            at = bisect.bisect_left(room, left)
+            room.insert(at, left)
+            room_bin.insert(at, target)
+    return bins
+
+
+@pytest.mark.parametrize("n,capacity", [(1, 8), (500, 16), (3000, 512), (2000, 4096)])
+def test_bfd_matches_the_textbook_version(n, capacity):
+    rng = random.Random(n)
+    lengths = [rng.randint(1, capacity) for _ in range(n)]
+    assert best_fit_decreasing(lengths, capacity) == reference_bfd(lengths, capacity)
+
+
+def test_bfd_refuses_an_example_over_capacity():
+    with pytest.raises(ValueError, match="example 1 has 11 tokens > capacity 10"):
+        best_fit_decreasing([3, 11, 2], 10)
+
+
 def test_bfd_picks_the_tightest_bin():
     # 7 opens a bin (room 3), 6 opens a bin (room 4); 3 must go with 7 (room 3), not with 6.
     assert best_fit_decreasing([7, 6, 3, 4], 10) == [[0, 2], [1, 3]]

@@ -134,11 +134,13 @@ def pack(rows: Rows, bins: list[list[int]]) -> tuple[Rows, np.ndarray]:
     loss crosses an example boundary.
     """
     order = np.fromiter(chain.from_iterable(bins), dtype=np.int64, count=sum(map(len, bins)))
-    examples = rows.take(order)
+    return pack_ordered(rows.take(order), np.fromiter(map(len, bins), np.int64, len(bins)))
+
+
+def pack_ordered(examples: Rows, bin_sizes: np.ndarray) -> tuple[Rows, np.ndarray]:
+    """`pack` for examples already in bin order: bin i is the next `bin_sizes[i]` of them."""
     positions = examples.position_ids()
     labels = examples.labels.copy()
     labels[examples.offsets[:-1]] = IGNORE
-    bin_len = np.add.reduceat(
-        examples.lengths, offsets_of(np.fromiter(map(len, bins), np.int64))[:-1]
-    )
+    bin_len = np.add.reduceat(examples.lengths, offsets_of(bin_sizes)[:-1])
     return Rows(examples.ids, labels, offsets_of(bin_len)), positions

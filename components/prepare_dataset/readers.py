@@ -1,6 +1,7 @@
 """Read instruction records from files, folders, saved HF datasets, S3 objects or the hub.
 
-Each reader yields `(where, row)` pairs: `where` says where the row came from in the words a
+Each reader yields `(where, row)` pairs as it reads (JSON Lines and CSV a line at a time,
+Parquet a batch at a time; only a JSON list is parsed whole): `where` says where the row came from in the words a
 user needs to find it (`data.jsonl:17`, `data.parquet: row 4`). Structural problems (bad JSON,
 non-UTF-8 bytes, an object where a list is expected, a CSV without a needed column, an empty
 file) are `UserError`s naming the file and line.
@@ -36,21 +37,51 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
-def _jsonl(path: Path, text: str) -> Iterator[Row]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(
-                f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})"
-            ) from None
-        if not isinstance(row, dict):
-            raise UserError(
-                f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}"
-            )
-        yield f"{path}:{number}", row
+def _physical_lines(path: Path) -> Iterator[str]:
+    """The file's text one `\n`-terminated piece at a time (end kept), never the whole file.
+
+    Same errors as reading it whole: a file with nothing but whitespace is empty, and bytes that
+    are not UTF-8 are named by line and by offset (counted after a BOM). A `\r\n` pair never
+    straddles two pieces, so splitting each piece further gives the lines of the whole text.
+    """
+    seen_text, offset = False, 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # offsets count from after the BOM, as decoding it whole
+            try:
+                piece = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(
+                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+                    f"{offset + exc.start}); convert the file to UTF-8"
+                ) from None
+            offset += len(raw)
+            seen_text = seen_text or not piece.isspace()
+            yield piece
+    if not seen_text:
+        raise UserError(f"{path}: file is empty")
+
+
+def _jsonl(path: Path, lines: Iterator[str]) -> Iterator[Row]:
+    """One JSON object per line; line numbers are those of `str.splitlines` over the file."""
+    number = 0
+    for piece in lines:
+        for line in piece.splitlines():
+            number += 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise UserError(
+                    f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}"
+                )
+            yield f"{path}:{number}", row
 
 
 def _json(path: Path, text: str) -> Iterator[Row]:
@@ -60,7 +91,7 @@ def _json(path: Path, text: str) -> Iterator[Row]:
         try:
             whole = json.loads(text)
         except json.JSONDecodeError:
-            yield from _jsonl(path, text)
+            yield from _jsonl(path, iter([text]))
             return
         keys = ", ".join(list(whole)[:5])
         raise UserError(
@@ -81,8 +112,14 @@ def _json(path: Path, text: str) -> Iterator[Row]:
         yield f"{path}: row {index}", row
 
 
-def _csv(path: Path, text: str, required: tuple[str, ...]) -> Iterator[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _csv_lines(pieces: Iterator[str]) -> Iterator[str]:
+    """Lines as `io.StringIO(whole_text, newline="")` gives them (`\n`, `\r\n` and `\r`)."""
+    for piece in pieces:
+        yield from io.StringIO(piece, newline="")
+
+
+def _csv(path: Path, pieces: Iterator[str], required: tuple[str, ...]) -> Iterator[Row]:
+    reader = csv.reader(_csv_lines(pieces))
     try:
         header = next(reader)
     except StopIteration:
@@ -112,22 +149,30 @@ def _csv(path: Path, text: str, required: tuple[str, ...]) -> Iterator[Row]:
 
 
 def _parquet(path: Path, required: tuple[str, ...]) -> Iterator[Row]:
+    """Row groups a batch at a time: never the whole table in memory."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path)
+        names = table.schema_arrow.names
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise UserError(f"{path}: cannot read Parquet ({exc})") from None
-    missing = [name for name in required if name not in table.column_names]
+    missing = [name for name in required if name not in names]
     if missing:
         raise UserError(
             f"{path}: Parquet file has no column {', '.join(map(repr, missing))} "
-            f"(columns: {', '.join(table.column_names)})"
+            f"(columns: {', '.join(names)})"
         )
-    if table.num_rows == 0:
+    if table.metadata.num_rows == 0:
         raise UserError(f"{path}: file has no rows")
-    for index, row in enumerate(table.to_pylist(), start=1):
-        yield f"{path}: row {index}", row
+    index = 0
+    try:
+        for batch in table.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                index += 1
+                yield f"{path}: row {index}", row
+    except (OSError, ValueError) as exc:  # a damaged page further in (ArrowInvalid)
+        raise UserError(f"{path}: row {index + 1}: cannot read Parquet ({exc})") from None
 
 
 def read_file(path: Path, required: tuple[str, ...] = ()) -> Iterator[Row]:
@@ -140,13 +185,13 @@ def read_file(path: Path, required: tuple[str, ...] = ()) -> Iterator[Row]:
             f"{path}: unsupported file type {suffix or '(none)'}; use .json, .jsonl, "
             ".csv or .parquet"
         )
-    text = _decode(path, path.read_bytes())
     if suffix == ".csv":
-        yield from _csv(path, text, required)
+        yield from _csv(path, _physical_lines(path), required)
     elif suffix == ".jsonl":
-        yield from _jsonl(path, text)
+        yield from _jsonl(path, _physical_lines(path))
     else:
-        yield from _json(path, text)
+        # A JSON list is parsed whole (json has no incremental parser); JSON Lines stream.
+        yield from _json(path, _decode(path, path.read_bytes()))
 
 
 def _hf_rows(dataset, origin: str) -> Iterator[Row]:
