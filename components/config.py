@@ -178,8 +178,10 @@ class DistributedConfig(Section):
     )
     nodes: int = Field(1, gt=0, description="Machines (PyTorchJob Master + nodes-1 Workers).")
     procs_per_node: int = Field(1, gt=0, description="Processes per node, one per GPU.")
-    backend: Literal["local", "pytorchjob"] = Field(
-        "local", description="local: torchrun here; pytorchjob: the Training Operator."
+    backend: Literal["local", "pytorchjob", "trainjob"] = Field(
+        "local",
+        description="local: torchrun here; pytorchjob: a PyTorchJob (Kubeflow Training "
+        "Operator v1); trainjob: a TrainJob (Kubeflow Trainer v2) over kubernetes.runtime.",
     )
     zero_stage: Literal[2, 3] = Field(3, description="deepspeed: ZeRO stage.")
     offload: Literal["none", "optimizer", "optimizer+params"] = Field(
@@ -218,7 +220,7 @@ class OutputConfig(Section):
 
 
 class KubernetesConfig(Section):
-    namespace: str = Field("kubeflow", description="Namespace of the PyTorchJob.")
+    namespace: str = Field("kubeflow", description="Namespace of the PyTorchJob or TrainJob.")
     trainer_image: str = Field(
         "ghcr.io/kubetune/trainer:0.1.0", description="CUDA image of the worker."
     )
@@ -266,6 +268,15 @@ class KubernetesConfig(Section):
         "/workspace", description="Where the workspace PVC is mounted in every pod."
     )
     run_as_user: int = Field(1000, gt=0, description="Non-root UID of the pods (the image's user).")
+    runtime: str = Field(
+        "kubetune-torch-distributed",
+        description="backend=trainjob: the Trainer v2 runtime the TrainJob refers to (kubetune "
+        "ships manifests/trainer-v2/; `render-job --kind runtime` prints one for the recipe).",
+    )
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = Field(
+        "ClusterTrainingRuntime",
+        description="backend=trainjob: a cluster-wide runtime, or one in kubernetes.namespace.",
+    )
 
     # What the API server would reject is rejected here, naming the recipe key.
     @field_validator("cpu", "memory", "shm_size", mode="before")
@@ -281,7 +292,7 @@ class KubernetesConfig(Section):
     def _namespace(cls, value: str) -> str:
         return k8s_values.dns_label(value, "kubernetes.namespace")
 
-    @field_validator("service_account", "workspace_pvc", "s3_secret", "hf_secret")
+    @field_validator("service_account", "workspace_pvc", "s3_secret", "hf_secret", "runtime")
     @classmethod
     def _object_name(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
@@ -333,7 +344,7 @@ class RunConfig(Section):
         if self.distributed.nodes > 1 and self.distributed.backend == "local":
             raise ValueError(
                 f"distributed.nodes={self.distributed.nodes} needs "
-                "distributed.backend=pytorchjob (local runs on one machine)"
+                "distributed.backend=pytorchjob or trainjob (local runs on one machine)"
             )
         if self.method == "qlora" and self.distributed.strategy == "deepspeed":
             raise ValueError(

@@ -181,8 +181,13 @@ def checked_job_name(name: str, where: str, nodes: int) -> str:
 def cmd_render_job(args) -> int:
     from kubetune.components.train.kube import check_paths, default_job_name
     from kubetune.components.train.pytorchjob import default_paths, render_job, to_yaml
+    from kubetune.components.train.trainjob import render_runtime, render_trainjob
 
     cfg = load_recipe(args.recipe, args.overrides)
+    kind = args.kind or ("trainjob" if cfg.distributed.backend == "trainjob" else "pytorchjob")
+    if kind == "runtime":
+        sys.stdout.write(to_yaml(render_runtime(cfg)))
+        return 0
     if args.name:
         name = checked_job_name(args.name, "--name", cfg.distributed.nodes)
     else:
@@ -191,7 +196,8 @@ def cmd_render_job(args) -> int:
     dataset, output = default_paths(cfg, name)
     dataset, output = args.dataset or dataset, args.output or output
     check_paths(cfg, dataset, output)
-    sys.stdout.write(to_yaml(render_job(cfg, name, dataset, output)))
+    render = render_trainjob if kind == "trainjob" else render_job
+    sys.stdout.write(to_yaml(render(cfg, name, dataset, output)))
     return 0
 
 
@@ -291,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="fine-tune (torchrun here, or a PyTorchJob); resumes if OUTPUT has checkpoints",
+        help="fine-tune (torchrun here, a PyTorchJob or a TrainJob); resumes if OUTPUT has "
+        "checkpoints",
     )
     _recipe_args(p)
     p.add_argument("--dataset", required=True, help="a `kubetune prepare` output folder")
@@ -329,9 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser(
-        "render-job", help="print the PyTorchJob YAML of a recipe (pipe it to kubectl apply -f -)"
+        "render-job",
+        help="print the PyTorchJob or TrainJob YAML of a recipe (pipe it to kubectl apply -f -)",
     )
     _recipe_args(p)
+    p.add_argument(
+        "--kind",
+        choices=("pytorchjob", "trainjob", "runtime"),
+        help="pytorchjob (Training Operator v1), trainjob (Trainer v2), or runtime: the "
+        "ClusterTrainingRuntime the TrainJob refers to (default: the recipe's "
+        "distributed.backend; pytorchjob for local)",
+    )
     p.add_argument("--name", help="job name (default: derived from the recipe and paths)")
     p.add_argument(
         "--dataset", help="prepared dataset inside the pods (default: WORKSPACE/runs/NAME/dataset)"

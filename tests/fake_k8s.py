@@ -1,7 +1,9 @@
-"""A loopback HTTP server answering the Kubernetes REST paths the pytorchjob launcher uses, since
-no API server runs in CI. Created jobs are checked against the Training Operator's CRD schema
-and their pod template against the core schema (kubernetes-validate), like an API server with
-strict field validation would; the job then moves through the conditions a scenario gives."""
+"""A loopback HTTP server answering the Kubernetes REST paths the launcher uses for a PyTorchJob
+or a Trainer v2 TrainJob, since no API server runs in CI. Created jobs are checked against their
+CRD schema and their pod template against the core schema (kubernetes-validate; a TrainJob's
+pod is the shipped runtime's template with the job's trainer and overrides applied), like an API
+server with strict field validation would; the job then moves through the conditions a scenario
+gives ("pod" starts rank 0's pod without a condition, as a TrainJob has no Running)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,38 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from .httpjson import JsonHandler
-from .k8s_schemas import crd_errors, pod_template_errors
+import yaml
 
-JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
+from .httpjson import JsonHandler
+from .k8s_schemas import crd_errors, pod_template_errors, trainjob_pod
+
+REPO = Path(__file__).resolve().parent.parent
+KINDS = {
+    "pytorchjob": {
+        "kind": "PyTorchJob",
+        "jobs": "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs",
+        "plural": "pytorchjobs",
+        "container": "pytorch",
+    },
+    "trainjob": {
+        "kind": "TrainJob",
+        "jobs": "/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs",
+        "plural": "trainjobs",
+        "container": "node",
+    },
+}
+
+
+def shipped_runtime() -> dict:
+    return yaml.safe_load(
+        (REPO / "manifests" / "trainer-v2" / "clustertrainingruntime.yaml").read_text()
+    )
 
 
 class FakeKube:
-    def __init__(self, namespace: str = "kubeflow"):
+    def __init__(self, namespace: str = "kubeflow", kind: str = "pytorchjob"):
         self.ns = namespace
+        self.kind = KINDS[kind]
         self.jobs: dict[str, dict] = {}
         self.logs: dict[str, list[str]] = {}
         self.pods: dict[str, dict] = {}
@@ -62,7 +87,18 @@ class FakeKube:
     def count(self, method: str, suffix: str = "") -> int:
         return sum(1 for m, p, _ in self.requests if m == method and p.endswith(suffix))
 
+    def lead_pod_name(self, name: str) -> str:
+        return f"{name}-master-0" if self.kind["kind"] == "PyTorchJob" else f"{name}-node-0-0-x7k2p"
+
+    def start_pod(self, name: str) -> None:
+        with self.cond:
+            self._add_pod(name)
+            self._bump(self.jobs[name])
+
     def set_condition(self, name: str, kind: str, reason: str = "", message: str = "") -> None:
+        if kind == "pod":
+            return self.start_pod(name)
+        job_kind = self.kind["kind"]
         with self.cond:
             job = self.jobs[name]
             conditions = job.setdefault("status", {}).setdefault("conditions", [])
@@ -76,23 +112,23 @@ class FakeKube:
                 {
                     "type": kind,
                     "status": "True",
-                    "reason": reason or f"PyTorchJob{kind}",
-                    "message": message or f"PyTorchJob {name} is {kind.lower()}.",
+                    "reason": reason or f"{job_kind}{kind}",
+                    "message": message or f"{job_kind} {name} is {kind.lower()}.",
                     "lastTransitionTime": "2026-11-22T00:00:00Z",
                     "lastUpdateTime": "2026-11-22T00:00:00Z",
                 }
             )
             if kind == "Running":
                 self._add_pod(name)
-            if kind in ("Succeeded", "Failed"):
+            if kind in ("Succeeded", "Complete", "Failed"):
                 for pod in self.pods.values():
-                    if pod["metadata"]["labels"]["training.kubeflow.org/job-name"] == name:
-                        pod["status"]["phase"] = kind
+                    if pod["metadata"]["name"] == self.lead_pod_name(name):
+                        pod["status"]["phase"] = "Failed" if kind == "Failed" else "Succeeded"
             self._bump(job)
 
     def log(self, name: str, line: str) -> None:
         with self.cond:
-            self.logs.setdefault(f"{name}-master-0", []).append(line)
+            self.logs.setdefault(self.lead_pod_name(name), []).append(line)
             self.cond.notify_all()
 
     def run_scenario(self, name: str) -> None:
@@ -113,7 +149,21 @@ class FakeKube:
         self.cond.notify_all()
 
     def _add_pod(self, name: str) -> None:
-        pod_name = f"{name}-master-0"
+        pod_name = self.lead_pod_name(name)
+        if self.kind["kind"] == "PyTorchJob":
+            labels = {
+                "training.kubeflow.org/job-name": name,
+                "training.kubeflow.org/replica-type": "master",
+                "training.kubeflow.org/replica-index": "0",
+            }
+        else:  # JobSet's labels and the Indexed Job's completion index
+            labels = {
+                "jobset.sigs.k8s.io/jobset-name": name,
+                "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                "jobset.sigs.k8s.io/job-index": "0",
+                "batch.kubernetes.io/job-completion-index": "0",
+            }
+        container = self.kind["container"]
         self.pods[pod_name] = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -121,18 +171,14 @@ class FakeKube:
                 "name": pod_name,
                 "namespace": self.ns,
                 "uid": str(uuid.uuid4()),
-                "labels": {
-                    "training.kubeflow.org/job-name": name,
-                    "training.kubeflow.org/replica-type": "master",
-                    "training.kubeflow.org/replica-index": "0",
-                },
+                "labels": labels,
             },
-            "spec": {"containers": [{"name": "pytorch", "image": "x"}]},
+            "spec": {"containers": [{"name": container, "image": "x"}]},
             "status": {
                 "phase": "Running",
                 "containerStatuses": [
                     {
-                        "name": "pytorch",
+                        "name": container,
                         "image": "x",
                         "imageID": "x",
                         "ready": True,
@@ -178,10 +224,12 @@ class FakeKube:
                 fake.requests.append(("POST", self.path, body))
                 if self._injected("POST"):
                     return
-                jobs = JOBS.format(ns=fake.ns)
+                jobs = fake.kind["jobs"].format(ns=fake.ns)
                 if urlparse(self.path).path != jobs:
                     return self._status(404, "NotFound", "no such path")
-                errors = crd_errors(body)
+                errors = crd_errors(body, fake.kind["kind"])
+                if fake.kind["kind"] == "TrainJob" and not errors:
+                    errors += pod_template_errors(trainjob_pod(shipped_runtime(), body))
                 for replica in body.get("spec", {}).get("pytorchReplicaSpecs", {}).values():
                     errors += pod_template_errors(replica.get("template", {}))
                 if errors:
@@ -217,14 +265,15 @@ class FakeKube:
                 fake.requests.append(("GET", self.path, None))
                 if self._injected("GET"):
                     return
-                jobs = JOBS.format(ns=fake.ns)
+                jobs = fake.kind["jobs"].format(ns=fake.ns)
                 if url.path == jobs and query.get("watch", "").lower() == "true":
                     return self._watch(query)
                 if url.path.startswith(jobs + "/"):
                     name = url.path[len(jobs) + 1 :].split("/")[0]
                     job = fake.jobs.get(name)
                     if job is None:
-                        return self._status(404, "NotFound", f'pytorchjobs "{name}" not found')
+                        plural = fake.kind["plural"]
+                        return self._status(404, "NotFound", f'{plural} "{name}" not found')
                     return self._send(200, job)
                 pods = f"/api/v1/namespaces/{fake.ns}/pods"
                 if url.path == pods:
@@ -268,6 +317,9 @@ class FakeKube:
             def _logs(self, pod: str, query: dict) -> None:
                 if pod not in fake.pods:
                     return self._status(404, "NotFound", f'pods "{pod}" not found')
+                if query.get("container") != fake.kind["container"]:
+                    container = query.get("container")
+                    return self._status(400, "BadRequest", f"no container {container} in {pod}")
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.end_headers()

@@ -1,5 +1,5 @@
-"""Validation against the real schemas: the Training Operator's PyTorchJob CRD (a copy in
-../shared/schemas/), Kubernetes core/RBAC types with kubernetes-validate, and the rules of the
+"""Validation against the real schemas: the Training Operator's PyTorchJob CRD and Trainer v2's
+TrainJob and ClusterTrainingRuntime CRDs (copies in ../shared/schemas/), Kubernetes core/RBAC types with kubernetes-validate, and the rules of the
 "restricted" Pod Security Standard (https://kubernetes.io/docs/concepts/security/pod-security-standards/)."""
 
 from __future__ import annotations
@@ -33,29 +33,63 @@ def _strict(schema):
     return schema
 
 
+CRDS = {  # kind → (file in ../shared/schemas, served version)
+    "PyTorchJob": ("kubeflow.org_pytorchjobs.yaml", "v1"),
+    "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
+    "ClusterTrainingRuntime": ("trainer.kubeflow.org_clustertrainingruntimes.yaml", "v1alpha1"),
+}
+
+
 @functools.cache
-def _crd_validator(name: str = "kubeflow.org_pytorchjobs.yaml"):
+def _crd_validator(kind: str = "PyTorchJob"):
+    name, served = CRDS[kind]
     crd = yaml.safe_load((SCHEMAS / name).read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == served)
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
     # metadata is `type: object` in a CRD; the API server checks it as ObjectMeta
     schema = _strict(schema)
     schema["properties"]["metadata"] = {"type": "object"}
-    return jsonschema.Draft7Validator(schema), crd["spec"]["group"], crd["spec"]["names"]["kind"]
+    return jsonschema.Draft7Validator(schema), crd["spec"]["group"], served
 
 
-def crd_errors(job: dict) -> list[str]:
-    validator, group, kind = _crd_validator()
+def crd_errors(job: dict, kind: str = "PyTorchJob") -> list[str]:
+    validator, group, served = _crd_validator(kind)
     errors = [
         f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
         for e in validator.iter_errors(job)
     ]
-    if job.get("apiVersion") != f"{group}/v1" or job.get("kind") != kind:
-        errors.append(f"apiVersion/kind must be {group}/v1 {kind}")
+    if job.get("apiVersion") != f"{group}/{served}" or job.get("kind") != kind:
+        errors.append(f"apiVersion/kind must be {group}/{served} {kind}")
     name = job.get("metadata", {}).get("name", "")
     if not name or len(name) > 63:
         errors.append(f"metadata.name {name!r} must be a DNS label")
     return errors
+
+
+def trainjob_pod(runtime: dict, job: dict) -> dict:
+    """The pod template Trainer v2 makes for node 0 of `job` from `runtime`: the runtime's
+    `node` template, with the TrainJob's trainer (image, command, env, resources) and its
+    podSpecOverrides (ServiceAccount, volumes, mounts, node selector, tolerations) applied."""
+    (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    pod = copy.deepcopy(replicated["template"]["spec"]["template"])
+    (container,) = pod["spec"]["containers"]
+    trainer = job["spec"]["trainer"]
+    container.update(
+        image=trainer["image"],
+        command=trainer["command"],
+        env=trainer["env"],
+        resources=trainer["resourcesPerNode"],
+    )
+    for override in job["spec"].get("podSpecOverrides", []):
+        assert [t["name"] for t in override["targetJobs"]] == [replicated["name"]]
+        for key in ("serviceAccountName", "nodeSelector", "tolerations"):
+            if key in override:
+                pod["spec"][key] = override[key]
+        pod["spec"]["volumes"] = pod["spec"].get("volumes", []) + override.get("volumes", [])
+        for change in override.get("containers", []):
+            target = next(c for c in pod["spec"]["containers"] if c["name"] == change["name"])
+            target["volumeMounts"] = target.get("volumeMounts", []) + change["volumeMounts"]
+    return pod
 
 
 def core_errors(obj: dict) -> list[str]:

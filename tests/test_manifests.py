@@ -69,6 +69,7 @@ def test_rbac_is_least_privilege():
     assert rules == {
         ("kubeflow.org", "pytorchjobs"): sorted(["create", "get", "list", "watch", "delete"]),
         ("kubeflow.org", "pytorchjobs/status"): ["get"],
+        ("trainer.kubeflow.org", "trainjobs"): sorted(["create", "get", "list", "watch", "delete"]),
         ("", "pods"): ["get", "list", "watch"],
         ("", "pods/log"): ["get"],
         ("", "events"): ["list", "watch"],

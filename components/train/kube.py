@@ -1,7 +1,9 @@
-"""The `pytorchjob` backend of `kubetune train`: run the worker as a Kubeflow PyTorchJob.
+"""The `pytorchjob` and `trainjob` backends of `kubetune train`: run the worker as a Kubeflow
+PyTorchJob (Training Operator v1) or TrainJob (Trainer v2); one launcher, a `JobKind` apart.
 
 create (or adopt) → watch the job's conditions → stream rank 0's log → return when it ends:
-exit 0 when it Succeeded, 1 with the Operator's reason and message when it Failed. SIGTERM or
+exit 0 when it Succeeded (a TrainJob: Complete), 1 with the controller's reason and message when
+it Failed. SIGTERM or
 SIGINT (a cancelled KFP run, Ctrl-C) deletes the job. The job name is a pure function of the run
 (`KUBETUNE_JOB_NAME`, which the KFP step sets from the run and task, or a digest of the recipe
 and paths), so a retried step finds the job it already created and watches it instead of
@@ -18,16 +20,76 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from ..config import RunConfig, dump_config
 from ..errors import UserError
 from ..k8s_values import job_name as k8s_job_name
-from .pytorchjob import CONTAINER, GROUP, PLURAL, VERSION, job_name, lead_replica, render_job
+from . import pytorchjob, trainjob
+from .pytorchjob import job_name
 
 RETRYABLE = {429, 500, 502, 503, 504}
-TERMINAL = ("Succeeded", "Failed")
-CONDITIONS = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What the launcher needs to know about one kind of training job."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    container: str  # rank 0's container, whose log is streamed
+    success: str  # the condition that means it finished well
+    conditions: tuple[str, ...]  # condition types that are states of the job
+    render: Callable[[RunConfig, str, str, str], dict]
+    lead_selector: Callable[[dict], str]  # the job → label selector of rank 0's pod
+    operator: str  # what must be installed for the API to know the kind
+
+    @property
+    def terminal(self) -> tuple[str, str]:
+        return self.success, "Failed"
+
+
+def _pytorchjob_lead(job: dict) -> str:
+    name = job["metadata"]["name"]
+    return (
+        f"training.kubeflow.org/job-name={name},"
+        f"training.kubeflow.org/replica-type={pytorchjob.lead_replica(job)},"
+        "training.kubeflow.org/replica-index=0"
+    )
+
+
+PYTORCHJOB = JobKind(
+    kind=pytorchjob.KIND,
+    group=pytorchjob.GROUP,
+    version=pytorchjob.VERSION,
+    plural=pytorchjob.PLURAL,
+    container=pytorchjob.CONTAINER,
+    success="Succeeded",
+    conditions=("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended"),
+    render=pytorchjob.render_job,
+    lead_selector=_pytorchjob_lead,
+    operator="the Kubeflow Training Operator",
+)
+TRAINJOB = JobKind(
+    kind=trainjob.KIND,
+    group=trainjob.GROUP,
+    version=trainjob.VERSION,
+    plural=trainjob.PLURAL,
+    container=trainjob.NODE,
+    success="Complete",
+    conditions=("Created", "Suspended", "Complete", "Failed"),
+    render=trainjob.render_trainjob,
+    lead_selector=lambda job: trainjob.lead_pod_selector(job["metadata"]["name"]),
+    operator="Kubeflow Trainer v2",
+)
+
+
+def job_kind(cfg: RunConfig) -> JobKind:
+    return TRAINJOB if cfg.distributed.backend == "trainjob" else PYTORCHJOB
 
 
 def _attempts() -> int:
@@ -48,16 +110,16 @@ class Cancelled(Exception):
         self.signum = signum
 
 
-def job_state(job: dict) -> tuple[str, str, str]:
+def job_state(job: dict, kind: JobKind = PYTORCHJOB) -> tuple[str, str, str]:
     """(state, reason, message) of the newest true condition; ("Pending", "", "") if none."""
     conditions = [
         c
         for c in (job.get("status") or {}).get("conditions") or []
-        if c.get("status") == "True" and c.get("type") in CONDITIONS
+        if c.get("status") == "True" and c.get("type") in kind.conditions
     ]
     if not conditions:
         return "Pending", "", ""
-    terminal = [c for c in conditions if c["type"] in TERMINAL]
+    terminal = [c for c in conditions if c["type"] in kind.terminal]
     last = terminal[-1] if terminal else conditions[-1]
     return last["type"], last.get("reason") or "", last.get("message") or ""
 
@@ -65,9 +127,10 @@ def job_state(job: dict) -> tuple[str, str, str]:
 class JobApi:
     """The few Kubernetes API calls the launcher makes, each retried on transient errors."""
 
-    def __init__(self, namespace: str):
+    def __init__(self, namespace: str, kind: JobKind = PYTORCHJOB):
         from kubernetes import client, config
 
+        self.kind = kind
         try:
             if os.environ.get("KUBERNETES_SERVICE_HOST"):
                 config.load_incluster_config()
@@ -124,18 +187,18 @@ class JobApi:
         if exc.status == 409:
             return Conflict(what)
         if exc.status == 422:
-            return UserError(f"{what}: the API server rejected the PyTorchJob: {message}")
+            return UserError(f"{what}: the API server rejected the {self.kind.kind}: {message}")
         return UserError(f"{what}: Kubernetes API error HTTP {exc.status} {message}".rstrip())
+
+    def _where(self) -> tuple[str, str, str, str]:
+        return self.kind.group, self.kind.version, self.namespace, self.kind.plural
 
     def get(self, name: str) -> dict | None:
         try:
             return self.call(
-                f"get pytorchjob {name}",
+                f"get {self.kind.kind.lower()} {name}",
                 self.custom.get_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
+                *self._where(),
                 name,
             )
         except NotFound:
@@ -144,18 +207,16 @@ class JobApi:
     def create(self, job: dict) -> dict:
         try:
             return self.call(
-                f"create pytorchjob {job['metadata']['name']}",
+                f"create {self.kind.kind.lower()} {job['metadata']['name']}",
                 self.custom.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
+                *self._where(),
                 job,
             )
         except NotFound:
+            k = self.kind
             raise UserError(
-                f"the API server at {self.host} has no pytorchjobs.kubeflow.org/v1 in namespace "
-                f"{self.namespace}: is the Kubeflow Training Operator installed?"
+                f"the API server at {self.host} has no {k.plural}.{k.group}/{k.version} in "
+                f"namespace {self.namespace}: is {k.operator} installed?"
             ) from None
 
     def delete(self, name: str) -> None:
@@ -163,12 +224,9 @@ class JobApi:
 
         with contextlib.suppress(NotFound):
             self.call(
-                f"delete pytorchjob {name}",
+                f"delete {self.kind.kind.lower()} {name}",
                 self.custom.delete_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
+                *self._where(),
                 name,
                 body=client.V1DeleteOptions(propagation_policy="Background"),
             )
@@ -179,22 +237,14 @@ class JobApi:
 
         stream = watch.Watch().stream(
             self.custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            PLURAL,
+            *self._where(),
             field_selector=f"metadata.name={name}",
             resource_version=resource_version,
             timeout_seconds=_watch_timeout(),
         )
         yield from stream
 
-    def lead_pod(self, name: str, replica: str) -> dict | None:
-        selector = (
-            f"training.kubeflow.org/job-name={name},"
-            f"training.kubeflow.org/replica-type={replica},"
-            "training.kubeflow.org/replica-index=0"
-        )
+    def lead_pod(self, name: str, selector: str) -> dict | None:
         pods = self.call(
             f"list pods of {name}",
             self.core.list_namespaced_pod,
@@ -206,7 +256,7 @@ class JobApi:
 
     def log_stream(self, pod: str):
         return self.core.read_namespaced_pod_log(
-            pod, self.namespace, container=CONTAINER, follow=True, _preload_content=False
+            pod, self.namespace, container=self.kind.container, follow=True, _preload_content=False
         )
 
 
@@ -221,9 +271,9 @@ class Conflict(Exception):
 class LogFollower(threading.Thread):
     """Print rank 0's log as it is written; follow again when its container restarts."""
 
-    def __init__(self, api: JobApi, name: str, replica: str):
+    def __init__(self, api: JobApi, name: str, selector: str):
         super().__init__(daemon=True)
-        self.api, self.name, self.replica = api, name, replica
+        self.api, self.name, self.selector = api, name, selector
         self.stop = threading.Event()
         self.seen: set[tuple[str, int]] = set()
 
@@ -236,7 +286,7 @@ class LogFollower(threading.Thread):
             self.stop.wait(2.0)
 
     def follow_once(self) -> None:
-        pod = self.api.lead_pod(self.name, self.replica)
+        pod = self.api.lead_pod(self.name, self.selector)
         if pod is None or pod.get("status", {}).get("phase") not in (
             "Running",
             "Succeeded",
@@ -268,7 +318,8 @@ def check_paths(cfg: RunConfig, dataset: str, output: str) -> None:
         path = PurePosixPath(value)
         if not path.is_absolute() or mount not in (path, *path.parents):
             raise UserError(
-                f"{flag} {value}: with distributed.backend=pytorchjob it is a path inside the "
+                f"{flag} {value}: with distributed.backend={cfg.distributed.backend} it is a path "
+                "inside the "
                 f"pods, on the workspace volume (under {mount})"
             )
 
@@ -285,13 +336,15 @@ def default_job_name(cfg: RunConfig, dataset: str, output: str) -> str:
 
 
 def launch(cfg: RunConfig, dataset: str, output: str) -> int:
-    """Run training as a PyTorchJob and wait for it; the exit code (0 Succeeded, 1 Failed)."""
+    """Run training as a PyTorchJob or TrainJob and wait for it; the exit code (0 when it
+    succeeded, 1 when it failed)."""
     check_paths(cfg, dataset, output)
+    kind = job_kind(cfg)
     name = default_job_name(cfg, dataset, output)
     namespace = cfg.kubernetes.namespace
-    job = render_job(cfg, name, dataset, output)
-    api = JobApi(namespace)
-    where = f"PyTorchJob {namespace}/{name}"
+    job = kind.render(cfg, name, dataset, output)
+    api = JobApi(namespace, kind)
+    where = f"{kind.kind} {namespace}/{name}"
 
     def cancel(signum, _frame):
         raise Cancelled(signum)
@@ -300,7 +353,7 @@ def launch(cfg: RunConfig, dataset: str, output: str) -> int:
     follower, cancelled = None, False
     try:
         existing = api.get(name)
-        if existing is not None and job_state(existing)[0] == "Failed":
+        if existing is not None and job_state(existing, kind)[0] == "Failed":
             print(f"{where} failed before; deleting it and starting again", flush=True)
             api.delete(name)
             wait_gone(api, name)
@@ -313,8 +366,10 @@ def launch(cfg: RunConfig, dataset: str, output: str) -> int:
                 existing = api.get(name)
                 print(f"{where} already exists: watching it", flush=True)
         else:
-            print(f"{where} already exists ({job_state(existing)[0]}): watching it", flush=True)
-        follower = LogFollower(api, name, lead_replica(job))
+            print(
+                f"{where} already exists ({job_state(existing, kind)[0]}): watching it", flush=True
+            )
+        follower = LogFollower(api, name, kind.lead_selector(job))
         follower.start()
         state, reason, message = wait(api, name, where)
     except Cancelled as exc:
@@ -330,7 +385,7 @@ def launch(cfg: RunConfig, dataset: str, output: str) -> int:
         if follower is not None:
             follower.stop.set()
             follower.join(timeout=0 if cancelled else 15)  # let the last lines arrive
-    if state == "Succeeded":
+    if state == kind.success:
         print(f"{where} succeeded", flush=True)
         return 0
     detail = ": ".join(x for x in (reason, message) if x)
@@ -342,7 +397,7 @@ def wait_gone(api: JobApi, name: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while api.get(name) is not None:
         if time.monotonic() > deadline:
-            raise UserError(f"pytorchjob {name} was not deleted within {timeout:.0f} s")
+            raise UserError(f"{api.kind.kind} {name} was not deleted within {timeout:.0f} s")
         time.sleep(1)
 
 
@@ -365,14 +420,14 @@ def wait(api: JobApi, name: str, where: str) -> tuple[str, str, str]:
                     return "Deleted", "", "the job was deleted while it ran"
                 if kind == "ERROR":  # e.g. 410 Gone: start again from a fresh GET
                     break
-                state = job_state(obj)
+                state = job_state(obj, api.kind)
                 if state != reported:
                     reported = state
                     line = f"{where}: {state[0]}"
                     if state[0] in ("Restarting", "Failed") and (state[1] or state[2]):
                         line += f" ({': '.join(x for x in state[1:] if x)})"
                     print(line, flush=True)
-                if state[0] in TERMINAL:
+                if state[0] in api.kind.terminal:
                     return state
             failures = 0
         except (ApiException, HTTPError, OSError) as exc:

@@ -1,7 +1,8 @@
-"""Start the training worker: `local` runs torchrun here; `pytorchjob` creates a PyTorchJob.
+"""Start the training worker: `local` runs torchrun here; `pytorchjob` creates a PyTorchJob,
+`trainjob` a Kubeflow Trainer v2 TrainJob.
 
-Both start the very same worker command (`worker_args`); the local backend adds torchrun's
-own arguments, a PyTorchJob gets them from the Training Operator's PET_* environment.
+All start the very same worker command (`worker_args`); the local backend adds torchrun's
+own arguments, a PyTorchJob or TrainJob gets them from the PET_* environment its controller sets.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 
 def train(cfg: RunConfig, dataset: str | Path, output: str | Path) -> int:
     """Run training to completion (resuming if OUTPUT holds checkpoints); the exit code."""
-    if cfg.distributed.backend == "pytorchjob":
+    if cfg.distributed.backend in ("pytorchjob", "trainjob"):
         from .kube import launch
 
         # paths inside the pods; checked here only when this machine sees the same volume

@@ -87,22 +87,27 @@ def _whole_cpus(quantity: str) -> int:
         return 1
 
 
-def pod_template(cfg: RunConfig, recipe_text: str, dataset: str, output: str, name: str) -> dict:
+def resources(cfg: RunConfig) -> dict:
+    """Requests and limits of one training pod (one node): its CPUs, memory and GPUs."""
     k8s = cfg.kubernetes
     requests = {"cpu": k8s.cpu, "memory": k8s.memory}
     limits = {"memory": k8s.memory}
     if uses_gpu(cfg):
         requests[k8s.gpu_resource] = cfg.distributed.procs_per_node
         limits[k8s.gpu_resource] = cfg.distributed.procs_per_node
-    command = [
+    return {"requests": requests, "limits": limits}
+
+
+def worker_command(cfg: RunConfig, dataset: str, output: str) -> list[str]:
+    """torchrun over the worker; nodes, ranks and rendezvous come from the PET_* variables
+    that both the Training Operator and Kubeflow Trainer set in every pod."""
+    k8s = cfg.kubernetes
+    elastic = k8s.elastic_min_nodes is not None
+    return [
         "python",
         "-m",
         "torch.distributed.run",
-        *(
-            ["--max-restarts", str(k8s.elastic_max_restarts)]
-            if k8s.elastic_min_nodes is not None
-            else []
-        ),
+        *(["--max-restarts", str(k8s.elastic_max_restarts)] if elastic else []),
         "-m",
         WORKER_MODULE,
         "--recipe",
@@ -112,54 +117,81 @@ def pod_template(cfg: RunConfig, recipe_text: str, dataset: str, output: str, na
         "--output",
         output,
     ]
+
+
+def pod_security_context(k8s) -> dict:
+    """The "restricted" Pod Security Standard, as the image's non-root user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": k8s.run_as_user,
+        "runAsGroup": k8s.run_as_user,
+        "fsGroup": k8s.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def volume_mounts(k8s) -> list[dict]:
+    return [
+        {"name": "workspace", "mountPath": k8s.workspace_mount},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+
+
+def volumes(k8s) -> list[dict]:
+    return [
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": k8s.workspace_pvc}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+
+
+def node_pool(k8s) -> dict:
+    """nodeSelector and tolerations of the GPU node pool, where the recipe names them."""
+    pool: dict = {}
+    if k8s.node_selector:
+        pool["nodeSelector"] = dict(k8s.node_selector)
+    if k8s.tolerations:
+        pool["tolerations"] = [dict(t) for t in k8s.tolerations]
+    return pool
+
+
+# an Istio sidecar never exits and would keep a finished pod Running
+POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
+
+
+def pod_template(cfg: RunConfig, recipe_text: str, dataset: str, output: str, name: str) -> dict:
+    k8s = cfg.kubernetes
     spec = {
         "serviceAccountName": k8s.service_account,
         "automountServiceAccountToken": False,  # training never calls the Kubernetes API
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": k8s.run_as_user,
-            "runAsGroup": k8s.run_as_user,
-            "fsGroup": k8s.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(k8s),
         "containers": [
             {
                 "name": CONTAINER,
                 "image": k8s.trainer_image,
                 "imagePullPolicy": k8s.image_pull_policy,
-                "command": command,
+                "command": worker_command(cfg, dataset, output),
                 "env": container_env(cfg, recipe_text),
-                "resources": {"requests": requests, "limits": limits},
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "readOnlyRootFilesystem": True,
-                    "runAsNonRoot": True,
-                    "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
-                "volumeMounts": [
-                    {"name": "workspace", "mountPath": k8s.workspace_mount},
-                    {"name": "dshm", "mountPath": "/dev/shm"},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
+                "resources": resources(cfg),
+                "securityContext": dict(CONTAINER_SECURITY),
+                "volumeMounts": volume_mounts(k8s),
             }
         ],
-        "volumes": [
-            {"name": "workspace", "persistentVolumeClaim": {"claimName": k8s.workspace_pvc}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
+        "volumes": volumes(k8s),
+        **node_pool(k8s),
     }
-    if k8s.node_selector:
-        spec["nodeSelector"] = dict(k8s.node_selector)
-    if k8s.tolerations:
-        spec["tolerations"] = [dict(t) for t in k8s.tolerations]
     return {
-        "metadata": {
-            "labels": labels(name),
-            # an Istio sidecar never exits and would keep a finished pod Running
-            "annotations": {"sidecar.istio.io/inject": "false"},
-        },
+        "metadata": {"labels": labels(name), "annotations": dict(POD_ANNOTATIONS)},
         "spec": spec,
     }
 
@@ -180,7 +212,7 @@ def check_local_dir_in_workspace(cfg: RunConfig) -> None:
     if local and not PurePosixPath(local).is_relative_to(mount):
         raise UserError(
             f"model.local_dir: {local} is not on the workspace volume "
-            f"(kubernetes.workspace_mount {mount}), so the PyTorchJob's pods cannot read it"
+            f"(kubernetes.workspace_mount {mount}), so the training pods cannot read it"
         )
 
 

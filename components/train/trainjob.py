@@ -1,0 +1,157 @@
+"""Kubeflow Trainer v2: the `TrainJob` (trainer.kubeflow.org/v1alpha1) that runs the training
+worker, and the `ClusterTrainingRuntime` it refers to.
+
+The runtime (`kubetune render-job --kind runtime`, shipped as
+manifests/trainer-v2/clustertrainingruntime.yaml) holds what is the same for every run: the
+torch-distributed ML policy, one replicated job `node` whose container `node` Trainer v2
+configures, the "restricted" pod and container security contexts, no API token, no Istio sidecar,
+and the failure policy (a failed pod fails its Job; the JobSet restarts every node, up to
+`kubernetes.backoff_limit` times, and training resumes from its checkpoints).
+
+The TrainJob holds what each run sets, the same values as the PyTorchJob's: the trainer image,
+the very same torchrun command (Trainer v2 sets the same PET_* variables as the Training
+Operator), the environment (the resolved recipe, secrets by reference), resources per node,
+nodes and processes per node, and through `podSpecOverrides` the ServiceAccount, the workspace
+PVC, /dev/shm and /tmp volumes and mounts, and the GPU node pool's selector and tolerations.
+"""
+
+from __future__ import annotations
+
+from ..config import RunConfig, dump_config
+from ..errors import UserError
+from .pytorchjob import (
+    CONTAINER_SECURITY,
+    POD_ANNOTATIONS,
+    check_local_dir_in_workspace,
+    container_env,
+    default_paths,
+    labels,
+    node_pool,
+    pod_security_context,
+    resources,
+    volume_mounts,
+    volumes,
+    worker_command,
+)
+
+GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainJob"
+NODE = "node"  # the replicated job and container Trainer v2's torch plugin configures
+ANCESTOR = "trainer.kubeflow.org/trainjob-ancestor-step"
+
+
+def render_trainjob(
+    cfg: RunConfig, name: str, dataset: str | None = None, output: str | None = None
+) -> dict:
+    """The TrainJob as a dict (apply it with the API, or print it as YAML)."""
+    check_local_dir_in_workspace(cfg)
+    k8s, dist = cfg.kubernetes, cfg.distributed
+    if k8s.elastic_min_nodes is not None:
+        raise UserError(
+            "kubernetes.elastic_min_nodes: with distributed.backend=trainjob, elastic training "
+            "is the runtime's mlPolicy.torch.elasticPolicy; name such a runtime in "
+            "kubernetes.runtime and leave elastic_min_nodes unset"
+        )
+    default_dataset, default_output = default_paths(cfg, name)
+    dataset, output = dataset or default_dataset, output or default_output
+    override = {
+        "targetJobs": [{"name": NODE}],
+        "serviceAccountName": k8s.service_account,
+        "containers": [{"name": NODE, "volumeMounts": volume_mounts(k8s)}],
+        "volumes": volumes(k8s),
+        **node_pool(k8s),
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels(name)},
+        "spec": {
+            "runtimeRef": {"apiGroup": GROUP, "kind": k8s.runtime_kind, "name": k8s.runtime},
+            "labels": labels(name),
+            "trainer": {
+                "image": k8s.trainer_image,
+                "command": worker_command(cfg, dataset, output),
+                "env": container_env(cfg, dump_config(cfg)),
+                "numNodes": dist.nodes,
+                "numProcPerNode": dist.procs_per_node,
+                "resourcesPerNode": resources(cfg),
+            },
+            "podSpecOverrides": [override],
+        },
+    }
+
+
+def render_runtime(cfg: RunConfig) -> dict:
+    """The ClusterTrainingRuntime (or namespaced TrainingRuntime) the TrainJobs refer to."""
+    k8s = cfg.kubernetes
+    meta: dict = {
+        "name": k8s.runtime,
+        "labels": {
+            "trainer.kubeflow.org/framework": "torch",
+            "app.kubernetes.io/name": "kubetune",
+            "app.kubernetes.io/component": "trainer",
+            "app.kubernetes.io/managed-by": "kubetune",
+        },
+    }
+    if k8s.runtime_kind == "TrainingRuntime":
+        meta["namespace"] = k8s.namespace
+    pod = {
+        "metadata": {
+            "labels": {
+                "app.kubernetes.io/name": "kubetune",
+                "app.kubernetes.io/component": "trainer",
+            },
+            "annotations": dict(POD_ANNOTATIONS),
+        },
+        "spec": {
+            "serviceAccountName": k8s.service_account,
+            "automountServiceAccountToken": False,  # training never calls the Kubernetes API
+            "restartPolicy": "Never",  # a failed node fails the JobSet, which restarts them all
+            "securityContext": pod_security_context(k8s),
+            "containers": [
+                {
+                    "name": NODE,
+                    "image": k8s.trainer_image,
+                    "imagePullPolicy": k8s.image_pull_policy,
+                    "securityContext": dict(CONTAINER_SECURITY),
+                }
+            ],
+        },
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": k8s.runtime_kind,
+        "metadata": meta,
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": "auto"}},
+            "template": {
+                "spec": {
+                    "failurePolicy": {"maxRestarts": k8s.backoff_limit},
+                    "ttlSecondsAfterFinished": k8s.ttl_seconds_after_finished,
+                    "replicatedJobs": [
+                        {
+                            "name": NODE,
+                            "template": {
+                                "metadata": {"labels": {ANCESTOR: "trainer"}},
+                                "spec": {
+                                    "backoffLimit": 0,
+                                    "activeDeadlineSeconds": k8s.active_deadline_seconds,
+                                    "template": pod,
+                                },
+                            },
+                        }
+                    ],
+                }
+            },
+        },
+    }
+
+
+def lead_pod_selector(name: str) -> str:
+    """Node 0's pod (rank 0): JobSet's labels and the Indexed Job's completion index."""
+    return (
+        f"jobset.sigs.k8s.io/jobset-name={name},"
+        f"jobset.sigs.k8s.io/replicatedjob-name={NODE},"
+        "batch.kubernetes.io/job-completion-index=0"
+    )
