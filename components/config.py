@@ -139,6 +139,21 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
 
 
+class FlopCounterConfig(Section):
+    start_step: int = Field(
+        3,
+        gt=0,
+        description="The optimizer step whose FLOPs torch.utils.flop_counter counts (after the "
+        "first steps' compiles); the step after it is timed for TFLOP/s.",
+    )
+
+
+class ProfileConfig(Section):
+    wait: int = Field(1, ge=0, description="Steps skipped before the profiler starts.")
+    warmup: int = Field(2, ge=0, description="Steps traced but discarded (profiler warm-up).")
+    active: int = Field(3, gt=0, description="Steps recorded into the trace.")
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(
         None, gt=0, description="Optimizer steps; overrides epochs when set."
@@ -170,6 +185,37 @@ class TrainConfig(Section):
         "transformers' own forward.",
     )
     compile: bool = Field(False, description="torch.compile each decoder layer.")
+    freeze_layers: int = Field(
+        0,
+        ge=0,
+        description="method=full: freeze the input embeddings and the first N decoder layers, "
+        "and train the rest (llama-recipes' num_freeze_layers).",
+    )
+    flop_counter: FlopCounterConfig | None = Field(
+        None,
+        description="Count one step's FLOPs with torch.utils.flop_counter; metrics.json gets "
+        "measured FLOPs per token, TFLOP/s and MFU beside the analytic estimate.",
+    )
+    profile: ProfileConfig | None = Field(
+        None,
+        description="PyTorch profiler traces (wait/warmup/active steps) into OUTPUT/tensorboard/ "
+        "(TensorBoard's profiler plugin, or chrome://tracing).",
+    )
+
+
+class FsdpConfig(Section):
+    sharding: Literal["full", "shard_grad_op", "no_shard", "hybrid"] = Field(
+        "full",
+        description="full: weights, gradients and optimizer state sharded over every process, "
+        "weights gathered per layer (ZeRO-3); shard_grad_op: weights stay gathered from forward "
+        "to backward (ZeRO-2, fewer all-gathers); no_shard: a replica per process (DDP); hybrid: "
+        "shard inside a node, replicate across nodes (HSDP).",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="Keep sharded weights, gradients and optimizer state in CPU memory; the "
+        "optimizer steps on the CPU (FSDP2 CPUOffloadPolicy).",
+    )
 
 
 class DistributedConfig(Section):
@@ -187,6 +233,7 @@ class DistributedConfig(Section):
     offload: Literal["none", "optimizer", "optimizer+params"] = Field(
         "none", description="deepspeed: CPU offload."
     )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
     low_memory_load: bool = Field(
         True,
         description="fsdp with lora/full: only rank 0 reads the checkpoint; the other ranks "
@@ -350,6 +397,23 @@ class RunConfig(Section):
             raise ValueError(
                 "method=qlora runs with distributed.strategy=ddp (a 4-bit replica per GPU) "
                 "or fsdp (the 4-bit base sharded per decoder layer), not deepspeed"
+            )
+        fsdp = self.distributed.fsdp
+        if fsdp != FsdpConfig() and self.distributed.strategy != "fsdp":
+            raise ValueError("distributed.fsdp.* needs distributed.strategy=fsdp")
+        if fsdp.cpu_offload and self.method == "qlora":
+            raise ValueError(
+                "distributed.fsdp.cpu_offload: a 4-bit base stays on the GPU (bitsandbytes "
+                "quantizes there); offload with method=lora or full"
+            )
+        if self.train.freeze_layers and self.method != "full":
+            raise ValueError(
+                "train.freeze_layers needs method=full (LoRA and QLoRA train adapters only)"
+            )
+        if self.train.flop_counter is not None and self.train.profile is not None:
+            raise ValueError(
+                "train.flop_counter and train.profile measure each other's overhead: use one "
+                "at a time (as llama-recipes does)"
             )
         if self.distributed.offload != "none" and self.distributed.strategy != "deepspeed":
             raise ValueError("distributed.offload needs distributed.strategy=deepspeed")

@@ -129,9 +129,9 @@ OK_SCENARIO = [
 ]
 
 
-@pytest.fixture
-def kube(tmp_path):
-    fake = FakeKube()
+def fake_kube(tmp_path, kind: str = "pytorchjob"):
+    """A loopback API server for `kind` and the environment that points the launcher at it."""
+    fake = FakeKube(kind=kind)
     fake.env = {
         "KUBECONFIG": str(fake.kubeconfig(tmp_path)),
         "KUBETUNE_API_BACKOFF": "0.05",
@@ -141,6 +141,11 @@ def kube(tmp_path):
     os.environ.pop("KUBERNETES_SERVICE_HOST", None)
     yield fake
     fake.close()
+
+
+@pytest.fixture
+def kube(tmp_path):
+    yield from fake_kube(tmp_path)
 
 
 TRAIN = [
@@ -155,9 +160,9 @@ TRAIN = [
 ]
 
 
-def start(kube) -> subprocess.Popen:
+def start(kube, args=TRAIN) -> subprocess.Popen:
     return subprocess.Popen(
-        [KUBETUNE, *map(str, TRAIN)],
+        [KUBETUNE, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

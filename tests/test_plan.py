@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kubetune.components.config import load_recipe
+from kubetune.components.errors import UserError
 from kubetune.components.train.modeling import add_lora, load_base
 from kubetune.components.train.plan import GB, estimate
 
@@ -132,3 +133,64 @@ def test_plan_cli_says_whether_it_fits(cli):
         assert json.loads(result.out)["trainable_params"] == real, method
     result = cli("plan", RECIPES / "falcon-7b-qlora.yaml", "--set", "hardware.gpu=TPU-v9")
     assert result.code == 2 and "unknown GPU 'TPU-v9'" in result.err
+
+
+def test_plan_accounts_for_fsdp_sharding_and_offload():
+    """Each FSDP strategy's memory equals the plan of the setup it behaves like."""
+    recipe = RECIPES / "llama3-70b-full-fsdp.yaml"
+
+    def parts(*sets, gpus=None):
+        return estimate(load_recipe(recipe, list(sets)), gpus=gpus).parts
+
+    full = parts()
+    nodes = load_recipe(recipe).distributed.nodes
+    assert nodes > 1  # 2 nodes x 8: hybrid shards over one node's 8 and replicates across
+    per_node = load_recipe(recipe).distributed.procs_per_node
+    assert parts("distributed.fsdp.sharding=hybrid") == parts(gpus=per_node)
+    # no_shard: a whole replica with its whole state, as a single GPU holds it
+    replica = parts("distributed.fsdp.sharding=no_shard")
+    alone = parts(gpus=1)
+    assert replica["weights"] == alone["weights"] > 0
+    assert replica["trainable state"] == alone["trainable state"] > 0
+    assert replica["gathered layers"] == 0
+    # shard_grad_op: weights stay gathered from forward to backward; state is sharded
+    zero2 = parts("distributed.fsdp.sharding=shard_grad_op")
+    assert zero2["weights"] == alone["weights"]
+    assert zero2["trainable state"] == full["trainable state"] < alone["trainable state"]
+    # cpu_offload: nothing at rest on the GPU but the layer being gathered
+    offload = parts("distributed.fsdp.cpu_offload=true")
+    assert offload["weights"] == offload["trainable state"] == 0
+    assert offload["gathered layers"] == full["gathered layers"] > 0
+    assert sum(offload.values()) < sum(full.values())
+    refused = [
+        ("distributed.strategy=ddp", "distributed.fsdp.sharding=hybrid"),
+        ("distributed.fsdp.cpu_offload=true", "method=qlora"),
+        ("train.freeze_layers=2", "method=lora"),
+    ]
+    for sets in refused:
+        with pytest.raises(UserError):
+            load_recipe(recipe, list(sets))
+
+
+def test_plan_counts_match_a_real_model_with_frozen_layers():
+    """method=full with train.freeze_layers=1: the planner's trainable state is the bytes of the
+    real tiny model's trained parameters, their gradients and AdamW state after one step."""
+    from kubetune.components.train.worker import freeze_bottom
+
+    cfg = load_recipe(
+        TINY_DEMO, ["method=full", "train.freeze_layers=1", "train.gradient_checkpointing=false"]
+    )
+    plan = estimate(cfg, gpus=1, dtype_bytes=4)
+    model, _ = load_base(cfg, torch.device("cpu"))
+    freeze_bottom(model, 1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    x = torch.tensor([[3, 4, 5, 6]])
+    model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    state = sum(v.nbytes for s in optimizer.state.values() for k, v in s.items() if k != "step")
+    assert sum(p.grad.nbytes for p in trainable) + state == plan.parts["trainable state"]
+    frozen = {id(p): p.numel() for p in model.parameters() if not p.requires_grad}
+    assert plan.arch.frozen_params == sum(frozen.values()) > 0
+    with pytest.raises(UserError, match="train.freeze_layers=2: the model has 2 decoder layers"):
+        freeze_bottom(model, 2)

@@ -120,10 +120,34 @@ def test_lora_fsdp_matches_peft_recomputation(cli, dataset, base_loss, tmp_path)
     from peft import PeftModel
 
     out = tmp_path / "fsdp"
-    result = train(cli, dataset, out, "distributed.strategy=fsdp", "train.max_steps=30")
+    result = train(
+        cli,
+        dataset,
+        out,
+        "distributed.strategy=fsdp",
+        "distributed.fsdp.sharding=no_shard",  # a replica per process through FSDP2's 2-D mesh
+        "distributed.fsdp.cpu_offload=true",
+        "train.max_steps=30",
+        "train.flop_counter.start_step=3",
+    )
     assert result.code == 0, result
     metrics = metrics_of(out)
     assert loss_fell(metrics)
+    # step 3's FLOPs counted by torch.utils.flop_counter (forward, recomputation, backward of
+    # every matmul and attention) land near the analytic 4N + 2N' + attention per token
+    assert metrics["fsdp"] == {
+        "sharding": "no_shard",
+        "cpu_offload": True,
+        "mesh": [2, 1],  # 2 replicas, shard groups of 1
+        "placements": ["Replicate()", "Shard(dim=0)"],
+    }
+    counted = metrics["flop_counter"]
+    assert counted["counted_step"] == 3 and counted["timed_step"] == 4
+    assert counted["tokens"] > 0 and counted["flops"] == pytest.approx(
+        counted["flops_per_token"] * counted["tokens"]
+    )
+    assert 0.8 < counted["flops_per_token"] / counted["analytic_flops_per_token"] < 2.0
+    assert counted["tflops_per_second"] > 0 and counted["mfu"] is None  # no GPU here
     tuned = PeftModel.from_pretrained(base_model(), out)
     recomputed = eval_loss(tuned, dataset)
     assert recomputed == pytest.approx(metrics["eval_loss"], rel=1e-4)
@@ -162,12 +186,22 @@ def test_lora_deepspeed_zero3_with_optimizer_offload(cli, dataset, tmp_path):
         "distributed.zero_stage=3",
         "distributed.offload=optimizer",
         "train.max_steps=30",
+        "train.profile.wait=1",
+        "train.profile.warmup=1",
+        "train.profile.active=2",
     )
     assert result.code == 0, result
     metrics = metrics_of(out)
     assert loss_fell(metrics)
     tuned = PeftModel.from_pretrained(base_model(), out)
     assert eval_loss(tuned, dataset) == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    # one PyTorch profiler trace per process, holding the 2 active steps (steps 3 and 4)
+    traces = sorted((out / "tensorboard" / "profile").glob("*.pt.trace.json"))
+    assert [t.name.split(".")[0] for t in traces] == ["rank0", "rank1"]
+    for trace in traces:
+        events = json.loads(trace.read_text())["traceEvents"]
+        steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+        assert steps == {"ProfilerStep#2", "ProfilerStep#3"}
 
 
 def test_full_fsdp_writes_a_model_from_pretrained_loads(cli, dataset, base_loss, tmp_path):
@@ -178,12 +212,14 @@ def test_full_fsdp_writes_a_model_from_pretrained_loads(cli, dataset, base_loss,
         out,
         "method=full",
         "distributed.strategy=fsdp",
+        "distributed.fsdp.sharding=hybrid",  # shard in a node, replicate across (1 node here)
         "train.max_steps=20",
         "train.lr=1e-3",
     )
     assert result.code == 0, result
     metrics = metrics_of(out)
     assert loss_fell(metrics) and metrics["trainable_params"] == metrics["total_params"]
+    assert metrics["fsdp"]["mesh"] == [1, 2]  # 1 node: one replica, sharded over its 2 processes
     tuned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
     recomputed = eval_loss(tuned, dataset)
@@ -296,9 +332,17 @@ def test_bad_inputs(cli, dataset, tmp_path):
             ),
             False,
         ),
-        (("method=full", "distributed.strategy=deepspeed", "distributed.zero_stage=2"), True),
+        (
+            (
+                "method=full",
+                "distributed.strategy=deepspeed",
+                "distributed.zero_stage=2",
+                "train.freeze_layers=1",
+            ),
+            True,
+        ),
     ],
-    ids=["qlora-8bit-checkpointing", "zero3-offload-params-accum", "full-zero2"],
+    ids=["qlora-8bit-checkpointing", "zero3-offload-params-accum", "full-zero2-freeze-layers"],
 )
 def test_more_combinations_train_and_load(cli, dataset, base_loss, tmp_path, sets, full):
     from peft import PeftModel
@@ -316,6 +360,15 @@ def test_more_combinations_train_and_load(cli, dataset, base_loss, tmp_path, set
     assert recomputed < base_loss - 0.05
     if "method=qlora" not in sets:  # same base precision: kubetune's eval loss is reproducible
         assert recomputed == pytest.approx(metrics["eval_loss"], rel=1e-3)
+    if "train.freeze_layers=1" in sets:  # the embeddings (tied head) and layer 0 never moved
+        before = dict(base_model().named_parameters())
+        after = dict(tuned.named_parameters())
+        frozen = [n for n in before if "word_embeddings" in n or ".h.0." in n]
+        assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+        assert not any(torch.equal(before[n], after[n]) for n in before if ".h.1." in n)
+        assert metrics["trainable_params"] == metrics["total_params"] - sum(
+            before[n].numel() for n in frozen
+        )
 
 
 def test_fsdp_eval_with_uneven_shares_finishes(cli, tmp_path):
@@ -328,11 +381,23 @@ def test_fsdp_eval_with_uneven_shares_finishes(cli, tmp_path):
     assert json.loads((data / "stats.json").read_text())["splits"]["eval"] == 61
     out = tmp_path / "run"
     result = train(
-        cli, data, out, "distributed.strategy=fsdp", "train.max_steps=3", "train.micro_batch_size=1"
+        cli,
+        data,
+        out,
+        "distributed.strategy=fsdp",
+        "distributed.fsdp.sharding=shard_grad_op",
+        "train.max_steps=3",
+        "train.micro_batch_size=1",
     )
     assert result.code == 0, result
     tuned = PeftModel.from_pretrained(base_model(), out)
     assert eval_loss(tuned, data) == pytest.approx(metrics_of(out)["eval_loss"], rel=1e-4)
+    assert metrics_of(out)["fsdp"] == {
+        "sharding": "shard_grad_op",
+        "cpu_offload": False,
+        "mesh": [2],
+        "placements": ["Shard(dim=0)"],
+    }
 
 
 def test_qlora_fsdp_shards_the_4bit_base_and_trains(cli, dataset, base_loss, tmp_path):

@@ -147,3 +147,27 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
     for index, values in original["state"].items():
         for key, value in values.items():
             assert torch.equal(restored["state"][index][key], value)
+
+
+def test_flop_counter_and_profiler_are_refused_together_and_must_fit():
+    from kubetune.components.train.measure import check_fits
+
+    from .conftest import assert_user_error, run_cli
+
+    both = run_cli(
+        "config",
+        TINY_DEMO,
+        "--set",
+        "train.flop_counter.start_step=2",
+        "--set",
+        "train.profile.active=2",
+    )
+    assert_user_error(both, "train.flop_counter and train.profile")
+    cfg = load_recipe(TINY_DEMO, ["train.flop_counter.start_step=5"])
+    check_fits(cfg, 6)  # step 5 counted, step 6 timed
+    with pytest.raises(UserError, match="start_step=5: the run has 5 steps"):
+        check_fits(cfg, 5)
+    cfg = load_recipe(TINY_DEMO, ["train.profile.wait=1", "train.profile.active=3"])
+    check_fits(cfg, 6)
+    with pytest.raises(UserError, match=r"train.profile needs 6 steps \(wait 1 \+ warmup 2"):
+        check_fits(cfg, 5)

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from .conftest import REPO, TINY_DEMO, assert_user_error, run_cli
-from .fake_k8s import FakeKube, shipped_runtime
+from .fake_k8s import shipped_runtime
 from .k8s_schemas import crd_errors, pod_template_errors, restricted_violations, trainjob_pod
-from .test_kubernetes import RECIPE_FILES, TRAIN, render, wait_for
+from .test_kubernetes import RECIPE_FILES, TRAIN, fake_kube, render, start, wait_for
 
 TRAINJOB = ["--kind", "trainjob"]
 
@@ -115,18 +115,7 @@ TRAIN_V2 = [*TRAIN[:-1], "distributed.backend=trainjob"]
 
 @pytest.fixture
 def kube(tmp_path):
-    import os
-
-    fake = FakeKube(kind="trainjob")
-    fake.env = {
-        "KUBECONFIG": str(fake.kubeconfig(tmp_path)),
-        "KUBETUNE_API_BACKOFF": "0.05",
-        "KUBETUNE_API_ATTEMPTS": "4",
-        "KUBETUNE_WATCH_TIMEOUT": "3",
-    }
-    os.environ.pop("KUBERNETES_SERVICE_HOST", None)
-    yield fake
-    fake.close()
+    yield from fake_kube(tmp_path, "trainjob")
 
 
 def test_trainjob_create_watch_logs_success(kube):
@@ -168,12 +157,12 @@ def test_trainjob_failure_reason_is_surfaced_and_replaced_on_retry(kube):
 
 def test_trainjob_cancel_deletes_and_a_retry_adopts(kube):
     kube.scenario = OK[:3]  # stays running
-    first = start_v2(kube)
+    first = start(kube, TRAIN_V2)
     wait_for(lambda: any("watch=" in p for _, p, _ in kube.requests) and kube.jobs)
     first.kill()  # the launcher's pod dies; the job keeps running
     first.communicate(timeout=30)
     name = next(iter(kube.jobs))
-    second = start_v2(kube)
+    second = start(kube, TRAIN_V2)
     wait_for(lambda: sum("watch=" in p for _, p, _ in kube.requests) >= 2)
     second.send_signal(signal.SIGTERM)
     out, err = second.communicate(timeout=60)
@@ -188,39 +177,3 @@ def test_no_trainer_v2_installed_is_one_clear_line(kube):
     kube.kind = {**kube.kind, "jobs": "/apis/elsewhere/{ns}/x"}  # the API knows no trainjobs
     result = run_cli(*TRAIN_V2, env=kube.env)
     assert_user_error(result, "no trainjobs.trainer.kubeflow.org/v1alpha1", "Kubeflow Trainer v2")
-
-
-def start_v2(kube):
-    import os
-    import subprocess
-
-    from .conftest import KUBETUNE
-
-    return subprocess.Popen(
-        [KUBETUNE, *map(str, TRAIN_V2)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **kube.env},
-    )
-
-
-def test_the_pipeline_trains_with_the_backend_the_recipe_names(tmp_path):
-    """Compiled with backend=trainjob, the pipeline's backend parameter says so, and the
-    resolve step turns it into a recipe whose train task launches a TrainJob."""
-    from kubetune.components.config import parse_recipe
-    from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value, resolve
-    from kubetune.components.train.kube import TRAINJOB, job_kind
-
-    from .test_pipeline import compile_to
-
-    recipe = REPO / "pipelines" / "recipes" / "falcon-7b-qlora.yaml"
-    ir = compile_to(tmp_path / "p.yaml", recipe, "distributed.backend=trainjob")
-    parameters = ir["root"]["inputDefinitions"]["parameters"]
-    assert parameters["distributed_backend"]["defaultValue"] == "trainjob"
-    text = recipe.read_text()
-    cfg = parse_recipe(text, "recipe")
-    fields = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
-    fields["distributed_backend"] = "trainjob"
-    resolved, _ = resolve(text, [], fields, str(tmp_path), "run-1")
-    assert job_kind(parse_recipe(resolved, "recipe")) is TRAINJOB

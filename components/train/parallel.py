@@ -67,17 +67,56 @@ def wrap_ddp(model: nn.Module, world: World) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def wrap_fsdp(model: nn.Module, world: World, dtype: torch.dtype) -> nn.Module:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def fsdp_mesh(sharding: str, world: World, procs_per_node: int):
+    """The device mesh of a sharding strategy: None (every process, 1-D) for full and
+    shard_grad_op; (replicate, shard) 2-D meshes for no_shard (shard groups of 1) and hybrid
+    (shard groups of one node's processes)."""
+    if sharding in ("full", "shard_grad_op"):
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
 
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    shard = 1 if sharding == "no_shard" else procs_per_node
+    if world.size % shard:
+        raise RuntimeError(f"{world.size} processes do not split into groups of {shard}")
+    return init_device_mesh(
+        world.device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def wrap_fsdp(
+    model: nn.Module, world: World, dtype: torch.dtype, fsdp=None, procs_per_node: int = 1
+) -> nn.Module:
+    """FSDP2 per decoder layer, then the root, with the recipe's sharding and offload."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    sharding = fsdp.sharding if fsdp is not None else "full"
+    options = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
+        "mesh": fsdp_mesh(sharding, world, procs_per_node),
+        # shard_grad_op keeps each layer's gathered weights from its forward to its backward
+        "reshard_after_forward": sharding != "shard_grad_op",
+    }
+    if fsdp is not None and fsdp.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
     layers = decoder_layers(model)
     if not layers:
         raise RuntimeError("no decoder layers found to shard")
     for layer in layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
     return model
+
+
+def fsdp_layout(model: nn.Module) -> dict | None:
+    """How FSDP2 laid the parameters out (for metrics.json): the mesh's shape and a
+    parameter's placements, e.g. [2, 1] and Replicate/Shard for no_shard on 2 processes."""
+    for param in model.parameters():
+        if hasattr(param, "device_mesh"):
+            return {
+                "mesh": list(param.device_mesh.shape),
+                "placements": [repr(p) for p in param.placements],
+            }
+    return None
 
 
 def deepspeed_config(cfg, world: World, bf16: bool) -> dict:

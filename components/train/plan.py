@@ -138,6 +138,7 @@ class Architecture:
     vocab: int
     gated_mlp: bool
     layer_params: int
+    frozen_params: int = 0  # method=full with train.freeze_layers: embeddings + bottom layers
 
 
 def model_config(name_or_path: str):
@@ -192,6 +193,12 @@ def architecture(cfg) -> Architecture:
         or 4 * hidden
     )
     layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
+    frozen = 0
+    if cfg.method == "full" and cfg.train.freeze_layers:
+        from .worker import freeze_bottom
+
+        freeze_bottom(model, cfg.train.freeze_layers)
+        frozen = sum({id(p): p.numel() for p in model.parameters() if not p.requires_grad}.values())
     return Architecture(
         model_type=config.model_type,
         total_params=total,
@@ -204,6 +211,7 @@ def architecture(cfg) -> Architecture:
         vocab=config.vocab_size,
         gated_mlp=config.model_type != "falcon",
         layer_params=layer_params,
+        frozen_params=frozen,
     )
 
 
@@ -261,7 +269,8 @@ def weight_bytes(cfg, arch: Architecture, dtype_bytes: int) -> float:
 def trainable_bytes(cfg, arch: Architecture, dtype_bytes: int) -> tuple[float, float]:
     """(bytes that live with the weights: gradients, LoRA fp32 weights; AdamW moments)."""
     if cfg.method == "full":
-        return arch.total_params * dtype_bytes, arch.total_params * 2 * dtype_bytes
+        trained = arch.total_params - arch.frozen_params
+        return trained * dtype_bytes, trained * 2 * dtype_bytes
     return arch.lora_params * 8, arch.lora_params * 8
 
 
@@ -299,12 +308,24 @@ def estimate(cfg, gpus: int | None = None, dtype_bytes: int | None = None) -> Pl
     with_weights, moments = trainable_bytes(cfg, arch, dtype_bytes)
     shard_weights = strategy == "fsdp" or (strategy == "deepspeed" and zero == 3)
     shard_state = shard_weights or strategy == "deepspeed"
+    group = gpus  # processes that share one copy
+    fsdp = cfg.distributed.fsdp
+    if strategy == "fsdp":
+        group = {"no_shard": 1, "hybrid": min(gpus, cfg.distributed.procs_per_node)}.get(
+            fsdp.sharding, gpus
+        )
+        # shard_grad_op holds every layer's gathered weights from its forward to its backward
+        shard_weights = group > 1 and fsdp.sharding != "shard_grad_op"
+        shard_state = group > 1
     gathered = 2 * arch.layer_params * dtype_bytes if shard_weights else 0
     if shard_weights:
-        weights /= gpus
+        weights /= group
     if shard_state:
-        with_weights /= gpus
-        moments /= gpus
+        with_weights /= group
+        moments /= group
+    if strategy == "fsdp" and fsdp.cpu_offload:  # at rest on the CPU; a layer gathered at a time
+        weights, with_weights, moments = 0.0, 0.0, 0.0
+        gathered = 2 * arch.layer_params * dtype_bytes
     if strategy == "deepspeed" and offload in ("optimizer", "optimizer+params"):
         moments = 0.0
         if cfg.method != "full":

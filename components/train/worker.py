@@ -41,6 +41,7 @@ from .data import (
 )
 from .flops import mfu, train_flops_per_token
 from .kernels import apply_kernels, compile_layers, select_kernels
+from .measure import StepFlops, check_fits, start_profiler
 from .meta_load import materialize
 from .modeling import (
     DTYPES,
@@ -56,6 +57,7 @@ from .parallel import (
     all_reduce_sum,
     decoder_layers,
     deepspeed_config,
+    fsdp_layout,
     init_world,
     wrap_ddp,
     wrap_fsdp,
@@ -91,6 +93,22 @@ def low_memory_fsdp(cfg) -> bool:
     )
 
 
+def freeze_bottom(model, layers: int) -> None:
+    """Full fine-tuning of the top layers only: the input embeddings (and an output head tied
+    to them) and the first `layers` decoder layers stop training."""
+    if not layers:
+        return
+    blocks = decoder_layers(model)
+    if layers >= len(blocks):
+        raise UserError(
+            f"train.freeze_layers={layers}: the model has {len(blocks)} decoder layers; "
+            "at least one must train"
+        )
+    model.get_input_embeddings().requires_grad_(False)
+    for block in blocks[:layers]:
+        block.requires_grad_(False)
+
+
 def build_model(cfg, world: World, attn: str):
     """Base model (+ kernels, + LoRA, + compiled layers), not yet sharded."""
     zero3 = is_zero3(cfg)
@@ -115,8 +133,10 @@ def build_model(cfg, world: World, attn: str):
     apply_kernels(model, kernels)
     if cfg.method in ("lora", "qlora"):
         model = add_lora(cfg, model)
-    elif cfg.train.gradient_checkpointing:
-        model.enable_input_require_grads()
+    else:
+        freeze_bottom(model, cfg.train.freeze_layers)
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
     if cfg.train.gradient_checkpointing and cfg.method != "qlora":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -142,7 +162,8 @@ def wrap(cfg, model, world: World, dtype, ds_config, steps: int):
     if strategy == "fsdp":
         # 4-bit weights are stored in the compute dtype: gather them in it, unconverted.
         param_dtype = DTYPES[cfg.quant.compute_dtype] if cfg.method == "qlora" else dtype
-        model = wrap_fsdp(model, world, param_dtype)
+        dist_cfg = cfg.distributed
+        model = wrap_fsdp(model, world, param_dtype, dist_cfg.fsdp, dist_cfg.procs_per_node)
         if low_memory_fsdp(cfg):
             materialize(model, cfg, world)
     elif world.size > 1:
@@ -348,6 +369,7 @@ def run(args) -> None:
     )
     check_rows(args.dataset, len(train_split), world.size, cfg.train.micro_batch_size)
     steps = total_steps(cfg, plan.per_epoch)
+    check_fits(cfg, steps)
     model, optimizer, scheduler = wrap(cfg, model, world, dtype, ds_config, steps)
     is_ds = cfg.distributed.strategy == "deepspeed"
     start, losses = resume(cfg, output, world, model, optimizer, scheduler, steps)
@@ -380,30 +402,36 @@ def run(args) -> None:
     # the allocator's growth): the figure a long run settles at.
     warm_step = start + WARMUP_STEPS if steps - start >= 2 * WARMUP_STEPS else None
     warm_seconds = warm_tokens = None
+    step_flops = StepFlops(cfg, world, synchronize)
+    profiler = start_profiler(cfg, world, output, steps - start)
     model.train()
     began = time.perf_counter()
     for step in range(start, steps):
         step_loss, step_tokens = None, 0
-        for micro in range(accum):
-            batch = next(batches)
-            sync = model.no_sync() if ddp_accum and micro < accum - 1 else nullcontext()
-            with sync:
-                loss = forward_loss(model, batch, world.device, attn)
-                if is_ds:
-                    model.backward(loss)
-                    model.step()
-                else:
-                    (loss / accum).backward()
-            part = loss.detach() / accum
-            step_loss = part if step_loss is None else step_loss + part
-            step_tokens += batch["tokens"]
-        if not is_ds:
-            torch.nn.utils.clip_grad_norm_(trainable_params, cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        rows_done += world.size * accum * cfg.train.micro_batch_size
         done = step + 1
+        with step_flops.around(done):
+            for micro in range(accum):
+                batch = next(batches)
+                sync = model.no_sync() if ddp_accum and micro < accum - 1 else nullcontext()
+                with sync:
+                    loss = forward_loss(model, batch, world.device, attn)
+                    if is_ds:
+                        model.backward(loss)
+                        model.step()
+                    else:
+                        (loss / accum).backward()
+                part = loss.detach() / accum
+                step_loss = part if step_loss is None else step_loss + part
+                step_tokens += batch["tokens"]
+            if not is_ds:
+                torch.nn.utils.clip_grad_norm_(trainable_params, cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        step_flops.tokens_of(done, step_tokens)
+        if profiler is not None:
+            profiler.step()
+        rows_done += world.size * accum * cfg.train.micro_batch_size
         log.add(done, step_loss, scheduler.get_last_lr()[0], step_tokens)
         evaluating = bool(cfg.train.eval_steps and done % cfg.train.eval_steps == 0)
         saving = done % cfg.train.save_steps == 0
@@ -435,6 +463,8 @@ def run(args) -> None:
     log.flush()
     synchronize(world)
     train_seconds = time.perf_counter() - began - paused
+    if profiler is not None:
+        profiler.stop()
     finish(
         cfg,
         model,
@@ -458,8 +488,18 @@ def run(args) -> None:
             "total_params": total,
             "quantized_linear_modules": quantized,
             "flops_per_token": flops_token,
+            "flop_counter": step_flops.report(flops_token),
             "method": cfg.method,
             "strategy": cfg.distributed.strategy,
+            "fsdp": (
+                {
+                    "sharding": cfg.distributed.fsdp.sharding,
+                    "cpu_offload": cfg.distributed.fsdp.cpu_offload,
+                    **(fsdp_layout(model) or {}),
+                }
+                if cfg.distributed.strategy == "fsdp"
+                else None
+            ),
             "world_size": world.size,
             "device": str(world.device.type),
             "attn_implementation": attn,
@@ -485,6 +525,15 @@ def save_checkpoint(cfg, output, done, world, model, optimizer, losses, steps) -
             "loss": losses,
             "world_size": world.size,
             "strategy": cfg.distributed.strategy,
+            "fsdp": (
+                {
+                    "sharding": cfg.distributed.fsdp.sharding,
+                    "cpu_offload": cfg.distributed.fsdp.cpu_offload,
+                    **(fsdp_layout(model) or {}),
+                }
+                if cfg.distributed.strategy == "fsdp"
+                else None
+            ),
             "steps": steps,
         },
     )
