@@ -95,8 +95,13 @@ def test_another_runtime_and_refused_settings():
         TINY_DEMO, "kubernetes.runtime_kind=TrainingRuntime", extra=("--kind", "runtime")
     )
     assert runtime["kind"] == "TrainingRuntime" and runtime["metadata"]["namespace"] == "kubeflow"
-    elastic = run_cli("render-job", TINY_DEMO, *TRAINJOB, "--set", "kubernetes.elastic_min_nodes=1")
-    assert_user_error(elastic, "kubernetes.elastic_min_nodes", "elasticPolicy")
+    from kubetune.components.config import load_recipe
+    from kubetune.components.errors import UserError
+    from kubetune.components.train.trainjob import render_trainjob
+
+    elastic = load_recipe(TINY_DEMO, ["kubernetes.elastic_min_nodes=1"])
+    with pytest.raises(UserError, match=r"kubernetes.elastic_min_nodes: .*\.elasticPolicy"):
+        render_trainjob(elastic, "kt-run")
     bad = run_cli("render-job", TINY_DEMO, *TRAINJOB, "--set", "kubernetes.runtime=Not_A_Name")
     assert_user_error(bad, "kubernetes.runtime")
 
