@@ -175,7 +175,7 @@ def test_plan_accounts_for_fsdp_sharding_and_offload():
 def test_plan_counts_match_a_real_model_with_frozen_layers():
     """method=full with train.freeze_layers=1: the planner's trainable state is the bytes of the
     real tiny model's trained parameters, their gradients and AdamW state after one step."""
-    from kubetune.components.train.worker import freeze_bottom
+    from kubetune.components.train.modeling import freeze_bottom
 
     cfg = load_recipe(
         TINY_DEMO, ["method=full", "train.freeze_layers=1", "train.gradient_checkpointing=false"]

@@ -78,7 +78,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.chat = data_cfg.format == "chat"
         self.prefix = [] if self.chat else special_prefix(tokenizer)
-        self.render, _ = formatter(data_cfg, tokenizer)
+        self.render, self.required = formatter(data_cfg, tokenizer)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "render"}

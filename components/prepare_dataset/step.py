@@ -36,29 +36,28 @@ from ..models import load_tokenizer
 from ..outputs import check_output, staged_output
 from .arrow_out import OrderedDigest, SplitWriter, chunk_table, table_nbytes
 from .encode import Encoder, available_cpus, encode_all
-from .formats import formatter
 from .packing import pack_order
-from .ragged import offsets_of, pack_ordered
+from .ragged import IGNORE, offsets_of, pack_ordered
 from .readers import read_records
 from .spill import Spill
 
 
 def spill_examples(cfg: RunConfig, tokenizer, spill: Spill, progress: Progress) -> dict:
     """Read, encode and spill every usable record; returns the counts stats.json reports."""
-    _, required = formatter(cfg.data, tokenizer)
-    records = read_records(cfg.data.path, required, cfg.data.split)
+    encoder = Encoder(cfg.data, tokenizer)
+    records = read_records(cfg.data.path, encoder.required, cfg.data.split)
     if cfg.data.max_rows:
         records = itertools.islice(records, cfg.data.max_rows)
     num_proc = cfg.data.num_proc or available_cpus()
     counts = {"read": 0, "truncated": 0, "response": 0, "dropped": Counter()}
     tokens = 0
-    for batch in encode_all(records, Encoder(cfg.data, tokenizer), num_proc):
+    for batch in encode_all(records, encoder, num_proc):
         if batch.error:
             raise UserError(batch.error)
         spill.add(batch.rows, batch.prompts, batch.references)
         counts["read"] += batch.read
         counts["truncated"] += batch.truncated
-        counts["response"] += int((batch.rows.labels != -100).sum())
+        counts["response"] += int((batch.rows.labels != IGNORE).sum())
         counts["dropped"].update(batch.dropped)
         tokens += len(batch.rows.ids)
         progress.update(counts["read"], tokens)

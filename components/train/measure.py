@@ -21,7 +21,7 @@ from ..errors import UserError
 from .flops import gpu_peak
 
 
-def check_fits(cfg, steps: int, start: int = 0) -> None:
+def check_fits(cfg, steps: int) -> None:
     """Both measurements must end inside the steps the run takes (checked before training)."""
     counter, profile = cfg.train.flop_counter, cfg.train.profile
     if counter is not None and counter.start_step + 1 > steps:
@@ -29,11 +29,11 @@ def check_fits(cfg, steps: int, start: int = 0) -> None:
             f"train.flop_counter.start_step={counter.start_step}: the run has {steps} steps; "
             "the counted step and the timed step after it must both be in it"
         )
-    if profile is not None and start + profile.wait + profile.warmup + profile.active > steps:
+    if profile is not None and profile.wait + profile.warmup + profile.active > steps:
         need = profile.wait + profile.warmup + profile.active
         raise UserError(
             f"train.profile needs {need} steps (wait {profile.wait} + warmup {profile.warmup} "
-            f"+ active {profile.active}) from step {start}; the run has {steps}"
+            f"+ active {profile.active}); the run has {steps}"
         )
 
 

@@ -274,6 +274,24 @@ def add_lora(cfg, model: nn.Module) -> nn.Module:
         raise UserError(f"lora.target_modules: {exc}") from None
 
 
+def freeze_bottom(model, layers: int) -> None:
+    """Full fine-tuning of the top layers only: the input embeddings (and an output head tied
+    to them) and the first `layers` decoder layers stop training."""
+    if not layers:
+        return
+    from .parallel import decoder_layers
+
+    blocks = decoder_layers(model)
+    if layers >= len(blocks):
+        raise UserError(
+            f"train.freeze_layers={layers}: the model has {len(blocks)} decoder layers; "
+            "at least one must train"
+        )
+    model.get_input_embeddings().requires_grad_(False)
+    for block in blocks[:layers]:
+        block.requires_grad_(False)
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a 4-bit weight counts as in x out, not its packed size."""
     import importlib.util

@@ -195,7 +195,7 @@ def architecture(cfg) -> Architecture:
     layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
     frozen = 0
     if cfg.method == "full" and cfg.train.freeze_layers:
-        from .worker import freeze_bottom
+        from .modeling import freeze_bottom
 
         freeze_bottom(model, cfg.train.freeze_layers)
         frozen = sum({id(p): p.numel() for p in model.parameters() if not p.requires_grad}.values())

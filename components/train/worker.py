@@ -47,6 +47,7 @@ from .modeling import (
     DTYPES,
     add_lora,
     build_on_meta,
+    freeze_bottom,
     load_base,
     parameter_counts,
     weights_dtype,
@@ -91,22 +92,6 @@ def low_memory_fsdp(cfg) -> bool:
         and cfg.distributed.low_memory_load
         and cfg.method != "qlora"
     )
-
-
-def freeze_bottom(model, layers: int) -> None:
-    """Full fine-tuning of the top layers only: the input embeddings (and an output head tied
-    to them) and the first `layers` decoder layers stop training."""
-    if not layers:
-        return
-    blocks = decoder_layers(model)
-    if layers >= len(blocks):
-        raise UserError(
-            f"train.freeze_layers={layers}: the model has {len(blocks)} decoder layers; "
-            "at least one must train"
-        )
-    model.get_input_embeddings().requires_grad_(False)
-    for block in blocks[:layers]:
-        block.requires_grad_(False)
 
 
 def build_model(cfg, world: World, attn: str):
