@@ -6,7 +6,8 @@
 
 Memory does not grow with the data: records, texts and token ids live for one batch; what
 stays in memory for the whole dataset is each example's length and offsets (about 40 bytes per
-row). The output is what `DatasetDict.save_to_disk` writes, byte for byte, whatever `num_proc`.
+row). The output is in `DatasetDict.save_to_disk`'s layout (same shards, record batches,
+state.json and dataset_info.json; see arrow_out.py), byte-identical for every `num_proc`.
 
 Length policy (`data.overlength`): `truncate` keeps the first `max_seq_len` tokens, so a long
 prompt keeps its start and the response loses its tail (and EOS); a row left without any
