@@ -139,6 +139,18 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
 
 
+ADAPTER_METHODS = ("adapter", "adapter_v2")  # LLaMA-Adapter and v2 (train/llama_adapter.py)
+
+
+class AdapterConfig(Section):
+    """method=adapter / adapter_v2: LLaMA-Adapter's learned prompts (see llama_adapter.py)."""
+
+    prompt_length: int = Field(10, gt=0, description="Learned prompt vectors per adapted layer.")
+    start_layer: int = Field(
+        2, ge=0, description="The first decoder layer (0-based) that gets a prompt and a gate."
+    )
+
+
 class FlopCounterConfig(Section):
     start_step: int = Field(
         3,
@@ -372,11 +384,14 @@ class RunConfig(Section):
 
     model: ModelConfig
     data: DataConfig
-    method: Literal["qlora", "lora", "full"] = Field(
-        "lora", description="qlora, lora or full fine-tuning."
+    method: Literal["qlora", "lora", "full", "adapter", "adapter_v2"] = Field(
+        "lora",
+        description="qlora, lora or full fine-tuning; adapter (LLaMA-Adapter) or adapter_v2 "
+        "(LLaMA-Adapter v2: adds linear-layer bias/scale and trained norms).",
     )
     quant: QuantConfig = Field(default_factory=QuantConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
@@ -408,7 +423,7 @@ class RunConfig(Section):
             )
         if self.train.freeze_layers and self.method != "full":
             raise ValueError(
-                "train.freeze_layers needs method=full (LoRA and QLoRA train adapters only)"
+                "train.freeze_layers needs method=full (the other methods train adapters only)"
             )
         if self.train.flop_counter is not None and self.train.profile is not None:
             raise ValueError(

@@ -89,10 +89,7 @@ def cmd_merge(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     summary = merge_adapter(cfg, args.adapter, args.output, overwrite=args.overwrite)
-    print(
-        f"merged {summary['merged_weights']} weights in {summary['shards']} shard(s) "
-        f"(scale {summary['scale']:g}) into {args.output}"
-    )
+    print(summary["message"])
     return 0
 
 
@@ -218,6 +215,25 @@ def cmd_run(args) -> int:
     return run_local(args.recipe, args.overrides, args.workspace)
 
 
+def cmd_compare(args) -> int:
+    from kubetune.pipelines.compare import compile_compare, parse_methods
+
+    methods = parse_methods(args.methods)
+    if args.local:
+        from kubetune.pipelines.local import compare_local
+
+        return compare_local(args.recipe, args.overrides, methods, args.workspace)
+    if not args.output:
+        raise UserError(
+            "kubetune compare needs --local (run it here) or --output FILE (the pipeline YAML "
+            "to upload in the KFP UI)"
+        )
+    cfg = load_recipe(args.recipe, args.overrides)
+    compile_compare(cfg, methods, args.output)
+    print(f"wrote {args.output}: methods {', '.join(methods)} (upload it in the KFP UI)")
+    return 0
+
+
 def cmd_submit(args) -> int:
     from kubetune.pipelines.submit import submit
 
@@ -325,6 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
+        "compare",
+        help="train, merge and evaluate several methods on the same data; one table and report",
+    )
+    _recipe_args(p)
+    p.add_argument(
+        "--methods",
+        required=True,
+        help="comma-separated methods, e.g. lora,adapter,adapter_v2,full",
+    )
+    p.add_argument("--local", action="store_true", help="run it here with kfp.local")
+    p.add_argument("--output", help="without --local: write the pipeline YAML here")
+    p.add_argument(
+        "--workspace",
+        default="kubetune-work",
+        help="with --local: folder for run folders (default: ./kubetune-work)",
+    )
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
         "submit", help="create a run, or a recurring run (--schedule), on a KFP endpoint"
     )
     _recipe_args(p)
@@ -361,9 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights, shard by shard")
+    p = sub.add_parser(
+        "merge", help="fold a LoRA or LLaMA-Adapter adapter into the base weights, shard by shard"
+    )
     _recipe_args(p)
-    p.add_argument("--adapter", required=True, help="a `kubetune train` LoRA/QLoRA output folder")
+    p.add_argument("--adapter", required=True, help="a `kubetune train` adapter output folder")
     p.add_argument("--output", required=True, help="folder for the merged model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_merge)

@@ -14,7 +14,8 @@ from kubetune.components.errors import UserError
 from kubetune.components.storage import is_s3
 
 
-def run_local(recipe: str, overrides: list[str], workspace: str) -> int:
+def _local_setup(recipe: str, overrides: list[str], workspace: str):
+    """(recipe config, absolute workspace) with kfp.local initialised on that workspace."""
     cfg = load_recipe(recipe, overrides)
     if not is_s3(cfg.output.uri):  # every task is its own process: give them one absolute place
         overrides = [*overrides, f"output.uri={Path(cfg.output.uri).resolve()}"]
@@ -24,9 +25,14 @@ def run_local(recipe: str, overrides: list[str], workspace: str) -> int:
 
     from kfp import local
 
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(ws / "kfp-root"))
+    return cfg, ws
+
+
+def run_local(recipe: str, overrides: list[str], workspace: str) -> int:
     from kubetune.pipelines.finetune import build_pipeline
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(ws / "kfp-root"))
+    cfg, ws = _local_setup(recipe, overrides, workspace)
     pipeline = build_pipeline(cfg, workspace=str(ws))
     started = time.monotonic()
     try:
@@ -55,4 +61,24 @@ def run_local(recipe: str, overrides: list[str], workspace: str) -> int:
             if not c["passed"]
         )
         raise UserError(f"the quality gate failed ({failed}): the model was not pushed")
+    return 0
+
+
+def compare_local(recipe: str, overrides: list[str], methods: list[str], workspace: str) -> int:
+    """`kubetune compare --local`: the comparison pipeline here, one branch at a time (the
+    machine's cores are shared: branches side by side would skew each other's timings)."""
+    from kubetune.pipelines.compare import build_compare_pipeline
+
+    cfg, ws = _local_setup(recipe, overrides, workspace)
+    pipeline = build_compare_pipeline(cfg, methods, workspace=str(ws), parallelism=1)
+    started = time.monotonic()
+    try:
+        task = pipeline()
+    except RuntimeError as exc:  # kfp.local: a task failed; its log is above
+        print(f"error: the pipeline failed: {exc}", file=sys.stderr)
+        return 1
+    out = Path(task.output)
+    print(f"\ncomparison finished in {time.monotonic() - started:.0f} s (run folder {out.parent})")
+    print((out / "comparison.md").read_text(), end="")
+    print(f"report: {out / 'report.html'}")
     return 0

@@ -81,7 +81,10 @@ def test_shipped_recipe_by_name(cli):
     [
         ("data.max_seq_len=-5", "--set data.max_seq_len=-5: data.max_seq_len must be > 0, got -5"),
         ("data.colour=red", "data.colour: unknown key"),
-        ("method=sft", "method must be one of 'qlora', 'lora' or 'full', got 'sft'"),
+        (
+            "method=sft",
+            "method must be one of 'qlora', 'lora', 'full', 'adapter' or 'adapter_v2', got 'sft'",
+        ),
         ("train.lr=fast", "train.lr: input should be a valid number"),
         ("data.eval_fraction=1.5", "data.eval_fraction must be < 1.0, got 1.5"),
         ("distributed.nodes=2", "distributed.nodes=2 needs distributed.backend=pytorchjob"),

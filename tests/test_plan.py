@@ -107,7 +107,7 @@ def test_plan_counts_match_the_real_tiny_model_and_optimizer():
     )
     measured = sum(p.nbytes + p.grad.nbytes for p in trainable) + state_bytes
     assert measured == plan.parts["trainable state"]
-    assert plan.arch.lora_params == sum(p.numel() for p in trainable)
+    assert plan.arch.adapter_params == sum(p.numel() for p in trainable)
 
 
 def test_plan_cli_says_whether_it_fits(cli):

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import load_from_disk
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kubetune.components.models import resolve_model
+from kubetune.components.train.llama_adapter import load_into
 
 from .conftest import KUBETUNE, TINY_DEMO, assert_user_error, run_prepare
 
@@ -252,6 +254,59 @@ def test_resume_continues_exactly(cli, dataset, tmp_path):
     assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], abs=1e-5)
 
 
+def test_llama_adapter_on_fsdp_resumes_exactly_and_is_served_unmerged(cli, dataset, tmp_path):
+    """method=adapter under FSDP2: resumed after step 10, the prompts and gates are those of an
+    uninterrupted run; merge says the prompts are served unmerged, and evaluate serves the merged
+    folder with them: the eval loss the training run reported."""
+    out = tmp_path / "run"
+    sets = ("method=adapter", "distributed.strategy=fsdp", "train.max_steps=20")
+    sets += ("train.save_steps=10", "train.lr=0.05")
+    assert train(cli, dataset, out, *sets).code == 0
+    straight, metrics = load_file(str(out / "adapter.safetensors")), metrics_of(out)
+    gates = [k for k in straight if k.endswith("adapter.gate")]
+    assert gates and all(straight[k].abs().max() > 0 for k in gates)  # off their zero start
+    checkpoints = out / "checkpoints"
+    assert "step-0000010" in {p.name for p in checkpoints.iterdir()}
+    for later in checkpoints.glob("step-*"):
+        if later.name != "step-0000010":
+            shutil.rmtree(later)
+    for name in ("metrics.json", "adapter.safetensors"):
+        (out / name).unlink()
+    result = train(cli, dataset, out, *sets)
+    assert result.code == 0 and "step-0000010" in result.out, result
+    resumed = load_file(str(out / "adapter.safetensors"))
+    assert set(resumed) == set(straight)
+    for key, tensor in straight.items():
+        torch.testing.assert_close(resumed[key], tensor, atol=1e-6, rtol=1e-5)
+
+    tuned = base_model()
+    load_into(tuned, out)
+    assert eval_loss(tuned, dataset) == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    merged = tmp_path / "merged"
+    result = cli(
+        "merge", TINY_DEMO, "--adapter", out, "--output", merged, "--set", "method=adapter"
+    )
+    assert result.code == 0 and "served unmerged" in result.out, result
+    evaluation = tmp_path / "eval"
+    result = cli(
+        "evaluate",
+        TINY_DEMO,
+        "--model",
+        merged,
+        "--dataset",
+        dataset,
+        "--output",
+        evaluation,
+        "--set",
+        "eval.num_prompts=2",
+        "--set",
+        "eval.min_rouge_l=null",
+    )
+    assert result.code == 0, result
+    served = json.loads((evaluation / "metrics.json").read_text())["tuned"]
+    assert served["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+
+
 def test_sigkill_a_worker_then_rerun_resumes_and_finishes(dataset, tmp_path):
     out = tmp_path / "killed"
     cmd = [
@@ -324,6 +379,7 @@ def test_bad_inputs(cli, dataset, tmp_path):
         ),
         (
             (
+                "method=adapter_v2",  # hooks and child modules under ZeRO-3's partitioning
                 "distributed.strategy=deepspeed",
                 "distributed.zero_stage=3",
                 "distributed.offload=optimizer+params",
@@ -342,7 +398,11 @@ def test_bad_inputs(cli, dataset, tmp_path):
             True,
         ),
     ],
-    ids=["qlora-8bit-checkpointing", "zero3-offload-params-accum", "full-zero2-freeze-layers"],
+    ids=[
+        "qlora-8bit-checkpointing",
+        "adapter-v2-zero3-offload-params-accum",
+        "full-zero2-freeze-layers",
+    ],
 )
 def test_more_combinations_train_and_load(cli, dataset, base_loss, tmp_path, sets, full):
     from peft import PeftModel
@@ -354,6 +414,11 @@ def test_more_combinations_train_and_load(cli, dataset, base_loss, tmp_path, set
     assert loss_fell(metrics)
     if full:
         tuned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    elif "method=adapter_v2" in sets:
+        tuned = base_model()
+        load_into(tuned, out)
+        saved = load_file(str(out / "adapter.safetensors"))
+        assert sum(t.numel() for t in saved.values()) == metrics["trainable_params"]
     else:
         tuned = PeftModel.from_pretrained(base_model(), out)
     recomputed = eval_loss(tuned, dataset)

@@ -36,12 +36,19 @@ def _device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
-    """A merged/full model folder, a `kubetune train` adapter folder, or any model id that
+    """A merged/full model folder, a `kubetune train` adapter folder (LoRA, or LLaMA-Adapter
+    served unmerged: on its base, or on the merged weights beside it), or any model id that
     `model.name_or_path` accepts (hub id, s3://, tiny://)."""
     from transformers import AutoModelForCausalLM
 
+    from ..train.llama_adapter import is_adapter_folder, load_into
+
     path = Path(name)
-    adapter = path.is_dir() and (path / "adapter_config.json").is_file()
+    prefix = path.is_dir() and is_adapter_folder(path)
+    adapter = path.is_dir() and (
+        (path / "adapter_config.json").is_file()
+        or (prefix and not (path / "config.json").is_file())
+    )
     base_name = name
     if adapter:
         record = path / "base_model.json"
@@ -67,7 +74,9 @@ def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.devi
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"{name}: cannot load the model: {str(exc).splitlines()[0]}") from None
-    if adapter:
+    if prefix:
+        load_into(model, path)
+    elif adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(path))

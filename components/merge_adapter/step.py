@@ -120,16 +120,9 @@ DTYPE_BYTES = {
 }
 
 
-def merge_shard(
-    shard: Path,
-    target: Path,
-    pairs: dict,
-    biases: dict,
-    scale: float,
-    fan_in_fan_out: bool,
-    adapter: Path,
-) -> list[str]:
-    """Stream one safetensors shard to `target`, merging as it goes; returns the keys changed.
+def merge_shard(shard: Path, target: Path, update) -> list[str]:
+    """Stream one safetensors shard to `target`, `update(key, tensor)` giving each tensor's new
+    value (or None: unchanged); returns the keys changed.
 
     Merging keeps every shape and dtype, so the header is written first and then each tensor,
     one at a time: peak memory is one tensor (plus the adapter), not the shard.
@@ -153,78 +146,214 @@ def merge_shard(
             out.write(encoded)
             for key in keys:
                 tensor = f.get_tensor(key)
-                if key in pairs:
-                    update = delta(pairs[key], scale, fan_in_fan_out)
-                    if update.shape != tensor.shape:
+                new = update(key, tensor)
+                if new is not None:
+                    if new.shape != tensor.shape:
                         raise UserError(
-                            f"{adapter}: LoRA update for {key} has shape "
-                            f"{tuple(update.shape)}, the base weight {tuple(tensor.shape)}"
+                            f"{key}: the update has shape {tuple(new.shape)}, the base "
+                            f"tensor {tuple(tensor.shape)}"
                         )
-                    tensor = (tensor.float() + update).to(tensor.dtype)
-                    changed.append(key)
-                elif key in biases:
-                    if biases[key].shape != tensor.shape:
-                        raise UserError(
-                            f"{adapter}: bias {key} has shape {tuple(biases[key].shape)}, "
-                            f"the base's {tuple(tensor.shape)}"
-                        )
-                    tensor = biases[key].to(tensor.dtype)
+                    tensor = new.to(tensor.dtype)
                     changed.append(key)
                 out.write(tensor.contiguous().view(-1).view(torch.uint8).numpy())
     return changed
 
 
+def lora_update(pairs: dict, biases: dict, scale: float, fan_in_fan_out: bool, adapter: Path):
+    """merge_shard's update for a LoRA adapter: W + scale * B @ A, and trained biases."""
+
+    def update(key: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        if key in pairs:
+            change = delta(pairs[key], scale, fan_in_fan_out)
+            if change.shape != tensor.shape:
+                raise UserError(
+                    f"{adapter}: LoRA update for {key} has shape "
+                    f"{tuple(change.shape)}, the base weight {tuple(tensor.shape)}"
+                )
+            return tensor.float() + change
+        if key in biases:
+            if biases[key].shape != tensor.shape:
+                raise UserError(
+                    f"{adapter}: bias {key} has shape {tuple(biases[key].shape)}, "
+                    f"the base's {tuple(tensor.shape)}"
+                )
+            return biases[key]
+        return None
+
+    return update
+
+
+def base_keys(shards: list[Path]) -> set[str]:
+    """Every tensor name of the base (headers only: cheap, and a wrong adapter is refused
+    before any work)."""
+    keys = set()
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            keys.update(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    return keys
+
+
+def copy_alongside(cfg: RunConfig, adapter: Path, base_dir: Path, staging: Path) -> dict:
+    """Config files, tokenizer, resolved recipe and the training run's metrics and TensorBoard
+    events; returns what the training worker recorded about the base (base_model.json)."""
+    for name in COPIED:
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, staging / name)
+    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(staging)
+    write_resolved(cfg, staging)
+    if (adapter / "metrics.json").is_file():  # the training run's metrics travel along
+        shutil.copy2(adapter / "metrics.json", staging / "training_metrics.json")
+    if (adapter / "tensorboard").is_dir():  # and its TensorBoard events
+        shutil.copytree(adapter / "tensorboard", staging / "tensorboard")
+    recorded = adapter / BASE_FILE
+    return json.loads(recorded.read_text()) if recorded.is_file() else {}
+
+
+def merge_llama_adapter(cfg: RunConfig, adapter: Path, output: Path, overwrite: bool) -> dict:
+    """LLaMA-Adapter (v2): fold what is a function of one weight, keep the rest beside it.
+
+    Adapter v2's scale s and bias c on a linear layer W x + b give s*W x + s*(b + c): s*W
+    replaces W and s*(b + c) replaces b where the base has that bias; the trained norms replace
+    the base's. What cannot be folded is served unmerged from the output's adapter.safetensors:
+    the prompts and gates (attention over extra keys and values, not a weight), s*c where the
+    base layer has no bias, and the bias and scale of a head that shares its weights with the
+    input embeddings (no head tensor to fold into)."""
+    from safetensors.torch import save_file
+
+    from ..train.llama_adapter import WEIGHTS_FILE, AdapterSpec
+
+    spec = AdapterSpec.read(adapter)
+    if spec.merged:
+        raise UserError(f"{adapter}: already merged (kubetune_adapter.json says merged)")
+    try:
+        tensors = load_file(str(adapter / WEIGHTS_FILE))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{adapter / WEIGHTS_FILE}: cannot read the adapter ({exc})") from None
+    source = model_source(cfg.model)
+    check_base(cfg, adapter, {}, source)
+    shards = safetensors_files(source, model_revision(cfg.model))
+    keys = base_keys(shards)
+    scales = {
+        k[: -len(".adapter_v2.scale")]: v
+        for k, v in tensors.items()
+        if k.endswith(".adapter_v2.scale")
+    }
+    biases = {
+        k[: -len(".adapter_v2.bias")]: v
+        for k, v in tensors.items()
+        if k.endswith(".adapter_v2.bias")
+    }
+    prompts = {k: v for k, v in tensors.items() if ".adapter." in k}
+    norms = {k: v for k, v in tensors.items() if k not in prompts and ".adapter_v2." not in k}
+    unknown = sorted(set(norms) - keys)
+    if unknown:
+        raise UserError(
+            f"{adapter}: trained tensor {unknown[0]} is not in the base model "
+            f"{cfg.model.name_or_path}"
+        )
+    residual = dict(prompts)
+    scaled: set[str] = set()  # linear layers whose weight takes the scale
+    summed: dict[str, torch.Tensor] = {}  # base bias key -> the adapter's bias c
+    for layer, scale in scales.items():
+        if f"{layer}.weight" not in keys:  # a head tied to the embeddings
+            residual[f"{layer}.adapter_v2.scale"] = scale
+            residual[f"{layer}.adapter_v2.bias"] = biases[layer]
+            continue
+        scaled.add(layer)
+        if f"{layer}.bias" in keys:
+            summed[f"{layer}.bias"] = biases[layer].float()
+        else:
+            residual[f"{layer}.adapter_v2.bias"] = scale.float() * biases[layer].float()
+
+    def update(key: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        if key in norms:
+            return norms[key]
+        layer, _, kind = key.rpartition(".")
+        if layer not in scaled or kind not in ("weight", "bias"):
+            return None
+        scale = scales[layer].float()
+        if kind == "weight":
+            return tensor.float() * scale[:, None]
+        return scale * (tensor.float() + summed[key])
+
+    with staged_output(output, overwrite) as staging:
+        for shard in shards:
+            merge_shard(shard, staging / shard.name, update)
+        trained = copy_alongside(cfg, adapter, shards[0].parent, staging)
+        save_file(
+            {k: v.contiguous() for k, v in residual.items()},
+            str(staging / WEIGHTS_FILE),
+            metadata={"format": "pt"},
+        )
+        AdapterSpec(spec.method, spec.prompt_length, spec.start_layer, merged=True).write(staging)
+        summary = {
+            **merge_record(cfg, adapter, trained, len(shards)),
+            "folded_scales": len(scaled),
+            "folded_biases": len(summed),
+            "replaced_norm_tensors": len(norms),
+            "unmerged_tensors": len(residual),
+            "unmerged_params": sum(v.numel() for v in residual.values()),
+            "message": (
+                f"method={spec.method}: folded {len(scaled)} linear scales, {len(summed)} "
+                f"biases and {len(norms)} norm tensors into the weights; the prompts and gates "
+                f"of {len(prompts) // 2} layers (and {len(residual) - len(prompts)} bias/scale "
+                f"tensors with no base tensor to fold into) are served unmerged from "
+                f"{output / WEIGHTS_FILE}: evaluate and push load the folder as it is"
+            ),
+        }
+        (staging / "merge.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def merge_record(cfg: RunConfig, adapter: Path, trained: dict, shards: int) -> dict:
+    return {
+        "base": cfg.model.name_or_path,
+        "revision": cfg.model.revision,
+        "commit": cfg.model.commit or trained.get("commit"),
+        "method": trained.get("method", cfg.method),
+        "dataset_fingerprint": trained.get("dataset_fingerprint"),
+        "adapter": str(adapter),
+        "shards": shards,
+    }
+
+
 def merge_adapter(
     cfg: RunConfig, adapter_dir: str | Path, output_dir: str | Path, overwrite: bool = False
 ) -> dict:
-    """Write the merged model (shards, index, config, tokenizer) to output_dir; returns a summary."""
+    """Write the merged model (shards, index, config, tokenizer) to output_dir; returns a summary
+    whose `message` says what was done."""
+    from ..train.llama_adapter import is_adapter_folder
+
     adapter, output = Path(adapter_dir), Path(output_dir)
     check_output(output, overwrite)
+    if is_adapter_folder(adapter):
+        return merge_llama_adapter(cfg, adapter, output, overwrite)
     config, pairs, biases = read_adapter(adapter)
     source = model_source(cfg.model)
     check_base(cfg, adapter, config, source)
     scale, fan_in_fan_out = scaling(config), bool(config.get("fan_in_fan_out"))
     shards = safetensors_files(source, model_revision(cfg.model))
-    base_keys = set()
-    for shard in shards:  # headers only: cheap, and it refuses a wrong adapter before any work
-        with safe_open(str(shard), framework="pt") as f:
-            base_keys.update(f.keys())
-    missing = sorted((set(pairs) | set(biases)) - base_keys)
+    missing = sorted((set(pairs) | set(biases)) - base_keys(shards))
     if missing:
         raise UserError(
             f"{adapter}: targets {missing[0]}, which the base model "
             f"{cfg.model.name_or_path} does not have"
         )
+    update = lora_update(pairs, biases, scale, fan_in_fan_out, adapter)
     with staged_output(output, overwrite) as staging:
         for shard in shards:
-            merge_shard(shard, staging / shard.name, pairs, biases, scale, fan_in_fan_out, adapter)
-        base_dir = shards[0].parent
-        for name in COPIED:
-            if (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, staging / name)
-        tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(staging)
-        write_resolved(cfg, staging)
-        trained = (
-            json.loads(recorded.read_text()) if (recorded := adapter / BASE_FILE).is_file() else {}
-        )
-        if (adapter / "metrics.json").is_file():  # the training run's metrics travel along
-            shutil.copy2(adapter / "metrics.json", staging / "training_metrics.json")
-        if (adapter / "tensorboard").is_dir():  # and its TensorBoard events
-            shutil.copytree(adapter / "tensorboard", staging / "tensorboard")
+            merge_shard(shard, staging / shard.name, update)
+        trained = copy_alongside(cfg, adapter, shards[0].parent, staging)
         summary = {
-            "base": cfg.model.name_or_path,
-            "revision": cfg.model.revision,
-            "commit": cfg.model.commit or trained.get("commit"),
-            "method": trained.get("method", cfg.method),
-            "dataset_fingerprint": trained.get("dataset_fingerprint"),
-            "adapter": str(adapter),
-            "shards": len(shards),
+            **merge_record(cfg, adapter, trained, len(shards)),
             "merged_weights": len(pairs),
             "replaced_biases": len(biases),
             "scale": scale,
+            "message": f"merged {len(pairs)} weights in {len(shards)} shard(s) (scale "
+            f"{scale:g}) into {output}",
         }
         (staging / "merge.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -154,7 +154,7 @@ def describe_model(src: Path, evaluation: dict | None) -> dict:
     recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
     if merge is not None:
         kind = "merged"
-    elif (src / "adapter_config.json").is_file():
+    elif (src / "adapter_config.json").is_file() or (src / "kubetune_adapter.json").is_file():
         kind = "adapter"
     elif (src / "config.json").is_file():
         kind = "full"

@@ -54,12 +54,15 @@ def select_kernels(cfg, device: torch.device, model_type: str) -> Kernels:
     """The kernels for this recipe, device and architecture (see the module docstring).
 
     Under DeepSpeed ZeRO-3 the output head is partitioned: the loss gathers a frozen head
-    (LoRA) for the chunked loss; a trained head (full) keeps transformers' loss."""
+    (LoRA) for the chunked loss; a trained head (full) keeps transformers' loss. Adapter v2's
+    head has its own bias and scale, which only the head's own forward applies: it keeps
+    transformers' loss everywhere."""
     choice, compiled = cfg.train.kernels, cfg.train.compile
     if choice == "none":
         return Kernels(compile=compiled)
     zero3 = cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 3
-    chunked = "transformers" if zero3 and cfg.method == "full" else "chunked_linear_ce"
+    head_forward = (zero3 and cfg.method == "full") or cfg.method == "adapter_v2"
+    chunked = "transformers" if head_forward else "chunked_linear_ce"
     why_not = None
     if device.type != "cuda":
         why_not = f"Liger's Triton kernels need a CUDA device, this run is on {device.type}"
@@ -71,7 +74,7 @@ def select_kernels(cfg, device: torch.device, model_type: str) -> Kernels:
     elif not liger_installed():
         why_not = "liger-kernel is not installed (pip install 'kubetune[gpu]')"
     if why_not is None:
-        loss = chunked if zero3 else "liger_fused_linear_ce"
+        loss = chunked if zero3 or head_forward else "liger_fused_linear_ce"
         return Kernels("liger", "liger", "liger", loss, compiled)
     if choice == "liger":
         raise UserError(f"train.kernels=liger: {why_not}")

@@ -19,6 +19,7 @@ from ..config import RunConfig, write_resolved
 from ..data_model_match import check_data_matches_model
 from ..errors import UserError
 from .data import check_rows
+from .llama_adapter import check_recipe
 from .pytorchjob import WORKER_MODULE
 from .worker import ERROR_FILE
 
@@ -98,6 +99,7 @@ def train(cfg: RunConfig, dataset: str | Path, output: str | Path) -> int:
         return launch(cfg, str(dataset), str(output))
     dataset, output = Path(dataset).resolve(), Path(output).resolve()
     check_dataset(cfg, dataset)
+    check_recipe(cfg)
     if (output / "metrics.json").is_file():
         raise UserError(f"{output} holds a finished run (metrics.json); choose another --output")
     output.mkdir(parents=True, exist_ok=True)

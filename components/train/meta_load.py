@@ -4,8 +4,8 @@ Every rank builds the model on the meta device (no memory), adds LoRA and shards
 then the shards get their values: rank 0 alone opens the safetensors checkpoint and streams it
 tensor by tensor, each tensor scattered so that every rank keeps only its own shard. No process
 ever holds the whole model, and the other ranks never read the checkpoint. LoRA weights (not in
-the checkpoint) are initialised on rank 0 as peft does (A Kaiming-uniform, B zero) and scattered
-the same way. Buffers computed at construction (rotary frequencies) are kept as built.
+the checkpoint) are initialised on rank 0 as peft does (A Kaiming-uniform, B zero), LLaMA-Adapter
+ones as llama_adapter builds them, and scattered the same way. Buffers computed at construction (rotary frequencies) are kept as built.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import model_revision, model_source
+from .llama_adapter import initial_value as adapter_init
+from .llama_adapter import is_added
 from .modeling import safetensors_files
 
 
@@ -70,7 +72,7 @@ def materialize(model: nn.Module, cfg, world) -> None:
         module_name, _, attr = name.rpartition(".")
         model.get_submodule(module_name)._buffers[attr] = value.to(world.device)
     params = dict(model.named_parameters())
-    by_checkpoint = {checkpoint_name(n): n for n in params if "lora_" not in n}
+    by_checkpoint = {checkpoint_name(n): n for n in params if not added(n)}
     files = (
         safetensors_files(model_source(cfg.model), model_revision(cfg.model)) if world.main else []
     )
@@ -92,6 +94,18 @@ def materialize(model: nn.Module, cfg, world) -> None:
             f"{', '.join(checkpoint_name(n) for n in missing[:5])}"
         )
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    for name in [n for n in params if "lora_" in n]:
-        init = lora_init(name, params[name].shape, generator) if world.main else None
+    for name in [n for n in params if added(n)]:
+        init = None
+        if world.main:
+            shape = params[name].shape
+            init = (
+                lora_init(name, shape, generator)
+                if "lora_" in name
+                else adapter_init(name, shape, generator)
+            )
         _scatter_into(params[name], init, world.device)
+
+
+def added(name: str) -> bool:
+    """A parameter the method adds to the base (LoRA, LLaMA-Adapter): not in the checkpoint."""
+    return "lora_" in name or is_added(name)

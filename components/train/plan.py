@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import ADAPTER_METHODS
 from ..errors import UserError
 
 GB = 1e9
@@ -130,7 +131,7 @@ class Architecture:
     model_type: str
     total_params: int
     linear_params: int  # in quantizable linear layers (not the output head)
-    lora_params: int  # trainable LoRA parameters for the recipe's targets and rank
+    adapter_params: int  # trainable parameters of LoRA (targets, rank) or LLaMA-Adapter (v2)
     layers: int
     hidden: int
     heads: int
@@ -178,7 +179,7 @@ def architecture(cfg) -> Architecture:
             total += p.numel()
     linears = linear_layer_names(model)
     linear_params = sum(model.get_submodule(n).weight.numel() for n in linears)
-    targets = lora_targets(cfg, config.model_type) if cfg.method != "full" else []
+    targets = lora_targets(cfg, config.model_type) if cfg.method in ("lora", "qlora") else []
     lora = 0
     for name in linears:
         leaf = name.rsplit(".", 1)[-1]
@@ -193,6 +194,11 @@ def architecture(cfg) -> Architecture:
         or 4 * hidden
     )
     layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
+    if cfg.method in ADAPTER_METHODS:  # installed on the meta model, counted
+        from .llama_adapter import AdapterSpec, install, trainable_count
+
+        install(model, AdapterSpec.from_recipe(cfg))
+        lora = trainable_count(model)
     frozen = 0
     if cfg.method == "full" and cfg.train.freeze_layers:
         from .modeling import freeze_bottom
@@ -203,7 +209,7 @@ def architecture(cfg) -> Architecture:
         model_type=config.model_type,
         total_params=total,
         linear_params=linear_params,
-        lora_params=lora,
+        adapter_params=lora,
         layers=layers,
         hidden=hidden,
         heads=config.num_attention_heads,
@@ -228,8 +234,8 @@ class Plan:
 
     @property
     def trainable_params(self) -> int:
-        """Every parameter for full fine-tuning; the LoRA weights otherwise."""
-        return self.arch.total_params if self.method == "full" else self.arch.lora_params
+        """Every parameter for full fine-tuning; the adapter's (LoRA, LLaMA-Adapter) otherwise."""
+        return self.arch.total_params if self.method == "full" else self.arch.adapter_params
 
     @property
     def total(self) -> float:
@@ -271,7 +277,7 @@ def trainable_bytes(cfg, arch: Architecture, dtype_bytes: int) -> tuple[float, f
     if cfg.method == "full":
         trained = arch.total_params - arch.frozen_params
         return trained * dtype_bytes, trained * 2 * dtype_bytes
-    return arch.lora_params * 8, arch.lora_params * 8
+    return arch.adapter_params * 8, arch.adapter_params * 8
 
 
 def activation_bytes(cfg, arch: Architecture, tokens: int, seq: int, eager: bool) -> float:
@@ -285,7 +291,7 @@ def activation_bytes(cfg, arch: Architecture, tokens: int, seq: int, eager: bool
 
 
 def logits_bytes(cfg, arch: Architecture, tokens: int) -> float:
-    if cfg.train.kernels == "none":
+    if cfg.train.kernels == "none" or cfg.method == "adapter_v2":  # the head's own forward
         return float(tokens * arch.vocab * 10)
     from .kernels import chunk_rows
 

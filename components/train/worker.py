@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import load_recipe, parse_recipe, write_resolved
+from ..config import ADAPTER_METHODS, load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
 from . import checkpoint as ckpt
@@ -41,6 +41,9 @@ from .data import (
 )
 from .flops import mfu, train_flops_per_token
 from .kernels import apply_kernels, compile_layers, select_kernels
+from .llama_adapter import AdapterSpec
+from .llama_adapter import install as install_adapter
+from .llama_adapter import save as save_adapter
 from .measure import StepFlops, check_fits, start_profiler
 from .meta_load import materialize
 from .modeling import (
@@ -118,6 +121,10 @@ def build_model(cfg, world: World, attn: str):
     apply_kernels(model, kernels)
     if cfg.method in ("lora", "qlora"):
         model = add_lora(cfg, model)
+    elif cfg.method in ADAPTER_METHODS:
+        install_adapter(model, AdapterSpec.from_recipe(cfg))
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
     else:
         freeze_bottom(model, cfg.train.freeze_layers)
         if cfg.train.gradient_checkpointing:
@@ -245,7 +252,8 @@ def peak_memory(world: World) -> int:
 def save_outputs(
     cfg, model, tokenizer, output: Path, world: World, fingerprint: str | None
 ) -> None:
-    """Adapter (LoRA/QLoRA) or full weights as safetensors, on rank 0, plus the tokenizer."""
+    """Adapter (LoRA/QLoRA, LLaMA-Adapter) or full weights as safetensors, on rank 0, plus the
+    tokenizer."""
     strategy = cfg.distributed.strategy
     base = unwrap(model)
     state = None
@@ -261,8 +269,14 @@ def save_outputs(
     elif is_zero3(cfg):
         full = cfg.method == "full"
         state = model._zero3_consolidated_16bit_state_dict() if full else gathered_trainable(model)
-    if world.main:  # a PeftModel writes only the adapter; a full model all its weights
+    if world.main and cfg.method in ADAPTER_METHODS:
+        # only the trained tensors (FSDP's state dict also names a head tied to frozen inputs)
+        trained = trainable_named(base)
+        state = {k: v for k, v in state.items() if k in trained} if state else trained
+        save_adapter(output, AdapterSpec.from_recipe(cfg), state)
+    elif world.main:  # a PeftModel writes only the adapter; a full model all its weights
         base.save_pretrained(output, state_dict=state, safe_serialization=True)
+    if world.main:
         tokenizer.save_pretrained(output)
         # Which base and data this model came from: merge checks the base, push records both.
         record = {

@@ -1,0 +1,139 @@
+"""`kubetune compare RECIPE --methods lora,adapter,adapter_v2,full`: one KFP pipeline that
+prepares the data once, then trains, merges and evaluates every method in its own branch
+(`dsl.ParallelFor`; on a cluster each branch's training is its own PyTorchJob or TrainJob),
+and ends in a comparison step: one table and an HTML report, methods side by side.
+
+Branches write under RUN_DIR/methods/METHOD; the comparison under RUN_DIR/comparison. Nothing
+is pushed: a comparison informs the choice of a method, and its winner is then run with
+`kubetune run` / `submit`.
+"""
+
+# no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
+import json
+from typing import Optional
+
+import yaml
+from kfp import dsl
+
+from kubetune.components.compare_methods.component import compare_methods, method_branches
+from kubetune.components.config import RunConfig, dump_config
+from kubetune.components.errors import UserError
+from kubetune.components.evaluate.component import evaluate_model
+from kubetune.components.fetch_model.component import fetch_model
+from kubetune.components.merge_adapter.component import merge_model
+from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
+from kubetune.components.pipeline_steps.component import resolve_recipe
+from kubetune.components.prepare_dataset.component import prepare_dataset
+from kubetune.components.train.component import train_model
+from kubetune.components.train.pytorchjob import uses_gpu
+from kubetune.pipelines.finetune import RETRIES, _hub_off, _on_cluster, _on_gpu_pool
+
+PIPELINE_NAME = "kubetune-compare"
+METHODS = ("full", "lora", "qlora", "adapter", "adapter_v2")
+
+
+def parse_methods(text: str) -> list[str]:
+    """`--methods a,b,c`: known methods, each once, at least two."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise UserError(f"--methods: {repeated[0]} is listed twice")
+    if len(methods) < 2:
+        raise UserError("--methods: name at least two methods to compare, e.g. lora,adapter")
+    return methods
+
+
+def build_compare_pipeline(
+    cfg: RunConfig,
+    methods: list[str],
+    workspace: Optional[str] = None,  # noqa: UP045
+    parallelism: int = 0,
+):
+    """The comparison pipeline of one recipe; `parallelism` 0 runs every branch at once (a
+    cluster: one PyTorchJob each), 1 one at a time (one machine: comparable timings)."""
+    for method in methods:  # refuse a method the recipe cannot run before anything starts
+        try:
+            RunConfig.model_validate({**yaml.safe_load(dump_config(cfg)), "method": method})
+        except ValueError as exc:
+            raise UserError(f"--methods {method}: {exc}") from None
+    recipe_text = json.dumps(yaml.safe_load(dump_config(cfg)), separators=(",", ":"))
+    fields = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
+    gpu = uses_gpu(cfg)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description=f"Compare fine-tuning methods on {cfg.model.name_or_path} with kubetune: "
+        "prepare once, train, merge and evaluate each method, one table and report.",
+    )
+    def compare(
+        recipe_yaml: str = recipe_text,
+        overrides: list = [],  # noqa: B006 (KFP reads the default; KEY=VALUE strings)
+        workspace: str = workspace or cfg.kubernetes.workspace_mount,
+        methods: list = list(methods),  # noqa: B006
+    ) -> str:
+        resolved = resolve_recipe(
+            recipe_yaml=recipe_yaml,
+            overrides=overrides,
+            workspace=workspace,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            **fields,
+        ).set_display_name("resolve recipe")
+        _on_cluster(resolved, cfg, s3=False)
+        run_dir = resolved.outputs["run_dir"]
+        fetched = fetch_model(recipe_yaml=resolved.outputs["recipe_yaml"], run_dir=run_dir)
+        _on_cluster(fetched, cfg, hub=True).set_retry(**RETRIES).set_display_name("fetch model")
+        recipe = fetched.output
+        prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir)
+        _on_cluster(prepared, cfg, hub=True).set_retry(**RETRIES).set_display_name("prepare")
+
+        # the loop iterates over a task's output, and its body reads only the loop item:
+        # every value a branch needs travels in it
+        branches = method_branches(
+            recipe_yaml=recipe,
+            run_dir=run_dir,
+            dataset_dir=prepared.outputs["Output"],
+            methods=methods,
+        )
+        _on_cluster(branches, cfg, s3=False).set_display_name("methods")
+        with dsl.ParallelFor(branches.output, parallelism=parallelism) as branch:
+            trained = train_model(
+                recipe_yaml=branch.recipe_yaml,
+                dataset_dir=branch.dataset_dir,
+                run_dir=branch.run_dir,
+            )
+            _on_cluster(trained, cfg, hub=True).set_caching_options(False)
+            _hub_off(trained.set_display_name("train"))
+            merged = merge_model(
+                recipe_yaml=branch.recipe_yaml, train_dir=trained.output, run_dir=branch.run_dir
+            )
+            _on_cluster(merged, cfg, hub=True).set_retry(**RETRIES).set_display_name("merge")
+            _hub_off(merged)
+            evaluated = evaluate_model(
+                recipe_yaml=branch.recipe_yaml,
+                model_dir=merged.output,
+                dataset_dir=branch.dataset_dir,
+                run_dir=branch.run_dir,
+            )
+            _on_cluster(evaluated, cfg, hub=True).set_retry(**RETRIES)
+            _hub_off(evaluated.set_display_name("evaluate"))
+            if gpu:
+                _on_gpu_pool(evaluated, cfg)
+
+        compared = compare_methods(
+            recipe_yaml=recipe,
+            eval_dirs=dsl.Collected(evaluated.outputs["Output"]),
+            run_dir=run_dir,
+        )
+        _on_cluster(compared, cfg, s3=False).set_display_name("compare")
+        return compared.outputs["Output"]
+
+    return compare
+
+
+def compile_compare(cfg: RunConfig, methods: list[str], path: str) -> None:
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_compare_pipeline(cfg, methods), package_path=path)
