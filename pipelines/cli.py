@@ -176,9 +176,9 @@ def checked_job_name(name: str, where: str, nodes: int) -> str:
 
 
 def cmd_render_job(args) -> int:
-    from kubetune.components.train.kube import check_paths, default_job_name
-    from kubetune.components.train.pytorchjob import default_paths, render_job, to_yaml
-    from kubetune.components.train.trainjob import render_runtime, render_trainjob
+    from kubetune.components.cluster.kube import check_paths, default_job_name
+    from kubetune.components.cluster.pytorchjob import default_paths, render_job, to_yaml
+    from kubetune.components.cluster.trainjob import render_runtime, render_trainjob
 
     cfg = load_recipe(args.recipe, args.overrides)
     kind = args.kind or ("trainjob" if cfg.distributed.backend == "trainjob" else "pytorchjob")
@@ -207,12 +207,17 @@ def cmd_compile(args) -> int:
     return 0
 
 
+VERBOSE_HELP = (
+    "print KFP's executor logs and every step's output as they come (always in RUN/kfp-local.log)"
+)
+
+
 def cmd_run(args) -> int:
     from kubetune.pipelines.local import run_local
 
     if not args.local:
         raise UserError("kubetune run needs --local (on a cluster: kubetune submit --host URL)")
-    return run_local(args.recipe, args.overrides, args.workspace)
+    return run_local(args.recipe, args.overrides, args.workspace, verbose=args.verbose)
 
 
 def cmd_compare(args) -> int:
@@ -222,7 +227,9 @@ def cmd_compare(args) -> int:
     if args.local:
         from kubetune.pipelines.local import compare_local
 
-        return compare_local(args.recipe, args.overrides, methods, args.workspace)
+        return compare_local(
+            args.recipe, args.overrides, methods, args.workspace, verbose=args.verbose
+        )
     if not args.output:
         raise UserError(
             "kubetune compare needs --local (run it here) or --output FILE (the pipeline YAML "
@@ -338,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="kubetune-work",
         help="folder for run folders (default: ./kubetune-work)",
     )
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -357,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="kubetune-work",
         help="with --local: folder for run folders (default: ./kubetune-work)",
     )
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(

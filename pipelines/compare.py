@@ -9,24 +9,23 @@ is pushed: a comparison informs the choice of a method, and its winner is then r
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
-import json
 from typing import Optional
 
 import yaml
 from kfp import dsl
 
+from kubetune.components.cluster.pytorchjob import uses_gpu
 from kubetune.components.compare_methods.component import compare_methods, method_branches
 from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.errors import UserError
-from kubetune.components.evaluate.component import evaluate_model
-from kubetune.components.fetch_model.component import fetch_model
-from kubetune.components.merge_adapter.component import merge_model
 from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
 from kubetune.components.pipeline_steps.component import resolve_recipe
-from kubetune.components.prepare_dataset.component import prepare_dataset
-from kubetune.components.train.component import train_model
-from kubetune.components.train.pytorchjob import uses_gpu
-from kubetune.pipelines.finetune import RETRIES, _hub_off, _on_cluster, _on_gpu_pool
+from kubetune.pipelines.finetune import (
+    _on_cluster,
+    fetch_and_prepare,
+    recipe_parameter,
+    train_merge_evaluate,
+)
 
 PIPELINE_NAME = "kubetune-compare"
 METHODS = ("full", "lora", "qlora", "adapter", "adapter_v2")
@@ -59,7 +58,7 @@ def build_compare_pipeline(
             RunConfig.model_validate({**yaml.safe_load(dump_config(cfg)), "method": method})
         except ValueError as exc:
             raise UserError(f"--methods {method}: {exc}") from None
-    recipe_text = json.dumps(yaml.safe_load(dump_config(cfg)), separators=(",", ":"))
+    recipe_text = recipe_parameter(cfg)
     fields = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
     gpu = uses_gpu(cfg)
 
@@ -81,14 +80,7 @@ def build_compare_pipeline(
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             **fields,
         ).set_display_name("resolve recipe")
-        _on_cluster(resolved, cfg, s3=False)
-        run_dir = resolved.outputs["run_dir"]
-        fetched = fetch_model(recipe_yaml=resolved.outputs["recipe_yaml"], run_dir=run_dir)
-        _on_cluster(fetched, cfg, hub=True).set_retry(**RETRIES).set_display_name("fetch model")
-        recipe = fetched.output
-        prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir)
-        _on_cluster(prepared, cfg, hub=True).set_retry(**RETRIES).set_display_name("prepare")
-
+        run_dir, recipe, prepared = fetch_and_prepare(cfg, resolved)
         # the loop iterates over a task's output, and its body reads only the loop item:
         # every value a branch needs travels in it
         branches = method_branches(
@@ -99,28 +91,9 @@ def build_compare_pipeline(
         )
         _on_cluster(branches, cfg, s3=False).set_display_name("methods")
         with dsl.ParallelFor(branches.output, parallelism=parallelism) as branch:
-            trained = train_model(
-                recipe_yaml=branch.recipe_yaml,
-                dataset_dir=branch.dataset_dir,
-                run_dir=branch.run_dir,
+            _, evaluated = train_merge_evaluate(
+                cfg, branch.recipe_yaml, branch.dataset_dir, branch.run_dir, gpu
             )
-            _on_cluster(trained, cfg, hub=True).set_caching_options(False)
-            _hub_off(trained.set_display_name("train"))
-            merged = merge_model(
-                recipe_yaml=branch.recipe_yaml, train_dir=trained.output, run_dir=branch.run_dir
-            )
-            _on_cluster(merged, cfg, hub=True).set_retry(**RETRIES).set_display_name("merge")
-            _hub_off(merged)
-            evaluated = evaluate_model(
-                recipe_yaml=branch.recipe_yaml,
-                model_dir=merged.output,
-                dataset_dir=branch.dataset_dir,
-                run_dir=branch.run_dir,
-            )
-            _on_cluster(evaluated, cfg, hub=True).set_retry(**RETRIES)
-            _hub_off(evaluated.set_display_name("evaluate"))
-            if gpu:
-                _on_gpu_pool(evaluated, cfg)
 
         compared = compare_methods(
             recipe_yaml=recipe,

@@ -19,6 +19,7 @@ from typing import Optional
 import yaml
 from kfp import dsl, kubernetes
 
+from kubetune.components.cluster.pytorchjob import uses_gpu
 from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.evaluate.component import evaluate_model, quality_gate
 from kubetune.components.fetch_model.component import fetch_model
@@ -28,7 +29,6 @@ from kubetune.components.pipeline_steps.component import resolve_recipe
 from kubetune.components.prepare_dataset.component import prepare_dataset
 from kubetune.components.push_model.component import push_model
 from kubetune.components.train.component import train_model
-from kubetune.components.train.pytorchjob import uses_gpu
 
 PIPELINE_NAME = "kubetune-finetune"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
@@ -97,12 +97,49 @@ def eval_gpus(cfg: RunConfig) -> int:
     return max(1, min(need, cfg.distributed.procs_per_node))
 
 
+def recipe_parameter(cfg: RunConfig) -> str:
+    """The recipe as the pipeline's `recipe_yaml` default: one line, because KFP writes
+    parameter defaults into the IR's comment header and a multi-line default would break that
+    YAML; JSON is YAML, so the recipe parses the same."""
+    return json.dumps(yaml.safe_load(dump_config(cfg)), separators=(",", ":"))
+
+
+def fetch_and_prepare(cfg: RunConfig, resolved):
+    """After resolve_recipe: the model fetched once per revision into WORKSPACE/models (every
+    later step reads that copy), then the data prepared. (run folder, recipe, prepare task)."""
+    _on_cluster(resolved, cfg, s3=False)
+    run_dir = resolved.outputs["run_dir"]
+    fetched = fetch_model(recipe_yaml=resolved.outputs["recipe_yaml"], run_dir=run_dir)
+    _on_cluster(fetched, cfg, hub=True).set_retry(**RETRIES).set_display_name("fetch model")
+    recipe = fetched.output
+    prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir)
+    _on_cluster(prepared, cfg, hub=True).set_retry(**RETRIES).set_display_name("prepare")
+    return run_dir, recipe, prepared
+
+
+def train_merge_evaluate(cfg: RunConfig, recipe, dataset_dir, run_dir, gpu: bool):
+    """train → merge → evaluate under run_dir; (merge task, evaluate task)."""
+    trained = train_model(recipe_yaml=recipe, dataset_dir=dataset_dir, run_dir=run_dir)
+    # never cached: a cache hit would skip a run whose output may be gone
+    _on_cluster(trained, cfg, hub=True).set_caching_options(False).set_display_name("train")
+    _hub_off(trained)
+    merged = merge_model(recipe_yaml=recipe, train_dir=trained.output, run_dir=run_dir)
+    _on_cluster(merged, cfg, hub=True).set_retry(**RETRIES).set_display_name("merge")
+    _hub_off(merged)
+    evaluated = evaluate_model(
+        recipe_yaml=recipe, model_dir=merged.output, dataset_dir=dataset_dir, run_dir=run_dir
+    )
+    _on_cluster(evaluated, cfg, hub=True).set_retry(**RETRIES).set_display_name("evaluate")
+    _hub_off(evaluated)
+    if gpu:
+        _on_gpu_pool(evaluated, cfg)
+    return merged, evaluated
+
+
 def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP045
     """The pipeline of one recipe; `workspace` overrides where the run folders go (a local
     folder for `kubetune run --local`, the PVC mount path on a cluster)."""
-    # one line: KFP writes parameter defaults into the IR's comment header, and a multi-line
-    # default would break that YAML; JSON is YAML, so the recipe parses the same
-    recipe_text = json.dumps(yaml.safe_load(dump_config(cfg)), separators=(",", ":"))
+    recipe_text = recipe_parameter(cfg)
     d = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
     gpu = uses_gpu(cfg)
 
@@ -154,38 +191,10 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
             eval_num_prompts=eval_num_prompts,
             output_uri=output_uri,
         ).set_display_name("resolve recipe")
-        _on_cluster(resolved, cfg, s3=False)
-        run_dir = resolved.outputs["run_dir"]
-
-        # the model once per revision into WORKSPACE/models; every later step reads that copy
-        fetched = fetch_model(recipe_yaml=resolved.outputs["recipe_yaml"], run_dir=run_dir)
-        _on_cluster(fetched, cfg, hub=True).set_retry(**RETRIES).set_display_name("fetch model")
-        recipe = fetched.output
-
-        prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir)
-        _on_cluster(prepared, cfg, hub=True).set_retry(**RETRIES).set_display_name("prepare")
-
-        trained = train_model(
-            recipe_yaml=recipe, dataset_dir=prepared.outputs["Output"], run_dir=run_dir
+        run_dir, recipe, prepared = fetch_and_prepare(cfg, resolved)
+        merged, evaluated = train_merge_evaluate(
+            cfg, recipe, prepared.outputs["Output"], run_dir, gpu
         )
-        # never cached: a cache hit would skip a run whose output may be gone
-        _on_cluster(trained, cfg, hub=True).set_caching_options(False).set_display_name("train")
-        _hub_off(trained)
-
-        merged = merge_model(recipe_yaml=recipe, train_dir=trained.output, run_dir=run_dir)
-        _on_cluster(merged, cfg, hub=True).set_retry(**RETRIES).set_display_name("merge")
-        _hub_off(merged)
-
-        evaluated = evaluate_model(
-            recipe_yaml=recipe,
-            model_dir=merged.output,
-            dataset_dir=prepared.outputs["Output"],
-            run_dir=run_dir,
-        )
-        _on_cluster(evaluated, cfg, hub=True).set_retry(**RETRIES).set_display_name("evaluate")
-        _hub_off(evaluated)
-        if gpu:
-            _on_gpu_pool(evaluated, cfg)
 
         gate = quality_gate(eval_dir=evaluated.outputs["Output"]).set_display_name("quality gate")
         _on_cluster(gate, cfg, s3=False)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a private model cache, the real CLI as a subprocess, data-file writers."""
+"""Shared fixtures: a private model cache, the real CLI as a subprocess, data-file writers, and
+the integration tier's expensive ones, once per session: a prepared dataset, a trained adapter."""
 
 from __future__ import annotations
 
@@ -52,6 +53,35 @@ def run_prepare(out: Path, *sets: str, env: dict | None = None) -> CliResult:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """The tiny demo's sample data, prepared once per session (per worker under xdist). Read it,
+    never write into it."""
+    out = tmp_path_factory.mktemp("tiny-dataset") / "dataset"
+    result = run_prepare(out)
+    assert result.code == 0, result
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_dataset, tmp_path_factory) -> Path:
+    """A LoRA adapter of the tiny demo trained on tiny_dataset for 24 steps by two torchrun
+    workers, once per session. Read it, never write into it."""
+    out = tmp_path_factory.mktemp("tiny-adapter") / "adapter"
+    result = run_cli(
+        "train",
+        TINY_DEMO,
+        "--dataset",
+        tiny_dataset,
+        "--output",
+        out,
+        "--set",
+        "train.max_steps=24",
+    )
+    assert result.code == 0, result
+    return out
 
 
 def write_jsonl(path: Path, rows: list, crlf_lines: bool = False) -> Path:

@@ -26,15 +26,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_dataset, tiny_adapter):
+    """ROOT/dataset, ROOT/run (the adapter) and ROOT/merged: the session's shared dataset and
+    adapter (links) and their merge."""
     root = tmp_path_factory.mktemp("e2e")
-    dataset, run, merged = root / "dataset", root / "run", root / "merged"
-    assert run_prepare(dataset).code == 0
-    result = run_cli(
-        "train", TINY_DEMO, "--dataset", dataset, "--output", run, "--set", "train.max_steps=24"
-    )
-    assert result.code == 0, result
-    result = run_cli("merge", TINY_DEMO, "--adapter", run, "--output", merged)
+    (root / "dataset").symlink_to(tiny_dataset, target_is_directory=True)
+    (root / "run").symlink_to(tiny_adapter, target_is_directory=True)
+    result = run_cli("merge", TINY_DEMO, "--adapter", tiny_adapter, "--output", root / "merged")
     assert result.code == 0, result
     return root
 

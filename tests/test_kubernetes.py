@@ -277,14 +277,14 @@ def test_api_errors_are_retried_then_reported(kube):
 
 
 @pytest.mark.integration
-def test_the_pod_command_trains_with_the_operators_environment(tmp_path):
+def test_the_pod_command_trains_with_the_operators_environment(tmp_path, tiny_dataset):
     """Run the Master pod's exact command here, with the PET_* variables the Training Operator
     sets and the job's own environment (the workspace moved to a temp folder)."""
-    from .conftest import run_prepare
     from .s3server import free_port
 
     dataset = tmp_path / "workspace" / "ds"
-    assert run_prepare(dataset).code == 0
+    dataset.parent.mkdir()
+    dataset.symlink_to(tiny_dataset, target_is_directory=True)
     job = render(TINY_DEMO, "train.max_steps=4", extra=("--dataset", "/workspace/ds"))
     container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     workspace = str(tmp_path / "workspace")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,20 @@ def test_run_local_tiny_demo_is_the_main_job(tmp_path):
     html = Path(report.removeprefix("report: ")).read_text()
     assert f"{evaluation['tuned']['rougeL']:.4f}" in html and "<svg" in html
     assert f"model:  {output}" in result.out
+    # the console: a line per step as it starts and ends, training progress, the summary;
+    # KFP's executor logs only in the run folder's log
+    lines = result.out.splitlines()
+    assert len(lines) < 60, result.out
+    for step in ("resolve-recipe", "prepare-dataset", "train-model", "merge-model", "push-model"):
+        assert re.search(rf"^  {step} +success +[0-9.]+ s$", result.out, re.M), step
+    assert re.search(r"step \d+/\d+ loss", result.out)
+    assert "executor_input" not in result.out and "Executing task" not in result.out
+    log = Path(next(line for line in lines if line.startswith("log: ")).split()[-1])
+    assert (
+        log.name == "kfp-local.log"
+        and log.parent == Path(report.removeprefix("report: ")).parent.parent
+    )
+    assert "Executing task 'train-model'" in log.read_text()
     pulled = run_cli("pull", output, tmp_path / "pulled")
     assert pulled.code == 0, pulled  # every checksum in the manifest holds
     # the training run's TensorBoard events went along with the model, and say its losses
@@ -193,6 +208,13 @@ def test_run_local_does_not_push_when_the_gate_fails(tmp_path):
     assert not output.exists()
     bad = run_cli("run", TINY_DEMO, "--local", "--set", "train.lr=fast")
     assert_user_error(bad, "train.lr")
+    # a step that fails: its status line, then its last lines (the error) on the console
+    missing = tmp_path / "missing.jsonl"
+    failed = run_local(tmp_path, output, f"data.path={missing}", "data.format=alpaca")
+    assert failed.code == 1, failed
+    assert re.search(r"^  prepare-dataset +failure", failed.out, re.M), failed.out
+    assert str(missing) in failed.out.split("prepare-dataset", 2)[-1]
+    assert "the whole log: " in failed.err and "kfp-local.log" in failed.err
 
 
 def test_submit_creates_a_run_then_a_recurring_run(tmp_path):

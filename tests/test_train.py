@@ -41,10 +41,8 @@ METRIC_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "dataset"
-    assert run_prepare(out).code == 0
-    return out
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")

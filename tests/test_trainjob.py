@@ -21,9 +21,9 @@ def rendered(recipe, nodes: int, kind: str) -> dict:
     """What `render-job --kind KIND --name kt-run` prints, made in this process: the 21
     recipe x nodes cases as subprocesses would cost CI half a minute (the CLI is driven by the
     tests below and by test_kubernetes.py)."""
+    from kubetune.components.cluster.pytorchjob import render_job
+    from kubetune.components.cluster.trainjob import render_trainjob
     from kubetune.components.config import load_recipe
-    from kubetune.components.train.pytorchjob import render_job
-    from kubetune.components.train.trainjob import render_trainjob
 
     cfg = load_recipe(recipe, [f"distributed.nodes={nodes}", "distributed.backend=trainjob"])
     return (render_trainjob if kind == "trainjob" else render_job)(cfg, "kt-run")
@@ -95,9 +95,9 @@ def test_another_runtime_and_refused_settings():
         TINY_DEMO, "kubernetes.runtime_kind=TrainingRuntime", extra=("--kind", "runtime")
     )
     assert runtime["kind"] == "TrainingRuntime" and runtime["metadata"]["namespace"] == "kubeflow"
+    from kubetune.components.cluster.trainjob import render_trainjob
     from kubetune.components.config import load_recipe
     from kubetune.components.errors import UserError
-    from kubetune.components.train.trainjob import render_trainjob
 
     elastic = load_recipe(TINY_DEMO, ["kubernetes.elastic_min_nodes=1"])
     with pytest.raises(UserError, match=r"kubernetes.elastic_min_nodes: .*\.elasticPolicy"):

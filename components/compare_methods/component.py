@@ -3,13 +3,13 @@
 from kfp import dsl
 from kfp.dsl import HTML, Markdown, Output
 
-from ..pipeline_steps.image import STEPS_IMAGE
+from ..images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: list) -> list:
     """One branch per method: {method, recipe_yaml, run_dir, dataset_dir}."""
-    from kubetune.components.pipeline_steps.bodies import method_branches as body
+    from kubetune.components.compare_methods.kfp_body import method_branches as body
 
     return body(recipe_yaml, run_dir, dataset_dir, methods)
 
@@ -24,6 +24,6 @@ def compare_methods(
 ) -> str:
     """Every method's parameters, time, tokens/s, memory, loss, ROUGE-L and answers side by
     side into RUN_DIR/comparison. Returns that folder."""
-    from kubetune.components.pipeline_steps.bodies import compare
+    from kubetune.components.compare_methods.kfp_body import compare
 
     return compare(recipe_yaml, eval_dirs, run_dir, report.path, table.path)

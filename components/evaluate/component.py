@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Metrics, Output
 
-from ..pipeline_steps.image import STEPS_IMAGE
+from ..images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
@@ -17,7 +17,7 @@ def evaluate_model(
 ) -> str:
     """Tuned vs base model on the eval split (loss, perplexity, ROUGE, exact match) into
     RUN_DIR/eval; Metrics and the HTML report for the KFP UI. Returns the evaluation folder."""
-    from kubetune.components.pipeline_steps.bodies import evaluate
+    from kubetune.components.evaluate.kfp_body import evaluate
 
     return evaluate(recipe_yaml, model_dir, dataset_dir, run_dir, metrics, report.path)
 
@@ -25,6 +25,6 @@ def evaluate_model(
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def quality_gate(eval_dir: str) -> bool:
     """Whether the evaluation passed the recipe's gate (eval.min_rouge_l, eval.max_eval_loss)."""
-    from kubetune.components.pipeline_steps.bodies import gate_passed
+    from kubetune.components.evaluate.kfp_body import gate_passed
 
     return gate_passed(eval_dir)

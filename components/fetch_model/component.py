@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from ..pipeline_steps.image import STEPS_IMAGE
+from ..images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
@@ -10,6 +10,6 @@ def fetch_model(recipe_yaml: str, run_dir: str) -> str:
     """Download the hub or s3:// model once per revision into WORKSPACE/models/NAME@REVISION
     (staged, renamed when complete, reused by later runs); returns the recipe with
     model.local_dir set, which every later step and PyTorchJob pod loads from."""
-    from kubetune.components.pipeline_steps.bodies import fetch
+    from kubetune.components.fetch_model.kfp_body import fetch
 
     return fetch(recipe_yaml, run_dir)

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from .image import STEPS_IMAGE
+from ..images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)

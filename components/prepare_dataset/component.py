@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Markdown, Metrics, Output
 
-from ..pipeline_steps.image import STEPS_IMAGE
+from ..images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
@@ -12,6 +12,6 @@ def prepare_dataset(
 ) -> str:
     """Tokenize, mask and pack the recipe's dataset into RUN_DIR/dataset; log its stats as
     Metrics and a Markdown summary. Returns the dataset folder."""
-    from kubetune.components.pipeline_steps.bodies import prepare
+    from kubetune.components.prepare_dataset.kfp_body import prepare
 
     return prepare(recipe_yaml, run_dir, metrics, summary.path)

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Markdown, Output
 
-from ..pipeline_steps.image import STEPS_IMAGE
+from ..images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
@@ -11,6 +11,6 @@ def push_model(recipe_yaml: str, model_dir: str, eval_dir: str, summary: Output[
     """Upload the model (and its training run's TensorBoard events) to output.uri with
     checksums, manifest.json last (evaluation metrics included); a Markdown summary links them.
     Returns the manifest's URI."""
-    from kubetune.components.pipeline_steps.bodies import push
+    from kubetune.components.push_model.kfp_body import push
 
     return push(recipe_yaml, model_dir, eval_dir, summary.path)

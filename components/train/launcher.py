@@ -15,12 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..cluster.pytorchjob import WORKER_MODULE
 from ..config import RunConfig, write_resolved
 from ..data_model_match import check_data_matches_model
 from ..errors import UserError
 from .data import check_rows
 from .llama_adapter import check_recipe
-from .pytorchjob import WORKER_MODULE
 from .worker import ERROR_FILE
 
 
@@ -91,7 +91,7 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 def train(cfg: RunConfig, dataset: str | Path, output: str | Path) -> int:
     """Run training to completion (resuming if OUTPUT holds checkpoints); the exit code."""
     if cfg.distributed.backend in ("pytorchjob", "trainjob"):
-        from .kube import launch
+        from ..cluster.kube import launch
 
         # paths inside the pods; checked here only when this machine sees the same volume
         if Path(dataset).is_dir():

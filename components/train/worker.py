@@ -490,15 +490,7 @@ def run(args) -> None:
             "flop_counter": step_flops.report(flops_token),
             "method": cfg.method,
             "strategy": cfg.distributed.strategy,
-            "fsdp": (
-                {
-                    "sharding": cfg.distributed.fsdp.sharding,
-                    "cpu_offload": cfg.distributed.fsdp.cpu_offload,
-                    **(fsdp_layout(model) or {}),
-                }
-                if cfg.distributed.strategy == "fsdp"
-                else None
-            ),
+            "fsdp": fsdp_record(cfg, model),
             "world_size": world.size,
             "device": str(world.device.type),
             "attn_implementation": attn,
@@ -507,6 +499,18 @@ def run(args) -> None:
             "dataset_fingerprint": fingerprint,
         },
     )
+
+
+def fsdp_record(cfg, model) -> dict | None:
+    """What metrics.json and checkpoints record of FSDP: the options and the mesh that ran."""
+    if cfg.distributed.strategy != "fsdp":
+        return None
+    fsdp = cfg.distributed.fsdp
+    return {
+        "sharding": fsdp.sharding,
+        "cpu_offload": fsdp.cpu_offload,
+        **(fsdp_layout(model) or {}),
+    }
 
 
 def save_checkpoint(cfg, output, done, world, model, optimizer, losses, steps) -> None:
@@ -524,15 +528,7 @@ def save_checkpoint(cfg, output, done, world, model, optimizer, losses, steps) -
             "loss": losses,
             "world_size": world.size,
             "strategy": cfg.distributed.strategy,
-            "fsdp": (
-                {
-                    "sharding": cfg.distributed.fsdp.sharding,
-                    "cpu_offload": cfg.distributed.fsdp.cpu_offload,
-                    **(fsdp_layout(model) or {}),
-                }
-                if cfg.distributed.strategy == "fsdp"
-                else None
-            ),
+            "fsdp": fsdp_record(cfg, model),
             "steps": steps,
         },
     )

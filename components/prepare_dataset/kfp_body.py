@@ -1,0 +1,18 @@
+"""The prepare step inside a KFP pipeline (its component.py calls this): the dataset into
+RUN_DIR/dataset, its stats as KFP Metrics and Markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import parse_recipe
+
+
+def prepare(recipe_yaml: str, run_dir: str, metrics, summary_path: str) -> str:
+    from .kfp_outputs import report_to_kfp
+    from .step import prepare_dataset
+
+    out = Path(run_dir) / "dataset"
+    stats = prepare_dataset(parse_recipe(recipe_yaml, "recipe"), out, overwrite=True)
+    report_to_kfp(stats, metrics, summary_path)
+    return str(out)

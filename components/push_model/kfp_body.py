@@ -1,0 +1,38 @@
+"""The push step inside a KFP pipeline (its component.py calls this), and the Markdown the
+KFP UI shows for a pushed model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import parse_recipe
+
+
+def push(recipe_yaml: str, model_dir: str, eval_dir: str, summary_path: str | None = None) -> str:
+    from .step import push as run_push
+
+    cfg = parse_recipe(recipe_yaml, "recipe")
+    evaluation = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    run_push(model_dir, cfg.output.uri, evaluation=evaluation)
+    if summary_path:
+        Path(summary_path).write_text(pushed_summary(cfg.output.uri, Path(model_dir)))
+    return cfg.output.uri.rstrip("/") + "/manifest.json"
+
+
+def pushed_summary(uri: str, model_dir: Path) -> str:
+    """The KFP UI's Markdown for a pushed model: where it is, its manifest, its TensorBoard."""
+    root = uri.rstrip("/")
+    lines = [
+        f"# Model pushed to `{root}/`",
+        "",
+        f"- manifest (written last; read it before the weights): `{root}/manifest.json`",
+    ]
+    if (model_dir / "tensorboard").is_dir():
+        lines += [
+            f"- TensorBoard events of the training run: `{root}/tensorboard/`",
+            "",
+            f"Open them with `tensorboard --logdir {root}/tensorboard`, or point a Kubeflow "
+            f"`Tensorboard` resource's `logspath` at `{root}/tensorboard`.",
+        ]
+    return "\n".join(lines) + "\n"
