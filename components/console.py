@@ -6,13 +6,19 @@ import sys
 
 
 def quiet_progress_off_terminal() -> None:
+    """No tqdm bars from datasets, transformers and the hub in a pod or a CI log. Environment
+    variables for what is not imported yet (importing them here would cost every CLI command
+    a second), their own switches for what is."""
     if sys.stderr.isatty():
         return
-    import datasets
-    import transformers
+    import os
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it too
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 class Progress:

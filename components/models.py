@@ -7,6 +7,7 @@ is whatever the recipe says (False by default).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import UserError
@@ -79,3 +80,30 @@ def load_tokenizer(model_cfg):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def safetensors_files(source: str, revision: str | None) -> list[Path]:
+    """The checkpoint's safetensors shards (downloading a hub model's, never pickle files)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(
+                snapshot_download(
+                    source, revision=revision, allow_patterns=["*.safetensors", "*.json"]
+                )
+            )
+        except Exception as exc:  # offline, gated, missing: the user's to fix
+            raise UserError(f"model.name_or_path: cannot download {source!r}: {exc}") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(
+            f"model.name_or_path: {source} has no safetensors weights (pickle "
+            "checkpoints are not loaded)"
+        )
+    return files

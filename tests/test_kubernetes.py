@@ -177,6 +177,7 @@ def wait_for(predicate, timeout=60):
         time.sleep(0.05)
 
 
+@pytest.mark.integration
 def test_create_watch_logs_success(kube):
     kube.scenario = OK_SCENARIO
     result = run_cli(*TRAIN, env=kube.env)
@@ -194,6 +195,7 @@ def test_create_watch_logs_success(kube):
     assert command[-4:] == ["--dataset", "/workspace/ds", "--output", "/workspace/run"]
 
 
+@pytest.mark.integration
 def test_failure_reason_is_surfaced(kube):
     kube.scenario = [
         (0.1, "Created", "", ""),
@@ -215,6 +217,7 @@ def test_failure_reason_is_surfaced(kube):
     )
 
 
+@pytest.mark.integration
 def test_cancel_deletes_the_job(kube):
     kube.scenario = OK_SCENARIO[:3]  # stays Running
     proc = start(kube)
@@ -228,6 +231,7 @@ def test_cancel_deletes_the_job(kube):
     assert kube.jobs == {} and kube.count("DELETE", f"/pytorchjobs/{name}") == 1
 
 
+@pytest.mark.integration
 def test_a_retry_adopts_the_running_job(kube):
     kube.scenario = OK_SCENARIO[:3]
     first = start(kube)
@@ -244,6 +248,7 @@ def test_a_retry_adopts_the_running_job(kube):
     assert f"PyTorchJob kubeflow/{name} already exists (Running): watching it" in out
 
 
+@pytest.mark.integration
 def test_a_failed_job_is_replaced_on_retry(kube):
     kube.scenario = [(0.1, "Failed", "PyTorchJobFailed", "out of memory")]
     assert run_cli(*TRAIN, env=kube.env).code == 1
@@ -254,6 +259,7 @@ def test_a_failed_job_is_replaced_on_retry(kube):
     assert kube.count("POST") == 2 and kube.count("DELETE") == 1
 
 
+@pytest.mark.integration
 def test_api_errors_are_retried_then_reported(kube):
     kube.scenario = OK_SCENARIO
     kube.failures = {"POST": [503, 500]}

@@ -110,6 +110,7 @@ def test_plan_counts_match_the_real_tiny_model_and_optimizer():
     assert plan.arch.adapter_params == sum(p.numel() for p in trainable)
 
 
+@pytest.mark.integration
 def test_plan_cli_says_whether_it_fits(cli):
     result = cli(
         "plan",

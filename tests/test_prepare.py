@@ -160,6 +160,7 @@ def test_csv_with_multiline_fields(cli, tmp_path):
     assert stats["rows_read"] == 20 and stats["splits"]["eval"] == 4
 
 
+@pytest.mark.integration
 def test_parquet_and_saved_dataset_and_folder(cli, tmp_path):
     rows = dolly_rows(25)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
@@ -232,6 +233,7 @@ def test_chat_format_trains_on_every_assistant_turn(cli, tmp_path, tokenizer):
     assert "Be brief" not in trained and "Bye" not in trained.replace("Goodbye", "")
 
 
+@pytest.mark.integration
 def test_overlength_policies(cli, tmp_path):
     rows = alpaca_rows(10) + [
         {"instruction": "word " * 400, "input": "", "output": "short"},
@@ -266,6 +268,7 @@ def test_drop_bad_rows_counts_them(cli, tmp_path):
     }
 
 
+@pytest.mark.integration
 def test_shipped_sample_is_deterministic(cli, tmp_path):
     a = cli("prepare", TINY_DEMO, "--output", tmp_path / "a")
     b = cli("prepare", TINY_DEMO, "--output", tmp_path / "b")
@@ -275,6 +278,7 @@ def test_shipped_sample_is_deterministic(cli, tmp_path):
     assert (tmp_path / "a" / "recipe.yaml").is_file()
 
 
+@pytest.mark.integration
 def test_existing_output_needs_overwrite(cli, tmp_path):
     assert cli("prepare", TINY_DEMO, "--output", tmp_path / "o").code == 0
     again = cli("prepare", TINY_DEMO, "--output", tmp_path / "o")

@@ -123,6 +123,7 @@ def kube(tmp_path):
     yield from fake_kube(tmp_path, "trainjob")
 
 
+@pytest.mark.integration
 def test_trainjob_create_watch_logs_success(kube):
     kube.scenario = OK
     kube.failures = {"POST": [503]}
@@ -145,6 +146,7 @@ def test_trainjob_create_watch_logs_success(kube):
     ]
 
 
+@pytest.mark.integration
 def test_trainjob_failure_reason_is_surfaced_and_replaced_on_retry(kube):
     kube.scenario = [
         (0.1, "Created", "", ""),
@@ -160,6 +162,7 @@ def test_trainjob_failure_reason_is_surfaced_and_replaced_on_retry(kube):
     assert kube.count("POST") == 2 and kube.count("DELETE") == 1
 
 
+@pytest.mark.integration
 def test_trainjob_cancel_deletes_and_a_retry_adopts(kube):
     kube.scenario = OK[:3]  # stays running
     first = start(kube, TRAIN_V2)
@@ -178,6 +181,7 @@ def test_trainjob_cancel_deletes_and_a_retry_adopts(kube):
     assert kube.count("DELETE", f"/trainjobs/{name}") == 1
 
 
+@pytest.mark.integration
 def test_no_trainer_v2_installed_is_one_clear_line(kube):
     kube.kind = {**kube.kind, "jobs": "/apis/elsewhere/{ns}/x"}  # the API knows no trainjobs
     result = run_cli(*TRAIN_V2, env=kube.env)

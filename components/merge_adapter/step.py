@@ -21,9 +21,8 @@ from safetensors.torch import load_file
 
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
-from ..models import model_revision, model_source
+from ..models import model_revision, model_source, safetensors_files
 from ..outputs import check_output, staged_output
-from ..train.modeling import safetensors_files
 
 PEFT_PREFIX = "base_model.model."
 BASE_FILE = "base_model.json"  # written by the training worker beside the adapter

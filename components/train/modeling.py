@@ -11,14 +11,11 @@ checked against the count of linear layers before training starts.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import load_config, model_revision, model_source
+from ..models import load_config, model_revision, model_source, safetensors_files
 from .attention import attention_implementation, transformers_attention
 
 # lora.target_modules: auto — the attention and MLP projections of each architecture.
@@ -69,33 +66,6 @@ def count_quantized(model: nn.Module) -> int:
     import bitsandbytes as bnb
 
     return sum(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.modules())
-
-
-def safetensors_files(source: str, revision: str | None) -> list[Path]:
-    """The checkpoint's safetensors shards (downloading a hub model's, never pickle files)."""
-    folder = Path(source)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(
-                snapshot_download(
-                    source, revision=revision, allow_patterns=["*.safetensors", "*.json"]
-                )
-            )
-        except Exception as exc:  # offline, gated, missing: the user's to fix
-            raise UserError(f"model.name_or_path: cannot download {source!r}: {exc}") from None
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(
-            f"model.name_or_path: {source} has no safetensors weights (pickle "
-            "checkpoints are not loaded)"
-        )
-    return files
 
 
 def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor, make) -> bool:
