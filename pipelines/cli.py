@@ -283,7 +283,7 @@ def cmd_tiny(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune",
-        description="Fine-tune open LLMs (QLoRA, LoRA, full) as Kubeflow Pipelines steps.",
+        description="Fine-tune open LLMs (QLoRA, LoRA, LLaMA-Adapter, full) as Kubeflow Pipelines steps.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
