@@ -78,7 +78,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from kubetune.components.train.launcher import train
+    from kubetune.components.train.step import train
 
     cfg = load_recipe(args.recipe, args.overrides)
     return train(cfg, args.dataset, args.output)

@@ -11,7 +11,7 @@ from ..config import parse_recipe
 
 def train(recipe_yaml: str, dataset_dir: str, run_dir: str) -> str:
     from ..cluster.pytorchjob import job_name
-    from .launcher import train as launch
+    from .step import train as launch
 
     # the same name on every retry of this task: the launcher adopts the job it created
     os.environ.setdefault("KUBETUNE_JOB_NAME", job_name("kfp", run_dir))

@@ -1,5 +1,6 @@
-"""Start the training worker: `local` runs torchrun here; `pytorchjob` creates a PyTorchJob,
-`trainjob` a Kubeflow Trainer v2 TrainJob.
+"""The train step (`kubetune train`, the KFP train task): check the data and the recipe, then
+start the training worker: `local` runs torchrun here; `pytorchjob` creates a PyTorchJob,
+`trainjob` a Kubeflow Trainer v2 TrainJob (both through ../cluster/).
 
 All start the very same worker command (`worker_args`); the local backend adds torchrun's
 own arguments, a PyTorchJob or TrainJob gets them from the PET_* environment its controller sets.
