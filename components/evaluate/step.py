@@ -44,10 +44,10 @@ def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.devi
     from ..train.llama_adapter import is_adapter_folder, load_into
 
     path = Path(name)
-    prefix = path.is_dir() and is_adapter_folder(path)
-    adapter = path.is_dir() and (
+    prompts = path.is_dir() and is_adapter_folder(path)  # LLaMA-Adapter, merged or not
+    adapter = path.is_dir() and (  # an adapter folder that needs its base loaded first
         (path / "adapter_config.json").is_file()
-        or (prefix and not (path / "config.json").is_file())
+        or (prompts and not (path / "config.json").is_file())
     )
     base_name = name
     if adapter:
@@ -74,7 +74,7 @@ def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.devi
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"{name}: cannot load the model: {str(exc).splitlines()[0]}") from None
-    if prefix:
+    if prompts:
         load_into(model, path)
     elif adapter:
         from peft import PeftModel

@@ -5,7 +5,8 @@ then the shards get their values: rank 0 alone opens the safetensors checkpoint 
 tensor by tensor, each tensor scattered so that every rank keeps only its own shard. No process
 ever holds the whole model, and the other ranks never read the checkpoint. LoRA weights (not in
 the checkpoint) are initialised on rank 0 as peft does (A Kaiming-uniform, B zero), LLaMA-Adapter
-ones as llama_adapter builds them, and scattered the same way. Buffers computed at construction (rotary frequencies) are kept as built.
+ones as llama_adapter builds them, and scattered the same way. Buffers computed at construction
+(rotary frequencies) are kept as built.
 """
 
 from __future__ import annotations
