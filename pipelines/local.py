@@ -186,14 +186,13 @@ def _finish(result: dict) -> None:
 
 
 def run_local(recipe: str, overrides: list[str], workspace: str, verbose: bool = False) -> int:
-    load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
+    cfg = load_recipe(recipe, overrides)  # a bad recipe fails here, before any process starts
     started = time.monotonic()
     job = {"kind": "run", "recipe": recipe, "overrides": overrides, "workspace": workspace}
     result = _run(job, verbose)
     _finish(result)
     if "failed" in result:
         return 1
-    cfg = load_recipe(recipe, overrides)
     seconds = time.monotonic() - started
     eval_dir = Path(result["output"])
     metrics = json.loads((eval_dir / "metrics.json").read_text())
