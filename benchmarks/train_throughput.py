@@ -9,19 +9,30 @@ safetensors), with the same LoRA settings, on the same examples for the same num
 optimizer steps, each in its own process so peak memory is its own:
 (a) transformers `Trainer` + peft with its best stock settings: bf16, SDPA, gradient
     checkpointing, packing by its own `DataCollatorWithFlattening` (one row per micro batch,
-    position ids restarting per example), bitsandbytes 4-bit through `BitsAndBytesConfig`;
-(b) kubetune's worker (`kubetune train`, `train.kernels=auto`) on the rows `kubetune prepare`
-    packed to the case's sequence length.
-Reported per side: tokens/s over the whole run and steady tokens/s after the first 5 steps
-(compiles, autotuning), samples/s (rows of --seq tokens), MFU, peak memory, the mean loss
-of the last 5 steps and how many linear layers were really 4-bit (transformers' bitsandbytes
-path skips Falcon's FalconLinear layers); then kubetune / Trainer ratios. The seeds'
-reference: 6.7 samples/s for Falcon-7B 4-bit, micro batch 4, sequence 512, on one H100.
+    position ids restarting per example), bitsandbytes 4-bit through `BitsAndBytesConfig`.
+    transformers >= 5.5 quantizes only modules whose type is exactly `nn.Linear`, which would
+    leave Falcon's `FalconLinear` layers in bf16 (and peft would upcast them to fp32): the
+    baseline swaps that class for `nn.Linear` (the same y = x W^T + b) before loading, so
+    every linear layer is 4-bit as in a real QLoRA run;
+(b) kubetune's worker (`kubetune train`, every setting at its default: kernels, compile,
+    checkpointing auto) on the rows `kubetune prepare` packed to the case's sequence length,
+    at the case's micro batch; then once more with `train.micro_batch_size: auto`.
+The harness fails when either side has fewer 4-bit layers than the model has linear layers
+(the output head aside): a QLoRA comparison that is not QLoRA is no comparison.
+
+Reported per side: real tokens/s (tokens of the examples) and computed tokens/s (padding
+included) over the whole run, steady tokens/s after the first 5 steps (compiles,
+autotuning), samples/s both as dataset examples and as full rows of --seq tokens, MFU from
+model FLOPs (6N + attention per real token; recomputation not counted), peak memory, the mean
+loss of the last 5 steps and the 4-bit layer count; then kubetune / Trainer ratios. Each
+finished case is also printed as one JSON line, after a first line naming the machine. The
+seeds' reference: 6.7 samples/s for Falcon-7B 4-bit, micro batch 4, sequence 512, on one H100.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -138,8 +149,11 @@ def run(cmd: list[str], env: dict | None = None) -> str:
     return proc.stdout
 
 
-def kubetune_side(model: Path, dataset: Path, case: Case, args, work: Path) -> dict:
-    out = work / f"kubetune-{case.label}"
+def kubetune_side(
+    model: Path, dataset: Path, case: Case, args, work: Path, micro: str | None = None
+) -> dict:
+    """The worker on the case; `micro` overrides the case's micro batch (auto)."""
+    out = work / f"kubetune-{case.label}-{micro or case.micro}"
     cuda = _cuda()
     sets = [
         f"model.name_or_path={model}",
@@ -147,15 +161,13 @@ def kubetune_side(model: Path, dataset: Path, case: Case, args, work: Path) -> d
         "distributed.procs_per_node=1",
         f"data.max_seq_len={case.seq}",
         f"train.max_steps={args.steps}",
-        f"train.micro_batch_size={case.micro}",
+        f"train.micro_batch_size={micro or case.micro}",
         "train.grad_accum=1",
         "train.lr=2e-4",
         "train.lr_scheduler=cosine",
         "train.warmup_steps=0",
         "train.logging_steps=1",
         "train.save_steps=100000",
-        "train.gradient_checkpointing=true",
-        "train.kernels=auto",
         f"quant.compute_dtype={'bfloat16' if cuda else 'float32'}",
         f"lora.r={case.r}",
         f"lora.alpha={case.alpha}",
@@ -169,7 +181,34 @@ def kubetune_side(model: Path, dataset: Path, case: Case, args, work: Path) -> d
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [loss for _, loss in metrics["loss"]]
     metrics["final_loss"] = sum(losses[-5:]) / len(losses[-5:])
+    metrics["rows_per_second"] = metrics["tokens_per_second"] / case.seq
+    metrics["linear_layers"] = linear_layer_count(model)
     return metrics
+
+
+def linear_layer_count(model: Path) -> int:
+    """Linear layers of the architecture (the output head aside), counted on the meta device."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kubetune.components.train.modeling import linear_layer_names
+
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(model), dtype=torch.bfloat16
+        )
+    return len(linear_layer_names(meta))
+
+
+def check_quantized(case: Case, side: str, metrics: dict) -> str | None:
+    """Why this side is not the QLoRA it claims to be, or None."""
+    if case.method != "qlora":
+        return None
+    have, want = metrics["quantized_linear_modules"], metrics["linear_layers"]
+    if have < want:
+        return f"{case.label}: {side} has {have} 4-bit layers of {want} linear layers"
+    return None
 
 
 BASELINE = r"""
@@ -178,7 +217,12 @@ from datasets import Dataset, load_from_disk
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening,
                           Trainer, TrainerCallback, TrainingArguments)
-from kubetune.components.train.modeling import AUTO_TARGETS, count_quantized, parameter_counts
+from transformers.models.falcon import modeling_falcon
+from kubetune.components.train.modeling import (AUTO_TARGETS, count_quantized, linear_layer_names,
+                                                parameter_counts)
+# transformers quantizes only modules of type nn.Linear: FalconLinear (the same x W^T + b)
+# becomes nn.Linear so every Falcon linear layer is 4-bit, as QLoRA means.
+modeling_falcon.FalconLinear = torch.nn.Linear
 from kubetune.components.train.flops import train_flops_per_token, gpu_peak
 model_dir, data_dir, method, steps, micro, seq, r, alpha, dropout, out = sys.argv[1:11]
 steps, micro, seq = int(steps), int(micro), int(seq)
@@ -192,11 +236,13 @@ for row in packed:
     for a, b in zip(starts, starts[1:]):
         examples.append({"input_ids": row["input_ids"][a:b], "labels": row["labels"][a:b]})
 per_step = max(1, round(micro * len(examples) / len(packed)))  # same tokens per step
+
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=dtype) if method == "qlora" else None
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant,
                                              device_map={"": 0} if cuda else None, attn_implementation="sdpa")
 quantized = count_quantized(model) if method == "qlora" else 0
+linear_layers = len(linear_layer_names(model))
 if method == "qlora":
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -237,11 +283,12 @@ if clock.warm:
 peak = torch.cuda.max_memory_allocated() if cuda else None
 device_peak = gpu_peak(torch.device("cuda", 0)) if cuda else None
 flops = train_flops_per_token(model, total, trainable, seq)
-print(json.dumps({"tokens_per_second": tps, "samples_per_second": tps / seq,
+print(json.dumps({"tokens_per_second": tps, "padded_tokens_per_second": tps,  # no padding
+                  "examples_per_second": per_step * steps / runtime, "rows_per_second": tps / seq,
                   "steady_tokens_per_second": steady,
                   "peak_memory_bytes": peak, "mfu": flops * tps / device_peak if device_peak else None,
                   "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-                  "quantized_linear_modules": quantized}))
+                  "quantized_linear_modules": quantized, "linear_layers": linear_layers}))
 """
 
 
@@ -278,47 +325,82 @@ def ratio(a, b):
 
 def report(results: list, device: str, args) -> str:
     lines = [
-        f"train throughput on {device}: {args.steps} optimizer steps per side, "
-        "gradient checkpointing, bf16 where supported, same examples and weights",
+        f"train throughput on {device}: {args.steps} optimizer steps per side, bf16 where "
+        "supported, same examples and weights; Trainer with gradient checkpointing, kubetune "
+        "with its defaults (checkpointing auto)",
         "",
-        "| case | trainer | tokens/s | steady tokens/s | samples/s | MFU | peak GB | "
-        "loss (last 5) | 4-bit layers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | trainer | micro | tokens/s | computed tokens/s | steady tokens/s | "
+        "examples/s | rows/s | MFU | peak GB | loss (last 5) | 4-bit layers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for case, theirs, ours in results:
-        for who, m in (("transformers Trainer + peft", theirs), ("kubetune worker", ours)):
+    for case, sides in results:
+        for who, m in sides:
+            micro = m.get("micro_batch", {}).get("micro_batch_size", case.micro)
             lines.append(
-                f"| {case.label} | {who} | {fmt(m['tokens_per_second'], 'n')} | "
+                f"| {case.label} | {who} | {micro} | {fmt(m['tokens_per_second'], 'n')} | "
+                f"{fmt(m.get('padded_tokens_per_second'), 'n')} | "
                 f"{fmt(m.get('steady_tokens_per_second'), 'n')} | "
-                f"{fmt(m['samples_per_second'], 'n')} | {fmt(m['mfu'], 'pct')} | "
+                f"{fmt(m.get('examples_per_second'), 'n')} | "
+                f"{fmt(m.get('rows_per_second'), 'n')} | {fmt(m['mfu'], 'pct')} | "
                 f"{fmt(m['peak_memory_bytes'], 'gb')} | {fmt(m['final_loss'], 'loss')} | "
                 f"{m['quantized_linear_modules']} |"
             )
     lines += [
         "",
-        "| case | tokens/s kubetune/Trainer | steady tokens/s kubetune/Trainer | "
+        "MFU: model FLOPs (6N + attention) per real token; recomputation is not counted.",
+        "",
+        "| case | kubetune run | tokens/s kubetune/Trainer | steady tokens/s kubetune/Trainer | "
         "peak memory kubetune/Trainer | loss kubetune/Trainer |",
-        "|---|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for case, theirs, ours in results:
-        steady = ratio(ours.get("steady_tokens_per_second"), theirs.get("steady_tokens_per_second"))
-        lines.append(
-            f"| {case.label} | {fmt(ratio(ours['tokens_per_second'], theirs['tokens_per_second']), 'x')}"
-            f" | {fmt(steady, 'x')}"
-            f" | {fmt(ratio(ours['peak_memory_bytes'], theirs['peak_memory_bytes']), 'x')}"
-            f" | {fmt(ratio(ours['final_loss'], theirs['final_loss']), 'x')} |"
-        )
-    for case, _, ours in results:
+    for case, sides in results:
+        theirs = sides[0][1]
+        for who, ours in sides[1:]:
+            steady = ratio(
+                ours.get("steady_tokens_per_second"), theirs.get("steady_tokens_per_second")
+            )
+            tps = ratio(ours["tokens_per_second"], theirs["tokens_per_second"])
+            memory = ratio(ours["peak_memory_bytes"], theirs["peak_memory_bytes"])
+            lines.append(
+                f"| {case.label} | {who} | {fmt(tps, 'x')} | {fmt(steady, 'x')} | "
+                f"{fmt(memory, 'x')} | {fmt(ratio(ours['final_loss'], theirs['final_loss']), 'x')} |"
+            )
+    for case, sides in results:
         if case.label == "falcon-7b-qlora-mb4-s512":
+            ours = sides[1][1]
             lines += [
                 "",
                 f"Falcon-7B QLoRA, micro batch 4, seq 512: kubetune "
-                f"{fmt(ours['samples_per_second'], 'n')} samples/s against Lambda's published "
-                f"{LAMBDA_H100_SAMPLES_PER_S} on one H100 "
-                f"({fmt(ratio(ours['samples_per_second'], LAMBDA_H100_SAMPLES_PER_S), 'x')}; "
-                "goal 2x)",
+                f"{fmt(ours['rows_per_second'], 'n')} full 512-token rows/s, "
+                f"{fmt(ours.get('padded_tokens_per_second'), 'n')} computed tokens/s, against "
+                f"Lambda's published {LAMBDA_H100_SAMPLES_PER_S} samples/s on one H100 (goal: "
+                "13.4 rows/s, about 6,900 computed tokens/s, on an H100)",
             ]
     return "\n".join(lines)
+
+
+def machine() -> dict:
+    """The GPU, its driver and the versions that ran (the first JSON line)."""
+    import importlib.metadata
+
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    info = {"gpu": None, "driver": None, "cuda": torch.version.cuda, "versions": versions}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        with contextlib.suppress(OSError):
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+    return info
 
 
 def main(argv=None) -> int:
@@ -349,7 +431,8 @@ def main(argv=None) -> int:
             return 2
         cases = [c for c in cases if c.label in wanted]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    results = []
+    print(json.dumps({"machine": machine(), "steps": args.steps}), flush=True)
+    results, unfair = [], []
     with tempfile.TemporaryDirectory(prefix="kubetune-train-bench-") as tmp:
         work = Path(tmp)
         models, datasets = {}, {}
@@ -363,10 +446,25 @@ def main(argv=None) -> int:
             model, dataset = models[case.model], datasets[case.seq]
             ours = kubetune_side(model, dataset, case, args, work)
             theirs = baseline_side(model, dataset, case, args, work)
-            results.append((case, theirs, ours))
+            auto = kubetune_side(model, dataset, case, args, work, micro="auto")
+            sides = [
+                ("transformers Trainer + peft", theirs),
+                ("kubetune worker", ours),
+                ("kubetune worker, micro batch auto", auto),
+            ]
+            results.append((case, sides))
             # one line per finished case, so a run cut short still leaves its numbers
-            print(json.dumps({"case": case.label, "trainer": theirs, "kubetune": ours}), flush=True)
+            print(
+                json.dumps(
+                    {"case": case.label, "trainer": theirs, "kubetune": ours, "kubetune_auto": auto}
+                ),
+                flush=True,
+            )
+            unfair += [why for who, m in sides if (why := check_quantized(case, who, m))]
     print(report(results, device, args))
+    if unfair:
+        print("not a fair QLoRA comparison:\n" + "\n".join(unfair), file=sys.stderr)
+        return 1
     return 0
 
 

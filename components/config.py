@@ -56,12 +56,13 @@ class ModelConfig(Section):
         "auto",
         description="Weights dtype for training/merge; auto = bf16 where the hardware has it.",
     )
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = (
-        Field(
-            "auto",
-            description="auto = flash-attention 2 when installed on CUDA; else on CUDA "
-            "flex_attention with a document mask for packed rows; else SDPA.",
-        )
+    attn_implementation: Literal[
+        "auto", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager"
+    ] = Field(
+        "auto",
+        description="auto = flash-attention 3 on Hopper when installed, else flash-attention "
+        "2 when installed on CUDA (packed rows as varlen); else on CUDA flex_attention with "
+        "a document mask for packed rows; else SDPA.",
     )
 
 
@@ -173,8 +174,21 @@ class TrainConfig(Section):
     epochs: float = Field(
         1.0, gt=0, description="Passes over the train split (when max_steps is unset)."
     )
-    micro_batch_size: int = Field(1, gt=0, description="Rows per process per forward pass.")
+    micro_batch_size: int | Literal["auto"] = Field(
+        1,
+        description="Rows per process per forward pass; auto: the largest micro batch that "
+        "`kubetune plan` says fits the GPU (hardware.gpu, else the device's own memory), "
+        "grad_accum then derived from train.global_batch_size when it is set. The choice is "
+        "recorded in metrics.json (`micro_batch`).",
+    )
     grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows per optimizer step over all processes. With micro_batch_size auto, "
+        "grad_accum = global_batch_size / (micro batch x processes); with a fixed micro batch "
+        "it must equal micro_batch_size x grad_accum x processes.",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Schedule after warmup."
@@ -182,13 +196,41 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in backward. auto: off when the plan says the run "
+        "fits the GPU's memory with a 10% margin, else only as many decoder layers as needed "
+        "to fit (recorded in metrics.json with the reason); true: every layer; false: none.",
+    )
     save_steps: int = Field(100, gt=0, description="Checkpoint every N optimizer steps.")
     eval_steps: int | None = Field(
         None, gt=0, description="Eval loss every N steps (None: at the end)."
     )
     logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
     seed: int = Field(42, description="Seed of init, dropout and data order.")
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _micro_batch(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"train.micro_batch_size must be > 0 or auto, got {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"train.micro_batch_size must be > 0 or auto, got {value!r}") from None
+        if number <= 0:
+            raise ValueError(f"train.micro_batch_size must be > 0 or auto, got {value!r}")
+        return number
+
+    @field_validator("gradient_checkpointing", "compile", mode="before")
+    @classmethod
+    def _switch(cls, value: Any, info: ValidationInfo) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"train.{info.field_name} must be true, false or auto, got {value!r}")
+
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto",
         description="auto: Liger-Kernel's RMSNorm/RoPE/SwiGLU/fused linear cross-entropy where "
@@ -196,7 +238,12 @@ class TrainConfig(Section):
         "cross-entropy (never the full logits); liger: Liger or an error; none: "
         "transformers' own forward.",
     )
-    compile: bool = Field(False, description="torch.compile each decoder layer.")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile each decoder layer. auto: on CUDA with ddp or fsdp and "
+        "static batch shapes (packed rows); a layer that fails to compile runs eagerly with "
+        "one log line. true: everywhere (CPU too); false: never.",
+    )
     freeze_layers: int = Field(
         0,
         ge=0,
@@ -429,6 +476,20 @@ class RunConfig(Section):
             raise ValueError(
                 "train.flop_counter and train.profile measure each other's overhead: use one "
                 "at a time (as llama-recipes does)"
+            )
+        world = self.distributed.nodes * self.distributed.procs_per_node
+        rows = self.train.global_batch_size
+        micro = self.train.micro_batch_size
+        if rows is not None and rows % world:
+            raise ValueError(
+                f"train.global_batch_size={rows} is not a multiple of the {world} processes"
+            )
+        if rows is not None and micro != "auto" and rows != micro * self.train.grad_accum * world:
+            raise ValueError(
+                f"train.global_batch_size={rows} but micro_batch_size {micro} x grad_accum "
+                f"{self.train.grad_accum} x {world} processes = "
+                f"{micro * self.train.grad_accum * world}; set one of them, or "
+                "micro_batch_size: auto"
             )
         if self.distributed.offload != "none" and self.distributed.strategy != "deepspeed":
             raise ValueError("distributed.offload needs distributed.strategy=deepspeed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -26,15 +27,33 @@ def test_train_throughput_smoke_runs_both_sides():
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    machine = json.loads(proc.stdout.splitlines()[0])["machine"]
+    assert machine["versions"]["torch"] and machine["versions"]["bitsandbytes"]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny-falcon")]
-    assert len(rows) == 3  # both sides, then the ratios
-    ours = next(r for r in rows if "kubetune worker" in r)
-    assert ours.rstrip(" |").endswith("| 8"), ours  # every Falcon linear layer is 4-bit
-    theirs = next(r for r in rows if "Trainer + peft" in r)
-    losses = [float(r.split("|")[8]) for r in (ours, theirs)]  # the loss (last 5) column
-    assert all(5.0 < loss < 8.0 for loss in losses), rows  # both trained the same task
-    ratios = rows[-1].split("|")
-    assert ratios[2].strip().endswith("x"), rows[-1]
+    assert len(rows) == 5  # Trainer, kubetune, kubetune with micro batch auto, two ratios
+    sides = rows[:3]
+    assert "Trainer + peft" in sides[0] and "kubetune worker" in sides[1] and "auto" in sides[2]
+    for side in sides:  # every Falcon linear layer is 4-bit on both sides (FalconLinear too)
+        assert side.rstrip(" |").endswith("| 8"), side
+    losses = [float(r.split("|")[11]) for r in sides]  # the loss (last 5) column
+    assert all(5.0 < loss < 8.0 for loss in losses), rows  # all trained the same task
+    for side in sides:  # real and computed tokens/s, examples/s and rows/s are all there
+        assert all(float(c.replace(",", "")) > 0 for c in side.split("|")[4:9] if c.strip() != "-")
+    assert rows[3].split("|")[3].strip().endswith("x"), rows[3]
+    case = json.loads(next(line for line in proc.stdout.splitlines() if '"case"' in line))
+    assert case["kubetune_auto"]["micro_batch"]["setting"] == "auto"
+
+
+def test_the_harness_refuses_a_qlora_side_that_is_not_4_bit():
+    from benchmarks.train_throughput import SMOKE_CASES, check_quantized
+
+    case = next(c for c in SMOKE_CASES if c.method == "qlora")
+    assert (
+        check_quantized(case, "Trainer", {"quantized_linear_modules": 8, "linear_layers": 8})
+        is None
+    )
+    why = check_quantized(case, "Trainer", {"quantized_linear_modules": 0, "linear_layers": 8})
+    assert why == "tiny-falcon-qlora: Trainer has 0 4-bit layers of 8 linear layers"
 
 
 def test_train_throughput_without_a_gpu_says_so():

@@ -100,8 +100,16 @@ def test_kernel_selection(monkeypatch):
         "rope": "liger",
         "swiglu": "liger",
         "loss": "liger_fused_linear_ce",
-        "compile": False,
+        "compile": False,  # auto: only for packed rows (static shapes)
+        "lora": "fused",
     }
+    assert select_kernels(auto, CUDA, "llama", packed=True).compile is True
+    assert select_kernels(auto, CPU, "llama", packed=True).compile is False
+    zero3 = cfg("distributed.strategy=deepspeed")
+    assert select_kernels(zero3, CUDA, "llama", packed=True).compile is False
+    assert select_kernels(zero3, CPU, "llama").lora == "peft"  # ZeRO-3 gathers per submodule
+    assert select_kernels(cfg("train.compile=true"), CPU, "llama").compile is True
+    assert select_kernels(cfg("method=full"), CPU, "llama").lora == "none"
     falcon = select_kernels(auto, CUDA, "falcon")  # no Liger for Falcon: the chunked loss
     assert (falcon.loss, falcon.swiglu) == ("chunked_linear_ce", "transformers")
     zero3_full = cfg("method=full", "distributed.strategy=deepspeed", "distributed.zero_stage=3")

@@ -23,7 +23,7 @@ PIPELINE_FIELDS = (
     ("lora.alpha", "lora_alpha", float),
     ("train.epochs", "train_epochs", float),
     ("train.lr", "train_lr", float),
-    ("train.micro_batch_size", "train_micro_batch_size", int),
+    ("train.micro_batch_size", "train_micro_batch_size", str),  # a number or auto
     ("train.grad_accum", "train_grad_accum", int),
     ("distributed.nodes", "distributed_nodes", int),
     ("distributed.procs_per_node", "distributed_procs_per_node", int),
@@ -34,10 +34,12 @@ PIPELINE_FIELDS = (
 
 
 def field_value(cfg, dotted: str):
+    """The recipe's value of a pipeline field, as the field's parameter type."""
     node = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
-    return node
+    kind = next(kind for field, _, kind in PIPELINE_FIELDS if field == dotted)
+    return str(node) if kind is str else node
 
 
 def resolve(recipe_yaml: str, overrides: list, fields: dict, workspace: str, run_id: str):

@@ -22,7 +22,7 @@ def resolve_recipe(
     lora_alpha: float,
     train_epochs: float,
     train_lr: float,
-    train_micro_batch_size: int,
+    train_micro_batch_size: str,
     train_grad_accum: int,
     distributed_nodes: int,
     distributed_procs_per_node: int,

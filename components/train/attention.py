@@ -1,11 +1,15 @@
 """Which attention the worker runs, and flex_attention for Falcon (which transformers lacks).
 
 `model.attn_implementation: auto` picks, in this order:
-- flash-attention 2 when installed on CUDA: packed rows separated by their position ids
+- flash-attention 3 on Hopper (H100/H200) when its `flash_attn_interface` is installed, else
+  flash-attention 2 when installed on CUDA: packed rows separated by their position ids
   (varlen kernels), no mask at all;
 - on CUDA, for packed rows: PyTorch flex_attention with a sparse document mask (a `BlockMask`
   built on the device from the position ids). Llama, Mistral and Qwen2 use transformers' own
-  flex path; Falcon (rotary, no ALiBi) uses `falcon_flex_forward` below;
+  flex path; Falcon (rotary, no ALiBi) uses `falcon_flex_forward` below, which gives
+  Falcon-7B's single key/value head to every query head before the kernel: flex's GQA
+  backward accumulates dK/dV for one KV head over all 71 query heads in one program per
+  block, the slowest kernel of the step, where 71 independent heads run in parallel;
 - else SDPA, with a dense block-diagonal mask for packed rows: the CPU fallback.
 """
 
@@ -44,6 +48,9 @@ def attention_implementation(cfg, device: torch.device, packed: bool = False) ->
     if cfg.model.attn_implementation != "auto":
         return cfg.model.attn_implementation
     if device.type == "cuda":
+        hopper = torch.cuda.get_device_capability(device)[0] == 9
+        if hopper and importlib.util.find_spec("flash_attn_interface") is not None:
+            return "flash_attention_3"
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
         if packed and supports_flex_attention(load_config(cfg.model)):
@@ -103,11 +110,22 @@ def falcon_flex_forward(
     query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
     if layer_past is not None:
         key, value = layer_past.update(key, value, self.layer_idx)
+    key, value = spread_single_kv_head(key, value, self.num_heads)
     out = compiled_flex_attention()(
-        query, key, value, block_mask=attention_mask, enable_gqa=kv_heads != self.num_heads
+        query, key, value, block_mask=attention_mask, enable_gqa=key.shape[1] != self.num_heads
     )
     out = out.permute(0, 2, 1, 3).reshape(batch, length, self.num_heads * self.head_dim)
     return self.dense(out), None
+
+
+def spread_single_kv_head(key, value, heads: int):
+    """Multi-query attention (one KV head) as one KV copy per query head, so flex_attention's
+    backward runs the heads in parallel; autograd sums the copies' gradients back. Grouped
+    KV heads (Falcon-40B/180B: 8) stay grouped."""
+    if key.shape[1] != 1 or heads == 1:
+        return key, value
+    shape = (key.shape[0], heads, *key.shape[2:])
+    return key.expand(shape).contiguous(), value.expand(shape).contiguous()
 
 
 def use_flex_attention(model: nn.Module) -> None:

@@ -109,9 +109,14 @@ def save_checkpoint(
     dist.barrier()
 
 
+def read_state(folder: Path) -> dict:
+    """A complete checkpoint's trainer_state.json."""
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
 def load_checkpoint(folder: Path, rank: int) -> tuple[dict, dict, object, dict]:
     """(trainer state, params by name, optimizer state or None, all tensors) of this rank."""
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state = read_state(folder)
     tensors = load_file(str(folder / f"rank-{rank:05d}.safetensors"))
     skeleton = json.loads((folder / f"rank-{rank:05d}.json").read_text())["optimizer"]
     params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}

@@ -108,14 +108,19 @@ def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to
         positions[i, :n] = torch.as_tensor(r["position_ids"])
         positions[i, n:] = torch.arange(length - n)
     batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
-    dense = attn not in ("flash_attention_2", "flex_attention")
+    dense = attn not in ("flash_attention_2", "flash_attention_3", "flex_attention")
     if dense and int((positions == 0).sum()) > len(rows):
         mask = block_causal_mask(positions)
         if attn == "eager":
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
         batch["attention_mask"] = mask
-    batch["tokens"] = sum(len(r["input_ids"]) for r in rows)
+    batch["tokens"] = sum(len(r["input_ids"]) for r in rows)  # real tokens
+    batch["padded_tokens"] = ids.numel()  # what the GPU computes
+    batch["examples"] = sum(sum(1 for p in r["position_ids"] if p == 0) for r in rows)
     return batch
+
+
+COUNTS = ("tokens", "padded_tokens", "examples")  # host-side numbers of a batch, not inputs
 
 
 class MicroBatches(torch.utils.data.Dataset):

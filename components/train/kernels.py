@@ -8,6 +8,11 @@
 - `liger`: Liger's kernels, or a clear error saying why they cannot run.
 - `none`: transformers' own forward (full logits, upcast to fp32): the reference.
 
+LoRA layers get the fused forward (`fused_lora.py`) under ddp and fsdp (`lora: fused`), peft's
+own under DeepSpeed. `train.compile: auto` compiles the decoder layers on CUDA under ddp or
+fsdp when the rows are packed (the worker then pads every batch to one length: static shapes,
+one compile); a layer that fails to compile falls back to eager with one log line.
+
 What ran is written to metrics.json (`kernels`), so a run says what it actually used.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from types import MethodType
@@ -37,6 +43,7 @@ class Kernels:
     swiglu: str = "transformers"
     loss: str = "transformers"  # transformers | chunked_linear_ce | liger_fused_linear_ce
     compile: bool = False
+    lora: str = "none"  # fused | peft | none (no LoRA layers)
 
     @property
     def liger_modules(self) -> bool:
@@ -50,16 +57,32 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def select_kernels(cfg, device: torch.device, model_type: str) -> Kernels:
+def compile_choice(cfg, device: torch.device, packed: bool) -> bool:
+    """train.compile: auto is on where it is known to work: CUDA, ddp or fsdp (ZeRO-3's
+    hooks and compiled graphs do not mix), packed rows padded to one length."""
+    setting = cfg.train.compile
+    if setting != "auto":
+        return setting
+    return device.type == "cuda" and cfg.distributed.strategy != "deepspeed" and packed
+
+
+def lora_choice(cfg) -> str:
+    if cfg.method not in ("lora", "qlora"):
+        return "none"
+    return "peft" if cfg.distributed.strategy == "deepspeed" else "fused"
+
+
+def select_kernels(cfg, device: torch.device, model_type: str, packed: bool = False) -> Kernels:
     """The kernels for this recipe, device and architecture (see the module docstring).
 
     Under DeepSpeed ZeRO-3 the output head is partitioned: the loss gathers a frozen head
     (LoRA) for the chunked loss; a trained head (full) keeps transformers' loss. Adapter v2's
     head has its own bias and scale, which only the head's own forward applies: it keeps
     transformers' loss everywhere."""
-    choice, compiled = cfg.train.kernels, cfg.train.compile
+    choice = cfg.train.kernels
+    compiled, lora = compile_choice(cfg, device, packed), lora_choice(cfg)
     if choice == "none":
-        return Kernels(compile=compiled)
+        return Kernels(compile=compiled, lora=lora)
     zero3 = cfg.distributed.strategy == "deepspeed" and cfg.distributed.zero_stage == 3
     head_forward = (zero3 and cfg.method == "full") or cfg.method == "adapter_v2"
     chunked = "transformers" if head_forward else "chunked_linear_ce"
@@ -75,10 +98,10 @@ def select_kernels(cfg, device: torch.device, model_type: str) -> Kernels:
         why_not = "liger-kernel is not installed (pip install 'kubetune[gpu]')"
     if why_not is None:
         loss = chunked if zero3 or head_forward else "liger_fused_linear_ce"
-        return Kernels("liger", "liger", "liger", loss, compiled)
+        return Kernels("liger", "liger", "liger", loss, compiled, lora)
     if choice == "liger":
         raise UserError(f"train.kernels=liger: {why_not}")
-    return Kernels(loss=chunked, compile=compiled)
+    return Kernels(loss=chunked, compile=compiled, lora=lora)
 
 
 def apply_kernels(model: nn.Module, kernels: Kernels) -> None:
@@ -217,7 +240,47 @@ def use_chunked_loss(model: nn.Module) -> None:
     model.forward = MethodType(_chunked_loss_forward, model)
 
 
-def compile_layers(layers: list[nn.Module]) -> None:
-    """train.compile: torch.compile each decoder layer in place (the unit FSDP shards too)."""
+def first_cause(exc: BaseException) -> str:
+    """`Type: message` of the error at the bottom of a chain (Dynamo wraps a backend's own)."""
+    root = exc
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+        root = inner
+    lines = str(root).strip().splitlines() or [""]
+    return f"{type(root).__name__}: {lines[0][:200]}"
+
+
+def compile_layers(
+    layers: list[nn.Module], backend: str | Callable = "inductor", log: Callable | None = None
+) -> None:
+    """train.compile: torch.compile each decoder layer in place (the unit FSDP shards too).
+
+    Until a layer's compiled call has once succeeded, a failure to compile it (a Dynamo or
+    Inductor error) switches every layer back to eager for the rest of the run, with one log
+    line; the failed call is then run eagerly. (An Inductor failure that only surfaces when
+    the backward graph is first compiled is not caught here: it fails the step.)"""
+    failed: list[str] = []
+
     for layer in layers:
-        layer.compile()
+        eager = layer._call_impl
+        compiled = torch.compile(eager, backend=backend)
+        state = {"ok": False}
+
+        def call(*args, _compiled=compiled, _eager=eager, _state=state, **kwargs):
+            if failed:
+                return _eager(*args, **kwargs)
+            if _state["ok"]:
+                return _compiled(*args, **kwargs)
+            try:
+                out = _compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 (any compile failure: eager instead)
+                failed.append(first_cause(exc))
+                message = (
+                    f"train.compile: compiling the decoder layers failed ({failed[0]}); "
+                    "they run eagerly"
+                )
+                (log or (lambda m: print(m, flush=True)))(message)
+                return _eager(*args, **kwargs)
+            _state["ok"] = True
+            return out
+
+        layer._compiled_call_impl = call

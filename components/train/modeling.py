@@ -218,17 +218,23 @@ def load_base(
     return model, 0
 
 
+def prepare_kbit(model: nn.Module) -> None:
+    """The 4-bit (or 8-bit) base ready for adapters: every weight frozen, and every weight that
+    is not quantized (embeddings, norms, the head) left in quant.compute_dtype.
+
+    This replaces peft's prepare_model_for_kbit_training, which upcasts those weights to fp32:
+    then the residual stream, attention, the output head's GEMM and the LoRA matmuls all run
+    in fp32. Here only the adapter's own weights (and their AdamW state) are fp32 master
+    weights; the forward runs in the compute dtype."""
+    model.requires_grad_(False)
+
+
 def add_lora(cfg, model: nn.Module) -> nn.Module:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """LoRA (peft) on the base; adapter weights in fp32, the base in its own dtype."""
+    from peft import LoraConfig, get_peft_model
 
     if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif cfg.train.gradient_checkpointing:
-        model.enable_input_require_grads()
+        prepare_kbit(model)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -239,9 +245,43 @@ def add_lora(cfg, model: nn.Module) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        # autocast_adapter_dtype: peft keeps the adapter's weights in fp32 (master weights)
+        return get_peft_model(model, lora, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers PreTrainedModel under a peft wrapper (or the model itself)."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    return model
+
+
+def apply_checkpointing(model: nn.Module, layers: list[nn.Module], count: int) -> None:
+    """Activation checkpointing (non-reentrant) on the first `count` decoder layers only; the
+    rest keep their activations. Inputs get requires_grad so a frozen embedding still lets
+    gradients reach the checkpointed adapters."""
+    if count <= 0:
+        return
+    inner = transformers_model(model)
+    enable = getattr(inner, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before the activation_checkpointing_* names
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inner.enable_input_require_grads()
+    for index, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = index < count
+
+
+def checkpointed_layers(layers: list[nn.Module]) -> int:
+    """How many decoder layers recompute their activations in backward."""
+    return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
 
 
 def freeze_bottom(model, layers: int) -> None:

@@ -5,14 +5,15 @@ hub models, read from config.json for local and tiny:// models), so parameter co
 shapes are exact. Memory per GPU is the sum of:
 
 - weights: bf16/fp16 2 bytes (fp32 4); qlora: linear layers 4-bit NF4 (0.5 byte + 0.0158 for
-  double-quantized constants, 0.0625 without) or 8-bit (1 byte); the rest in fp32, as
-  peft's prepare_model_for_kbit_training leaves it;
+  double-quantized constants, 0.0625 without) or 8-bit (1 byte); the rest (embeddings, norms,
+  the head) in quant.compute_dtype, as the worker keeps them;
 - trainable state: LoRA weights fp32 + gradient fp32 + AdamW moments fp32 = 16 bytes/param;
   full fine-tuning: gradient in the weights' dtype + AdamW moments in the weights' dtype
   (what the worker runs: no fp32 master copy);
 - activations (Korthikanti et al. 2022, bf16): per layer and token (11 + 4 + MLP) * hidden
-  bytes, MLP = 2 + 8*i/h for gated MLPs or 2 + 4*i/h; with gradient checkpointing only each
-  layer's input (2*hidden bytes per token) is kept plus one layer being recomputed; eager
+  bytes, MLP = 2 + 8*i/h for gated MLPs or 2 + 4*i/h; a checkpointed layer keeps only its
+  input (2*hidden bytes per token); with every layer checkpointed, one layer being recomputed
+  adds its activations (with some, the bottom ones, the layers above have freed theirs); eager
   attention adds 5*heads*seq bytes per token and layer (SDPA/flash do not materialise scores);
 - logits: with train.kernels=none, seq * batch * vocab * 10 bytes (bf16 logits, fp32 upcast
   and its gradient); otherwise the loss runs chunk by chunk over the output head (kubetune's
@@ -22,6 +23,9 @@ shapes are exact. Memory per GPU is the sum of:
   gathered layers); ZeRO-2 divides trainable state; optimizer offload moves the AdamW moments
   (and fp32 master) to the CPU, parameter offload the weights;
 - 1 GB of CUDA context and allocator slack.
+
+`train.gradient_checkpointing: auto` and `train.micro_batch_size: auto` are chosen from this
+plan (`fit.py`): the plan is evaluated for each candidate and the choice is part of it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from ..config import ADAPTER_METHODS
 from ..errors import UserError
+from .fit import Fit, choose
 
 GB = 1e9
 GPU_MEMORY_GB = {
@@ -166,9 +171,10 @@ def architecture(cfg) -> Architecture:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from ..models import load_config
     from .modeling import linear_layer_names, lora_targets
 
-    config = model_config(cfg.model.name_or_path)
+    config = load_config(cfg.model) if cfg.model.local_dir else model_config(cfg.model.name_or_path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.tie_weights()  # from_config on meta leaves tied heads as separate tensors
@@ -231,6 +237,7 @@ class Plan:
     gpu: str = "none"
     gpu_memory: float | None = None
     method: str = "lora"
+    fit: Fit | None = None  # the micro batch and checkpointed layers this plan is for
 
     @property
     def trainable_params(self) -> int:
@@ -257,6 +264,8 @@ class Plan:
             "parts_gb": {k: round(v / GB, 2) for k, v in self.parts.items()},
             "total_gb": round(self.total / GB, 2),
             "fits": self.fits,
+            "gradient_checkpointing": self.fit.checkpointing_record() if self.fit else None,
+            "micro_batch_choice": self.fit.micro_record(self.gpus) if self.fit else None,
         }
 
 
@@ -268,7 +277,7 @@ def weight_bytes(cfg, arch: Architecture, dtype_bytes: int) -> float:
             if cfg.quant.bits == 8
             else 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quant.double_quant else 4 / 64)
         )
-        return arch.linear_params * per + other * 4
+        return arch.linear_params * per + other * (4 if cfg.quant.compute_dtype == "float32" else 2)
     return arch.total_params * dtype_bytes
 
 
@@ -280,14 +289,18 @@ def trainable_bytes(cfg, arch: Architecture, dtype_bytes: int) -> tuple[float, f
     return arch.adapter_params * 8, arch.adapter_params * 8
 
 
-def activation_bytes(cfg, arch: Architecture, tokens: int, seq: int, eager: bool) -> float:
+def activation_bytes(arch: Architecture, tokens: int, seq: int, eager: bool, checkpointed: int):
+    """Saved activations with `checkpointed` of the decoder layers recomputed in backward."""
     mlp = 2 + (8 if arch.gated_mlp else 4) * arch.intermediate / arch.hidden
     per_layer_token = (11 + 4 + mlp) * arch.hidden
     if eager:
         per_layer_token += 5 * arch.heads * seq
-    if cfg.train.gradient_checkpointing:
-        return tokens * (arch.layers * 2 * arch.hidden + per_layer_token)
-    return tokens * arch.layers * per_layer_token
+    kept = (arch.layers - checkpointed) * per_layer_token + checkpointed * 2 * arch.hidden
+    # The bottom layers are the checkpointed ones: backward reaches them after the layers above
+    # have freed their activations, so rebuilding one adds to the peak only when every layer
+    # is checkpointed.
+    recomputing = per_layer_token if checkpointed == arch.layers else 0
+    return tokens * (kept + recomputing)
 
 
 def logits_bytes(cfg, arch: Architecture, tokens: int) -> float:
@@ -299,12 +312,50 @@ def logits_bytes(cfg, arch: Architecture, tokens: int) -> float:
     return float(chunk * arch.vocab * 6 + tokens * arch.hidden * 2)
 
 
-def estimate(cfg, gpus: int | None = None, dtype_bytes: int | None = None) -> Plan:
-    """The plan on GPUs; dtype_bytes defaults to model.dtype's (auto: bf16 on a GPU)."""
+def gpu_memory_bytes(cfg) -> float | None:
+    """The memory of hardware.gpu (or hardware.gpu_memory_gb) in bytes; None for `none`."""
+    memory_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
+    if memory_gb is None and cfg.hardware.gpu != "none":
+        raise UserError(
+            f"hardware.gpu: unknown GPU {cfg.hardware.gpu!r}; known: "
+            f"{', '.join(GPU_MEMORY_GB)} (or set hardware.gpu_memory_gb)"
+        )
+    return memory_gb * GB if memory_gb else None
+
+
+def estimate(
+    cfg,
+    gpus: int | None = None,
+    dtype_bytes: int | None = None,
+    device_memory: float | None = None,
+    rows_per_rank: int | None = None,
+) -> Plan:
+    """The plan on GPUs; dtype_bytes defaults to model.dtype's (auto: bf16 on a GPU).
+
+    Memory is hardware.gpu's, else `device_memory` (the worker's own GPU); `auto` micro batch
+    and checkpointing are chosen against it (fit.py), `rows_per_rank` bounding the micro
+    batch when the data is known."""
     arch = architecture(cfg)
     dtype_bytes = dtype_bytes or (4 if cfg.model.dtype == "float32" else 2)
     gpus = gpus or cfg.distributed.nodes * cfg.distributed.procs_per_node
-    seq, micro = cfg.data.max_seq_len, cfg.train.micro_batch_size
+    memory = gpu_memory_bytes(cfg) or device_memory
+
+    def total(micro: int, checkpointed: int) -> float:
+        return plan_for(cfg, arch, gpus, dtype_bytes, micro, checkpointed).total
+
+    fit = choose(cfg, total, arch.layers, gpus, memory, rows_per_rank)
+    plan = plan_for(cfg, arch, gpus, dtype_bytes, fit.micro_batch_size, fit.checkpointed_layers)
+    plan.gpu_memory, plan.fit = memory, fit
+    if cfg.hardware.gpu == "none" and device_memory is not None:
+        plan.gpu = "this GPU"
+    return plan
+
+
+def plan_for(
+    cfg, arch: Architecture, gpus: int, dtype_bytes: int, micro: int, checkpointed: int
+) -> Plan:
+    """The memory parts per GPU for one micro batch and number of checkpointed layers."""
+    seq = cfg.data.max_seq_len
     strategy, zero, offload = (
         cfg.distributed.strategy,
         cfg.distributed.zero_stage,
@@ -349,19 +400,12 @@ def estimate(cfg, gpus: int | None = None, dtype_bytes: int | None = None) -> Pl
             "weights": weights,
             "trainable state": with_weights + moments,
             "gathered layers": float(gathered),
-            "activations": activation_bytes(cfg, arch, tokens, seq, eager),
+            "activations": activation_bytes(arch, tokens, seq, eager, checkpointed),
             "logits": logits_bytes(cfg, arch, tokens),
             "cuda overhead": CUDA_OVERHEAD,
         },
     )
     plan.gpu, plan.method = cfg.hardware.gpu, cfg.method
-    memory_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
-    if memory_gb is None and cfg.hardware.gpu != "none":
-        raise UserError(
-            f"hardware.gpu: unknown GPU {cfg.hardware.gpu!r}; known: "
-            f"{', '.join(GPU_MEMORY_GB)} (or set hardware.gpu_memory_gb)"
-        )
-    plan.gpu_memory = memory_gb * GB if memory_gb else None
     return plan
 
 
@@ -371,12 +415,19 @@ def render(plan: Plan, cfg) -> str:
         f"{cfg.model.name_or_path}: {a.total_params / 1e9:.2f}B params ({a.model_type}), "
         f"method {cfg.method}, strategy {cfg.distributed.strategy}, {plan.gpus} GPU(s), "
         f"seq {plan.seq_len} x micro batch {plan.micro_batch}, gradient checkpointing "
-        f"{'on' if cfg.train.gradient_checkpointing else 'off'}",
+        f"{checkpointing_words(plan.fit)}",
         f"trainable: {plan.trainable_params / 1e6:,.1f}M params",
-        "",
-        "| per GPU | GB |",
-        "| --- | ---: |",
     ]
+    fit = plan.fit
+    if fit is not None and "auto" in (fit.micro_setting, fit.checkpointing_setting):
+        if fit.micro_setting == "auto":
+            lines.append(
+                f"micro batch auto: {fit.micro_batch_size} x grad_accum {fit.grad_accum} "
+                f"({fit.micro_reason})"
+            )
+        if fit.checkpointing_setting == "auto":
+            lines.append(f"gradient checkpointing auto: {fit.checkpointing_reason}")
+    lines += ["", "| per GPU | GB |", "| --- | ---: |"]
     lines += [f"| {name} | {value / GB:.2f} |" for name, value in plan.parts.items()]
     lines.append(f"| **total** | **{plan.total / GB:.2f}** |")
     if plan.gpu_memory:
@@ -387,6 +438,14 @@ def render(plan: Plan, cfg) -> str:
             f"{(plan.gpu_memory - plan.total) / GB:+.1f} GB headroom",
         ]
     return "\n".join(lines) + "\n"
+
+
+def checkpointing_words(fit: Fit | None) -> str:
+    if fit is None or fit.checkpointed_layers == 0:
+        return "off"
+    if fit.checkpointed_layers == fit.layers:
+        return "on"
+    return f"on {fit.checkpointed_layers} of {fit.layers} layers"
 
 
 def dump(plan: Plan, path: Path) -> None:

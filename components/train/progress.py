@@ -1,8 +1,11 @@
 """The training loop's numbers, read without stalling the GPU.
 
-Per-step losses stay on the device as tensors; `LossLog.flush` all-reduces them (with this
-rank's token count) in one collective and reads them once: at logging steps, before a
-checkpoint or an eval, and at the end. Nothing forces a host round trip per micro batch.
+Per-step losses stay on the device as tensors. `LossLog.flush` all-reduces the pending ones
+(with this rank's token count) in one collective and starts their copy to pinned host memory
+without waiting (`wait=False`, the logging steps): the values are read when that copy has
+landed, at a later flush, so even `logging_steps: 1` costs no host sync. `wait=True` (before
+a checkpoint or an eval, at the warm-up mark and at the end) reads everything pending. On the
+CPU the copy is the read, and every flush is complete.
 """
 
 from __future__ import annotations
@@ -18,35 +21,63 @@ def synchronize(world) -> None:
 
 
 class LossLog:
-    """Pending per-step losses on the device; `losses` gets `[step, mean loss]` on flush."""
+    """Pending per-step losses on the device; `losses` gets `[step, mean loss]` as they land."""
 
     def __init__(self, world, losses: list, writer):
         self.world, self.losses, self.writer = world, losses, writer
         self.pending: list[tuple[int, torch.Tensor, float]] = []
-        self.tokens = 0.0  # all ranks' tokens, as of the last flush
+        self.in_flight: list[tuple[list, torch.Tensor, object]] = []  # (steps, host copy, event)
+        self.tokens = 0.0  # all ranks' tokens, as of the last landed flush
         self.local_tokens = 0
 
     def add(self, step: int, loss: torch.Tensor, lr: float, tokens: int) -> None:
         self.pending.append((step, loss, lr))
         self.local_tokens += tokens
 
-    def flush(self) -> float | None:
-        """Append the pending steps' losses, averaged over ranks; returns the last one."""
-        if not self.pending:
-            return None
-        device = self.world.device if self.world.device.type == "cuda" else "cpu"
+    def flush(self, wait: bool = True) -> list[tuple[int, float, float]]:
+        """Reduce the pending steps' losses (a mean over ranks) and record those that have
+        reached the host; `wait` waits for all of them. Returns the (step, loss, lr) recorded."""
+        if self.pending:
+            self._start()
+        landed = []
+        while self.in_flight:
+            steps, host, event = self.in_flight[0]
+            if event is not None and not wait and not event.query():
+                break
+            if event is not None:
+                event.synchronize()
+            self.in_flight.pop(0)
+            landed += self._record(steps, host.tolist())
+        return landed
+
+    def _start(self) -> None:
+        cuda = self.world.device.type == "cuda"
+        device = self.world.device if cuda else "cpu"
         tokens = torch.tensor(float(self.local_tokens), dtype=torch.float64, device=device)
         values = [loss.to(device, torch.float64) for _, loss, _ in self.pending] + [tokens]
         summed = torch.stack(values)
         dist.all_reduce(summed)
-        *totals, all_tokens = summed.tolist()
-        self.tokens += all_tokens
+        event = None
+        if cuda:
+            host = torch.empty(summed.shape, dtype=summed.dtype, pin_memory=True)
+            host.copy_(summed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = summed
+        self.in_flight.append(([(step, lr) for step, _, lr in self.pending], host, event))
         self.local_tokens = 0
-        for (step, _, lr), total in zip(self.pending, totals, strict=True):
+        self.pending = []
+
+    def _record(self, steps: list, values: list[float]) -> list[tuple[int, float, float]]:
+        *totals, all_tokens = values
+        self.tokens += all_tokens
+        landed = []
+        for (step, lr), total in zip(steps, totals, strict=True):
             mean = total / self.world.size
             self.losses.append([step, round(mean, 6)])
+            landed.append((step, mean, lr))
             if self.writer is not None:
                 self.writer.add_scalar("train/loss", mean, step)
                 self.writer.add_scalar("train/lr", lr, step)
-        self.pending.clear()
-        return self.losses[-1][1]
+        return landed

@@ -70,7 +70,8 @@ def check_dataset(cfg: RunConfig, dataset: Path) -> None:
         )
     rows = json.loads((dataset / "stats.json").read_text())["splits"]["train"]
     world = cfg.distributed.nodes * cfg.distributed.procs_per_node
-    check_rows(dataset, rows, world, cfg.train.micro_batch_size)
+    micro = cfg.train.micro_batch_size
+    check_rows(dataset, rows, world, 1 if micro == "auto" else micro)
     check_data_matches_model(cfg.model, dataset)
 
 

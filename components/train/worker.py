@@ -31,6 +31,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from .attention import FLEX, attention_implementation, use_flex_attention
 from .data import (
+    COUNTS,
     BatchPlan,
     batch_loader,
     check_rows,
@@ -39,7 +40,9 @@ from .data import (
     pad_length,
     total_steps,
 )
+from .fit import Fit, as_set, resolved
 from .flops import mfu, train_flops_per_token
+from .fused_lora import fuse_lora
 from .kernels import apply_kernels, compile_layers, select_kernels
 from .llama_adapter import AdapterSpec
 from .llama_adapter import install as install_adapter
@@ -49,7 +52,9 @@ from .meta_load import materialize
 from .modeling import (
     DTYPES,
     add_lora,
+    apply_checkpointing,
     build_on_meta,
+    checkpointed_layers,
     freeze_bottom,
     load_base,
     parameter_counts,
@@ -97,8 +102,10 @@ def low_memory_fsdp(cfg) -> bool:
     )
 
 
-def build_model(cfg, world: World, attn: str):
-    """Base model (+ kernels, + LoRA, + compiled layers), not yet sharded."""
+def build_model(cfg, world: World, attn: str, fit: Fit, packed: bool):
+    """Base model (+ kernels, + LoRA or adapters, + checkpointing, + compiled layers), not yet
+    sharded. Frozen weights stay in the compute dtype; trainable LoRA/adapter weights are
+    fp32 (master weights) for lora/qlora/adapters."""
     zero3 = is_zero3(cfg)
     dtype = weights_dtype(cfg, world.device)
     ds_config = (
@@ -117,25 +124,58 @@ def build_model(cfg, world: World, attn: str):
         model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
     if attn == FLEX:
         use_flex_attention(model)
-    kernels = select_kernels(cfg, world.device, model.config.model_type)
+    kernels = select_kernels(cfg, world.device, model.config.model_type, packed)
     apply_kernels(model, kernels)
     if cfg.method in ("lora", "qlora"):
         model = add_lora(cfg, model)
+        if kernels.lora == "fused":
+            fuse_lora(model)
     elif cfg.method in ADAPTER_METHODS:
         install_adapter(model, AdapterSpec.from_recipe(cfg))
-        if cfg.train.gradient_checkpointing:
-            model.enable_input_require_grads()
     else:
         freeze_bottom(model, cfg.train.freeze_layers)
-        if cfg.train.gradient_checkpointing:
-            model.enable_input_require_grads()
-    if cfg.train.gradient_checkpointing and cfg.method != "qlora":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    apply_checkpointing(model, layers, fit.checkpointed_layers)
     model.config.use_cache = False
     if kernels.compile:
-        compile_layers(decoder_layers(model))
+        compile_layers(layers, log=print if world.main else (lambda message: None))
     trainable, total = parameter_counts(model)
     return model, quantized, trainable, total, dtype, ds_config, kernels
+
+
+def fit_run(cfg, world: World, rows: int, output: Path) -> Fit:
+    """The micro batch and the checkpointed layers (fit.py), from the plan on this GPU. A
+    resumed run keeps the micro batch and grad_accum its checkpoint was written with: the
+    data order depends on them."""
+    from .plan import estimate
+
+    memory = None
+    if world.device.type == "cuda":
+        memory = float(torch.cuda.get_device_properties(world.device).total_memory)
+    train = cfg.train
+    latest = ckpt.latest_checkpoint(output)
+    if latest is not None and train.micro_batch_size == "auto":
+        state = ckpt.read_state(latest)
+        if "micro_batch_size" in state:
+            train = train.model_copy(
+                update={
+                    "micro_batch_size": state["micro_batch_size"],
+                    "grad_accum": state["grad_accum"],
+                }
+            )
+            cfg = cfg.model_copy(update={"train": train})
+    dtype_bytes = 4 if weights_dtype(cfg, world.device) == torch.float32 else 2
+    try:
+        return estimate(cfg, world.size, dtype_bytes, memory, rows // world.size).fit
+    except Exception as exc:  # an architecture the plan cannot build on the meta device
+        if "auto" in (train.micro_batch_size, train.gradient_checkpointing):
+            raise UserError(
+                f"train.micro_batch_size / train.gradient_checkpointing: auto needs kubetune's "
+                f"memory plan, which failed for this model ({exc}); set them explicitly"
+            ) from None
+        from ..models import load_config
+
+        return as_set(cfg, load_config(cfg.model).num_hidden_layers, str(exc).splitlines()[0])
 
 
 def wrap(cfg, model, world: World, dtype, ds_config, steps: int):
@@ -210,7 +250,7 @@ def restore_optimizer(optimizer, saved: dict) -> None:
 
 
 def forward_loss(model, batch: dict, device, attn: str) -> torch.Tensor:
-    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "tokens"}
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in COUNTS}
     if attn == FLEX:  # packed rows: a sparse document mask, built on the device
         inputs["attention_mask"] = document_block_mask(inputs["position_ids"])
     return model(**inputs).loss
@@ -362,7 +402,19 @@ def run(args) -> None:
     packed = bool(stats.get("packing", {}).get("enabled", cfg.data.packing))
     tokenizer = load_tokenizer(cfg.model)
     attn = attention_implementation(cfg, world.device, packed)
-    model, quantized, trainable, total, dtype, ds_config, kernels = build_model(cfg, world, attn)
+    check_rows(args.dataset, len(train_split), world.size, 1)
+    fit = fit_run(cfg, world, len(train_split), output)
+    cfg = resolved(cfg, fit)
+    if world.main and "auto" in (fit.micro_setting, fit.checkpointing_setting):
+        print(
+            f"auto: micro batch {fit.micro_batch_size} x grad_accum {fit.grad_accum} "
+            f"({fit.micro_reason}); gradient checkpointing on {fit.checkpointed_layers} of "
+            f"{fit.layers} layers ({fit.checkpointing_reason})",
+            flush=True,
+        )
+    model, quantized, trainable, total, dtype, ds_config, kernels = build_model(
+        cfg, world, attn, fit, packed
+    )
     plan = BatchPlan(
         len(train_split), cfg.train.micro_batch_size, world.rank, world.size, cfg.data.seed
     )
@@ -379,6 +431,10 @@ def run(args) -> None:
 
         writer = SummaryWriter(str(output / "tensorboard"))
     accum, pad_id = cfg.train.grad_accum, tokenizer.pad_token_id
+    # one row length for compiled layers (packed rows): static shapes, one compile
+    pad_to = pad_length(attn, cfg.data.max_seq_len) or (
+        cfg.data.max_seq_len if kernels.compile and packed else 0
+    )
     flops_token = train_flops_per_token(unwrap(model), total, trainable, cfg.data.max_seq_len)
     log = LossLog(world, losses, writer)
     batches = iter(
@@ -391,12 +447,13 @@ def run(args) -> None:
             attn,
             dtype,
             pin=world.device.type == "cuda",
-            pad_to=pad_length(attn, cfg.data.max_seq_len),
+            pad_to=pad_to,
         )
     )
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     ddp_accum = not is_ds and world.size > 1 and cfg.distributed.strategy == "ddp"
-    rows_done, paused = 0.0, 0.0
+    rows_done, paused, padded, examples = 0.0, 0.0, 0, 0
+    cuda = world.device.type == "cuda"
     # Steady speed leaves out the first steps (flex_attention/Triton compiles, autotuning,
     # the allocator's growth): the figure a long run settles at.
     warm_step = start + WARMUP_STEPS if steps - start >= 2 * WARMUP_STEPS else None
@@ -422,6 +479,8 @@ def run(args) -> None:
                 part = loss.detach() / accum
                 step_loss = part if step_loss is None else step_loss + part
                 step_tokens += batch["tokens"]
+                padded += batch["padded_tokens"]
+                examples += batch["examples"]
             if not is_ds:
                 torch.nn.utils.clip_grad_norm_(trainable_params, cfg.train.max_grad_norm)
                 optimizer.step()
@@ -437,16 +496,15 @@ def run(args) -> None:
         logging = done % cfg.train.logging_steps == 0 or done == steps
         pausing = done < steps and (evaluating or saving)
         if logging or pausing:
-            mean_loss = log.flush()  # the one read of the device per logging step
-            if world.main and logging:
-                elapsed = time.perf_counter() - began - paused
-                print(
-                    f"step {done}/{steps} loss {mean_loss:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} tokens/s {log.tokens / elapsed:.0f}",
-                    flush=True,
-                )
+            # on a GPU the losses land a logging step later: no host sync in the loop
+            landed = log.flush(wait=pausing or done == steps or not cuda)
+            if world.main:
+                print_losses(landed, cfg.train.logging_steps, steps, log, began, paused)
         if done == warm_step:
-            log.flush()
+            if world.main:
+                print_losses(log.flush(), cfg.train.logging_steps, steps, log, began, paused)
+            else:
+                log.flush()
             synchronize(world)
             warm_seconds, warm_tokens = time.perf_counter() - began - paused, log.tokens
         if pausing:
@@ -459,7 +517,9 @@ def run(args) -> None:
             if saving:
                 save_checkpoint(cfg, output, done, world, model, optimizer, losses, steps)
             paused += time.perf_counter() - pause
-    log.flush()
+    landed = log.flush()
+    if world.main:
+        print_losses(landed, cfg.train.logging_steps, steps, log, began, paused)
     synchronize(world)
     train_seconds = time.perf_counter() - began - paused
     if profiler is not None:
@@ -477,6 +537,13 @@ def run(args) -> None:
             "resumed_from_step": start,
             "loss": losses,
             "tokens_per_second": log.tokens / train_seconds if start < steps else None,
+            # this process's computed (padded) tokens and dataset examples, times the ranks
+            "padded_tokens_per_second": (
+                padded * world.size / train_seconds if start < steps else None
+            ),
+            "examples_per_second": (
+                examples * world.size / train_seconds if start < steps else None
+            ),
             "samples_per_second": rows_done / train_seconds if start < steps else None,
             "steady_tokens_per_second": (
                 (log.tokens - warm_tokens) / (train_seconds - warm_seconds)
@@ -495,10 +562,44 @@ def run(args) -> None:
             "device": str(world.device.type),
             "attn_implementation": attn,
             "kernels": kernels.as_dict(),
+            "gradient_checkpointing": {
+                **fit.checkpointing_record(),
+                "layers": checkpointed_layers(decoder_layers(unwrap(model))),
+            },
+            "micro_batch": fit.micro_record(world.size),
+            "precision": precision_record(unwrap(model)),
             "train_seconds": round(train_seconds, 3),
             "dataset_fingerprint": fingerprint,
         },
     )
+
+
+def print_losses(landed, every: int, steps: int, log: LossLog, began: float, paused: float):
+    """The `step N/M loss X` lines of the logging steps among the losses that just landed."""
+    elapsed = time.perf_counter() - began - paused
+    for step, loss, lr in landed:
+        if step % every == 0 or step == steps:
+            print(
+                f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} "
+                f"tokens/s {log.tokens / elapsed:.0f}",
+                flush=True,
+            )
+
+
+def precision_record(model) -> dict:
+    """The dtypes of the frozen and the trainable tensors, by element count (4-bit weights
+    count as their packed storage dtype)."""
+    frozen: dict[str, int] = {}
+    trained: dict[str, int] = {}
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        table = trained if p.requires_grad else frozen
+        name = str(p.dtype).removeprefix("torch.")
+        table[name] = table.get(name, 0) + p.numel()
+    return {"frozen": frozen, "trainable": trained}
 
 
 def fsdp_record(cfg, model) -> dict | None:
@@ -530,6 +631,8 @@ def save_checkpoint(cfg, output, done, world, model, optimizer, losses, steps) -
             "strategy": cfg.distributed.strategy,
             "fsdp": fsdp_record(cfg, model),
             "steps": steps,
+            "micro_batch_size": cfg.train.micro_batch_size,
+            "grad_accum": cfg.train.grad_accum,
         },
     )
 
