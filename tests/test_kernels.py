@@ -14,7 +14,7 @@ from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
 from kubetune.components.models import resolve_model
 from kubetune.components.tiny_models import ARCHITECTURES
-from kubetune.components.train.data import BatchPlan, batch_loader, collate
+from kubetune.components.train.data import COUNTS, BatchPlan, batch_loader, collate
 from kubetune.components.train.kernels import (
     chunk_rows,
     linear_cross_entropy,
@@ -149,15 +149,19 @@ def test_loader_yields_batch_plan_order_from_any_step():
             want = collate([data[int(i)] for i in plan.rows(k)], 0, "sdpa", torch.float32)
             assert batch.keys() == want.keys()
             for key in want:
-                if key == "tokens":
+                if key in COUNTS:  # host-side numbers: real/padded tokens, examples
                     assert batch[key] == want[key]
                 else:
                     assert torch.equal(batch[key], want[key]), (k, key)
 
 
 def test_flex_collate_builds_no_dense_mask():
-    batch = collate(rows(3), 0, "flex_attention", torch.float32)
+    batch = collate(rows(3), 0, "flex_attention", torch.float32, pad_to=16)
     assert "attention_mask" not in batch
+    # the counts the benchmark reports: real tokens, computed (padded) tokens, examples
+    packed = {k: sum((r[k] for r in rows(3)), []) for k in ("input_ids", "labels", "position_ids")}
+    batch = collate([packed, rows(4)[3]], 0, "flex_attention", torch.float32, pad_to=16)
+    assert (batch["tokens"], batch["padded_tokens"], batch["examples"]) == (12 + 6, 32, 4)
     assert "attention_mask" in collate(rows(3), 0, "sdpa", torch.float32)
 
 
@@ -208,6 +212,28 @@ def test_attention_selection():
     assert attention_implementation(cfg("model.attn_implementation=eager"), CUDA, True) == "eager"
     assert transformers_attention("flex_attention", "falcon") == "sdpa"
     assert transformers_attention("flex_attention", "llama") == "flex_attention"
+
+
+def test_flash_attention_3_on_hopper_else_2(monkeypatch):
+    import importlib.util
+
+    from kubetune.components.train import attention
+
+    installed = {"flash_attn", "flash_attn_interface"}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        attention.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name in installed else real(name, *a),
+    )
+    for major, want in ((9, "flash_attention_3"), (8, "flash_attention_2")):
+        monkeypatch.setattr(
+            attention.torch.cuda, "get_device_capability", lambda d, m=major: (m, 0)
+        )
+        assert attention.attention_implementation(cfg(), CUDA, packed=True) == want
+    installed.discard("flash_attn_interface")
+    monkeypatch.setattr(attention.torch.cuda, "get_device_capability", lambda d: (9, 0))
+    assert attention.attention_implementation(cfg(), CUDA, packed=True) == "flash_attention_2"
 
 
 @pytest.mark.integration  # flex_attention compiles its kernel on the CPU (~20 s)

@@ -48,8 +48,10 @@ def attention_implementation(cfg, device: torch.device, packed: bool = False) ->
     if cfg.model.attn_implementation != "auto":
         return cfg.model.attn_implementation
     if device.type == "cuda":
-        hopper = torch.cuda.get_device_capability(device)[0] == 9
-        if hopper and importlib.util.find_spec("flash_attn_interface") is not None:
+        if (
+            importlib.util.find_spec("flash_attn_interface") is not None
+            and torch.cuda.get_device_capability(device)[0] == 9  # Hopper: H100, H200
+        ):
             return "flash_attention_3"
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
