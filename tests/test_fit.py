@@ -27,9 +27,15 @@ def recipe(path, *sets):
     return load_recipe(path, list(sets))
 
 
+_ARCHITECTURES: dict = {}
+
+
 def peak(cfg, micro: int, checkpointed: int, gpus: int = 1) -> float:
     """The plan's peak for one choice, computed apart from the choosing code."""
-    return plan_for(cfg, architecture(cfg), gpus, 2, micro, checkpointed).total
+    key = (cfg.model.name_or_path, cfg.method, cfg.lora.r)
+    if key not in _ARCHITECTURES:  # a meta-device build of a 7B-40B model takes seconds
+        _ARCHITECTURES[key] = architecture(cfg)
+    return plan_for(cfg, _ARCHITECTURES[key], gpus, 2, micro, checkpointed).total
 
 
 def budget(cfg) -> float:

@@ -34,6 +34,7 @@ def test_bf16_qlora_trains_within_2_percent_of_the_fp32_path(cli, tiny_dataset, 
             "method=qlora",
             f"quant.compute_dtype={dtype}",
             "distributed.procs_per_node=1",
+            "train.micro_batch_size=2",  # 50 steps of 2 rows: CI time
             "train.max_steps=50",
             "train.logging_steps=1",
         )
