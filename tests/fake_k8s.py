@@ -1,6 +1,6 @@
 """A loopback HTTP server answering the Kubernetes REST paths the launcher uses for a PyTorchJob
 or a Trainer v2 TrainJob, since no API server runs in CI. Created jobs are checked against their
-CRD schema and their pod template against the core schema (kubernetes-validate; a TrainJob's
+CRD schema (a TrainJob against Trainer v2.3's API models) and their pod template against the core schema (kubernetes-validate; a TrainJob's
 pod is the shipped runtime's template with the job's trainer and overrides applied), like an API
 server with strict field validation would; the job then moves through the conditions a scenario
 gives ("pod" starts rank 0's pod without a condition, as a TrainJob has no Running)."""
@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import yaml
 
 from .httpjson import JsonHandler
-from .k8s_schemas import crd_errors, pod_template_errors, trainjob_pod
+from .k8s_schemas import crd_errors, pod_template_errors, trainer_api_errors, trainjob_pod
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = {
@@ -227,7 +227,10 @@ class FakeKube:
                 jobs = fake.kind["jobs"].format(ns=fake.ns)
                 if urlparse(self.path).path != jobs:
                     return self._status(404, "NotFound", "no such path")
-                errors = crd_errors(body, fake.kind["kind"])
+                if fake.kind["kind"] == "TrainJob":
+                    errors = trainer_api_errors(body)
+                else:
+                    errors = crd_errors(body, fake.kind["kind"])
                 if fake.kind["kind"] == "TrainJob" and not errors:
                     errors += pod_template_errors(trainjob_pod(shipped_runtime(), body))
                 for replica in body.get("spec", {}).get("pytorchReplicaSpecs", {}).values():

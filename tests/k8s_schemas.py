@@ -1,5 +1,7 @@
-"""Validation against the real schemas: the Training Operator's PyTorchJob CRD and Trainer v2's
-TrainJob and ClusterTrainingRuntime CRDs (copies in ../shared/schemas/), Kubernetes core/RBAC types with kubernetes-validate, and the rules of the
+"""Validation against the real schemas: the Training Operator's PyTorchJob CRD (a copy in
+../shared/schemas/), Trainer v2.3's TrainJob and ClusterTrainingRuntime through the
+kubeflow-trainer-api models (the CRD copies in ../shared/schemas/ are v2.0/2.1's), Kubernetes
+core/RBAC types with kubernetes-validate, and the rules of the
 "restricted" Pod Security Standard (https://kubernetes.io/docs/concepts/security/pod-security-standards/)."""
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def crd_errors(job: dict, kind: str = "PyTorchJob") -> list[str]:
 def trainjob_pod(runtime: dict, job: dict) -> dict:
     """The pod template Trainer v2 makes for node 0 of `job` from `runtime`: the runtime's
     `node` template, with the TrainJob's trainer (image, command, env, resources) and its
-    podSpecOverrides (ServiceAccount, volumes, mounts, node selector, tolerations) applied."""
+    runtimePatches (pod labels, ServiceAccount, volumes, mounts, node selector, tolerations)
+    applied as Trainer v2.2+ merges them (lists by name, maps key by key)."""
     (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     pod = copy.deepcopy(replicated["template"]["spec"]["template"])
     (container,) = pod["spec"]["containers"]
@@ -80,16 +83,62 @@ def trainjob_pod(runtime: dict, job: dict) -> dict:
         env=trainer["env"],
         resources=trainer["resourcesPerNode"],
     )
-    for override in job["spec"].get("podSpecOverrides", []):
-        assert [t["name"] for t in override["targetJobs"]] == [replicated["name"]]
-        for key in ("serviceAccountName", "nodeSelector", "tolerations"):
-            if key in override:
-                pod["spec"][key] = override[key]
-        pod["spec"]["volumes"] = pod["spec"].get("volumes", []) + override.get("volumes", [])
-        for change in override.get("containers", []):
-            target = next(c for c in pod["spec"]["containers"] if c["name"] == change["name"])
-            target["volumeMounts"] = target.get("volumeMounts", []) + change["volumeMounts"]
+    assert "podSpecOverrides" not in job["spec"], "removed in Trainer v2.2"
+    for patch in job["spec"].get("runtimePatches", []):
+        template = patch["trainingRuntimeSpec"]["template"]
+        for job_patch in template.get("spec", {}).get("replicatedJobs", []):
+            assert job_patch["name"] == replicated["name"], job_patch["name"]
+            pod_patch = job_patch["template"]["spec"]["template"]
+            labels = pod_patch.get("metadata", {}).get("labels", {})
+            pod.setdefault("metadata", {}).setdefault("labels", {}).update(labels)
+            spec = pod_patch.get("spec", {})
+            for key in ("serviceAccountName", "nodeSelector", "tolerations"):
+                if key in spec:
+                    pod["spec"][key] = spec[key]
+            pod["spec"]["volumes"] = pod["spec"].get("volumes", []) + spec.get("volumes", [])
+            for change in spec.get("containers", []):
+                target = next(c for c in pod["spec"]["containers"] if c["name"] == change["name"])
+                target["volumeMounts"] = target.get("volumeMounts", []) + change["volumeMounts"]
     return pod
+
+
+TRAINER_API_VERSION = "2.3.0"  # kubeflow-trainer-api, pinned in pyproject.toml's dev extra
+
+
+def trainer_api_errors(obj: dict) -> list[str]:
+    """What Kubeflow Trainer's current API (the kubeflow-trainer-api models) refuses in a
+    TrainJob or (Cluster)TrainingRuntime, or drops from it: a round trip must lose nothing."""
+    import importlib.metadata
+
+    from kubeflow_trainer_api import models
+    from pydantic import ValidationError
+
+    assert importlib.metadata.version("kubeflow-trainer-api") == TRAINER_API_VERSION
+    kinds = {
+        "TrainJob": models.TrainerV1alpha1TrainJob,
+        "ClusterTrainingRuntime": models.TrainerV1alpha1ClusterTrainingRuntime,
+        "TrainingRuntime": models.TrainerV1alpha1TrainingRuntime,
+    }
+    try:
+        back = kinds[obj["kind"]].from_dict(obj).to_dict()
+    except ValidationError as exc:
+        return [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+    return _lost(obj, back, "")
+
+
+def _lost(given, kept, path: str) -> list[str]:
+    if isinstance(given, dict) and isinstance(kept, dict):
+        out = []
+        for key, value in given.items():
+            if key not in kept:
+                out.append(f"{path}{key}: not in the API (dropped)")
+            else:
+                out += _lost(value, kept[key], f"{path}{key}.")
+        return out
+    if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        pairs = enumerate(zip(given, kept, strict=True))
+        return [e for i, (a, b) in pairs for e in _lost(a, b, f"{path}{i}.")]
+    return [] if given == kept else [f"{path.rstrip('.')}: {given!r} came back as {kept!r}"]
 
 
 def core_errors(obj: dict) -> list[str]:

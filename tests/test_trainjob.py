@@ -11,7 +11,12 @@ import yaml
 
 from .conftest import REPO, TINY_DEMO, assert_user_error, run_cli
 from .fake_k8s import shipped_runtime
-from .k8s_schemas import crd_errors, pod_template_errors, restricted_violations, trainjob_pod
+from .k8s_schemas import (
+    pod_template_errors,
+    restricted_violations,
+    trainer_api_errors,
+    trainjob_pod,
+)
 from .test_kubernetes import RECIPE_FILES, TRAIN, fake_kube, render, start, wait_for
 
 TRAINJOB = ["--kind", "trainjob"]
@@ -35,7 +40,10 @@ def test_every_recipe_renders_a_valid_trainjob(recipe, nodes):
     """The TrainJob carries what the PyTorchJob's pods carry, and the pod Trainer v2 builds from
     it and the shipped runtime is a valid, "restricted" pod."""
     job = rendered(recipe, nodes, "trainjob")
-    assert crd_errors(job, "TrainJob") == []
+    assert trainer_api_errors(job) == []  # Trainer v2.3's API keeps every field
+    assert "podSpecOverrides" not in job["spec"] and "labels" not in job["spec"]
+    (patch,) = job["spec"]["runtimePatches"]
+    assert patch["manager"] == "kubetune"
     assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == nodes
     reference = rendered(recipe, nodes, "pytorchjob")
     master = reference["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
@@ -55,8 +63,30 @@ def test_every_recipe_renders_a_valid_trainjob(recipe, nodes):
         assert pod["spec"].get(key) == master["spec"].get(key), key
     assert pod["spec"]["containers"][0]["volumeMounts"] == container["volumeMounts"]
     assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["metadata"]["labels"]["app.kubernetes.io/instance"] == "kt-run"
     env = {e["name"]: e for e in trainer["env"]}
     assert "value" not in env["AWS_SECRET_ACCESS_KEY"]  # secrets only by reference
+
+
+def test_the_api_check_catches_what_trainer_v2_2_removed():
+    """The v2.0/2.1 fields (podSpecOverrides, spec.labels, the runtime's numProcPerNode) are
+    what the current API drops: the round trip names each."""
+    import copy
+
+    job = copy.deepcopy(rendered(TINY_DEMO, 1, "trainjob"))
+    job["spec"]["podSpecOverrides"] = [{"targetJobs": [{"name": "node"}]}]
+    job["spec"]["labels"] = {"team": "nlp"}
+    assert sorted(trainer_api_errors(job)) == [
+        "spec.labels: not in the API (dropped)",
+        "spec.podSpecOverrides: not in the API (dropped)",
+    ]
+    runtime = yaml.safe_load(
+        (REPO / "manifests" / "trainer-v2" / "clustertrainingruntime.yaml").read_text()
+    )
+    runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = "auto"
+    assert trainer_api_errors(runtime) == [
+        "spec.mlPolicy.torch.numProcPerNode: not in the API (dropped)"
+    ]
 
 
 def test_shipped_runtime_is_what_render_job_prints_and_valid():
@@ -65,7 +95,8 @@ def test_shipped_runtime_is_what_render_job_prints_and_valid():
     assert printed.code == 0, printed
     assert printed.out == shipped
     runtime = yaml.safe_load(shipped)
-    assert crd_errors(runtime, "ClusterTrainingRuntime") == []
+    assert trainer_api_errors(runtime) == []
+    assert runtime["spec"]["mlPolicy"]["torch"] == {}  # numProcPerNode is the TrainJob's
     (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     assert replicated["name"] == "node"  # the job and container Trainer v2's torch plugin fills
     pod = replicated["template"]["spec"]["template"]
@@ -95,6 +126,7 @@ def test_another_runtime_and_refused_settings():
         TINY_DEMO, "kubernetes.runtime_kind=TrainingRuntime", extra=("--kind", "runtime")
     )
     assert runtime["kind"] == "TrainingRuntime" and runtime["metadata"]["namespace"] == "kubeflow"
+    assert trainer_api_errors(runtime) == [] and trainer_api_errors(job) == []
     from kubetune.components.cluster.trainjob import render_trainjob
     from kubetune.components.config import load_recipe
     from kubetune.components.errors import UserError

@@ -11,8 +11,16 @@ and the failure policy (a failed pod fails its Job; the JobSet restarts every no
 The TrainJob holds what each run sets, the same values as the PyTorchJob's: the trainer image,
 the very same torchrun command (Trainer v2 sets the same PET_* variables as the Training
 Operator), the environment (the resolved recipe, secrets by reference), resources per node,
-nodes and processes per node, and through `podSpecOverrides` the ServiceAccount, the workspace
-PVC, /dev/shm and /tmp volumes and mounts, and the GPU node pool's selector and tolerations.
+nodes and processes per node, and through one `runtimePatches` entry (manager `kubetune`) the
+ServiceAccount, the workspace PVC, /dev/shm and /tmp volumes and mounts, the GPU node pool's
+selector and tolerations, and the run's labels on the JobSet and its pods.
+
+The API is Trainer v2.2's and later (v2.3.0 is current): v2.2 replaced the TrainJob's
+`podSpecOverrides` and `spec.labels` with `runtimePatches` and moved `numProcPerNode` from the
+runtime's `mlPolicy.torch` to the TrainJob's trainer. An API server of v2.2+ prunes or refuses
+the old fields, so a v2.0/2.1-style job would run without its node selector, tolerations,
+volumes and environment; kubetune renders only the new form. v2.4 limits ReplicatedJob names
+to 20 characters: kubetune's is `node`.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "TrainJob"
 NODE = "node"  # the replicated job and container Trainer v2's torch plugin configures
 ANCESTOR = "trainer.kubeflow.org/trainjob-ancestor-step"
+MANAGER = "kubetune"  # the owner of kubetune's runtimePatches entry
 
 
 def render_trainjob(
@@ -55,20 +64,12 @@ def render_trainjob(
         )
     default_dataset, default_output = default_paths(cfg, name)
     dataset, output = dataset or default_dataset, output or default_output
-    override = {
-        "targetJobs": [{"name": NODE}],
-        "serviceAccountName": k8s.service_account,
-        "containers": [{"name": NODE, "volumeMounts": volume_mounts(k8s)}],
-        "volumes": volumes(k8s),
-        **node_pool(k8s),
-    }
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels(name)},
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": k8s.runtime_kind, "name": k8s.runtime},
-            "labels": labels(name),
             "trainer": {
                 "image": k8s.trainer_image,
                 "command": worker_command(cfg, dataset, output),
@@ -77,7 +78,34 @@ def render_trainjob(
                 "numProcPerNode": dist.procs_per_node,
                 "resourcesPerNode": resources(cfg),
             },
-            "podSpecOverrides": [override],
+            "runtimePatches": [runtime_patch(cfg, name)],
+        },
+    }
+
+
+def runtime_patch(cfg: RunConfig, name: str) -> dict:
+    """kubetune's `runtimePatches` entry: the run's labels on the JobSet and its pods, and the
+    pod pieces of the node job (ServiceAccount, volumes and mounts, node pool)."""
+    k8s = cfg.kubernetes
+    pod_spec = {
+        "serviceAccountName": k8s.service_account,
+        "containers": [{"name": NODE, "volumeMounts": volume_mounts(k8s)}],
+        "volumes": volumes(k8s),
+        **node_pool(k8s),
+    }
+    node_job = {
+        "name": NODE,
+        "template": {
+            "spec": {"template": {"metadata": {"labels": labels(name)}, "spec": pod_spec}}
+        },
+    }
+    return {
+        "manager": MANAGER,
+        "trainingRuntimeSpec": {
+            "template": {
+                "metadata": {"labels": labels(name)},
+                "spec": {"replicatedJobs": [node_job]},
+            }
         },
     }
 
@@ -124,7 +152,8 @@ def render_runtime(cfg: RunConfig) -> dict:
         "kind": k8s.runtime_kind,
         "metadata": meta,
         "spec": {
-            "mlPolicy": {"numNodes": 1, "torch": {"numProcPerNode": "auto"}},
+            # processes per node are the TrainJob's (trainer.numProcPerNode) since v2.2
+            "mlPolicy": {"numNodes": 1, "torch": {}},
             "template": {
                 "spec": {
                     "failurePolicy": {"maxRestarts": k8s.backoff_limit},
