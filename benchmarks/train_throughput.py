@@ -174,6 +174,8 @@ def kubetune_side(
         f"lora.dropout={case.dropout}",
         f"lora.target_modules={case.targets}",
     ]
+    if micro == "auto" and not cuda:  # no GPU memory to fit: keep the smoke run small
+        sets.append(f"train.global_batch_size={case.micro}")
     run(
         [KUBETUNE, "train", "tiny-demo", "--dataset", str(dataset), "--output", str(out)]
         + [a for s in sets for a in ("--set", s)]
