@@ -32,7 +32,19 @@ from kubetune.components.train.component import train_model
 
 PIPELINE_NAME = "kubetune-finetune"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
+# A cluster retries a failed step (a preempted node, a hub or S3 hiccup) after 60 s, then 120 s.
+# `kubetune run --local` turns that off (`no_retries`): on one machine a step fails for a
+# reason a retry does not change, and the user should see it at once.
 RETRIES = {"num_retries": 2, "backoff_duration": "60s", "backoff_factor": 2.0}
+
+
+def no_retries() -> None:
+    """Build pipelines without step retries from now on (this process: the local runner's)."""
+    RETRIES["num_retries"] = 0
+
+
+def _retried(task):
+    return task.set_retry(**RETRIES) if RETRIES["num_retries"] else task
 
 
 def _on_cluster(task, cfg: RunConfig, s3: bool = True, hub: bool = False):
@@ -110,10 +122,10 @@ def fetch_and_prepare(cfg: RunConfig, resolved):
     _on_cluster(resolved, cfg, s3=False)
     run_dir = resolved.outputs["run_dir"]
     fetched = fetch_model(recipe_yaml=resolved.outputs["recipe_yaml"], run_dir=run_dir)
-    _on_cluster(fetched, cfg, hub=True).set_retry(**RETRIES).set_display_name("fetch model")
+    _retried(_on_cluster(fetched, cfg, hub=True)).set_display_name("fetch model")
     recipe = fetched.output
     prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir)
-    _on_cluster(prepared, cfg, hub=True).set_retry(**RETRIES).set_display_name("prepare")
+    _retried(_on_cluster(prepared, cfg, hub=True)).set_display_name("prepare")
     return run_dir, recipe, prepared
 
 
@@ -124,12 +136,12 @@ def train_merge_evaluate(cfg: RunConfig, recipe, dataset_dir, run_dir, gpu: bool
     _on_cluster(trained, cfg, hub=True).set_caching_options(False).set_display_name("train")
     _hub_off(trained)
     merged = merge_model(recipe_yaml=recipe, train_dir=trained.output, run_dir=run_dir)
-    _on_cluster(merged, cfg, hub=True).set_retry(**RETRIES).set_display_name("merge")
+    _retried(_on_cluster(merged, cfg, hub=True)).set_display_name("merge")
     _hub_off(merged)
     evaluated = evaluate_model(
         recipe_yaml=recipe, model_dir=merged.output, dataset_dir=dataset_dir, run_dir=run_dir
     )
-    _on_cluster(evaluated, cfg, hub=True).set_retry(**RETRIES).set_display_name("evaluate")
+    _retried(_on_cluster(evaluated, cfg, hub=True)).set_display_name("evaluate")
     _hub_off(evaluated)
     if gpu:
         _on_gpu_pool(evaluated, cfg)
@@ -202,7 +214,7 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
             pushed = push_model(
                 recipe_yaml=recipe, model_dir=merged.output, eval_dir=evaluated.outputs["Output"]
             )
-            _on_cluster(pushed, cfg).set_caching_options(False).set_retry(**RETRIES)
+            _retried(_on_cluster(pushed, cfg).set_caching_options(False))
             pushed.set_display_name("push")
         return evaluated.outputs["Output"]
 

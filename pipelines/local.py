@@ -51,6 +51,9 @@ def _child(job: dict) -> int:
     result: dict = {}
     try:
         cfg, ws = _local_setup(job["recipe"], job["overrides"], job["workspace"])
+        from kubetune.pipelines.finetune import no_retries
+
+        no_retries()  # one machine: a failed step fails the run at once (no 60 s + 120 s waits)
         if job["kind"] == "compare":
             from kubetune.pipelines.compare import build_compare_pipeline
 

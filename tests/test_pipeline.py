@@ -203,7 +203,9 @@ def test_run_local_tiny_demo_is_the_main_job(tmp_path):
 @pytest.mark.integration
 def test_run_local_does_not_push_when_the_gate_fails(tmp_path):
     output = tmp_path / "model"
-    result = run_local(tmp_path, output, "train.max_steps=2", "eval.min_rouge_l=0.99")
+    # an untrained model generates to max_new_tokens: few prompts and tokens keep this short
+    gate = ("eval.min_rouge_l=0.99", "eval.num_prompts=4", "eval.max_new_tokens=8")
+    result = run_local(tmp_path, output, "train.max_steps=2", *gate)
     assert_user_error(result, "the quality gate failed (rougeL", "the model was not pushed")
     assert not output.exists()
     bad = run_cli("run", TINY_DEMO, "--local", "--set", "train.lr=fast")
