@@ -167,6 +167,7 @@ def test_settings_are_validated_with_the_key():
     assert recipe(TINY_DEMO, "train.micro_batch_size=4").train.micro_batch_size == 4
 
 
+@pytest.mark.integration  # a CLI process (as test_plan's CLI run)
 def test_plan_cli_shows_the_auto_choices(cli):
     result = cli(
         "plan",
