@@ -214,15 +214,10 @@ class TrainConfig(Section):
     def _micro_batch(cls, value: Any) -> Any:
         if value == "auto":
             return value
-        if isinstance(value, bool) or not isinstance(value, int | str):
+        whole = not isinstance(value, bool) and isinstance(value, int | str)
+        if not (whole and str(value).strip().isdigit() and int(value) > 0):
             raise ValueError(f"train.micro_batch_size must be > 0 or auto, got {value!r}")
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(f"train.micro_batch_size must be > 0 or auto, got {value!r}") from None
-        if number <= 0:
-            raise ValueError(f"train.micro_batch_size must be > 0 or auto, got {value!r}")
-        return number
+        return int(value)
 
     @field_validator("gradient_checkpointing", "compile", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ largest allowed micro batch is taken. The choice and its reason go to metrics.js
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 GB = 1e9
 MARGIN = 0.10  # share of the GPU's memory a run that "fits" leaves free
@@ -65,9 +65,6 @@ class Fit:
             "global_batch_size": self.micro_batch_size * self.grad_accum * world,
             "reason": self.micro_reason,
         }
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def micro_candidates(cfg, world: int, rows_per_rank: int | None) -> list[int]:

@@ -259,6 +259,7 @@ def compile_layers(
     line; the failed call is then run eagerly. (An Inductor failure that only surfaces when
     the backward graph is first compiled is not caught here: it fails the step.)"""
     failed: list[str] = []
+    log = log or (lambda message: print(message, flush=True))
 
     for layer in layers:
         eager = layer._call_impl
@@ -278,7 +279,7 @@ def compile_layers(
                     f"train.compile: compiling the decoder layers failed ({failed[0]}); "
                     "they run eagerly"
                 )
-                (log or (lambda m: print(m, flush=True)))(message)
+                log(message)
                 return _eager(*args, **kwargs)
             _state["ok"] = True
             return out

@@ -419,14 +419,13 @@ def render(plan: Plan, cfg) -> str:
         f"trainable: {plan.trainable_params / 1e6:,.1f}M params",
     ]
     fit = plan.fit
-    if fit is not None and "auto" in (fit.micro_setting, fit.checkpointing_setting):
-        if fit.micro_setting == "auto":
-            lines.append(
-                f"micro batch auto: {fit.micro_batch_size} x grad_accum {fit.grad_accum} "
-                f"({fit.micro_reason})"
-            )
-        if fit.checkpointing_setting == "auto":
-            lines.append(f"gradient checkpointing auto: {fit.checkpointing_reason}")
+    if fit is not None and fit.micro_setting == "auto":
+        lines.append(
+            f"micro batch auto: {fit.micro_batch_size} x grad_accum {fit.grad_accum} "
+            f"({fit.micro_reason})"
+        )
+    if fit is not None and fit.checkpointing_setting == "auto":
+        lines.append(f"gradient checkpointing auto: {fit.checkpointing_reason}")
     lines += ["", "| per GPU | GB |", "| --- | ---: |"]
     lines += [f"| {name} | {value / GB:.2f} |" for name, value in plan.parts.items()]
     lines.append(f"| **total** | **{plan.total / GB:.2f}** |")

@@ -402,7 +402,6 @@ def run(args) -> None:
     packed = bool(stats.get("packing", {}).get("enabled", cfg.data.packing))
     tokenizer = load_tokenizer(cfg.model)
     attn = attention_implementation(cfg, world.device, packed)
-    check_rows(args.dataset, len(train_split), world.size, 1)
     fit = fit_run(cfg, world, len(train_split), output)
     cfg = resolved(cfg, fit)
     if world.main and "auto" in (fit.micro_setting, fit.checkpointing_setting):
@@ -453,7 +452,13 @@ def run(args) -> None:
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     ddp_accum = not is_ds and world.size > 1 and cfg.distributed.strategy == "ddp"
     rows_done, paused, padded, examples = 0.0, 0.0, 0, 0
-    cuda = world.device.type == "cuda"
+
+    def flush(wait: bool = True) -> None:
+        """Record the losses that landed (all of them with `wait`); rank 0 prints their lines."""
+        landed = log.flush(wait)
+        if world.main:
+            print_losses(landed, cfg.train.logging_steps, steps, log, began, paused)
+
     # Steady speed leaves out the first steps (flex_attention/Triton compiles, autotuning,
     # the allocator's growth): the figure a long run settles at.
     warm_step = start + WARMUP_STEPS if steps - start >= 2 * WARMUP_STEPS else None
@@ -497,14 +502,9 @@ def run(args) -> None:
         pausing = done < steps and (evaluating or saving)
         if logging or pausing:
             # on a GPU the losses land a logging step later: no host sync in the loop
-            landed = log.flush(wait=pausing or done == steps or not cuda)
-            if world.main:
-                print_losses(landed, cfg.train.logging_steps, steps, log, began, paused)
+            flush(wait=pausing or done == steps)
         if done == warm_step:
-            if world.main:
-                print_losses(log.flush(), cfg.train.logging_steps, steps, log, began, paused)
-            else:
-                log.flush()
+            flush()
             synchronize(world)
             warm_seconds, warm_tokens = time.perf_counter() - began - paused, log.tokens
         if pausing:
@@ -517,9 +517,7 @@ def run(args) -> None:
             if saving:
                 save_checkpoint(cfg, output, done, world, model, optimizer, losses, steps)
             paused += time.perf_counter() - pause
-    landed = log.flush()
-    if world.main:
-        print_losses(landed, cfg.train.logging_steps, steps, log, began, paused)
+    flush()
     synchronize(world)
     train_seconds = time.perf_counter() - began - paused
     if profiler is not None:
