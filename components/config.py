@@ -320,6 +320,10 @@ class OutputConfig(Section):
     )
 
 
+DEFAULT_WORKSPACE = "/workspace"
+KFP_WORKSPACE = "/kfp-workspace"  # kfp.dsl.constants.WORKSPACE_MOUNT_PATH
+
+
 class KubernetesConfig(Section):
     namespace: str = Field("kubeflow", description="Namespace of the PyTorchJob or TrainJob.")
     trainer_image: str = Field(
@@ -366,7 +370,7 @@ class KubernetesConfig(Section):
         "IfNotPresent", description="imagePullPolicy of the training pods."
     )
     workspace_mount: str = Field(
-        "/workspace", description="Where the workspace PVC is mounted in every pod."
+        DEFAULT_WORKSPACE, description="Where the workspace PVC is mounted in every pod."
     )
     run_as_user: int = Field(1000, gt=0, description="Non-root UID of the pods (the image's user).")
     runtime: str = Field(
@@ -378,9 +382,44 @@ class KubernetesConfig(Section):
         "ClusterTrainingRuntime",
         description="backend=trainjob: a cluster-wide runtime, or one in kubernetes.namespace.",
     )
+    queue: str | None = Field(
+        None,
+        description="Kueue LocalQueue of the job (label kueue.x-k8s.io/queue-name); the job is "
+        "created suspended and starts when Kueue admits it.",
+    )
+    priority_class: str | None = Field(
+        None,
+        description="Kubernetes PriorityClass of the training pods (priorityClassName; a "
+        "PyTorchJob's runPolicy.schedulingPolicy.priorityClass too, where Kueue reads it).",
+    )
+    workload_priority_class: str | None = Field(
+        None,
+        description="Kueue WorkloadPriorityClass of the job (label "
+        "kueue.x-k8s.io/priority-class): its priority in the queue and for preemption, "
+        "without changing the pods' own priority. Needs kubernetes.queue.",
+    )
+    queue_timeout_seconds: int = Field(
+        86400,
+        gt=0,
+        description="How long the launcher waits for Kueue to admit (or re-admit, after a "
+        "preemption) the job before it gives up with an error; the job stays queued.",
+    )
+    workspace: Literal["pvc", "kfp"] = Field(
+        "pvc",
+        description="pvc: the existing PVC kubernetes.workspace_pvc; kfp: the KFP run's own "
+        "workspace (dsl.WorkspaceConfig, no PVC made beforehand; mounted at /kfp-workspace).",
+    )
+    workspace_size: str = Field(
+        "500Gi", description="workspace=kfp: size of the run's workspace PVC."
+    )
+    workspace_storage_class: str | None = Field(
+        None,
+        description="workspace=kfp: storageClassName of the run's workspace PVC (ReadWriteMany; "
+        "the cluster's default class when unset).",
+    )
 
     # What the API server would reject is rejected here, naming the recipe key.
-    @field_validator("cpu", "memory", "shm_size", mode="before")
+    @field_validator("cpu", "memory", "shm_size", "workspace_size", mode="before")
     @classmethod
     def _quantity(cls, value: Any, info: ValidationInfo) -> str:
         # `cpu: 8` in YAML is a number; the API takes it as the quantity "8"
@@ -393,12 +432,27 @@ class KubernetesConfig(Section):
     def _namespace(cls, value: str) -> str:
         return k8s_values.dns_label(value, "kubernetes.namespace")
 
-    @field_validator("service_account", "workspace_pvc", "s3_secret", "hf_secret", "runtime")
+    @field_validator(
+        "service_account",
+        "workspace_pvc",
+        "s3_secret",
+        "hf_secret",
+        "runtime",
+        "priority_class",
+        "workload_priority_class",
+        "workspace_storage_class",
+    )
     @classmethod
     def _object_name(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return value
         return k8s_values.dns_subdomain(value, f"kubernetes.{info.field_name}")
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, value: str | None) -> str | None:
+        # a LocalQueue name that is also the value of the queue-name label
+        return None if value is None else k8s_values.dns_label(value, "kubernetes.queue")
 
     @field_validator("gpu_resource")
     @classmethod
@@ -494,8 +548,21 @@ class RunConfig(Section):
                 f"kubernetes.elastic_min_nodes={low} is more than distributed.nodes="
                 f"{self.distributed.nodes}"
             )
-        if not self.kubernetes.workspace_mount.startswith("/"):
+        k8s = self.kubernetes
+        if not k8s.workspace_mount.startswith("/"):
             raise ValueError("kubernetes.workspace_mount must be an absolute path")
+        if k8s.workload_priority_class and not k8s.queue:
+            raise ValueError(
+                "kubernetes.workload_priority_class is Kueue's: it needs kubernetes.queue (the "
+                "LocalQueue the job is submitted to)"
+            )
+        if k8s.workspace == "kfp" and k8s.workspace_mount != KFP_WORKSPACE:
+            if k8s.workspace_mount != DEFAULT_WORKSPACE:
+                raise ValueError(
+                    f"kubernetes.workspace=kfp: KFP mounts the run's workspace at "
+                    f"{KFP_WORKSPACE}, not kubernetes.workspace_mount={k8s.workspace_mount}"
+                )
+            k8s.__dict__["workspace_mount"] = KFP_WORKSPACE  # no re-validation loop
         return self
 
 

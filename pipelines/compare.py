@@ -23,8 +23,11 @@ from kubetune.components.pipeline_steps.component import resolve_recipe
 from kubetune.pipelines.finetune import (
     _on_cluster,
     fetch_and_prepare,
+    local_copy,
+    pipeline_config,
     recipe_parameter,
     train_merge_evaluate,
+    ws,
 )
 
 PIPELINE_NAME = "kubetune-compare"
@@ -58,6 +61,7 @@ def build_compare_pipeline(
             RunConfig.model_validate({**yaml.safe_load(dump_config(cfg)), "method": method})
         except ValueError as exc:
             raise UserError(f"--methods {method}: {exc}") from None
+    cfg = local_copy(cfg, workspace)
     recipe_text = recipe_parameter(cfg)
     fields = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
     gpu = uses_gpu(cfg)
@@ -66,6 +70,7 @@ def build_compare_pipeline(
         name=PIPELINE_NAME,
         description=f"Compare fine-tuning methods on {cfg.model.name_or_path} with kubetune: "
         "prepare once, train, merge and evaluate each method, one table and report.",
+        pipeline_config=pipeline_config(cfg),
     )
     def compare(
         recipe_yaml: str = recipe_text,
@@ -76,7 +81,7 @@ def build_compare_pipeline(
         resolved = resolve_recipe(
             recipe_yaml=recipe_yaml,
             overrides=overrides,
-            workspace=workspace,
+            workspace=ws(cfg).get("workspace", workspace),
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             **fields,
         ).set_display_name("resolve recipe")
@@ -88,6 +93,7 @@ def build_compare_pipeline(
             run_dir=run_dir,
             dataset_dir=prepared.outputs["Output"],
             methods=methods,
+            **ws(cfg),
         )
         _on_cluster(branches, cfg, s3=False).set_display_name("methods")
         with dsl.ParallelFor(branches.output, parallelism=parallelism) as branch:
@@ -99,6 +105,7 @@ def build_compare_pipeline(
             recipe_yaml=recipe,
             eval_dirs=dsl.Collected(evaluated.outputs["Output"]),
             run_dir=run_dir,
+            **ws(cfg),
         )
         _on_cluster(compared, cfg, s3=False).set_display_name("compare")
         return compared.outputs["Output"]

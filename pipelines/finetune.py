@@ -3,8 +3,13 @@ merge → evaluate → push (only when the evaluation passes the recipe's qualit
 
 `build_pipeline(cfg)` returns the pipeline for one recipe: the recipe's fields are its
 parameters (with the recipe's values as defaults), so the KFP UI's run form shows and edits
-them. Datasets and weights stay on the workspace PVC (`kubernetes.workspace_pvc`, mounted at
-`kubernetes.workspace_mount` in every step); only their paths pass between tasks. S3 and hub
+them. Datasets and weights stay on the workspace volume; only their paths pass between tasks.
+That volume is the existing PVC `kubernetes.workspace_pvc`, mounted at
+`kubernetes.workspace_mount` in every step, or with `kubernetes.workspace: kfp` the run's own
+KFP workspace (`dsl.PipelineConfig` / `WorkspaceConfig`: KFP creates the PVC for the run, of
+`kubernetes.workspace_size` and `workspace_storage_class`, ReadWriteMany, and mounts it at
+/kfp-workspace in each task whose `workspace` input is KFP's placeholder; the train task passes
+it on to the training pods through its TaskConfig). S3 and hub
 credentials come from Kubernetes Secrets as environment variables, never from parameters. The
 train task is the PyTorchJob launcher (CPU); the GPU node pool's selector, tolerations,
 accelerators and the CUDA trainer image go to the evaluate task, which generates with the model;
@@ -47,11 +52,45 @@ def _retried(task):
     return task.set_retry(**RETRIES) if RETRIES["num_retries"] else task
 
 
+def ws(cfg: RunConfig) -> dict:
+    """The `workspace` input of a step: KFP's placeholder with a KFP workspace (KFP mounts the
+    run's workspace in a task that gets it), nothing with a PVC of our own."""
+    return (
+        {"workspace": dsl.WORKSPACE_PATH_PLACEHOLDER} if cfg.kubernetes.workspace == "kfp" else {}
+    )
+
+
+def pipeline_config(cfg: RunConfig):
+    """The run's KFP workspace (kubernetes.workspace: kfp): a ReadWriteMany PVC, since the
+    training pods of every node mount it too."""
+    k8s = cfg.kubernetes
+    if k8s.workspace != "kfp":
+        return None
+    patch: dict = {"accessModes": ["ReadWriteMany"]}
+    if k8s.workspace_storage_class:
+        patch["storageClassName"] = k8s.workspace_storage_class
+    return dsl.PipelineConfig(
+        workspace=dsl.WorkspaceConfig(
+            size=k8s.workspace_size, kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=patch)
+        )
+    )
+
+
+def local_copy(cfg: RunConfig, workspace: str | None) -> RunConfig:
+    """A local run (`workspace` is its folder) has no KFP workspace: its steps use the
+    folder, as with a PVC of our own."""
+    if workspace is None or cfg.kubernetes.workspace != "kfp":
+        return cfg
+    k8s = cfg.kubernetes.model_copy(update={"workspace": "pvc"})
+    return cfg.model_copy(update={"kubernetes": k8s})
+
+
 def _on_cluster(task, cfg: RunConfig, s3: bool = True, hub: bool = False):
     """Workspace volume, credentials from Secrets, the steps image."""
     k8s = cfg.kubernetes
     task.set_container_image(k8s.steps_image)
-    kubernetes.mount_pvc(task, pvc_name=k8s.workspace_pvc, mount_path=k8s.workspace_mount)
+    if k8s.workspace == "pvc":
+        kubernetes.mount_pvc(task, pvc_name=k8s.workspace_pvc, mount_path=k8s.workspace_mount)
     if s3:
         kubernetes.use_secret_as_env(
             task,
@@ -121,25 +160,31 @@ def fetch_and_prepare(cfg: RunConfig, resolved):
     later step reads that copy), then the data prepared. (run folder, recipe, prepare task)."""
     _on_cluster(resolved, cfg, s3=False)
     run_dir = resolved.outputs["run_dir"]
-    fetched = fetch_model(recipe_yaml=resolved.outputs["recipe_yaml"], run_dir=run_dir)
+    fetched = fetch_model(recipe_yaml=resolved.outputs["recipe_yaml"], run_dir=run_dir, **ws(cfg))
     _retried(_on_cluster(fetched, cfg, hub=True)).set_display_name("fetch model")
     recipe = fetched.output
-    prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir)
+    prepared = prepare_dataset(recipe_yaml=recipe, run_dir=run_dir, **ws(cfg))
     _retried(_on_cluster(prepared, cfg, hub=True)).set_display_name("prepare")
     return run_dir, recipe, prepared
 
 
 def train_merge_evaluate(cfg: RunConfig, recipe, dataset_dir, run_dir, gpu: bool):
     """train → merge → evaluate under run_dir; (merge task, evaluate task)."""
-    trained = train_model(recipe_yaml=recipe, dataset_dir=dataset_dir, run_dir=run_dir)
+    trained = train_model(recipe_yaml=recipe, dataset_dir=dataset_dir, run_dir=run_dir, **ws(cfg))
     # never cached: a cache hit would skip a run whose output may be gone
     _on_cluster(trained, cfg, hub=True).set_caching_options(False).set_display_name("train")
     _hub_off(trained)
-    merged = merge_model(recipe_yaml=recipe, train_dir=trained.output, run_dir=run_dir)
+    merged = merge_model(
+        recipe_yaml=recipe, train_dir=trained.outputs["Output"], run_dir=run_dir, **ws(cfg)
+    )
     _retried(_on_cluster(merged, cfg, hub=True)).set_display_name("merge")
     _hub_off(merged)
     evaluated = evaluate_model(
-        recipe_yaml=recipe, model_dir=merged.output, dataset_dir=dataset_dir, run_dir=run_dir
+        recipe_yaml=recipe,
+        model_dir=merged.output,
+        dataset_dir=dataset_dir,
+        run_dir=run_dir,
+        **ws(cfg),
     )
     _retried(_on_cluster(evaluated, cfg, hub=True)).set_display_name("evaluate")
     _hub_off(evaluated)
@@ -151,6 +196,7 @@ def train_merge_evaluate(cfg: RunConfig, recipe, dataset_dir, run_dir, gpu: bool
 def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP045
     """The pipeline of one recipe; `workspace` overrides where the run folders go (a local
     folder for `kubetune run --local`, the PVC mount path on a cluster)."""
+    cfg = local_copy(cfg, workspace)
     recipe_text = recipe_parameter(cfg)
     d = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
     gpu = uses_gpu(cfg)
@@ -159,6 +205,7 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
         name=PIPELINE_NAME,
         description=f"Fine-tune {cfg.model.name_or_path} ({cfg.method}) with kubetune: prepare, "
         "train (PyTorchJob), merge, evaluate, push to S3 when the quality gate passes.",
+        pipeline_config=pipeline_config(cfg),
     )
     def finetune(
         recipe_yaml: str = recipe_text,
@@ -184,7 +231,7 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
         resolved = resolve_recipe(
             recipe_yaml=recipe_yaml,
             overrides=overrides,
-            workspace=workspace,
+            workspace=ws(cfg).get("workspace", workspace),
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             model_name_or_path=model_name_or_path,
             data_path=data_path,
@@ -208,11 +255,15 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
             cfg, recipe, prepared.outputs["Output"], run_dir, gpu
         )
 
-        gate = quality_gate(eval_dir=evaluated.outputs["Output"]).set_display_name("quality gate")
+        gate = quality_gate(eval_dir=evaluated.outputs["Output"], **ws(cfg))
+        gate.set_display_name("quality gate")
         _on_cluster(gate, cfg, s3=False)
         with dsl.If(gate.output == True, name="gate-passed"):  # noqa: E712
             pushed = push_model(
-                recipe_yaml=recipe, model_dir=merged.output, eval_dir=evaluated.outputs["Output"]
+                recipe_yaml=recipe,
+                model_dir=merged.output,
+                eval_dir=evaluated.outputs["Output"],
+                **ws(cfg),
             )
             _retried(_on_cluster(pushed, cfg).set_caching_options(False))
             pushed.set_display_name("push")

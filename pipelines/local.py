@@ -28,7 +28,9 @@ FAILED_TAIL = 40  # lines of a failed step's log printed on the console
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '([^']+)'")
 TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
-TRAIN_STEP = re.compile(r"^\s*step (\d+)/(\d+) loss ([0-9.naninf+-]+)")
+TRAIN_STEP = re.compile(
+    r"^\s*step (\d+)/(\d+) loss ([0-9.naninf+-]+)(?:.* tokens/s (\d+) progress \d+% eta (\S+))?"
+)
 
 
 def _local_setup(recipe: str, overrides: list[str], workspace: str):
@@ -116,9 +118,13 @@ class Console:
         if not self.verbose and (match := TRAIN_STEP.match(line)):
             self.progress(*match.groups())
 
-    def progress(self, step: str, steps: str, loss: str) -> None:
+    def progress(
+        self, step: str, steps: str, loss: str, speed: str | None = None, eta: str | None = None
+    ) -> None:
         done, total = int(step), int(steps)
         text = f"step {done}/{total} loss {loss}"
+        if eta is not None:
+            text += f" {speed} tokens/s eta {eta}"
         if self.tty:
             width = 30
             filled = round(width * done / max(total, 1))

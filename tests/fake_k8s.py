@@ -18,7 +18,13 @@ from urllib.parse import parse_qs, urlparse
 import yaml
 
 from .httpjson import JsonHandler
-from .k8s_schemas import crd_errors, pod_template_errors, trainer_api_errors, trainjob_pod
+from .k8s_schemas import (
+    crd_errors,
+    pod_template_errors,
+    pytorchjob_api_errors,
+    trainer_api_errors,
+    trainjob_pod,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = {
@@ -95,9 +101,39 @@ class FakeKube:
             self._add_pod(name)
             self._bump(self.jobs[name])
 
+    def suspend(self, name: str, value: bool) -> None:
+        """What Kueue does: admit a job (suspend false) or evict it (suspend true); the
+        controller then records it in the Suspended condition (and deletes the pods)."""
+        with self.cond:
+            job = self.jobs[name]
+            spec = job["spec"]
+            target = spec.setdefault("runPolicy", {}) if self.kind["kind"] == "PyTorchJob" else spec
+            target["suspend"] = value
+            conditions = job.setdefault("status", {}).setdefault("conditions", [])
+            conditions[:] = [c for c in conditions if c["type"] != "Suspended"]
+            for c in conditions:
+                if value and c["type"] in ("Running", "Restarting"):
+                    c["status"] = "False"
+            conditions.append(
+                {
+                    "type": "Suspended",
+                    "status": "True" if value else "False",
+                    "reason": "Suspended" if value else "Resumed",
+                    "message": f"{self.kind['kind']} {name} is {'suspended' if value else 'resumed'}.",
+                    "lastTransitionTime": "2026-11-22T00:00:00Z",
+                    "lastUpdateTime": "2026-11-22T00:00:00Z",
+                }
+            )
+            if value:  # the controller deletes the pods; a new pod writes a new log
+                self.pods.pop(self.lead_pod_name(name), None)
+                self.logs.pop(self.lead_pod_name(name), None)
+            self._bump(job)
+
     def set_condition(self, name: str, kind: str, reason: str = "", message: str = "") -> None:
         if kind == "pod":
             return self.start_pod(name)
+        if kind in ("admit", "preempt"):
+            return self.suspend(name, kind == "preempt")
         job_kind = self.kind["kind"]
         with self.cond:
             job = self.jobs[name]
@@ -230,7 +266,7 @@ class FakeKube:
                 if fake.kind["kind"] == "TrainJob":
                     errors = trainer_api_errors(body)
                 else:
-                    errors = crd_errors(body, fake.kind["kind"])
+                    errors = crd_errors(body, fake.kind["kind"]) + pytorchjob_api_errors(body)
                 if fake.kind["kind"] == "TrainJob" and not errors:
                     errors += pod_template_errors(trainjob_pod(shipped_runtime(), body))
                 for replica in body.get("spec", {}).get("pytorchReplicaSpecs", {}).values():
@@ -246,6 +282,9 @@ class FakeKube:
                     body["metadata"]["creationTimestamp"] = "2026-11-22T00:00:00Z"
                     fake.jobs[name] = body
                     fake._bump(body)
+                    spec = body["spec"]
+                    if (spec.get("runPolicy") or spec).get("suspend"):
+                        fake.suspend(name, True)  # queued: the controller's condition
                 threading.Thread(target=fake.run_scenario, args=(name,), daemon=True).start()
                 self._send(201, body)
 
@@ -335,7 +374,8 @@ class FakeKube:
                         self.wfile.flush()
                         sent = len(lines)
                         if (
-                            fake.pods[pod]["status"]["phase"] != "Running"
+                            pod not in fake.pods  # deleted (a preemption)
+                            or fake.pods[pod]["status"]["phase"] != "Running"
                             or query.get("follow", "").lower() != "true"
                         ):
                             return

@@ -14,7 +14,12 @@ import yaml
 
 from .conftest import KUBETUNE, RECIPES, TINY_DEMO, assert_user_error, run_cli
 from .fake_k8s import FakeKube
-from .k8s_schemas import crd_errors, pod_template_errors, restricted_violations
+from .k8s_schemas import (
+    crd_errors,
+    pod_template_errors,
+    pytorchjob_api_errors,
+    restricted_violations,
+)
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
 
@@ -30,7 +35,7 @@ def render(recipe, *sets: str, extra: tuple = ()) -> dict:
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
 def test_every_recipe_renders_a_valid_job(recipe, nodes):
     job = render(recipe, f"distributed.nodes={nodes}", "distributed.backend=pytorchjob")
-    assert crd_errors(job) == []
+    assert crd_errors(job) == [] and pytorchjob_api_errors(job) == []
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1
     assert replicas.get("Worker", {"replicas": 0})["replicas"] == nodes - 1
@@ -282,20 +287,14 @@ def test_api_errors_are_retried_then_reported(kube):
     assert_user_error(run_cli(*TRAIN, env=env), "no Kubernetes configuration")
 
 
-@pytest.mark.integration
-def test_the_pod_command_trains_with_the_operators_environment(tmp_path, tiny_dataset):
-    """Run the Master pod's exact command here, with the PET_* variables the Training Operator
-    sets and the job's own environment (the workspace moved to a temp folder)."""
+def master_pod(job: dict, workspace: Path) -> tuple[list[str], dict[str, str]]:
+    """The Master pod's exact command and environment as this machine runs them: the workspace
+    moved to a local folder, and the PET_* variables the Training Operator sets."""
     from .s3server import free_port
 
-    dataset = tmp_path / "workspace" / "ds"
-    dataset.parent.mkdir()
-    dataset.symlink_to(tiny_dataset, target_is_directory=True)
-    job = render(TINY_DEMO, "train.max_steps=4", extra=("--dataset", "/workspace/ds"))
     container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-    workspace = str(tmp_path / "workspace")
     env = {
-        e["name"]: e["value"].replace("/workspace", workspace)
+        e["name"]: e["value"].replace("/workspace", str(workspace))
         for e in container["env"]
         if "value" in e
     }
@@ -309,10 +308,49 @@ def test_the_pod_command_trains_with_the_operators_environment(tmp_path, tiny_da
         PET_MASTER_ADDR="127.0.0.1",
         PET_MASTER_PORT=str(free_port()),
     )
-    command = [a.replace("/workspace", workspace) for a in container["command"]]
+    command = [a.replace("/workspace", str(workspace)) for a in container["command"]]
     command[0] = str(Path(KUBETUNE).parent / "python")
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return command, env
+
+
+@pytest.mark.integration
+def test_the_pod_command_trains_with_the_operators_environment(tmp_path, tiny_dataset):
+    """Run the Master pod's exact command here, with the PET_* variables the Training Operator
+    sets and the job's own environment (the workspace moved to a temp folder), and the trainer
+    status endpoint Kubeflow Trainer injects into a TrainJob's pods: rank 0 reports its
+    progress there, the figures of its last log line."""
+    from .status_server import StatusServer
+
+    status = StatusServer()
+    token = tmp_path / "token"
+    token.write_text("sa-token")
+
+    dataset = tmp_path / "workspace" / "ds"
+    dataset.parent.mkdir()
+    dataset.symlink_to(tiny_dataset, target_is_directory=True)
+    job = render(
+        TINY_DEMO,
+        "train.max_steps=4",
+        "train.logging_steps=1",
+        extra=("--dataset", "/workspace/ds"),
+    )
+    command, env = master_pod(job, tmp_path / "workspace")
+    env.update(status.env(token))
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        status.close()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     output = Path(command[command.index("--output") + 1])
     metrics = yaml.safe_load((output / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["world_size"] == 2
+    # step 1's figures, then at most one per 5 s, and step 4's (forced) last
+    assert 2 <= len(status.posts) <= 4, status.posts
+    assert status.posts[0]["body"]["trainerStatus"]["metrics"][2]["value"] == "1/4"
+    last = status.posts[-1]["body"]["trainerStatus"]
+    assert last["progressPercentage"] == 100 and last["estimatedRemainingSeconds"] == 0
+    sent = {m["name"]: m["value"] for m in last["metrics"]}
+    assert sent["step"] == "4/4" and sent["loss"] == f"{metrics['loss'][-1][1]:.4f}"
+    line = f"step 4/4 loss {sent['loss']} "
+    (logged,) = [x for x in proc.stdout.splitlines() if x.startswith(line)]
+    assert f"tokens/s {sent['tokens_per_second']} progress 100% eta 0s" in logged

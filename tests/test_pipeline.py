@@ -32,16 +32,90 @@ def compile_to(path: Path, recipe: Path, *sets: str, env: dict | None = None) ->
     return next(yaml.safe_load_all(path.read_text()))
 
 
-@pytest.mark.parametrize("recipe", ["tiny-demo", "falcon-7b-qlora"])
-def test_compiled_pipeline_matches_golden_file(recipe, tmp_path):
+KFP_WORKSPACE = (
+    "kubernetes.workspace=kfp",
+    "kubernetes.workspace_size=800Gi",
+    "kubernetes.workspace_storage_class=efs-rwx",
+)
+GOLDENS = {  # golden file → (recipe, --set)
+    "tiny-demo": ("tiny-demo", ()),
+    "falcon-7b-qlora": ("falcon-7b-qlora", ()),
+    "falcon-7b-qlora-kfp-workspace": ("falcon-7b-qlora", KFP_WORKSPACE),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDENS))
+def test_compiled_pipeline_matches_golden_file(name, tmp_path):
     """Regenerate after an intended change: KUBETUNE_UPDATE_GOLDEN=1 python -m pytest -k golden"""
     out = tmp_path / "pipeline.yaml"
-    compile_to(out, RECIPES / f"{recipe}.yaml")
-    golden = GOLDEN / f"{recipe}.pipeline.yaml"
+    recipe, sets = GOLDENS[name]
+    compile_to(out, RECIPES / f"{recipe}.yaml", *sets)
+    parse_into_kfp_protos(out)
+    golden = GOLDEN / f"{name}.pipeline.yaml"
     if os.environ.get("KUBETUNE_UPDATE_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(out.read_text())
     assert out.read_text() == golden.read_text()
+
+
+def parse_into_kfp_protos(path: Path):
+    """The IR and platform spec as KFP's backend reads them: its protos, unknown fields refused."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    ir, platform = list(yaml.safe_load_all(path.read_text()))
+    return (
+        json_format.ParseDict(ir, pipeline_spec_pb2.PipelineSpec()),
+        json_format.ParseDict(platform, pipeline_spec_pb2.PlatformSpec()),
+    )
+
+
+def test_kfp_workspace_pipeline_mounts_the_runs_own_workspace(tmp_path):
+    """kubernetes.workspace=kfp: the pipeline asks KFP for a ReadWriteMany workspace of the
+    recipe's size and class, every step gets KFP's workspace placeholder (KFP mounts the
+    workspace where a task gets it) instead of the PVC mount, and the train task passes its
+    volumes, env, node pool and resources through to the training job."""
+    out = tmp_path / "p.yaml"
+    ir = compile_to(out, RECIPES / "falcon-7b-qlora.yaml", *KFP_WORKSPACE)
+    spec, platform = parse_into_kfp_protos(out)
+    kube = platform.platforms["kubernetes"]
+    assert kube.pipelineConfig.workspace.size == "800Gi"
+    from google.protobuf import json_format
+
+    patch = json_format.MessageToDict(kube.pipelineConfig.workspace.kubernetes.pvc_spec_patch)
+    assert patch == {"accessModes": ["ReadWriteMany"], "storageClassName": "efs-rwx"}
+    root = ir["root"]["dag"]["tasks"]
+    (condition,) = [t for t in root if t.startswith("condition")]
+    tasks = {**root, **ir["components"][root[condition]["componentRef"]["name"]]["dag"]["tasks"]}
+    for name, task in tasks.items():
+        if name == condition:
+            continue
+        given = task["inputs"]["parameters"]["workspace"]
+        assert given == {"runtimeValue": {"constant": "{{$.workspace_path}}"}}, name
+    executors = yaml.safe_load_all(out.read_text())
+    _, platform_doc = list(executors)
+    for name, executor in platform_doc["platforms"]["kubernetes"]["deploymentSpec"][
+        "executors"
+    ].items():
+        assert "pvcMount" not in executor, name
+    passed = {
+        (p.field, p.apply_to_task)
+        for p in spec.components["comp-train-model"].task_config_passthroughs
+    }
+    from kfp.pipeline_spec.pipeline_spec_pb2 import TaskConfigPassthroughType as T
+
+    kinds = T.TaskConfigPassthroughTypeEnum
+    assert passed == {
+        (kinds.RESOURCES, False),
+        (kinds.KUBERNETES_NODE_SELECTOR, False),
+        (kinds.KUBERNETES_TOLERATIONS, False),
+        (kinds.KUBERNETES_AFFINITY, False),
+        (kinds.ENV, True),
+        (kinds.KUBERNETES_VOLUMES, True),
+    }
+    # the recipe's paths follow the workspace: /kfp-workspace in the resolved recipe
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert '"workspace_mount":"/kfp-workspace"' in params["recipe_yaml"]["defaultValue"]
 
 
 def test_compiled_pipeline_wires_steps_node_pool_and_secrets(tmp_path):
@@ -192,6 +266,14 @@ def test_run_local_tiny_demo_is_the_main_job(tmp_path):
     assert [step for step, _ in logged] == [step for step, _ in trained]
     for (_, a), (_, b) in zip(logged, trained, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
+    # the train task's Metrics are its last log line's figures: 100%, the last loss
+    (executed,) = (tmp_path / "work" / "kfp-root").rglob("train-model/executor_output.json")
+    (metrics,) = json.loads(executed.read_text())["artifacts"]["metrics"]["artifacts"]
+    figures = metrics["metadata"]
+    assert figures["progress_percentage"] == 100 and figures["estimated_remaining_seconds"] == 0
+    assert figures["loss"] == pytest.approx(trained[-1][1], abs=1e-6)
+    last = f"step {int(figures['step'])}/{int(figures['step'])} loss {trained[-1][1]:.4f} "
+    assert re.search(rf"^ +{re.escape(last)}\d+ tokens/s eta 0s$", result.out, re.M), result.out
     # the push step's Markdown in the KFP UI links the model, its manifest and its events
     (summary,) = (tmp_path / "work" / "kfp-root").rglob("push-model*/summary")
     text = summary.read_text()

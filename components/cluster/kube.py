@@ -3,7 +3,10 @@ PyTorchJob (Training Operator v1) or TrainJob (Trainer v2); one launcher, a `Job
 
 create (or adopt) → watch the job's conditions → stream rank 0's log → return when it ends:
 exit 0 when it Succeeded (a TrainJob: Complete), 1 with the controller's reason and message when
-it Failed. SIGTERM or
+it Failed. A job in a Kueue queue (created suspended, `kubernetes.queue`) is reported as
+queued, with the time it has waited, until Kueue admits it, for at most
+`kubernetes.queue_timeout_seconds`; one that Kueue suspends again after it ran was preempted,
+and when it is admitted again its pods resume from the last checkpoint. SIGTERM or
 SIGINT (a cancelled KFP run, Ctrl-C) deletes the job. The job name is a pure function of the run
 (`KUBETUNE_JOB_NAME`, which the KFP step sets from the run and task, or a digest of the recipe
 and paths), so a retried step finds the job it already created and watches it instead of
@@ -15,6 +18,7 @@ of times on 429/5xx and connection errors.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -28,7 +32,8 @@ from ..config import RunConfig, dump_config
 from ..errors import UserError
 from ..k8s_values import job_name as k8s_job_name
 from . import pytorchjob, trainjob
-from .pytorchjob import job_name
+from .pytorchjob import QUEUE_LABEL, job_name
+from .taskconfig import TaskConfig
 
 RETRYABLE = {429, 500, 502, 503, 504}
 
@@ -44,9 +49,10 @@ class JobKind:
     container: str  # rank 0's container, whose log is streamed
     success: str  # the condition that means it finished well
     conditions: tuple[str, ...]  # condition types that are states of the job
-    render: Callable[[RunConfig, str, str, str], dict]
+    render: Callable[..., dict]  # (cfg, name, dataset, output, task) → the job
     lead_selector: Callable[[dict], str]  # the job → label selector of rank 0's pod
     operator: str  # what must be installed for the API to know the kind
+    suspend: tuple[str, ...]  # where the job's spec says it is suspended (Kueue's switch)
 
     @property
     def terminal(self) -> tuple[str, str]:
@@ -73,6 +79,7 @@ PYTORCHJOB = JobKind(
     render=pytorchjob.render_job,
     lead_selector=_pytorchjob_lead,
     operator="the Kubeflow Training Operator",
+    suspend=("runPolicy", "suspend"),
 )
 TRAINJOB = JobKind(
     kind=trainjob.KIND,
@@ -85,6 +92,7 @@ TRAINJOB = JobKind(
     render=trainjob.render_trainjob,
     lead_selector=lambda job: trainjob.lead_pod_selector(job["metadata"]["name"]),
     operator="Kubeflow Trainer v2",
+    suspend=("suspend",),
 )
 
 
@@ -231,7 +239,7 @@ class JobApi:
                 body=client.V1DeleteOptions(propagation_policy="Background"),
             )
 
-    def watch(self, name: str, resource_version: str | None):
+    def watch(self, name: str, resource_version: str | None, timeout: int | None = None):
         """Events for this job until the server ends the watch (a timeout)."""
         from kubernetes import watch
 
@@ -240,7 +248,7 @@ class JobApi:
             *self._where(),
             field_selector=f"metadata.name={name}",
             resource_version=resource_version,
-            timeout_seconds=_watch_timeout(),
+            timeout_seconds=max(1, min(timeout or _watch_timeout(), _watch_timeout())),
         )
         yield from stream
 
@@ -335,14 +343,15 @@ def default_job_name(cfg: RunConfig, dataset: str, output: str) -> str:
     return job_name(f"{model}-{cfg.method}", f"{dump_config(cfg)}\n{dataset}\n{output}")
 
 
-def launch(cfg: RunConfig, dataset: str, output: str) -> int:
+def launch(cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None = None) -> int:
     """Run training as a PyTorchJob or TrainJob and wait for it; the exit code (0 when it
-    succeeded, 1 when it failed)."""
+    succeeded, 1 when it failed). `task`: what the KFP train task passes through (by default
+    what KUBETUNE_TASK_CONFIG holds; nothing outside KFP)."""
     check_paths(cfg, dataset, output)
     kind = job_kind(cfg)
     name = default_job_name(cfg, dataset, output)
     namespace = cfg.kubernetes.namespace
-    job = kind.render(cfg, name, dataset, output)
+    job = kind.render(cfg, name, dataset, output, task or TaskConfig.from_env())
     api = JobApi(namespace, kind)
     where = f"{kind.kind} {namespace}/{name}"
 
@@ -371,7 +380,8 @@ def launch(cfg: RunConfig, dataset: str, output: str) -> int:
             )
         follower = LogFollower(api, name, kind.lead_selector(job))
         follower.start()
-        state, reason, message = wait(api, name, where)
+        queue = Admission(where, cfg.kubernetes.queue_timeout_seconds, kind)
+        state, reason, message = wait(api, name, where, queue)
     except Cancelled as exc:
         cancelled = True
         print(f"{exc}: deleting {where}", file=sys.stderr, flush=True)
@@ -401,28 +411,115 @@ def wait_gone(api: JobApi, name: str, timeout: float = 300) -> None:
         time.sleep(1)
 
 
-def wait(api: JobApi, name: str, where: str) -> tuple[str, str, str]:
+def _minutes(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Admission:
+    """Kueue's side of a job: queued (suspended, waiting for quota) → admitted → maybe
+    preempted (suspended again) → admitted again. Reports each change, and how long the job
+    has waited every `every` seconds; a wait longer than `timeout` is an error that leaves the
+    job in its queue."""
+
+    def __init__(self, where: str, timeout: float, kind: JobKind, every: float | None = None):
+        self.where, self.timeout, self.kind = where, timeout, kind
+        self.every = (
+            every if every is not None else float(os.environ.get("KUBETUNE_QUEUE_REPORT", "60"))
+        )
+        self.since: float | None = None  # when this launcher saw it suspended
+        self.reported = 0.0
+        self.ran = False  # seen admitted while this launcher watched
+        self.preemptions = 0
+
+    def suspended(self, job: dict) -> bool:
+        node = job.get("spec") or {}
+        for key in self.kind.suspend:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node is True
+
+    def observe(self, job: dict) -> None:
+        now = time.monotonic()
+        queue = ((job.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL)
+        where = f"Kueue queue {queue}" if queue else "no Kueue queue label"
+        if not self.suspended(job):
+            if self.since is not None:
+                print(
+                    f"{self.where}: admitted after {_minutes(now - self.since)} ({where})",
+                    flush=True,
+                )
+            self.since, self.ran = None, True
+            return
+        if self.since is None:
+            self.since = self.reported = now
+            if self.ran:
+                self.preemptions += 1
+                print(
+                    f"{self.where}: preempted (suspended again, {where}); its pods are gone, "
+                    "and it resumes from its last checkpoint when it is admitted again",
+                    flush=True,
+                )
+            print(f"{self.where}: queued (waiting for quota in {queue or 'its queue'})", flush=True)
+        elif now - self.reported >= self.every:
+            self.reported = now
+            print(
+                f"{self.where}: queued (waiting for quota in {queue or 'its queue'}) for "
+                f"{_minutes(now - self.since)}",
+                flush=True,
+            )
+        if now - self.since > self.timeout:
+            raise UserError(
+                f"{self.where} waited {_minutes(now - self.since)} in {where} without being "
+                f"admitted (kubernetes.queue_timeout_seconds={self.timeout:g}). It is still "
+                "queued and was not deleted: `kubectl get workloads -n "
+                f"{job['metadata'].get('namespace', '')}` says why it waits; run again to "
+                "keep waiting for it, or delete it"
+            )
+
+    def left(self) -> int | None:
+        """Seconds until the next report or the queue timeout, while queued (the watch wakes
+        up for them)."""
+        if self.since is None:
+            return None
+        now = time.monotonic()
+        due = self.reported + self.every - now
+        if self.timeout != float("inf"):
+            due = min(due, self.since + self.timeout - now)
+        return max(1, math.ceil(due))
+
+
+def wait(
+    api: JobApi, name: str, where: str, queue: Admission | None = None
+) -> tuple[str, str, str]:
     """Watch the job until it Succeeded or Failed (or was deleted by someone else)."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
+    queue = queue or Admission(where, float("inf"), api.kind)
     reported = None
     failures = 0
     while True:
         job = api.get(name)
         if job is None:
             return "Deleted", "", "the job was deleted while it ran"
+        queue.observe(job)
         events = [("SNAPSHOT", job)]
         try:
-            events_iter = api.watch(name, job["metadata"].get("resourceVersion"))
+            events_iter = api.watch(name, job["metadata"].get("resourceVersion"), queue.left())
             for kind, obj in _chain(events, events_iter):
                 if kind == "DELETED":
                     return "Deleted", "", "the job was deleted while it ran"
                 if kind == "ERROR":  # e.g. 410 Gone: start again from a fresh GET
                     break
+                queue.observe(obj)
                 state = job_state(obj, api.kind)
                 if state != reported:
                     reported = state
+                    if state[0] == "Suspended":  # Admission reports queued and preempted
+                        continue
                     line = f"{where}: {state[0]}"
                     if state[0] in ("Restarting", "Failed") and (state[1] or state[2]):
                         line += f" ({': '.join(x for x in state[1:] if x)})"

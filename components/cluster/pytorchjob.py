@@ -19,6 +19,7 @@ import yaml
 
 from ..config import RunConfig, dump_config
 from ..errors import UserError
+from .taskconfig import TaskConfig, extra_volumes, merge_env, merge_pool, merge_resources
 
 WORKER_MODULE = "kubetune.components.train.worker"  # what torchrun starts in every pod
 API_VERSION = "kubeflow.org/v1"
@@ -26,6 +27,9 @@ KIND = "PyTorchJob"
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 CONTAINER = "pytorch"  # the Training Operator finds the training container by this name
 RECIPE_ENV = "KUBETUNE_RECIPE"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue's LocalQueue of a job
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # Kueue's WorkloadPriorityClass of a job
+NO_TASK = TaskConfig()
 MAX_NAME = 40  # pods are NAME-worker-N and need room under the 63-character DNS label limit
 
 
@@ -54,7 +58,7 @@ def _secret_env(name: str, secret: str, key: str) -> dict:
     }
 
 
-def container_env(cfg: RunConfig, recipe_text: str) -> list[dict]:
+def container_env(cfg: RunConfig, recipe_text: str, task: TaskConfig = NO_TASK) -> list[dict]:
     k8s, mount = cfg.kubernetes, cfg.kubernetes.workspace_mount.rstrip("/")
     threads = max(1, _whole_cpus(k8s.cpu) // cfg.distributed.procs_per_node)
     env = [
@@ -76,7 +80,7 @@ def container_env(cfg: RunConfig, recipe_text: str) -> list[dict]:
         env.append(_secret_env(key, k8s.s3_secret, key))
     if k8s.hf_secret:
         env.append(_secret_env("HF_TOKEN", k8s.hf_secret, "HF_TOKEN"))
-    return env
+    return merge_env(env, task)
 
 
 def _whole_cpus(quantity: str) -> int:
@@ -87,15 +91,16 @@ def _whole_cpus(quantity: str) -> int:
         return 1
 
 
-def resources(cfg: RunConfig) -> dict:
-    """Requests and limits of one training pod (one node): its CPUs, memory and GPUs."""
+def resources(cfg: RunConfig, task: TaskConfig = NO_TASK) -> dict:
+    """Requests and limits of one training pod (one node): its CPUs, memory and GPUs, and
+    what else the KFP task passes through."""
     k8s = cfg.kubernetes
     requests = {"cpu": k8s.cpu, "memory": k8s.memory}
     limits = {"memory": k8s.memory}
     if uses_gpu(cfg):
         requests[k8s.gpu_resource] = cfg.distributed.procs_per_node
         limits[k8s.gpu_resource] = cfg.distributed.procs_per_node
-    return {"requests": requests, "limits": limits}
+    return merge_resources({"requests": requests, "limits": limits}, task)
 
 
 def worker_command(cfg: RunConfig, dataset: str, output: str) -> list[str]:
@@ -139,38 +144,60 @@ CONTAINER_SECURITY = {
 }
 
 
-def volume_mounts(k8s) -> list[dict]:
-    return [
+def workspace_claim(k8s, task: TaskConfig = NO_TASK) -> str:
+    """The workspace PVC: kubernetes.workspace_pvc, or with workspace=kfp the KFP run's own
+    (the train task's volume at /kfp-workspace; workspace_pvc outside KFP, e.g. render-job)."""
+    if k8s.workspace == "kfp":
+        return task.workspace_claim(k8s.workspace_mount) or k8s.workspace_pvc
+    return k8s.workspace_pvc
+
+
+def storage(k8s, task: TaskConfig = NO_TASK) -> tuple[list[dict], list[dict]]:
+    """(volume mounts, volumes) of a training pod: the workspace, /dev/shm, /tmp, and the KFP
+    task's other volumes."""
+    mounts = [
         {"name": "workspace", "mountPath": k8s.workspace_mount},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-
-
-def volumes(k8s) -> list[dict]:
-    return [
-        {"name": "workspace", "persistentVolumeClaim": {"claimName": k8s.workspace_pvc}},
+    volumes = [
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_claim(k8s, task)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    return extra_volumes(mounts, volumes, task)
 
 
-def node_pool(k8s) -> dict:
-    """nodeSelector and tolerations of the GPU node pool, where the recipe names them."""
+def node_pool(k8s, task: TaskConfig = NO_TASK) -> dict:
+    """nodeSelector and tolerations of the GPU node pool, where the recipe names them (and the
+    KFP task's, beside them)."""
     pool: dict = {}
     if k8s.node_selector:
         pool["nodeSelector"] = dict(k8s.node_selector)
     if k8s.tolerations:
         pool["tolerations"] = [dict(t) for t in k8s.tolerations]
-    return pool
+    return merge_pool(pool, task)
+
+
+def job_labels(k8s, name: str) -> dict[str, str]:
+    """The job's labels: kubetune's, and Kueue's queue and workload priority."""
+    out = labels(name)
+    if k8s.queue:
+        out[QUEUE_LABEL] = k8s.queue
+    if k8s.workload_priority_class:
+        out[PRIORITY_LABEL] = k8s.workload_priority_class
+    return out
 
 
 # an Istio sidecar never exits and would keep a finished pod Running
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
 
 
-def pod_template(cfg: RunConfig, recipe_text: str, dataset: str, output: str, name: str) -> dict:
+def pod_template(
+    cfg: RunConfig, recipe_text: str, dataset: str, output: str, name: str, task: TaskConfig
+) -> dict:
     k8s = cfg.kubernetes
+    mounts, pod_volumes = storage(k8s, task)
     spec = {
         "serviceAccountName": k8s.service_account,
         "automountServiceAccountToken": False,  # training never calls the Kubernetes API
@@ -181,15 +208,17 @@ def pod_template(cfg: RunConfig, recipe_text: str, dataset: str, output: str, na
                 "image": k8s.trainer_image,
                 "imagePullPolicy": k8s.image_pull_policy,
                 "command": worker_command(cfg, dataset, output),
-                "env": container_env(cfg, recipe_text),
-                "resources": resources(cfg),
+                "env": container_env(cfg, recipe_text, task),
+                "resources": resources(cfg, task),
                 "securityContext": dict(CONTAINER_SECURITY),
-                "volumeMounts": volume_mounts(k8s),
+                "volumeMounts": mounts,
             }
         ],
-        "volumes": volumes(k8s),
-        **node_pool(k8s),
+        "volumes": pod_volumes,
+        **node_pool(k8s, task),
     }
+    if k8s.priority_class:
+        spec["priorityClassName"] = k8s.priority_class
     return {
         "metadata": {"labels": labels(name), "annotations": dict(POD_ANNOTATIONS)},
         "spec": spec,
@@ -217,15 +246,20 @@ def check_local_dir_in_workspace(cfg: RunConfig) -> None:
 
 
 def render_job(
-    cfg: RunConfig, name: str, dataset: str | None = None, output: str | None = None
+    cfg: RunConfig,
+    name: str,
+    dataset: str | None = None,
+    output: str | None = None,
+    task: TaskConfig = NO_TASK,
 ) -> dict:
-    """The PyTorchJob as a dict (apply it with the API, or print it as YAML)."""
+    """The PyTorchJob as a dict (apply it with the API, or print it as YAML). With
+    kubernetes.queue it is created suspended, for Kueue to admit."""
     check_local_dir_in_workspace(cfg)
     k8s, dist = cfg.kubernetes, cfg.distributed
     default_dataset, default_output = default_paths(cfg, name)
     recipe_text = dump_config(cfg)
     template = pod_template(
-        cfg, recipe_text, dataset or default_dataset, output or default_output, name
+        cfg, recipe_text, dataset or default_dataset, output or default_output, name, task
     )
 
     def replica(count: int) -> dict:
@@ -250,10 +284,14 @@ def render_job(
         "activeDeadlineSeconds": k8s.active_deadline_seconds,
         "ttlSecondsAfterFinished": k8s.ttl_seconds_after_finished,
     }
+    if k8s.queue:
+        spec["runPolicy"]["suspend"] = True  # Kueue's webhook would too; admission resumes it
+    if k8s.priority_class:  # where Kueue reads a Kubeflow job's priority first
+        spec["runPolicy"]["schedulingPolicy"] = {"priorityClass": k8s.priority_class}
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels(name)},
+        "metadata": {"name": name, "namespace": k8s.namespace, "labels": job_labels(k8s, name)},
         "spec": spec,
     }
 

@@ -29,18 +29,20 @@ from ..config import RunConfig, dump_config
 from ..errors import UserError
 from .pytorchjob import (
     CONTAINER_SECURITY,
+    NO_TASK,
     POD_ANNOTATIONS,
     check_local_dir_in_workspace,
     container_env,
     default_paths,
+    job_labels,
     labels,
     node_pool,
     pod_security_context,
     resources,
-    volume_mounts,
-    volumes,
+    storage,
     worker_command,
 )
+from .taskconfig import TaskConfig
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -51,9 +53,14 @@ MANAGER = "kubetune"  # the owner of kubetune's runtimePatches entry
 
 
 def render_trainjob(
-    cfg: RunConfig, name: str, dataset: str | None = None, output: str | None = None
+    cfg: RunConfig,
+    name: str,
+    dataset: str | None = None,
+    output: str | None = None,
+    task: TaskConfig = NO_TASK,
 ) -> dict:
-    """The TrainJob as a dict (apply it with the API, or print it as YAML)."""
+    """The TrainJob as a dict (apply it with the API, or print it as YAML). With
+    kubernetes.queue it is created suspended, for Kueue to admit."""
     check_local_dir_in_workspace(cfg)
     k8s, dist = cfg.kubernetes, cfg.distributed
     if k8s.elastic_min_nodes is not None:
@@ -62,36 +69,49 @@ def render_trainjob(
             "is the runtime's mlPolicy.torch.elasticPolicy; name such a runtime in "
             "kubernetes.runtime and leave elastic_min_nodes unset"
         )
+    if k8s.priority_class:
+        raise UserError(
+            "kubernetes.priority_class: a TrainJob cannot set its pods' priorityClassName "
+            "(Trainer v2.3's runtimePatches have no such field). Use "
+            "kubernetes.workload_priority_class (Kueue's priority of the job), or a runtime "
+            "whose pods have it: `kubetune render-job RECIPE --kind runtime --set "
+            "kubernetes.priority_class=NAME --set kubernetes.runtime=RUNTIME` renders one; point "
+            "kubernetes.runtime at it and leave priority_class unset"
+        )
     default_dataset, default_output = default_paths(cfg, name)
     dataset, output = dataset or default_dataset, output or default_output
-    return {
+    job = {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels(name)},
+        "metadata": {"name": name, "namespace": k8s.namespace, "labels": job_labels(k8s, name)},
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": k8s.runtime_kind, "name": k8s.runtime},
             "trainer": {
                 "image": k8s.trainer_image,
                 "command": worker_command(cfg, dataset, output),
-                "env": container_env(cfg, dump_config(cfg)),
+                "env": container_env(cfg, dump_config(cfg), task),
                 "numNodes": dist.nodes,
                 "numProcPerNode": dist.procs_per_node,
-                "resourcesPerNode": resources(cfg),
+                "resourcesPerNode": resources(cfg, task),
             },
-            "runtimePatches": [runtime_patch(cfg, name)],
+            "runtimePatches": [runtime_patch(cfg, name, task)],
         },
     }
+    if k8s.queue:
+        job["spec"]["suspend"] = True  # Kueue's webhook would too; admission resumes it
+    return job
 
 
-def runtime_patch(cfg: RunConfig, name: str) -> dict:
+def runtime_patch(cfg: RunConfig, name: str, task: TaskConfig = NO_TASK) -> dict:
     """kubetune's `runtimePatches` entry: the run's labels on the JobSet and its pods, and the
     pod pieces of the node job (ServiceAccount, volumes and mounts, node pool)."""
     k8s = cfg.kubernetes
+    mounts, pod_volumes = storage(k8s, task)
     pod_spec = {
         "serviceAccountName": k8s.service_account,
-        "containers": [{"name": NODE, "volumeMounts": volume_mounts(k8s)}],
-        "volumes": volumes(k8s),
-        **node_pool(k8s),
+        "containers": [{"name": NODE, "volumeMounts": mounts}],
+        "volumes": pod_volumes,
+        **node_pool(k8s, task),
     }
     node_job = {
         "name": NODE,
@@ -136,6 +156,7 @@ def render_runtime(cfg: RunConfig) -> dict:
             "serviceAccountName": k8s.service_account,
             "automountServiceAccountToken": False,  # training never calls the Kubernetes API
             "restartPolicy": "Never",  # a failed node fails the JobSet, which restarts them all
+            **({"priorityClassName": k8s.priority_class} if k8s.priority_class else {}),
             "securityContext": pod_security_context(k8s),
             "containers": [
                 {

@@ -7,7 +7,9 @@ from ..images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: list) -> list:
+def method_branches(
+    recipe_yaml: str, run_dir: str, dataset_dir: str, methods: list, workspace: str = ""
+) -> list:
     """One branch per method: {method, recipe_yaml, run_dir, dataset_dir}."""
     from kubetune.components.compare_methods.kfp_body import method_branches as body
 
@@ -21,6 +23,7 @@ def compare_methods(
     run_dir: str,
     report: Output[HTML],
     table: Output[Markdown],
+    workspace: str = "",
 ) -> str:
     """Every method's parameters, time, tokens/s, memory, loss, ROUGE-L and answers side by
     side into RUN_DIR/comparison. Returns that folder."""

@@ -14,6 +14,7 @@ def evaluate_model(
     run_dir: str,
     metrics: Output[Metrics],
     report: Output[HTML],
+    workspace: str = "",
 ) -> str:
     """Tuned vs base model on the eval split (loss, perplexity, ROUGE, exact match) into
     RUN_DIR/eval; Metrics and the HTML report for the KFP UI. Returns the evaluation folder."""
@@ -23,7 +24,7 @@ def evaluate_model(
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def quality_gate(eval_dir: str) -> bool:
+def quality_gate(eval_dir: str, workspace: str = "") -> bool:
     """Whether the evaluation passed the recipe's gate (eval.min_rouge_l, eval.max_eval_loss)."""
     from kubetune.components.evaluate.kfp_body import gate_passed
 

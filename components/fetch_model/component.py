@@ -6,7 +6,7 @@ from ..images import STEPS_IMAGE
 
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
-def fetch_model(recipe_yaml: str, run_dir: str) -> str:
+def fetch_model(recipe_yaml: str, run_dir: str, workspace: str = "") -> str:
     """Download the hub or s3:// model once per revision into WORKSPACE/models/NAME@REVISION
     (staged, renamed when complete, reused by later runs); returns the recipe with
     model.local_dir set, which every later step and PyTorchJob pod loads from."""

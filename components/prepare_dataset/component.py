@@ -8,7 +8,11 @@ from ..images import STEPS_IMAGE
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def prepare_dataset(
-    recipe_yaml: str, run_dir: str, metrics: Output[Metrics], summary: Output[Markdown]
+    recipe_yaml: str,
+    run_dir: str,
+    metrics: Output[Metrics],
+    summary: Output[Markdown],
+    workspace: str = "",
 ) -> str:
     """Tokenize, mask and pack the recipe's dataset into RUN_DIR/dataset; log its stats as
     Metrics and a Markdown summary. Returns the dataset folder."""

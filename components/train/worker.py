@@ -72,6 +72,7 @@ from .parallel import (
     wrap_fsdp,
 )
 from .progress import LossLog, synchronize
+from .status import Figures, TrainerStatus
 
 ERROR_FILE = ".worker-error"
 WARMUP_STEPS = 5  # steps left out of steady_tokens_per_second
@@ -453,11 +454,14 @@ def run(args) -> None:
     ddp_accum = not is_ds and world.size > 1 and cfg.distributed.strategy == "ddp"
     rows_done, paused, padded, examples = 0.0, 0.0, 0, 0
 
+    status = TrainerStatus.from_env(world.rank)
+
     def flush(wait: bool = True) -> None:
         """Record the losses that landed (all of them with `wait`); rank 0 prints their lines."""
         landed = log.flush(wait)
         if world.main:
-            print_losses(landed, cfg.train.logging_steps, steps, log, began, paused)
+            elapsed = time.perf_counter() - began - paused
+            print_losses(landed, cfg.train.logging_steps, steps, start, log, elapsed, status)
 
     # Steady speed leaves out the first steps (flex_attention/Triton compiles, autotuning,
     # the allocator's growth): the figure a long run settles at.
@@ -572,16 +576,22 @@ def run(args) -> None:
     )
 
 
-def print_losses(landed, every: int, steps: int, log: LossLog, began: float, paused: float):
-    """The `step N/M loss X` lines of the logging steps among the losses that just landed."""
-    elapsed = time.perf_counter() - began - paused
+def print_losses(
+    landed, every: int, steps: int, start: int, log: LossLog, elapsed: float, status=None
+):
+    """The `step N/M loss X ... progress P% eta T` lines of the logging steps among the losses
+    that just landed; the same figures go to the TrainJob's status (`status`, at most every
+    5 s, and always the last step's)."""
     for step, loss, lr in landed:
         if step % every == 0 or step == steps:
+            figures = Figures.of(step, steps, start, loss, log.tokens, elapsed)
             print(
                 f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} "
-                f"tokens/s {log.tokens / elapsed:.0f}",
+                f"tokens/s {figures.tokens_per_second:.0f} {figures.text()}",
                 flush=True,
             )
+            if status is not None:
+                status.report(figures, force=step == steps)
 
 
 def precision_record(model) -> dict:

@@ -1,0 +1,114 @@
+"""What the KFP train task passes through to the training job (KFP's TaskConfig,
+`task_config_passthroughs` on the train component): resources, env, node selector, tolerations,
+affinity and volumes set on the task in the pipeline (`task.set_env_variable`,
+`kubernetes.add_toleration`, ...), and the run's KFP workspace volume.
+
+The recipe wins where both set the same thing: a resource the recipe requests, an env variable
+it sets, a node selector key, a volume mounted at the same path. The task adds what the recipe
+leaves out. Outside KFP (the CLI, `run --local`) there is nothing to pass through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+ENV = "KUBETUNE_TASK_CONFIG"  # the KFP train step hands the launcher its TaskConfig here
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    resources: dict = field(default_factory=dict)
+    env: list = field(default_factory=list)
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
+    affinity: dict = field(default_factory=dict)
+    volumes: list = field(default_factory=list)
+    volume_mounts: list = field(default_factory=list)
+
+    @classmethod
+    def from_kfp(cls, config) -> TaskConfig:
+        """From kfp.dsl.TaskConfig (its fields are None when not passed through)."""
+        return cls(**{k: getattr(config, k, None) or v for k, v in _empty().items()})
+
+    @classmethod
+    def from_env(cls) -> TaskConfig:
+        text = os.environ.get(ENV)
+        if not text:
+            return cls()
+        try:
+            given = json.loads(text)
+        except ValueError:
+            raise UserError(f"{ENV}: not JSON") from None
+        unknown = set(given) - set(_empty())
+        if unknown:
+            raise UserError(f"{ENV}: unknown keys {sorted(unknown)}")
+        return cls(**{k: given.get(k) or v for k, v in _empty().items()})
+
+    def to_json(self) -> str:
+        return json.dumps({k: getattr(self, k) for k in _empty() if getattr(self, k)})
+
+    def workspace_claim(self, mount: str) -> str | None:
+        """The PVC mounted at `mount` in the task (KFP's run workspace at /kfp-workspace)."""
+        names = {m.get("name") for m in self.volume_mounts if m.get("mountPath") == mount}
+        for volume in self.volumes:
+            if volume.get("name") in names and "persistentVolumeClaim" in volume:
+                return volume["persistentVolumeClaim"]["claimName"]
+        return None
+
+
+def _empty() -> dict:
+    return {
+        "resources": {},
+        "env": [],
+        "node_selector": {},
+        "tolerations": [],
+        "affinity": {},
+        "volumes": [],
+        "volume_mounts": [],
+    }
+
+
+def merge_resources(recipe: dict, task: TaskConfig) -> dict:
+    out = {k: dict(v) for k, v in recipe.items()}
+    for part in ("requests", "limits"):
+        for key, value in (task.resources.get(part) or {}).items():
+            out.setdefault(part, {}).setdefault(key, value)
+    return out
+
+
+def merge_env(recipe: list[dict], task: TaskConfig) -> list[dict]:
+    names = {e["name"] for e in recipe}
+    return recipe + [e for e in task.env if e.get("name") not in names]
+
+
+def merge_pool(pool: dict, task: TaskConfig) -> dict:
+    """nodeSelector, tolerations and affinity of the training pods."""
+    out = dict(pool)
+    if task.node_selector:
+        out["nodeSelector"] = {**task.node_selector, **pool.get("nodeSelector", {})}
+    tolerations = list(pool.get("tolerations", []))
+    tolerations += [t for t in task.tolerations if t not in tolerations]
+    if tolerations:
+        out["tolerations"] = tolerations
+    if task.affinity:
+        out["affinity"] = task.affinity
+    return out
+
+
+def extra_volumes(
+    mounts: list[dict], volumes: list[dict], task: TaskConfig
+) -> tuple[list[dict], list[dict]]:
+    """The recipe's mounts and volumes, and the task's at paths (and names) the recipe does not
+    use; a task volume the KFP workspace comes from is the recipe's workspace already."""
+    paths = {m["mountPath"] for m in mounts}
+    names = {v["name"] for v in volumes}
+    added = [m for m in task.volume_mounts if m.get("mountPath") not in paths]
+    wanted = {m["name"] for m in added} - names
+    return (
+        mounts + [m for m in added if m["name"] in wanted],
+        volumes + [v for v in task.volumes if v.get("name") in wanted],
+    )

@@ -1,0 +1,242 @@
+"""Kueue: jobs rendered for a queue (label, created suspended, priorities) against the CRDs and
+the upstream API models, and the launcher against a loopback API server that plays Kueue's part
+(tests/fake_k8s.py): queued → admitted → succeeded, queued past the timeout, and a preemption
+with a real torchrun worker killed and started again from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_DEMO, assert_user_error, run_cli
+from .fake_k8s import shipped_runtime
+from .k8s_schemas import (
+    crd_errors,
+    pod_template_errors,
+    pytorchjob_api_errors,
+    trainer_api_errors,
+    trainjob_pod,
+)
+from .test_kubernetes import TRAIN, fake_kube, master_pod, render, start, wait_for
+
+QUEUE = ("kubernetes.queue=gpu-queue",)
+PRIORITIES = (
+    "kubernetes.priority_class=training-high",
+    "kubernetes.workload_priority_class=research",
+)
+
+
+def test_a_queued_pytorchjob_is_suspended_with_kueue_labels_and_priorities():
+    job = render(
+        TINY_DEMO, *QUEUE, *PRIORITIES, "distributed.nodes=2", "distributed.backend=pytorchjob"
+    )
+    assert crd_errors(job) == [] and pytorchjob_api_errors(job) == []
+    labels = job["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert labels["kueue.x-k8s.io/priority-class"] == "research"
+    policy = job["spec"]["runPolicy"]
+    assert policy["suspend"] is True
+    assert policy["schedulingPolicy"] == {"priorityClass": "training-high"}
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["priorityClassName"] == "training-high"
+        assert pod_template_errors(replica["template"]) == []
+    # the models' round trip catches a field the Operator's API does not have
+    import copy
+
+    typo = copy.deepcopy(job)
+    typo["spec"]["runPolicy"]["suspended"] = typo["spec"]["runPolicy"].pop("suspend")
+    assert pytorchjob_api_errors(typo) == ["spec.runPolicy.suspended: not in the API (dropped)"]
+    plain = render(TINY_DEMO)
+    assert "suspend" not in plain["spec"]["runPolicy"]
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in plain["metadata"]["labels"])
+
+
+def test_a_queued_trainjob_is_suspended_with_kueue_labels_and_priorities():
+    job = render(TINY_DEMO, *QUEUE, PRIORITIES[1], extra=("--kind", "trainjob"))
+    assert trainer_api_errors(job) == []  # Trainer v2.3's models keep every field
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "research"
+    assert pod_template_errors(trainjob_pod(shipped_runtime(), job)) == []
+    # a pod PriorityClass lives in the runtime: runtimePatches cannot carry it
+    refused = run_cli("render-job", TINY_DEMO, "--kind", "trainjob", "--set", PRIORITIES[0])
+    assert_user_error(refused, "cannot set its pods' priorityClassName", "--kind runtime")
+    runtime = render(
+        TINY_DEMO, PRIORITIES[0], "kubernetes.runtime=kubetune-high", extra=("--kind", "runtime")
+    )
+    assert trainer_api_errors(runtime) == []
+    job = render(TINY_DEMO, "kubernetes.runtime=kubetune-high", extra=("--kind", "trainjob"))
+    pod = trainjob_pod(runtime, job)
+    assert pod["spec"]["priorityClassName"] == "training-high"
+    assert pod_template_errors(pod) == []
+
+
+def test_queue_settings_are_checked():
+    no_queue = run_cli("render-job", TINY_DEMO, "--set", "kubernetes.workload_priority_class=x")
+    assert_user_error(no_queue, "kubernetes.workload_priority_class", "needs kubernetes.queue")
+    bad = run_cli("render-job", TINY_DEMO, "--set", "kubernetes.queue=GPU_Queue")
+    assert_user_error(bad, "kubernetes.queue")
+    never = run_cli("render-job", TINY_DEMO, "--set", "kubernetes.queue_timeout_seconds=0")
+    assert_user_error(never, "kubernetes.queue_timeout_seconds")
+
+
+# --- the launcher and Kueue ------------------------------------------------------------------
+
+
+@pytest.fixture(params=["pytorchjob", "trainjob"])
+def any_kube(request, tmp_path):
+    yield from fake_kube(tmp_path, request.param)
+
+
+def queued_train(kind: str, *sets: str) -> list[str]:
+    args = [a for s in (*QUEUE, f"distributed.backend={kind}", *sets) for a in ("--set", s)]
+    return [*TRAIN[:-2], *args]
+
+
+@pytest.mark.integration
+def test_queued_then_admitted_then_succeeds(any_kube):
+    kind = any_kube.kind["kind"]
+    done = "Succeeded" if kind == "PyTorchJob" else "Complete"
+    any_kube.scenario = [
+        (1.2, "admit", "", ""),
+        (0.2, "pod", "", ""),
+        (0.3, "log", "step 1/2 loss 2.0000", ""),
+        (0.5, done, "", ""),
+    ]
+    env = {**any_kube.env, "KUBETUNE_QUEUE_REPORT": "0.5"}
+    result = run_cli(*queued_train(kind.lower()), env=env)
+    assert result.code == 0, result
+    assert any_kube.invalid == [] and any_kube.count("POST") == 1
+    (_, _, body) = next(r for r in any_kube.requests if r[0] == "POST")
+    where = f"{kind} kubeflow/{body['metadata']['name']}"
+    out = result.out
+    assert f"{where}: queued (waiting for quota in gpu-queue)" in out
+    assert re.search(rf"{where}: queued \(waiting for quota in gpu-queue\) for [01] s", out), out
+    assert re.search(rf"{where}: admitted after [123] s \(Kueue queue gpu-queue\)", out), out
+    assert out.index("queued") < out.index("admitted") < out.index("step 1/2")
+    assert "succeeded" in out and "preempted" not in out
+
+
+@pytest.mark.integration
+def test_queued_past_the_timeout_is_an_error_that_keeps_the_job(any_kube):
+    kind = any_kube.kind["kind"]
+    any_kube.env["KUBETUNE_JOB_NAME"] = "kt-queued"  # the KFP step's: the same on its retry
+    args = queued_train(kind.lower(), "kubernetes.queue_timeout_seconds=2")
+    any_kube.scenario = []
+    result = run_cli(*args, env=any_kube.env)
+    assert_user_error(
+        result,
+        "without being admitted (kubernetes.queue_timeout_seconds=2)",
+        "Kueue queue gpu-queue",
+        "was not deleted",
+    )
+    (name,) = any_kube.jobs  # still queued, not deleted
+    assert any_kube.count("DELETE") == 0
+    # the step's retry adopts the queued job: no second one
+    watches = sum("watch=" in p for _, p, _ in any_kube.requests)
+    retry = start(any_kube, queued_train(kind.lower(), "kubernetes.queue_timeout_seconds=600"))
+    wait_for(lambda: sum("watch=" in p for _, p, _ in any_kube.requests) > watches)
+    any_kube.suspend(name, False)
+    any_kube.set_condition(name, "Succeeded" if kind == "PyTorchJob" else "Complete")
+    out, err = retry.communicate(timeout=60)
+    assert retry.returncode == 0, (out, err)
+    assert any_kube.count("POST") == 1
+    assert f"{kind} kubeflow/{name} already exists (Suspended): watching it" in out
+    assert "admitted after" in out
+
+
+class Pod:
+    """What the kubelet runs for the PyTorchJob's Master pod: its exact command and
+    environment (the workspace moved to a temp folder), the PET_* variables the Training
+    Operator sets, and its output as the pod's log on the fake API server."""
+
+    def __init__(self, kube, name: str, workspace: Path):
+        command, env = master_pod(kube.jobs[name], workspace)
+        kube.start_pod(name)
+        self.proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+
+        def pump():
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                kube.log(name, line.rstrip("\n"))
+
+        self.pump = threading.Thread(target=pump, daemon=True)
+        self.pump.start()
+
+    def delete(self) -> int:
+        """The kubelet's SIGTERM to the pod's processes (a grace period, then SIGKILL)."""
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+@pytest.mark.integration
+def test_preempted_then_readmitted_resumes_from_its_checkpoint(
+    tmp_path, tiny_dataset, tiny_adapter
+):
+    """Kueue admits the job, preempts it (suspends it again: the pod is deleted while a real
+    torchrun worker trains) and admits it again: the new pod resumes from the last checkpoint
+    and the run ends with the steps and losses of an uninterrupted run (tiny_adapter: the same
+    recipe, 24 steps)."""
+    gen = fake_kube(tmp_path)
+    kube = next(gen)
+    try:
+        workspace = tmp_path / "workspace"
+        workspace.mkdir()
+        (workspace / "ds").symlink_to(tiny_dataset, target_is_directory=True)
+        kube.scenario = []
+        launcher = start(
+            kube, queued_train("pytorchjob", "train.max_steps=24", "train.save_steps=5")
+        )
+        wait_for(lambda: kube.jobs)
+        (name,) = kube.jobs
+        assert kube.jobs[name]["spec"]["runPolicy"]["suspend"] is True
+        wait_for(lambda: sum("watch=" in p for _, p, _ in kube.requests) >= 1)
+
+        kube.suspend(name, False)  # admitted
+        first = Pod(kube, name, workspace)
+        checkpoints = workspace / "run" / "checkpoints"
+        wait_for(lambda: list(checkpoints.glob("step-*/trainer_state.json")), timeout=300)
+        kube.suspend(name, True)  # preempted: Kueue evicts it, the pods are deleted
+        assert first.delete() != 0, "\n".join(first.lines)
+        assert not (workspace / "run" / "metrics.json").exists()
+
+        kube.suspend(name, False)  # admitted again
+        second = Pod(kube, name, workspace)
+        assert second.proc.wait(timeout=300) == 0, "\n".join(second.lines)
+        second.pump.join(timeout=10)
+        kube.set_condition(name, "Succeeded")
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        for _ in gen:
+            pass
+    assert launcher.returncode == 0, (out, err)
+    where = f"PyTorchJob kubeflow/{name}"
+    assert out.count(f"{where}: queued (waiting for quota in gpu-queue)") == 2, out
+    assert f"{where}: preempted (suspended again, Kueue queue gpu-queue)" in out
+    assert out.count(f"{where}: admitted after") == 2
+    assert out.index("preempted") < out.index("resuming from"), out
+    metrics = json.loads((workspace / "run" / "metrics.json").read_text())
+    straight = json.loads((tiny_adapter / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 5 and metrics["steps"] == straight["steps"] == 24
+    assert [s for s, _ in metrics["loss"]] == list(range(1, 25))
+    for (step, a), (_, b) in zip(straight["loss"], metrics["loss"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5), step
