@@ -106,7 +106,7 @@ def test_queued_then_admitted_then_succeeds(any_kube):
     done = "Succeeded" if kind == "PyTorchJob" else "Complete"
     any_kube.scenario = [
         (1.2, "admit", "", ""),
-        (0.2, "pod", "", ""),
+        (0.2, "Running" if kind == "PyTorchJob" else "pod", "", ""),  # a TrainJob has no Running
         (0.3, "log", "step 1/2 loss 2.0000", ""),
         (0.5, done, "", ""),
     ]

@@ -316,9 +316,9 @@ def test_sigkill_a_worker_then_rerun_resumes_and_finishes(dataset, tmp_path):
         "--output",
         str(out),
         "--set",
-        "train.max_steps=300",
+        "train.max_steps=80",
         "--set",
-        "train.save_steps=10",
+        "train.save_steps=5",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
@@ -336,8 +336,8 @@ def test_sigkill_a_worker_then_rerun_resumes_and_finishes(dataset, tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resuming from" in again.stdout
     metrics = metrics_of(out)
-    assert metrics["steps"] == 300 and metrics["resumed_from_step"] >= 10
-    assert [s for s, _ in metrics["loss"]] == list(range(1, 301))
+    assert metrics["steps"] == 80 and metrics["resumed_from_step"] >= 5
+    assert [s for s, _ in metrics["loss"]] == list(range(1, 81))
 
 
 def test_bad_inputs(cli, dataset, tmp_path):

@@ -119,6 +119,16 @@ def fsdp_layout(model: nn.Module) -> dict | None:
     return None
 
 
+def no_shm_op_on_cpu(world: World) -> None:
+    """On the CPU, keep DeepSpeed from JIT-compiling its shared-memory all-reduce op (two
+    minutes on a fresh machine) when its comm backend starts: the gloo process group already
+    running does that work. Call before anything of DeepSpeed's runs."""
+    if world.device.type == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def deepspeed_config(cfg, world: World, bf16: bool) -> dict:
     zero = {
         "stage": cfg.distributed.zero_stage,
@@ -146,6 +156,9 @@ def deepspeed_config(cfg, world: World, bf16: bool) -> dict:
                 "betas": [0.9, 0.999],
                 "eps": 1e-8,
                 "weight_decay": cfg.train.weight_decay,
+                # on the CPU without offload: torch's AdamW, not DeepSpeed's FusedAdam, whose CPU
+                # op is JIT-compiled (minutes on a fresh machine) and gains nothing there
+                "torch_adam": world.device.type == "cpu" and "offload_optimizer" not in zero,
             },
         },
         "zero_allow_untested_optimizer": True,

@@ -68,6 +68,7 @@ from .parallel import (
     deepspeed_config,
     fsdp_layout,
     init_world,
+    no_shm_op_on_cpu,
     wrap_ddp,
     wrap_fsdp,
 )
@@ -109,11 +110,10 @@ def build_model(cfg, world: World, attn: str, fit: Fit, packed: bool):
     fp32 (master weights) for lora/qlora/adapters."""
     zero3 = is_zero3(cfg)
     dtype = weights_dtype(cfg, world.device)
-    ds_config = (
-        deepspeed_config(cfg, world, dtype == torch.bfloat16)
-        if cfg.distributed.strategy == "deepspeed"
-        else None
-    )
+    ds_config = None
+    if cfg.distributed.strategy == "deepspeed":
+        no_shm_op_on_cpu(world)
+        ds_config = deepspeed_config(cfg, world, dtype == torch.bfloat16)
     hf_ds = None
     if zero3:  # transformers then builds the model straight into ZeRO-3 partitions
         from transformers.integrations import HfDeepSpeedConfig
