@@ -320,6 +320,79 @@ class OutputConfig(Section):
     )
 
 
+def quantity_field(value: Any, key: str) -> str:
+    """A Kubernetes quantity field (`cpu: 8` in YAML is a number; the API takes it as "8")."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"{key} must be a quantity, got {value!r}")
+    return k8s_values.quantity(str(value), key, allow_zero=False)
+
+
+def object_name_field(value: str | None, key: str) -> str | None:
+    """An optional Kubernetes object name (Secret, ServiceAccount, PVC, ...)."""
+    return None if value is None else k8s_values.dns_subdomain(value, key)
+
+
+class ServeConfig(Section):
+    """Serving the pushed model with KServe (`kubetune render-serve`)."""
+
+    name: str | None = Field(
+        None,
+        description="InferenceService name (DNS-1035 label); default kt-MODEL-METHOD from the "
+        "recipe.",
+    )
+    backend: Literal["auto", "vllm", "huggingface"] = Field(
+        "auto",
+        description="KServe Hugging Face runtime's backend: vllm (GPU), huggingface "
+        "(transformers; also CPU); auto: vllm with GPUs, huggingface without.",
+    )
+    service_account: str = Field(
+        "kubetune-serve",
+        description="ServiceAccount of the predictor: KServe's storage initializer reads the S3 "
+        "credentials from the Secret it lists (manifests/serving/).",
+    )
+    runtime: str | None = Field(
+        None,
+        description="ServingRuntime name; unset: KServe picks the one for modelFormat "
+        "huggingface (kserve-huggingfaceserver).",
+    )
+    gpus: int | None = Field(
+        None, ge=0, description="GPUs per replica; unset: kubetune plan's inference estimate."
+    )
+    memory: str | None = Field(
+        None, description="Memory per replica; unset: kubetune plan's inference estimate."
+    )
+    cpu: str = Field("4", description="CPU request per replica.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="vLLM's --max-model-len; unset: the model's own."
+    )
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0: scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+
+    @field_validator("memory", "cpu", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any, info: ValidationInfo) -> str | None:
+        return None if value is None else quantity_field(value, f"serve.{info.field_name}")
+
+    @field_validator("service_account", "runtime")
+    @classmethod
+    def _object_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return object_name_field(value, f"serve.{info.field_name}")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else k8s_values.dns_1035_label(value, "serve.name")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"serve.max_replicas={self.max_replicas} is less than "
+                f"serve.min_replicas={self.min_replicas}"
+            )
+        return self
+
+
 DEFAULT_WORKSPACE = "/workspace"
 KFP_WORKSPACE = "/kfp-workspace"  # kfp.dsl.constants.WORKSPACE_MOUNT_PATH
 
@@ -422,10 +495,7 @@ class KubernetesConfig(Section):
     @field_validator("cpu", "memory", "shm_size", "workspace_size", mode="before")
     @classmethod
     def _quantity(cls, value: Any, info: ValidationInfo) -> str:
-        # `cpu: 8` in YAML is a number; the API takes it as the quantity "8"
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise ValueError(f"kubernetes.{info.field_name} must be a quantity, got {value!r}")
-        return k8s_values.quantity(str(value), f"kubernetes.{info.field_name}", allow_zero=False)
+        return quantity_field(value, f"kubernetes.{info.field_name}")
 
     @field_validator("namespace")
     @classmethod
@@ -444,9 +514,7 @@ class KubernetesConfig(Section):
     )
     @classmethod
     def _object_name(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return value
-        return k8s_values.dns_subdomain(value, f"kubernetes.{info.field_name}")
+        return object_name_field(value, f"kubernetes.{info.field_name}")
 
     @field_validator("queue")
     @classmethod
@@ -493,6 +561,7 @@ class RunConfig(Section):
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
     @model_validator(mode="after")

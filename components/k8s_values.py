@@ -48,6 +48,21 @@ def dns_label(value: str, key: str, max_length: int = 63) -> str:
     return value
 
 
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def dns_1035_label(value: str, key: str, max_length: int = 53) -> str:
+    """A DNS-1035 label (it starts with a letter), as KServe wants an InferenceService name; at
+    most 53 characters so that NAME-predictor, the Service KServe makes, is a DNS label."""
+    if len(value) > max_length or not DNS1035_LABEL.match(value):
+        raise ValueError(
+            f"{key} must be a DNS-1035 label (lower-case letters, digits and '-', starting with "
+            f"a letter, ending with a letter or digit, at most {max_length} characters), got "
+            f"{value!r}"
+        )
+    return value
+
+
 def dns_subdomain(value: str, key: str) -> str:
     """A DNS-1123 subdomain (object names: Secrets, PVCs, ServiceAccounts), at most 253."""
     if len(value) > 253 or not DNS1123_SUBDOMAIN.match(value):

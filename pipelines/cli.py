@@ -198,6 +198,15 @@ def cmd_render_job(args) -> int:
     return 0
 
 
+def cmd_render_serve(args) -> int:
+    from kubetune.components.cluster.pytorchjob import to_yaml
+    from kubetune.components.serve.render import render_inference_service
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    sys.stdout.write(to_yaml(render_inference_service(cfg, args.uri, args.name)))
+    return 0
+
+
 def cmd_compile(args) -> int:
     from kubetune.pipelines.finetune import compile_pipeline
 
@@ -259,11 +268,19 @@ def cmd_submit(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from kubetune.components.train.plan import estimate, render
+    from kubetune.components.train.plan import estimate, inference_plan, render
 
     cfg = load_recipe(args.recipe, args.overrides)
     plan = estimate(cfg)
-    print(json.dumps(plan.as_dict(), indent=1) if args.json else render(plan, cfg), end="")
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=1))
+        return 0
+    serving = inference_plan(cfg)
+    print(render(plan, cfg), end="")
+    gpus = f"{serving.gpus} x {serving.gpu}" if serving.gpus else "no GPU"
+    print(
+        f"\nserving (render-serve): {gpus}, {serving.memory} memory per replica ({serving.reason})"
+    )
     return 0
 
 
@@ -397,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="training output inside the pods (default: .../NAME/train)")
     p.set_defaults(func=cmd_render_job)
+
+    p = sub.add_parser(
+        "render-serve",
+        help="print the KServe InferenceService that serves a pushed model (kubectl apply -f -)",
+    )
+    _recipe_args(p)
+    p.add_argument(
+        "--uri", required=True, help="the pushed model: output.uri of its run (s3://..., pvc://...)"
+    )
+    p.add_argument("--name", help="InferenceService name (default: serve.name or kt-MODEL-METHOD)")
+    p.set_defaults(func=cmd_render_serve)
 
     p = sub.add_parser(
         "plan", help="predict peak GPU memory per GPU and whether it fits hardware.gpu"

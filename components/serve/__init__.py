@@ -1,0 +1,1 @@
+"""Serving a pushed model: the KServe InferenceService (render.py)."""

@@ -1,0 +1,112 @@
+"""The KServe `InferenceService` (serving.kserve.io/v1beta1) that serves a pushed model.
+
+KServe's Hugging Face runtime (`modelFormat: huggingface`, the `kserve-huggingfaceserver`
+ServingRuntime) with its vLLM backend on GPUs, or its transformers backend without; its storage
+initializer copies `storageUri` (the pushed prefix: safetensors, config, tokenizer) into the
+pod, with the S3 credentials of the predictor's ServiceAccount (`serve.service_account`). GPUs
+and memory come from `kubetune plan`'s inference estimate unless the recipe sets them; the node
+pool's selector and tolerations are the recipe's. The server speaks the OpenAI API
+(`/openai/v1/chat/completions`, model name = the InferenceService's).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..cluster.pytorchjob import labels, uses_gpu
+from ..config import RunConfig
+from ..errors import UserError
+from ..k8s_values import dns_1035_label
+
+API_VERSION = "serving.kserve.io/v1beta1"
+KIND = "InferenceService"
+GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+STORAGE = re.compile(r"^(s3|gs|pvc|hf|https?)://[^/]+")  # what KServe's storage initializer reads
+
+
+def default_name(cfg: RunConfig) -> str:
+    model = cfg.model.name_or_path.rstrip("/").split("/")[-1].lower()
+    slug = re.sub(r"[^a-z0-9-]+", "-", f"kt-{model}-{cfg.method}").strip("-")
+    return re.sub(r"-+", "-", slug)[:53].rstrip("-")
+
+
+def backend(cfg: RunConfig) -> str:
+    if cfg.serve.backend != "auto":
+        return cfg.serve.backend
+    return "vllm" if uses_gpu(cfg) else "huggingface"
+
+
+def render_inference_service(cfg: RunConfig, uri: str, name: str | None = None) -> dict:
+    """The InferenceService for the model pushed to `uri`, as a dict."""
+    from ..train.plan import MAX_SERVE_GPUS, inference_plan
+
+    if not STORAGE.match(uri):
+        raise UserError(
+            f"--uri {uri}: KServe's storage initializer reads s3://, gs://, pvc://, hf:// or "
+            "http(s):// URIs; give the pushed prefix, e.g. s3://bucket/models/NAME"
+        )
+    serve, k8s = cfg.serve, cfg.kubernetes
+    name = name or serve.name or default_name(cfg)
+    try:
+        dns_1035_label(name, "--name")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    plan = inference_plan(cfg)
+    gpus = plan.gpus if serve.gpus is None else serve.gpus
+    if gpus > MAX_SERVE_GPUS:
+        raise UserError(
+            f"serving {cfg.model.name_or_path} needs {gpus} GPUs ({plan.reason}); one replica is "
+            f"one pod, at most {MAX_SERVE_GPUS}: use larger GPUs (hardware.gpu) or set serve.gpus"
+        )
+    engine = backend(cfg)
+    if engine == "vllm" and gpus == 0:
+        raise UserError(
+            "serve.backend=vllm needs GPUs: set hardware.gpu (or serve.gpus), or "
+            "serve.backend=huggingface"
+        )
+    memory = serve.memory or plan.memory
+    requests = {"cpu": serve.cpu, "memory": memory}
+    limits = {"memory": memory}
+    if gpus:
+        requests[k8s.gpu_resource] = str(gpus)
+        limits[k8s.gpu_resource] = str(gpus)
+    args = [f"--model_name={name}", f"--backend={engine}"]
+    if engine == "vllm":
+        args += ["--dtype=bfloat16", f"--tensor-parallel-size={gpus}"]
+        if serve.max_model_len:
+            args.append(f"--max-model-len={serve.max_model_len}")
+    model: dict = {
+        "modelFormat": {"name": "huggingface"},
+        "storageUri": uri.rstrip("/"),
+        "args": args,
+        "resources": {"requests": requests, "limits": limits},
+    }
+    if serve.runtime:
+        model["runtime"] = serve.runtime
+    predictor: dict = {
+        "minReplicas": serve.min_replicas,
+        "maxReplicas": serve.max_replicas,
+        "serviceAccountName": serve.service_account,
+        "model": model,
+    }
+    if gpus and k8s.node_selector:
+        predictor["nodeSelector"] = dict(k8s.node_selector)
+    if gpus and k8s.tolerations:
+        predictor["tolerations"] = [dict(t) for t in k8s.tolerations]
+    meta_labels = labels(name)
+    meta_labels["app.kubernetes.io/component"] = "server"
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": name,
+            "namespace": k8s.namespace,
+            "labels": meta_labels,
+            "annotations": {
+                "kubetune.io/base-model": cfg.model.name_or_path,
+                "kubetune.io/method": cfg.method,
+                "kubetune.io/plan": plan.reason,
+            },
+        },
+        "spec": {"predictor": predictor},
+    }

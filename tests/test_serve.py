@@ -1,0 +1,140 @@
+"""`kubetune render-serve`: the KServe InferenceService of a pushed model, for every recipe,
+against the kserve SDK's models and KServe's documented rules (tests/kserve_api.py); GPUs and
+memory from `kubetune plan`'s inference estimate."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from .conftest import RECIPES, TINY_DEMO, assert_user_error, run_cli
+from .kserve_api import kserve_errors
+
+RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
+URI = "s3://models/kubetune/run-1/"
+
+
+def rendered(recipe, *sets: str) -> dict:
+    from kubetune.components.config import load_recipe
+    from kubetune.components.serve.render import render_inference_service
+
+    return render_inference_service(load_recipe(recipe, list(sets)), URI)
+
+
+@pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
+def test_every_recipe_renders_a_valid_inference_service(recipe):
+    from kubetune.components.config import load_recipe
+    from kubetune.components.train.plan import inference_plan
+
+    cfg = load_recipe(recipe, [])
+    isvc = rendered(recipe)
+    assert kserve_errors(isvc) == []
+    plan = inference_plan(cfg)
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["storageUri"] == URI.rstrip("/") and model["modelFormat"] == {
+        "name": "huggingface"
+    }
+    assert predictor["serviceAccountName"] == "kubetune-serve"
+    assert isvc["metadata"]["namespace"] == cfg.kubernetes.namespace
+    limits = model["resources"]["limits"]
+    assert limits["memory"] == plan.memory
+    # bf16 weights +30% over the GPU's memory, rounded up to a tensor-parallel size: 7B (14
+    # GB) on one 80 GB GPU, 40B (83 GB) on two, 180B (357 GB: 6 needed) on 8
+    expected = {"falcon-7b-qlora": 1, "falcon-40b-qlora": 2, "falcon-180b-lora-zero3": 8}
+    assert plan.gpus == expected.get(recipe.stem, plan.gpus)
+    assert plan.gpus == (0 if cfg.hardware.gpu == "none" else plan.gpus)
+    if plan.gpus:
+        assert limits["nvidia.com/gpu"] == str(plan.gpus)
+        assert "--backend=vllm" in model["args"]
+        assert f"--tensor-parallel-size={plan.gpus}" in model["args"]
+        assert predictor["nodeSelector"] == cfg.kubernetes.node_selector
+        assert predictor["tolerations"] == cfg.kubernetes.tolerations
+    else:
+        assert "nvidia.com/gpu" not in limits and "--backend=huggingface" in model["args"]
+
+
+@pytest.mark.integration
+def test_render_serve_cli():
+    result = run_cli(
+        "render-serve",
+        RECIPES / "falcon-7b-qlora.yaml",
+        "--uri",
+        URI,
+        "--name",
+        "falcon-chat",
+        "--set",
+        "serve.max_model_len=4096",
+        "--set",
+        "serve.gpus=2",
+        "--set",
+        "serve.max_replicas=3",
+    )
+    assert result.code == 0, result
+    isvc = yaml.safe_load(result.out)
+    assert kserve_errors(isvc) == []
+    model = isvc["spec"]["predictor"]["model"]
+    assert isvc["metadata"]["name"] == "falcon-chat" and "--model_name=falcon-chat" in model["args"]
+    assert "--max-model-len=4096" in model["args"] and "--tensor-parallel-size=2" in model["args"]
+    assert isvc["spec"]["predictor"]["maxReplicas"] == 3
+    plan = run_cli("plan", RECIPES / "falcon-40b-qlora.yaml")
+    assert "serving (render-serve): 2 x A100-80GB, 93Gi memory per replica" in plan.out, plan
+
+
+@pytest.mark.integration
+def test_render_serve_errors_are_clear():
+    from kubetune.components.errors import UserError
+
+    def serve(*args):
+        return run_cli("render-serve", TINY_DEMO, *args)
+
+    assert_user_error(serve("--uri", "/local/folder"), "--uri /local/folder", "s3://")
+    assert_user_error(serve("--uri", URI, "--name", "9lives"), "--name", "DNS-1035")
+    assert_user_error(
+        serve("--uri", URI, "--set", "serve.backend=vllm"), "serve.backend=vllm needs GPUs"
+    )
+    assert_user_error(
+        serve("--uri", URI, "--set", "serve.min_replicas=2", "--set", "serve.max_replicas=1"),
+        "serve.max_replicas=1 is less than serve.min_replicas=2",
+    )
+    with pytest.raises(UserError, match="needs 20 GPUs .* at most 8"):  # 357 GB on 24 GB GPUs
+        rendered(RECIPES / "falcon-180b-lora-zero3.yaml", "hardware.gpu=A10G-24GB")
+
+
+def test_the_checks_refuse_what_kserve_refuses():
+    isvc = rendered(RECIPES / "falcon-7b-qlora.yaml")
+    isvc["spec"]["predictor"]["model"]["storageUri"] = "/mnt/models"
+    isvc["spec"]["predictor"]["model"]["resources"]["requests"]["nvidia.com/gpu"] = "2"
+    isvc["spec"]["predictor"]["huggingface"] = {"storageUri": URI}
+    isvc["spec"]["predictor"]["modelFormats"] = ["huggingface"]  # not a field
+    errors = "\n".join(kserve_errors(isvc))
+    for expected in (
+        "storageUri '/mnt/models'",
+        "request must equal its limit",
+        "exactly one model",
+        "modelFormats: not in the API (dropped)",
+    ):
+        assert expected in errors, errors
+
+
+def test_the_serving_account_holds_the_s3_credentials_kserve_reads():
+    """The predictor's ServiceAccount (manifests/base) lists the S3 Secret, whose example has the
+    keys and annotations KServe's storage initializer reads."""
+    from .conftest import REPO
+
+    accounts = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((REPO / "manifests/base/serviceaccounts.yaml").read_text())
+    }
+    from kubetune.components.config import ServeConfig
+
+    account = accounts[ServeConfig().service_account]
+    assert account["secrets"] == [{"name": "kubetune-s3"}]
+    secret = yaml.safe_load((REPO / "manifests/base/s3-secret.example.yaml").read_text())
+    assert secret["metadata"]["name"] == "kubetune-s3"
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+    assert {
+        "serving.kserve.io/s3-endpoint",
+        "serving.kserve.io/s3-usehttps",
+        "serving.kserve.io/s3-region",
+    } <= set(secret["metadata"]["annotations"])
