@@ -9,6 +9,7 @@ The resolved config is written next to every output (`write_resolved`).
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -313,10 +314,42 @@ class EvalConfig(Section):
     max_eval_loss: float | None = Field(None, gt=0, description="Push only if eval loss <= this.")
 
 
+class RegistryConfig(Section):
+    """Kubeflow Model Registry: the push step registers the pushed model there."""
+
+    server: str = Field(
+        description="The registry's REST address, http(s)://HOST[:PORT] (in-cluster e.g. "
+        "https://model-registry-service.kubeflow.svc.cluster.local:8443)."
+    )
+    model_name: str = Field(description="The registered model; each run adds a version.")
+    author: str = Field(description="Author (and owner) recorded on the model and its versions.")
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+$", value.rstrip("/")):
+            raise ValueError(
+                f"output.model_registry.server must be http(s)://HOST[:PORT], got {value!r}"
+            )
+        return value.rstrip("/")
+
+    @field_validator("model_name", "author")
+    @classmethod
+    def _not_blank(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError(f"output.model_registry.{info.field_name} must not be empty")
+        return value
+
+
 class OutputConfig(Section):
     uri: str = Field(
         "./kubetune-output",
         description="Where the finished model is pushed: s3://bucket/prefix or a folder.",
+    )
+    model_registry: RegistryConfig | None = Field(
+        None,
+        description="Register the pushed model (a version per run, its S3 artifact, metrics and "
+        "gate verdict) in Kubeflow Model Registry.",
     )
 
 

@@ -137,12 +137,21 @@ def cmd_push(args) -> int:
             evaluation = json.loads(Path(args.metrics).read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"--metrics {args.metrics}: {exc}") from None
+    register = None
+    if args.recipe:
+        from kubetune.components.push_model.kfp_body import registrar
+
+        cfg = load_recipe(args.recipe, args.overrides)
+        if cfg.output.model_registry is not None and not args.version:
+            raise UserError("--version: name the registered version (e.g. the run's id)")
+        register = registrar(cfg, args.version)
     summary = push(
         args.src,
         args.dest,
         evaluation=evaluation,
         part_size=args.part_size_mb * 1024 * 1024,
         workers=args.workers,
+        register=register,
     )
     print(
         f"pushed {summary['uploaded']} file(s), {summary['bytes_uploaded']} bytes "
@@ -465,6 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="evaluation metrics.json to record in the manifest")
     p.add_argument("--part-size-mb", type=int, default=64, help="multipart part size (MiB)")
     p.add_argument("--workers", type=int, default=8, help="parallel uploads")
+    p.add_argument(
+        "--recipe",
+        help="register the pushed model as the recipe's output.model_registry says (with --set)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field of --recipe (repeatable)",
+    )
+    p.add_argument("--version", help="with --recipe: the registered version's name")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser(

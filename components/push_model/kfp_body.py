@@ -14,10 +14,28 @@ def push(recipe_yaml: str, model_dir: str, eval_dir: str, summary_path: str | No
 
     cfg = parse_recipe(recipe_yaml, "recipe")
     evaluation = json.loads((Path(eval_dir) / "metrics.json").read_text())
-    run_push(model_dir, cfg.output.uri, evaluation=evaluation)
+    # the version is named after the run: RUN_DIR is WORKSPACE/runs/RUN_ID/...
+    run_id = next((p.name for p in Path(model_dir).parents if p.parent.name == "runs"), None)
+    run_push(
+        model_dir,
+        cfg.output.uri,
+        evaluation=evaluation,
+        register=registrar(cfg, run_id or Path(model_dir).name),
+    )
     if summary_path:
         Path(summary_path).write_text(pushed_summary(cfg.output.uri, Path(model_dir)))
     return cfg.output.uri.rstrip("/") + "/manifest.json"
+
+
+def registrar(cfg, version: str):
+    """The push's `register` hook for the recipe's output.model_registry (None without one)."""
+    if cfg.output.model_registry is None:
+        return None
+    from .registry import register
+
+    return lambda manifest: register(
+        cfg.output.model_registry, cfg.output.uri.rstrip("/"), version, manifest
+    )
 
 
 def pushed_summary(uri: str, model_dir: Path) -> str:

@@ -42,9 +42,13 @@ def push(
     evaluation: dict | None = None,
     part_size: int = DEFAULT_PART_SIZE,
     workers: int = 8,
+    register=None,
 ) -> dict:
     """Upload every file of src_dir to dest, verify each, then write manifest.json; returns a
-    summary (files, bytes uploaded and skipped, seconds, the manifest)."""
+    summary (files, bytes uploaded and skipped, seconds, the manifest). `register(manifest)`,
+    when given, runs after the uploads and before the manifest, which records what it returns
+    under "registry"; when it fails the manifest says so (the model stays pushed) and the
+    error is raised after the manifest is written."""
     src = Path(src_dir)
     check_workers(workers)
     if part_size < MIN_PART_SIZE:
@@ -68,7 +72,19 @@ def push(
                     target.upload(entry, pool, progress)  # its parts go through the pool
             finally:
                 progress.close()
+        failure = None
+        if register is not None:
+            try:
+                manifest["registry"] = register(manifest)
+            except UserError as exc:
+                failure = exc
+                manifest["registry"] = {"registered": False, "error": str(exc)}
         target.write_manifest((json.dumps(manifest, indent=1) + "\n").encode())
+    if failure is not None:
+        raise UserError(
+            f"{failure}. The model is pushed to {dest} (its manifest.json says it is not "
+            "registered); register it again once the registry answers"
+        )
     return {
         "files": len(files),
         "uploaded": len(todo),

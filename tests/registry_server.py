@@ -1,0 +1,149 @@
+"""A loopback Kubeflow Model Registry: the REST paths (api/model_registry/v1) the
+`model-registry` client calls to register a model, a version and its artifact, answered from
+memory as the registry's REST server answers them (ids as strings, times in ms since the epoch,
+404 for a lookup that finds nothing, 409 for a duplicate name)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+from .httpjson import JsonHandler
+
+BASE = "/api/model_registry/v1"
+
+
+class RegistryServer:
+    def __init__(self):
+        self.objects: dict[str, dict] = {}  # id → object (with "_kind")
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.tokens: set[str | None] = set()  # the Authorization headers seen
+        self.down = False  # answer every request with 503
+        self.next_id = 1
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [o for o in self.objects.values() if o["_kind"] == kind]
+
+    def _create(self, kind: str, body: dict, parent: str | None = None) -> dict | None:
+        for other in self.of_kind(kind):
+            if other["name"] == body["name"] and other.get("_parent") == parent:
+                return None
+        now = str(int(time.time() * 1000))
+        obj = {
+            **body,
+            "id": str(self.next_id),
+            "createTimeSinceEpoch": now,
+            "lastUpdateTimeSinceEpoch": now,
+            "_kind": kind,
+            "_parent": parent,
+        }
+        if kind == "ModelVersion":
+            obj["registeredModelId"] = parent
+        self.next_id += 1
+        self.objects[obj["id"]] = obj
+        return obj
+
+    def _handler(self):
+        fake = self
+        kinds = {
+            "registered_model": "RegisteredModel",
+            "model_version": "ModelVersion",
+            "model_artifact": "ModelArtifact",
+            "artifact": "ModelArtifact",
+        }
+
+        class Handler(JsonHandler):
+            def _out(self, code: int, obj: dict) -> None:
+                self._send(code, {k: v for k, v in obj.items() if not k.startswith("_")})
+
+            def _error(self, code: int, message: str) -> None:
+                self._send(code, {"code": str(code), "message": message})
+
+            def _route(self, method: str) -> None:
+                url = urlparse(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                fake.requests.append((method, self.path, body))
+                fake.tokens.add(self.headers.get("Authorization"))
+                if fake.down:
+                    return self._error(503, "registry unavailable")
+                if not url.path.startswith(BASE + "/"):
+                    return self._error(404, "no such path")
+                parts = url.path[len(BASE) + 1 :].split("/")
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                if method == "GET" and len(parts) == 1 and parts[0] in kinds:
+                    return self._find(kinds[parts[0]], query)
+                collections = {
+                    "registered_models": "RegisteredModel",
+                    "model_versions": "ModelVersion",
+                    "model_artifacts": "ModelArtifact",
+                }
+                if method == "GET" and len(parts) == 1 and parts[0] in collections:
+                    return self._list(fake.of_kind(collections[parts[0]]))
+                if method == "GET" and len(parts) == 2:
+                    obj = fake.objects.get(parts[1])
+                    return self._out(200, obj) if obj else self._error(404, "not found")
+                if method == "POST" and parts == ["registered_models"]:
+                    return self._made(fake._create("RegisteredModel", body))
+                if method == "POST" and parts == ["model_versions"]:
+                    return self._made(
+                        fake._create("ModelVersion", body, body.get("registeredModelId"))
+                    )
+                if (
+                    method == "POST"
+                    and len(parts) == 3
+                    and parts[0] == "registered_models"
+                    and parts[2] == "versions"
+                ):
+                    return self._made(fake._create("ModelVersion", body, parts[1]))
+                if (
+                    method == "POST"
+                    and len(parts) == 3
+                    and parts[0] == "model_versions"
+                    and parts[2] == "artifacts"
+                ):
+                    return self._made(fake._create("ModelArtifact", body, parts[1]))
+                if method == "GET" and len(parts) == 3 and parts[2] in ("versions", "artifacts"):
+                    kind = "ModelVersion" if parts[2] == "versions" else "ModelArtifact"
+                    return self._list([o for o in fake.of_kind(kind) if o["_parent"] == parts[1]])
+                return self._error(404, f"{method} {url.path}: not answered here")
+
+            def _find(self, kind: str, query: dict) -> None:
+                for obj in fake.of_kind(kind):
+                    if obj["name"] == query.get("name") and (
+                        "parentResourceId" not in query
+                        or obj["_parent"] == query["parentResourceId"]
+                    ):
+                        return self._out(200, obj)
+                return self._error(404, f"no {kind} {query}")
+
+            def _list(self, items: list[dict]) -> None:
+                clean = [{k: v for k, v in o.items() if not k.startswith("_")} for o in items]
+                page = {"items": clean, "size": len(clean), "pageSize": 100, "nextPageToken": ""}
+                self._send(200, page)
+
+            def _made(self, obj: dict | None) -> None:
+                if obj is None:
+                    return self._error(409, "already exists")
+                self._out(201, obj)
+
+            def do_GET(self):
+                self._route("GET")
+
+            def do_POST(self):
+                self._route("POST")
+
+            def do_PATCH(self):
+                self._route("PATCH")
+
+        return Handler
