@@ -366,8 +366,21 @@ def object_name_field(value: str | None, key: str) -> str | None:
 
 
 class ServeConfig(Section):
-    """Serving the pushed model with KServe (`kubetune render-serve`)."""
+    """Serving the pushed model with KServe (`kubetune render-serve`, `kubetune deploy`)."""
 
+    enabled: bool = Field(
+        False,
+        description="The pipeline's deploy step: after the gate and the push, apply the "
+        "InferenceService, wait until it is Ready, ask it one question.",
+    )
+    ready_timeout_seconds: int = Field(
+        1800, gt=0, description="How long deploy waits for the InferenceService to be Ready."
+    )
+    prompt: str = Field(
+        "Summarize in one sentence what you were fine-tuned to do.",
+        min_length=1,
+        description="The one chat question deploy asks the served model.",
+    )
     name: str | None = Field(
         None,
         description="InferenceService name (DNS-1035 label); default kt-MODEL-METHOD from the "

@@ -216,6 +216,15 @@ def cmd_render_serve(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from kubetune.components.serve.deploy import deploy
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    result = deploy(cfg, args.uri, args.name)
+    print(f"Q: {result['prompt']}\nA: {result['answer']}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from kubetune.pipelines.finetune import compile_pipeline
 
@@ -434,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="InferenceService name (default: serve.name or kt-MODEL-METHOD)")
     p.set_defaults(func=cmd_render_serve)
+
+    p = sub.add_parser(
+        "deploy",
+        help="apply a pushed model's InferenceService, wait until Ready, ask it one question",
+    )
+    _recipe_args(p)
+    p.add_argument("--uri", required=True, help="the pushed model (s3://..., pvc://...)")
+    p.add_argument("--name", help="InferenceService name (default: serve.name or kt-MODEL-METHOD)")
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser(
         "plan", help="predict peak GPU memory per GPU and whether it fits hardware.gpu"

@@ -33,6 +33,7 @@ from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_val
 from kubetune.components.pipeline_steps.component import resolve_recipe
 from kubetune.components.prepare_dataset.component import prepare_dataset
 from kubetune.components.push_model.component import push_model
+from kubetune.components.serve.component import deploy_model
 from kubetune.components.train.component import train_model
 
 PIPELINE_NAME = "kubetune-finetune"
@@ -197,6 +198,7 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
     """The pipeline of one recipe; `workspace` overrides where the run folders go (a local
     folder for `kubetune run --local`, the PVC mount path on a cluster)."""
     cfg = local_copy(cfg, workspace)
+    deploy = cfg.serve.enabled and workspace is None  # a local run has no cluster to serve on
     recipe_text = recipe_parameter(cfg)
     d = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
     gpu = uses_gpu(cfg)
@@ -267,6 +269,10 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
             )
             _retried(_on_cluster(pushed, cfg).set_caching_options(False))
             pushed.set_display_name("push")
+            if deploy:  # serve it with KServe, ask it one question
+                deployed = deploy_model(recipe_yaml=recipe, **ws(cfg)).after(pushed)
+                _on_cluster(deployed, cfg, s3=False).set_caching_options(False)
+                deployed.set_display_name("deploy")
         return evaluated.outputs["Output"]
 
     return finetune

@@ -34,6 +34,12 @@ KINDS = {
         "plural": "pytorchjobs",
         "container": "pytorch",
     },
+    "inferenceservice": {
+        "kind": "InferenceService",
+        "jobs": "/apis/serving.kserve.io/v1beta1/namespaces/{ns}/inferenceservices",
+        "plural": "inferenceservices",
+        "container": "kserve-container",
+    },
     "trainjob": {
         "kind": "TrainJob",
         "jobs": "/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs",
@@ -263,7 +269,11 @@ class FakeKube:
                 jobs = fake.kind["jobs"].format(ns=fake.ns)
                 if urlparse(self.path).path != jobs:
                     return self._status(404, "NotFound", "no such path")
-                if fake.kind["kind"] == "TrainJob":
+                if fake.kind["kind"] == "InferenceService":
+                    from .kserve_api import kserve_errors
+
+                    errors = kserve_errors(body)
+                elif fake.kind["kind"] == "TrainJob":
                     errors = trainer_api_errors(body)
                 else:
                     errors = crd_errors(body, fake.kind["kind"]) + pytorchjob_api_errors(body)
@@ -287,6 +297,30 @@ class FakeKube:
                         fake.suspend(name, True)  # queued: the controller's condition
                 threading.Thread(target=fake.run_scenario, args=(name,), daemon=True).start()
                 self._send(201, body)
+
+            def do_PUT(self):  # replace: a new spec, the status kept
+                body = self._body()
+                fake.requests.append(("PUT", self.path, body))
+                from .kserve_api import kserve_errors
+
+                errors = kserve_errors(body) if fake.kind["kind"] == "InferenceService" else []
+                if errors:
+                    fake.invalid += errors
+                    return self._status(422, "Invalid", "; ".join(errors))
+                name = urlparse(self.path).path.rsplit("/", 1)[-1]
+                with fake.cond:
+                    current = fake.jobs.get(name)
+                    if current is None:
+                        return self._status(404, "NotFound", f'"{name}" not found')
+                    if (
+                        body["metadata"].get("resourceVersion")
+                        != current["metadata"]["resourceVersion"]
+                    ):
+                        return self._status(409, "Conflict", "the object has been modified")
+                    current["spec"] = body["spec"]
+                    current["metadata"]["labels"] = body["metadata"].get("labels", {})
+                    fake._bump(current)
+                self._send(200, current)
 
             def do_DELETE(self):
                 fake.requests.append(("DELETE", self.path, self._body()))

@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import uuid
 from email.parser import BytesParser
 from email.policy import default
-from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from .httpjson import JsonHandler
+from .httpjson import JsonHandler, Loopback
 
 API = "/apis/v2beta1"
 NOW = "2026-11-22T00:00:00Z"
 
 
-class FakeKfp:
+class FakeKfp(Loopback):
     def __init__(self):
         self.requests: list[dict] = []
         self.experiments: dict[str, dict] = {}
@@ -27,13 +25,7 @@ class FakeKfp:
         self.versions: dict[str, list[dict]] = {}
         self.uploads: list[bytes] = []
         self.runs: list[dict] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+        self.start()
 
     def calls(self, method: str, path: str) -> list[dict]:
         return [r for r in self.requests if r["method"] == method and r["path"] == path]

@@ -3,7 +3,25 @@
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Loopback:
+    """A fake server on 127.0.0.1 and a free port, serving `_handler()`'s class in a thread:
+    `url` is its base URL, `close()` stops it."""
+
+    def start(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+    def _handler(self):
+        raise NotImplementedError
 
 
 class JsonHandler(BaseHTTPRequestHandler):

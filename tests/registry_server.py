@@ -6,30 +6,22 @@ memory as the registry's REST server answers them (ids as strings, times in ms s
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from .httpjson import JsonHandler
+from .httpjson import JsonHandler, Loopback
 
 BASE = "/api/model_registry/v1"
 
 
-class RegistryServer:
+class RegistryServer(Loopback):
     def __init__(self):
         self.objects: dict[str, dict] = {}  # id → object (with "_kind")
         self.requests: list[tuple[str, str, dict | None]] = []
         self.tokens: set[str | None] = set()  # the Authorization headers seen
         self.down = False  # answer every request with 503
         self.next_id = 1
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+        self.start()
 
     def of_kind(self, kind: str) -> list[dict]:
         return [o for o in self.objects.values() if o["_kind"] == kind]

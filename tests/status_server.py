@@ -5,22 +5,18 @@ a test queues (200 by default)."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import ThreadingHTTPServer
 
-from .httpjson import JsonHandler
+from .httpjson import JsonHandler, Loopback
 
 PATH = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/kubeflow/trainjobs/kt-run/status"
 
 
-class StatusServer:
+class StatusServer(Loopback):
     def __init__(self):
         self.posts: list[dict] = []  # {"path", "headers", "body"}
         self.answers: list[int] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{PATH}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.start()
+        self.url += PATH
 
     def env(self, token_file) -> dict[str, str]:
         """What Trainer's Progress plugin injects into a trainer pod."""
@@ -29,9 +25,6 @@ class StatusServer:
             "KUBEFLOW_TRAINER_STATUS_TOKEN": str(token_file),
             "KUBEFLOW_TRAINER_STATUS_CA_CERT": str(token_file.parent / "ca.crt"),
         }
-
-    def close(self) -> None:
-        self.server.shutdown()
 
     def _handler(self):
         fake = self

@@ -70,6 +70,7 @@ def test_rbac_is_least_privilege():
         ("kubeflow.org", "pytorchjobs"): sorted(["create", "get", "list", "watch", "delete"]),
         ("kubeflow.org", "pytorchjobs/status"): ["get"],
         ("trainer.kubeflow.org", "trainjobs"): sorted(["create", "get", "list", "watch", "delete"]),
+        ("serving.kserve.io", "inferenceservices"): ["create", "get", "update"],
         ("", "pods"): ["get", "list", "watch"],
         ("", "pods/log"): ["get"],
         ("", "events"): ["list", "watch"],

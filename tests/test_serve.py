@@ -138,3 +138,92 @@ def test_the_serving_account_holds_the_s3_credentials_kserve_reads():
         "serving.kserve.io/s3-usehttps",
         "serving.kserve.io/s3-region",
     } <= set(secret["metadata"]["annotations"])
+
+
+# --- kubetune deploy (and the pipeline's deploy step) ------------------------------------------
+
+
+@pytest.fixture
+def kserve(tmp_path):
+    from .chat_server import ChatServer
+    from .test_kubernetes import fake_kube
+
+    gen = fake_kube(tmp_path, "inferenceservice")
+    kube = next(gen)
+    kube.env["KUBETUNE_SERVE_POLL"] = "0.1"
+    chat = ChatServer()
+    yield kube, chat
+    chat.close()
+    for _ in gen:
+        pass
+
+
+def becomes_ready(kube, chat, after: float = 0.5):
+    """What KServe does once the predictor is up: a URL in the status, then Ready."""
+    import threading
+    import time
+
+    def run():
+        deadline = time.monotonic() + 30
+        while not kube.jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(after)
+        (name,) = kube.jobs
+        with kube.cond:
+            kube.jobs[name].setdefault("status", {})["url"] = chat.url
+        kube.set_condition(name, "Ready", "", "")
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.mark.integration
+def test_deploy_applies_waits_until_ready_and_asks(kserve):
+    kube, chat = kserve
+    becomes_ready(kube, chat)
+    args = ("deploy", TINY_DEMO, "--uri", URI, "--set", "serve.prompt=What do you do?")
+    result = run_cli(*args, env=kube.env)
+    assert result.code == 0, result
+    assert kube.invalid == [] and kube.count("POST") == 1  # checked with the kserve SDK's models
+    name = "kt-falcon-lora"
+    assert f"created InferenceService kubeflow/{name}" in result.out
+    assert "not ready (no Ready condition yet)" in result.out
+    assert f"is Ready at {chat.url}" in result.out
+    assert "A: I summarize dialogues in one sentence." in result.out
+    ((path, body),) = chat.requests
+    assert body["model"] == name and body["messages"] == [
+        {"role": "user", "content": "What do you do?"}
+    ]
+    # again: the same InferenceService gets the new spec (a new model), not a second one
+    chat.requests.clear()
+    again = run_cli(*args, "--set", "serve.max_replicas=2", env=kube.env)
+    assert again.code == 0, again
+    assert f"updated InferenceService kubeflow/{name}" in again.out
+    assert kube.count("PUT") == 1 and kube.jobs[name]["spec"]["predictor"]["maxReplicas"] == 2
+
+
+@pytest.mark.integration
+def test_deploy_that_never_gets_ready_is_an_error_that_leaves_it(kserve):
+    kube, _ = kserve
+    result = run_cli(
+        "deploy", TINY_DEMO, "--uri", URI, "--set", "serve.ready_timeout_seconds=1", env=kube.env
+    )
+    assert_user_error(result, "was not Ready within serve.ready_timeout_seconds=1", "left in place")
+    assert list(kube.jobs) == ["kt-falcon-lora"] and kube.count("DELETE") == 0
+
+
+def test_the_pipeline_deploys_only_when_asked(tmp_path):
+    from kubetune.components.config import load_recipe
+    from kubetune.pipelines.finetune import compile_pipeline
+
+    for enabled in (False, True):
+        out = tmp_path / f"p{enabled}.yaml"
+        compile_pipeline(
+            load_recipe(TINY_DEMO, [f"serve.enabled={str(enabled).lower()}"]), str(out)
+        )
+        ir = yaml.safe_load(out.read_text().split("\n---\n")[0])
+        root = ir["root"]["dag"]["tasks"]
+        (condition,) = [t for t in root if t.startswith("condition")]
+        tasks = ir["components"][root[condition]["componentRef"]["name"]]["dag"]["tasks"]
+        assert ("deploy-model" in tasks) is enabled
+        if enabled:  # after the push, in the gate's branch
+            assert tasks["deploy-model"]["dependentTasks"] == ["push-model"]

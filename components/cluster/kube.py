@@ -96,6 +96,22 @@ TRAINJOB = JobKind(
 )
 
 
+# `kubetune deploy`: the launcher's API calls, for a KServe InferenceService
+INFERENCE_SERVICE = JobKind(
+    kind="InferenceService",
+    group="serving.kserve.io",
+    version="v1beta1",
+    plural="inferenceservices",
+    container="kserve-container",
+    success="Ready",
+    conditions=("Ready",),
+    render=lambda *args: {},  # components/serve/render.py renders it
+    lead_selector=lambda isvc: f"serving.kserve.io/inferenceservice={isvc['metadata']['name']}",
+    operator="KServe",
+    suspend=(),
+)
+
+
 def job_kind(cfg: RunConfig) -> JobKind:
     return TRAINJOB if cfg.distributed.backend == "trainjob" else PYTORCHJOB
 
