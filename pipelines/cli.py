@@ -433,25 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="training output inside the pods (default: .../NAME/train)")
     p.set_defaults(func=cmd_render_job)
 
-    p = sub.add_parser(
-        "render-serve",
-        help="print the KServe InferenceService that serves a pushed model (kubectl apply -f -)",
-    )
-    _recipe_args(p)
-    p.add_argument(
-        "--uri", required=True, help="the pushed model: output.uri of its run (s3://..., pvc://...)"
-    )
-    p.add_argument("--name", help="InferenceService name (default: serve.name or kt-MODEL-METHOD)")
-    p.set_defaults(func=cmd_render_serve)
-
-    p = sub.add_parser(
-        "deploy",
-        help="apply a pushed model's InferenceService, wait until Ready, ask it one question",
-    )
-    _recipe_args(p)
-    p.add_argument("--uri", required=True, help="the pushed model (s3://..., pvc://...)")
-    p.add_argument("--name", help="InferenceService name (default: serve.name or kt-MODEL-METHOD)")
-    p.set_defaults(func=cmd_deploy)
+    for command, func, text in (
+        ("render-serve", cmd_render_serve, "print the KServe InferenceService that serves a "
+         "pushed model (kubectl apply -f -)"),
+        ("deploy", cmd_deploy, "apply a pushed model's InferenceService, wait until Ready, ask "
+         "it one question"),
+    ):  # fmt: skip
+        p = sub.add_parser(command, help=text)
+        _recipe_args(p)
+        p.add_argument(
+            "--uri", required=True, help="the pushed model: output.uri of its run (s3://...)"
+        )
+        p.add_argument(
+            "--name", help="InferenceService name (default: serve.name or kt-MODEL-METHOD)"
+        )
+        p.set_defaults(func=func)
 
     p = sub.add_parser(
         "plan", help="predict peak GPU memory per GPU and whether it fits hardware.gpu"
