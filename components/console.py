@@ -21,6 +21,16 @@ def quiet_progress_off_terminal() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
+def duration(seconds: float, seconds_unit: str = "s") -> str:
+    """45s, 12m30s or 3h05m (`seconds_unit` " s" spells the first 45 s)."""
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}{seconds_unit}"
+
+
 class Progress:
     """Rows read, tokens and rows/s while a step streams data: one line redrawn in place on a
     terminal, a plain line every `every` seconds (and one at the end) in a pod or a CI log."""

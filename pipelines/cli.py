@@ -293,7 +293,7 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(plan.as_dict(), indent=1))
         return 0
-    serving = inference_plan(cfg)
+    serving = inference_plan(cfg, plan.arch)  # the model estimate counted already
     print(render(plan, cfg), end="")
     gpus = f"{serving.gpus} x {serving.gpu}" if serving.gpus else "no GPU"
     print(

@@ -18,7 +18,6 @@ every CPU task runs in the steps image.
 
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
 import json
-import math
 from typing import Optional
 
 import yaml
@@ -136,7 +135,7 @@ def eval_gpus(cfg: RunConfig) -> int:
     and the KV cache (generation spreads it over them with device_map="auto"), at most a
     node's worth; 1 when the model or the GPU is not known."""
     from kubetune.components.errors import UserError
-    from kubetune.components.train.plan import GB, GPU_MEMORY_GB, architecture
+    from kubetune.components.train.plan import GPU_MEMORY_GB, architecture, gpus_needed
 
     memory_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
     if not memory_gb:
@@ -145,8 +144,7 @@ def eval_gpus(cfg: RunConfig) -> int:
         params = architecture(cfg).total_params
     except UserError:
         return 1
-    need = math.ceil(params * 2 * 1.3 / (memory_gb * GB))
-    return max(1, min(need, cfg.distributed.procs_per_node))
+    return min(gpus_needed(params, memory_gb), cfg.distributed.procs_per_node)
 
 
 def recipe_parameter(cfg: RunConfig) -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from ..config import RunConfig, dump_config
+from ..console import duration
 from ..errors import UserError
 from ..k8s_values import job_name as k8s_job_name
 from . import pytorchjob, trainjob
@@ -49,7 +50,7 @@ class JobKind:
     container: str  # rank 0's container, whose log is streamed
     success: str  # the condition that means it finished well
     conditions: tuple[str, ...]  # condition types that are states of the job
-    render: Callable[..., dict]  # (cfg, name, dataset, output, task) → the job
+    render: Callable[..., dict] | None  # (cfg, name, dataset, output, task) → the job
     lead_selector: Callable[[dict], str]  # the job → label selector of rank 0's pod
     operator: str  # what must be installed for the API to know the kind
     suspend: tuple[str, ...]  # where the job's spec says it is suspended (Kueue's switch)
@@ -105,7 +106,7 @@ INFERENCE_SERVICE = JobKind(
     container="kserve-container",
     success="Ready",
     conditions=("Ready",),
-    render=lambda *args: {},  # components/serve/render.py renders it
+    render=None,  # not launched: components/serve/ renders and applies it
     lead_selector=lambda isvc: f"serving.kserve.io/inferenceservice={isvc['metadata']['name']}",
     operator="KServe",
     suspend=(),
@@ -428,11 +429,7 @@ def wait_gone(api: JobApi, name: str, timeout: float = 300) -> None:
 
 
 def _minutes(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+    return duration(seconds, seconds_unit=" s")
 
 
 class Admission:
@@ -449,7 +446,6 @@ class Admission:
         self.since: float | None = None  # when this launcher saw it suspended
         self.reported = 0.0
         self.ran = False  # seen admitted while this launcher watched
-        self.preemptions = 0
 
     def suspended(self, job: dict) -> bool:
         node = job.get("spec") or {}
@@ -472,7 +468,6 @@ class Admission:
         if self.since is None:
             self.since = self.reported = now
             if self.ran:
-                self.preemptions += 1
                 print(
                     f"{self.where}: preempted (suspended again, {where}); its pods are gone, "
                     "and it resumes from its last checkpoint when it is admitted again",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..errors import UserError
 
@@ -30,9 +30,14 @@ class TaskConfig:
     volume_mounts: list = field(default_factory=list)
 
     @classmethod
+    def _of(cls, value_of) -> TaskConfig:
+        """Each field from `value_of(name)`, empty where that is None or empty."""
+        return cls(**{f.name: value_of(f.name) or f.default_factory() for f in fields(cls)})
+
+    @classmethod
     def from_kfp(cls, config) -> TaskConfig:
         """From kfp.dsl.TaskConfig (its fields are None when not passed through)."""
-        return cls(**{k: getattr(config, k, None) or v for k, v in _empty().items()})
+        return cls._of(lambda name: getattr(config, name, None))
 
     @classmethod
     def from_env(cls) -> TaskConfig:
@@ -43,13 +48,15 @@ class TaskConfig:
             given = json.loads(text)
         except ValueError:
             raise UserError(f"{ENV}: not JSON") from None
-        unknown = set(given) - set(_empty())
+        unknown = set(given) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"{ENV}: unknown keys {sorted(unknown)}")
-        return cls(**{k: given.get(k) or v for k, v in _empty().items()})
+        return cls._of(given.get)
 
     def to_json(self) -> str:
-        return json.dumps({k: getattr(self, k) for k in _empty() if getattr(self, k)})
+        return json.dumps(
+            {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+        )
 
     def workspace_claim(self, mount: str) -> str | None:
         """The PVC mounted at `mount` in the task (KFP's run workspace at /kfp-workspace)."""
@@ -58,18 +65,6 @@ class TaskConfig:
             if volume.get("name") in names and "persistentVolumeClaim" in volume:
                 return volume["persistentVolumeClaim"]["claimName"]
         return None
-
-
-def _empty() -> dict:
-    return {
-        "resources": {},
-        "env": [],
-        "node_selector": {},
-        "tolerations": [],
-        "affinity": {},
-        "volumes": [],
-        "volume_mounts": [],
-    }
 
 
 def merge_resources(recipe: dict, task: TaskConfig) -> dict:

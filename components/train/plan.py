@@ -456,8 +456,6 @@ def dump(plan: Plan, path: Path) -> None:
 class Inference:
     """What serving the merged model in bf16 needs per replica."""
 
-    params: int
-    weights_gb: float
     gpus: int  # 0: no GPU (hardware.gpu none)
     gpu: str
     memory: str  # host memory, a Kubernetes quantity
@@ -468,24 +466,30 @@ MAX_SERVE_GPUS = 8  # one replica is one pod, on one node
 KV_ROOM = 1.3  # weights + 30% for the KV cache and activations, as the evaluate step sizes it
 
 
-def inference_plan(cfg) -> Inference:
+def gpus_needed(params: int, gpu_gb: float) -> int:
+    """GPUs of `gpu_gb` that hold `params` in bf16 with KV_ROOM."""
+    return max(1, math.ceil(params * 2 * KV_ROOM / (gpu_gb * GB)))
+
+
+def inference_plan(cfg, arch: Architecture | None = None) -> Inference:
     """GPUs and memory for one replica of the merged model (bf16): enough GPUs to hold the
     weights with 30% room, rounded up to a tensor-parallel size vLLM accepts (a power of two
     that divides the attention heads), at most a node's GPUs; host memory for loading the
     weights (their size, +10%, +8 GiB). Without a known GPU: 1 GPU; without GPUs: none. One
-    replica is one pod: more than 8 GPUs is reported, and render-serve refuses it."""
+    replica is one pod: more than 8 GPUs is reported, and render-serve refuses it. `arch`: the
+    model's, when the caller has it already."""
     from ..cluster.pytorchjob import uses_gpu
 
-    arch = architecture(cfg)
+    arch = arch or architecture(cfg)
     weights = arch.total_params * 2
     memory = f"{max(16, math.ceil(weights * 1.1 / 2**30) + 8)}Gi"
     gpu_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
     if not uses_gpu(cfg):
-        return Inference(arch.total_params, weights / GB, 0, "none", memory, "no GPU in the recipe")
+        return Inference(0, "none", memory, "no GPU in the recipe")
     if not gpu_gb:
         why = f"hardware.gpu {cfg.hardware.gpu} has no known memory: 1 GPU"
-        return Inference(arch.total_params, weights / GB, 1, cfg.hardware.gpu, memory, why)
-    need = max(1, math.ceil(weights * KV_ROOM / (gpu_gb * GB)))
+        return Inference(1, cfg.hardware.gpu, memory, why)
+    need = gpus_needed(arch.total_params, gpu_gb)
     sizes = [n for n in (1, 2, 4, 8) if n >= need]
     fitting = [n for n in sizes if arch.heads % n == 0]
     gpus = (fitting or sizes or [need])[0]
@@ -493,4 +497,4 @@ def inference_plan(cfg) -> Inference:
         f"{weights / GB:.1f} GB of bf16 weights +30% over {gpu_gb:g} GB GPUs: {need} needed, "
         + (f"{gpus} for tensor parallelism" if gpus <= MAX_SERVE_GPUS else "more than a node has")
     )
-    return Inference(arch.total_params, weights / GB, gpus, cfg.hardware.gpu, memory, reason)
+    return Inference(gpus, cfg.hardware.gpu, memory, reason)

@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from ..console import duration
+
 URL_ENV = "KUBEFLOW_TRAINER_STATUS_URL"
 CA_ENV = "KUBEFLOW_TRAINER_STATUS_CA_CERT"
 TOKEN_ENV = "KUBEFLOW_TRAINER_STATUS_TOKEN"
@@ -74,15 +76,6 @@ class Figures:
         if self.eta_seconds is not None:
             out["estimated_remaining_seconds"] = float(self.eta_seconds)
         return out
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class TrainerStatus:
