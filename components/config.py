@@ -312,6 +312,40 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
     min_rouge_l: float | None = Field(None, ge=0, le=1, description="Push only if ROUGE-L >= this.")
     max_eval_loss: float | None = Field(None, gt=0, description="Push only if eval loss <= this.")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks scored on base and tuned: registered task or "
+        "group names (their datasets come from the hub), or paths to task YAML files (their "
+        "data files relative to the YAML; these work offline).",
+    )
+    lm_eval_limit: int | None = Field(
+        None, gt=0, description="Score at most this many documents per lm-eval task (all: unset)."
+    )
+    lm_eval_num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per lm-eval prompt (unset: the task's own)."
+    )
+    max_regression: float | None = Field(
+        None,
+        ge=0,
+        description="Push only if no lm-eval task's score falls below the base model's by more "
+        "than this, on the metric's own scale (0.02: two accuracy points).",
+    )
+
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _tasks(cls, value: list[str]) -> list[str]:
+        for i, task in enumerate(value):
+            if not task.strip():
+                raise ValueError(f"eval.lm_eval_tasks[{i}] is empty")
+        if len(set(value)) != len(value):
+            raise ValueError("eval.lm_eval_tasks lists a task twice")
+        return value
+
+    @model_validator(mode="after")
+    def _regression_needs_tasks(self) -> EvalConfig:
+        if self.max_regression is not None and not self.lm_eval_tasks:
+            raise ValueError("eval.max_regression needs eval.lm_eval_tasks (the tasks it guards)")
+        return self
 
 
 class RegistryConfig(Section):

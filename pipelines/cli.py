@@ -120,9 +120,17 @@ def cmd_evaluate(args) -> int:
             f"{name:6} {loss:>10} {ppl:>11} {m['rouge1']:8.4f} {m['rouge2']:8.4f} "
             f"{m['rougeL']:8.4f} {m['exact_match']:6.3f}"
         )
+    rows = (metrics.get("lm_eval") or {}).get("tasks", [])
+    if rows:
+        width = max(len(f"{r['task']} {r['metric']}") for r in rows)
+        print(f"{'lm-eval task':{width}} {'base':>8} {'tuned':>8} {'change':>8}")
+        for r in rows:
+            label = f"{r['task']} {r['metric']}"
+            print(f"{label:{width}} {r['base']:8.4f} {r['tuned']:8.4f} {r['change']:+8.4f}")
     gate = metrics["gate"]
     if gate["checks"]:
-        print(f"quality gate: {'passed' if gate['passed'] else 'FAILED'}")
+        failed = [c["metric"] for c in gate["checks"] if not c["passed"]]
+        print(f"quality gate: {'passed' if gate['passed'] else 'FAILED: ' + ', '.join(failed)}")
     out = Path(args.output)
     print(f"wrote {out / 'metrics.json'}, {out / 'generations.jsonl'} and {out / 'report.html'}")
     return 0

@@ -133,7 +133,7 @@ def constraints() -> dict[str, str]:
 def test_versions_are_pinned_in_one_place_that_everything_shares():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("qlora", "deepspeed", "gpu"):
+    for extra in ("qlora", "deepspeed", "gpu", "lmeval"):
         requirements += [Requirement(r) for r in project["optional-dependencies"][extra]]
     pins = constraints()
     for req in requirements:
@@ -152,7 +152,8 @@ def test_versions_are_pinned_in_one_place_that_everything_shares():
         assert "-c /src/images/constraints.txt" in dockerfile
         users = re.findall(r"^USER (\S+)", dockerfile, re.M)
         assert users and users[-1].split(":")[0] == str(KubernetesConfig().run_as_user)
-    assert "[qlora,deepspeed,gpu]" in trainer and "flash-attn" in trainer
+    assert "[qlora,deepspeed,gpu,lmeval]" in trainer and "flash-attn" in trainer
+    assert "[lmeval]" in steps  # evaluate runs in either image
     assert "-c images/constraints.txt" in (REPO / ".ci" / "run").read_text()
 
     version = project["version"]

@@ -186,6 +186,19 @@ def test_compiled_pipeline_wires_steps_node_pool_and_secrets(tmp_path):
     assert images_by_resources(ir) == {"exec-evaluate-model": "ghcr.io/kubetune/trainer:0.1.0"}
 
 
+def test_evaluate_keeps_the_hub_only_for_registered_lm_eval_tasks(tmp_path):
+    """A registered lm-eval task reads its dataset from the hub; a task file needs no hub."""
+
+    def evaluate_env(*sets: str) -> list:
+        ir = compile_to(tmp_path / "p.yaml", RECIPES / "falcon-7b-qlora.yaml", *sets)
+        return ir["deploymentSpec"]["executors"]["exec-evaluate-model"]["container"].get("env", [])
+
+    offline = {"name": "HF_HUB_OFFLINE", "value": "1"}
+    assert offline in evaluate_env("eval.lm_eval_tasks=[/workspace/tasks/mine.yaml]")
+    hub = evaluate_env("eval.lm_eval_tasks=[arc_easy,/workspace/tasks/mine.yaml]")
+    assert offline not in hub
+
+
 def images_by_resources(ir: dict, steps_image: str = "ghcr.io/kubetune/steps:0.1.0") -> dict:
     """The executors whose image is not the steps image, and that image; asserts along the way
     that exactly the executors asking for accelerators run another (the CUDA) image."""

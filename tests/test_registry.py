@@ -20,6 +20,7 @@ EVALUATION = {
     "tuned": {"eval_loss": 1.5, "rougeL": 0.42},
     "baseline": {"eval_loss": 2.5, "rougeL": 0.1},
     "gate": {"passed": True, "min_rouge_l": 0.2},
+    "lm_eval": {"tasks": [{"task": "arc_easy", "metric": "acc", "base": 0.75, "tuned": 0.5}]},
 }
 
 
@@ -68,6 +69,7 @@ def test_push_registers_model_version_and_artifact(servers, tmp_path):
     props = version.custom_properties
     assert props["tuned_rougeL"] == 0.42 and props["baseline_eval_loss"] == 2.5
     assert props["gate_passed"] is True
+    assert props["lm_eval_arc_easy_base"] == 0.75 and props["lm_eval_arc_easy_tuned"] == 0.5
     # the manifest, written after the registration, records it
     manifest = json.loads(read_bucket(s3, "reg", "falcon-chat/run-7/")["manifest.json"])
     assert manifest["registry"] == {

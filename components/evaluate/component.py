@@ -25,7 +25,8 @@ def evaluate_model(
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def quality_gate(eval_dir: str, workspace: str = "") -> bool:
-    """Whether the evaluation passed the recipe's gate (eval.min_rouge_l, eval.max_eval_loss)."""
+    """Whether the evaluation passed the recipe's gate (eval.min_rouge_l, eval.max_eval_loss,
+    eval.max_regression)."""
     from kubetune.components.evaluate.kfp_body import gate_passed
 
     return gate_passed(eval_dir)

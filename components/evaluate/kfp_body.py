@@ -36,5 +36,7 @@ def gate_passed(eval_dir: str) -> bool:
             f"{'passed' if check['passed'] else 'FAILED'}"
         )
     if not checks:
-        print("no quality gate set (eval.min_rouge_l, eval.max_eval_loss): passed")
+        print(
+            "no quality gate set (eval.min_rouge_l, eval.max_eval_loss, eval.max_regression): passed"
+        )
     return bool(metrics["gate"]["passed"])

@@ -100,10 +100,44 @@ def _metrics_table(metrics: dict) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _lm_eval(metrics: dict) -> str:
+    """The forgetting check's tasks, base and tuned side by side."""
+    section = metrics.get("lm_eval")
+    if not section:
+        return ""
+    rows = [
+        "<tr><th>task</th><th>metric</th><th>documents</th><th>base</th><th>tuned</th>"
+        "<th>change</th></tr>"
+    ]
+    for r in section["tasks"]:
+        css = "better" if r["regression"] < 0 else "worse" if r["regression"] > 0 else ""
+
+        def cell(value, stderr):
+            spread = f" &plusmn; {stderr:.4f}" if stderr is not None else ""
+            return f"{value:.4f}{spread}"
+
+        rows.append(
+            f"<tr><td>{escape(r['task'])}</td><td>{escape(r['metric'])}"
+            f"{'' if r['higher_is_better'] else ' (lower is better)'}</td>"
+            f'<td class="num">{_num(r["samples"])}</td>'
+            f'<td class="num">{cell(r["base"], r["base_stderr"])}</td>'
+            f'<td class="num {css}">{cell(r["tuned"], r["tuned_stderr"])}</td>'
+            f'<td class="num {css}">{r["change"]:+.4f}</td></tr>'
+        )
+    shots = section.get("num_fewshot")
+    limit = section.get("limit")
+    note = (
+        f"<p>lm-evaluation-harness; {'the tasks’ own few-shot' if shots is None else shots}"
+        f"{'' if shots is None else '-shot'}, "
+        f"{'every document' if limit is None else f'at most {limit} documents per task'}.</p>"
+    )
+    return "<h2>Forgetting check</h2>" + note + "<table>" + "".join(rows) + "</table>"
+
+
 def _gate(metrics: dict) -> str:
     gate = metrics["gate"]
     if not gate["checks"]:
-        return "<p>No quality gate set (eval.min_rouge_l, eval.max_eval_loss).</p>"
+        return "<p>No quality gate set (eval.min_rouge_l, eval.max_eval_loss, eval.max_regression).</p>"
     items = "".join(
         f"<li>{escape(c['metric'])} {escape(c['op'])} {c['threshold']}: {_num(c['value'])} "
         f'<span class="{"pass" if c["passed"] else "fail"}">'
@@ -126,6 +160,7 @@ def render_report(cfg, metrics: dict, generations: list[dict], training: dict | 
         f"{metrics['max_new_tokens']} new tokens. kubetune {escape(__version__)}.</p>",
         "<h2>Metrics</h2>",
         _metrics_table(metrics),
+        _lm_eval(metrics),
         _gate(metrics),
     ]
     if training:

@@ -22,6 +22,7 @@ from ..data_model_match import check_data_matches_model
 from ..errors import UserError
 from ..models import load_tokenizer, model_source, resolve_model
 from ..outputs import check_output, staged_output
+from . import harness
 from .report import render_report
 from .scores import per_example, score_texts
 
@@ -157,7 +158,10 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: RunConfig) -> list
     return answers
 
 
-def evaluate_model(name: str, cfg: RunConfig, split, prompts, tokenizer) -> tuple[dict, list[str]]:
+def evaluate_model(
+    name: str, cfg: RunConfig, split, prompts, tokenizer, tasks=None
+) -> tuple[dict, list[str]]:
+    """Loss, answers and (with `tasks`: resolve_tasks' result) lm-eval scores of one model."""
     device, dtype = _device_and_dtype()
     model = load_model(name, cfg, dtype, device)
     started = time.monotonic()
@@ -166,21 +170,27 @@ def evaluate_model(name: str, cfg: RunConfig, split, prompts, tokenizer) -> tupl
     started = time.monotonic()
     answers = generate(model, tokenizer, prompts, cfg)
     generate_seconds = time.monotonic() - started
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {
+    result = {
         "model": name,
         "eval_loss": loss,
         "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
         "eval_tokens": tokens,
         "loss_seconds": round(loss_seconds, 3),
         "generate_seconds": round(generate_seconds, 3),
-    }, answers
+    }
+    if tasks is not None:
+        started = time.monotonic()
+        result["lm_eval"] = harness.score(model, tokenizer, *tasks, cfg)
+        result["lm_eval_seconds"] = round(time.monotonic() - started, 3)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result, answers
 
 
-def gate(cfg: RunConfig, tuned: dict) -> dict:
-    """Whether the tuned model clears eval.min_rouge_l / eval.max_eval_loss (no bound: passes)."""
+def gate(cfg: RunConfig, tuned: dict, lm_eval_rows: list[dict] = ()) -> dict:
+    """Whether the tuned model clears eval.min_rouge_l / eval.max_eval_loss and, per lm-eval
+    task, eval.max_regression (no bound: passes)."""
     checks = []
     if cfg.eval.min_rouge_l is not None:
         value = tuned["rougeL"]
@@ -200,6 +210,7 @@ def gate(cfg: RunConfig, tuned: dict) -> dict:
                 "passed": passed,
             }
         )
+    checks += harness.regression_checks(cfg, list(lm_eval_rows))
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
@@ -255,18 +266,23 @@ def evaluate(
     if (Path(dataset_dir) / "stats.json").is_file():
         check_data_matches_model(cfg.model, dataset_dir)
     training = find_training_metrics(model_dir, training_metrics)
+    # the forgetting check: tasks resolved before any model loads; it needs the base model
+    tasks = harness.resolve_tasks(cfg.eval.lm_eval_tasks) if cfg.eval.lm_eval_tasks else None
+    if tasks is not None and baseline is None:
+        baseline = cfg.model.name_or_path
     tokenizer = load_tokenizer(cfg.model)
     n = min(cfg.eval.num_prompts, len(split))
     head = split.select(range(n))
     prompts = [prompt_ids(row) for row in head]
     references = list(head["reference"])
 
-    tuned, tuned_answers = evaluate_model(model_dir, cfg, split, prompts, tokenizer)
+    tuned, tuned_answers = evaluate_model(model_dir, cfg, split, prompts, tokenizer, tasks)
     tuned.update(score_texts(tuned_answers, references))
     base, base_answers = None, None
     if baseline is not None:
-        base, base_answers = evaluate_model(baseline, cfg, split, prompts, tokenizer)
+        base, base_answers = evaluate_model(baseline, cfg, split, prompts, tokenizer, tasks)
         base.update(score_texts(base_answers, references))
+    rows = harness.side_by_side(base["lm_eval"], tuned["lm_eval"]) if tasks else []
     metrics = {
         "num_prompts": n,
         "eval_rows": len(split),
@@ -274,8 +290,14 @@ def evaluate(
         "do_sample": cfg.eval.do_sample,
         "tuned": tuned,
         "baseline": base,
-        "gate": gate(cfg, tuned),
+        "gate": gate(cfg, tuned, rows),
     }
+    if tasks is not None:
+        metrics["lm_eval"] = {
+            "limit": cfg.eval.lm_eval_limit,
+            "num_fewshot": cfg.eval.lm_eval_num_fewshot,
+            "tasks": rows,
+        }
     if base is not None:
         metrics["improvement"] = {
             k: tuned[k] - base[k] for k in ("rouge1", "rouge2", "rougeL", "exact_match")
@@ -316,5 +338,8 @@ def kfp_metrics(metrics: dict) -> dict[str, float]:
             for key in ("eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "exact_match"):
                 if metrics[side].get(key) is not None:
                     flat[f"{side}_{key}"] = float(metrics[side][key])
+    for row in (metrics.get("lm_eval") or {}).get("tasks", []):
+        for side in ("base", "tuned"):
+            flat[f"lm_eval_{row['task']}_{side}"] = float(row[side])
     flat["gate_passed"] = float(metrics["gate"]["passed"])
     return flat

@@ -31,6 +31,9 @@ def version_properties(manifest: dict) -> dict[str, str | float | bool]:
         for key, value in (evaluation.get(side) or {}).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 props[f"{side}_{key}"] = float(value)
+    for row in (evaluation.get("lm_eval") or {}).get("tasks", []):
+        props[f"lm_eval_{row['task']}_base"] = float(row["base"])
+        props[f"lm_eval_{row['task']}_tuned"] = float(row["tuned"])
     gate = evaluation.get("gate") or {}
     if "passed" in gate:
         props["gate_passed"] = bool(gate["passed"])
