@@ -310,6 +310,11 @@ class EvalConfig(Section):
     batch_size: int = Field(8, gt=0, description="Prompts per generate() call.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What generates the answers: hf (transformers' generate, CPU or GPU) or "
+        "vllm (vLLM on the GPU nodes, in kubernetes.eval_image; far faster for many prompts).",
+    )
     min_rouge_l: float | None = Field(None, ge=0, le=1, description="Push only if ROUGE-L >= this.")
     max_eval_loss: float | None = Field(None, gt=0, description="Push only if eval loss <= this.")
     lm_eval_tasks: list[str] = Field(
@@ -485,6 +490,11 @@ class KubernetesConfig(Section):
     steps_image: str = Field(
         "ghcr.io/kubetune/steps:0.1.0", description="CPU image of the other steps."
     )
+    eval_image: str = Field(
+        "ghcr.io/kubetune/eval:0.1.0",
+        description="CUDA image of the evaluate step with eval.engine=vllm (vLLM pins its own "
+        "torch, so it is not the trainer image).",
+    )
     service_account: str = Field(
         "kubetune-trainer", description="ServiceAccount of the training pods."
     )
@@ -643,6 +653,26 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    compare: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="kubetune compare: per method, dotted KEY: VALUE settings its branch trains "
+        "with (over the published defaults; e.g. adapter: {train.lr: 0.05}).",
+    )
+
+    @field_validator("compare")
+    @classmethod
+    def _compare(cls, value: dict) -> dict:
+        from .compare_methods.settings import METHODS, check_key
+
+        for method, settings in value.items():
+            if method not in METHODS:
+                raise ValueError(f"compare.{method}: not a method ({', '.join(METHODS)})")
+            for key in settings or {}:
+                try:
+                    check_key(key, f"compare.{method}")
+                except UserError as exc:
+                    raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

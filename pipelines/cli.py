@@ -256,9 +256,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from kubetune.pipelines.compare import compile_compare, parse_methods
+    from kubetune.components.compare_methods.settings import parse_methods
+    from kubetune.pipelines.compare import compile_compare
 
-    methods = parse_methods(args.methods)
+    names, _ = parse_methods(args.methods)  # checked before anything starts
+    methods = args.methods
     if args.local:
         from kubetune.pipelines.local import compare_local
 
@@ -272,7 +274,7 @@ def cmd_compare(args) -> int:
         )
     cfg = load_recipe(args.recipe, args.overrides)
     compile_compare(cfg, methods, args.output)
-    print(f"wrote {args.output}: methods {', '.join(methods)} (upload it in the KFP UI)")
+    print(f"wrote {args.output}: methods {', '.join(names)} (upload it in the KFP UI)")
     return 0
 
 
@@ -399,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         required=True,
-        help="comma-separated methods, e.g. lora,adapter,adapter_v2,full",
+        help="comma-separated methods, each with its own KEY=VALUE settings if needed, e.g. "
+        "lora,adapter:train.lr=9e-3,adapter.start_layer=0,full (over the published defaults "
+        "and the recipe's compare section)",
     )
     p.add_argument("--local", action="store_true", help="run it here with kfp.local")
     p.add_argument("--output", help="without --local: write the pipeline YAML here")

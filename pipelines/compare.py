@@ -11,17 +11,22 @@ is pushed: a comparison informs the choice of a method, and its winner is then r
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
 from typing import Optional
 
-import yaml
 from kfp import dsl
 
 from kubetune.components.cluster.pytorchjob import uses_gpu
 from kubetune.components.compare_methods.component import compare_methods, method_branches
-from kubetune.components.config import RunConfig, dump_config
+from kubetune.components.compare_methods.settings import (
+    branch_overrides,
+    format_methods,
+    parse_methods,
+)
+from kubetune.components.config import RunConfig, dump_config, parse_recipe
 from kubetune.components.errors import UserError
 from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
 from kubetune.components.pipeline_steps.component import resolve_recipe
 from kubetune.pipelines.finetune import (
     _on_cluster,
+    check_cluster,
     fetch_and_prepare,
     local_copy,
     pipeline_config,
@@ -31,35 +36,24 @@ from kubetune.pipelines.finetune import (
 )
 
 PIPELINE_NAME = "kubetune-compare"
-METHODS = ("full", "lora", "qlora", "adapter", "adapter_v2")
-
-
-def parse_methods(text: str) -> list[str]:
-    """`--methods a,b,c`: known methods, each once, at least two."""
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
-    repeated = sorted({m for m in methods if methods.count(m) > 1})
-    if repeated:
-        raise UserError(f"--methods: {repeated[0]} is listed twice")
-    if len(methods) < 2:
-        raise UserError("--methods: name at least two methods to compare, e.g. lora,adapter")
-    return methods
 
 
 def build_compare_pipeline(
     cfg: RunConfig,
-    methods: list[str],
+    methods: str,
     workspace: Optional[str] = None,  # noqa: UP045
     parallelism: int = 0,
 ):
-    """The comparison pipeline of one recipe; `parallelism` 0 runs every branch at once (a
-    cluster: one PyTorchJob each), 1 one at a time (one machine: comparable timings)."""
-    for method in methods:  # refuse a method the recipe cannot run before anything starts
+    """The comparison pipeline of one recipe and `--methods` text (lora,adapter:train.lr=9e-3);
+    `parallelism` 0 runs every branch at once (a cluster: one PyTorchJob each), 1 one at a time
+    (one machine: comparable timings)."""
+    names, extra = parse_methods(methods)
+    for method in names:  # refuse a branch the recipe cannot run before anything starts
+        settings = branch_overrides(cfg, method, extra.get(method))
+        sets = [f"method={method}", *(f"{k}={v}" for k, (v, _) in settings.items())]
         try:
-            RunConfig.model_validate({**yaml.safe_load(dump_config(cfg)), "method": method})
-        except ValueError as exc:
+            parse_recipe(dump_config(cfg), "recipe", sets)
+        except UserError as exc:
             raise UserError(f"--methods {method}: {exc}") from None
     cfg = local_copy(cfg, workspace)
     recipe_text = recipe_parameter(cfg)
@@ -76,7 +70,7 @@ def build_compare_pipeline(
         recipe_yaml: str = recipe_text,
         overrides: list = [],  # noqa: B006 (KFP reads the default; KEY=VALUE strings)
         workspace: str = workspace or cfg.kubernetes.workspace_mount,
-        methods: list = list(methods),  # noqa: B006
+        methods: str = format_methods(names, extra),
     ) -> str:
         resolved = resolve_recipe(
             recipe_yaml=recipe_yaml,
@@ -113,7 +107,8 @@ def build_compare_pipeline(
     return compare
 
 
-def compile_compare(cfg: RunConfig, methods: list[str], path: str) -> None:
+def compile_compare(cfg: RunConfig, methods: str, path: str) -> None:
     from kfp import compiler
 
+    check_cluster(cfg)
     compiler.Compiler().compile(build_compare_pipeline(cfg, methods), package_path=path)

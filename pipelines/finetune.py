@@ -25,6 +25,7 @@ from kfp import dsl, kubernetes
 
 from kubetune.components.cluster.pytorchjob import uses_gpu
 from kubetune.components.config import RunConfig, dump_config
+from kubetune.components.errors import UserError
 from kubetune.components.evaluate.component import evaluate_model, quality_gate
 from kubetune.components.evaluate.harness import is_task_file
 from kubetune.components.fetch_model.component import fetch_model
@@ -191,7 +192,19 @@ def train_merge_evaluate(cfg: RunConfig, recipe, dataset_dir, run_dir, gpu: bool
         _hub_off(evaluated)  # registered lm-eval tasks read their datasets from the hub
     if gpu:
         _on_gpu_pool(evaluated, cfg)
+        if cfg.eval.engine == "vllm":  # vLLM pins its own torch: an image of its own
+            evaluated.set_container_image(cfg.kubernetes.eval_image)
     return merged, evaluated
+
+
+def check_cluster(cfg: RunConfig) -> None:
+    """What a cluster pipeline cannot run, refused when it is compiled rather than after
+    training (run --local evaluates on whatever this machine has)."""
+    if cfg.eval.engine == "vllm" and not uses_gpu(cfg):
+        raise UserError(
+            "eval.engine=vllm generates on the GPU nodes: set hardware.gpu (and the node pool), "
+            "or use eval.engine=hf"
+        )
 
 
 def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP045
@@ -281,4 +294,5 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
 def compile_pipeline(cfg: RunConfig, path: str) -> None:
     from kfp import compiler
 
+    check_cluster(cfg)
     compiler.Compiler().compile(build_pipeline(cfg), package_path=path)

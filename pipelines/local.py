@@ -229,7 +229,7 @@ def run_local(recipe: str, overrides: list[str], workspace: str, verbose: bool =
 
 
 def compare_local(
-    recipe: str, overrides: list[str], methods: list[str], workspace: str, verbose: bool = False
+    recipe: str, overrides: list[str], methods: str, workspace: str, verbose: bool = False
 ) -> int:
     """`kubetune compare --local`: the comparison pipeline here, one branch at a time (the
     machine's cores are shared: branches side by side would skew each other's timings)."""

@@ -68,3 +68,21 @@ def test_train_throughput_without_a_gpu_says_so():
         timeout=120,
     )
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_eval_generate_smoke_runs_the_hf_engine_and_says_what_did_not_run():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "eval_generate.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert json.loads(lines[0])["machine"]["versions"]["transformers"]
+    hf = json.loads(lines[1])
+    assert hf["engine"] == "hf, batch 8" and hf["seconds"] > 0
+    assert 0 < hf["tokens"] <= 16 * 16  # at most max_new_tokens per prompt, EOS cut
+    (row,) = [line for line in lines if line.startswith("| hf, batch 8 |")]
+    assert float(row.split("|")[3]) == pytest.approx(16 / hf["seconds"], rel=0.01)
+    assert "| vllm | not run here" in proc.stdout

@@ -10,13 +10,21 @@ import pytest
 import yaml
 
 from kubetune.components.compare_methods import compare_methods
+from kubetune.components.compare_methods.settings import (
+    METHOD_DEFAULTS,
+    branch_overrides,
+    format_methods,
+    parse_methods,
+)
+from kubetune.components.config import load_recipe
 
 from .conftest import TINY_DEMO, assert_user_error, run_cli
 
 
 def test_compiled_comparison_fans_out_one_branch_per_method(tmp_path):
     out = tmp_path / "compare.yaml"
-    result = run_cli("compare", TINY_DEMO, "--methods", "lora,adapter,full", "--output", out)
+    methods = "lora,adapter:train.lr=0.02,adapter.start_layer=0,full"
+    result = run_cli("compare", TINY_DEMO, "--methods", methods, "--output", out)
     assert result.code == 0, result
     spec = next(yaml.safe_load_all(out.read_text()))
     root = spec["root"]["dag"]["tasks"]
@@ -27,11 +35,8 @@ def test_compiled_comparison_fans_out_one_branch_per_method(tmp_path):
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert set(body) == {"train-model", "merge-model", "evaluate-model"}
     assert "prepare-dataset" in root["method-branches"]["dependentTasks"]
-    assert spec["root"]["inputDefinitions"]["parameters"]["methods"]["defaultValue"] == [
-        "lora",
-        "adapter",
-        "full",
-    ]
+    # the KFP UI's `methods` parameter holds the same text, settings included
+    assert spec["root"]["inputDefinitions"]["parameters"]["methods"]["defaultValue"] == methods
     assert "compare-methods" in root and "push-model" not in root
 
 
@@ -41,6 +46,10 @@ def test_compiled_comparison_fans_out_one_branch_per_method(tmp_path):
         ("lora,dora", "unknown method 'dora'"),
         ("lora,lora", "lora is listed twice"),
         ("lora", "at least two methods"),
+        ("train.lr=1,lora,adapter", "name the method first"),
+        ("lora,adapter:train.lr", "adapter:train.lr: expected KEY=VALUE"),
+        ("lora,adapter:data.max_seq_len=64", "data.max_seq_len: a branch may only change"),
+        ("lora,adapter:train.lr=fast", "train.lr"),
     ],
 )
 def test_bad_method_lists_are_refused(methods, message):
@@ -69,7 +78,7 @@ def test_compare_local_trains_every_method_and_tables_them(tmp_path):
         "compare",
         TINY_DEMO,
         "--methods",
-        "lora,adapter_v2",
+        "lora,adapter_v2:train.lr=0.05",
         "--local",
         "--workspace",
         work,
@@ -97,12 +106,25 @@ def test_compare_local_trains_every_method_and_tables_them(tmp_path):
     assert [p.name for p in run.iterdir() if p.name == "dataset"] == ["dataset"]
     assert not (run / "methods" / "lora" / "dataset").exists()
     lora, v2 = comparison["methods"]
+    # each branch trained with what its settings.json says, and the table says it
+    assert lora["settings"] == {} and lora["lr"] == pytest.approx(0.01)  # the recipe's own
+    assert v2["settings"] == {
+        "train.lr": {"value": "0.05", "from": "command line"},
+        "train.weight_decay": {"value": "0.02", "from": "published"},
+    }
+    resolved = yaml.safe_load(
+        (run / "methods" / "adapter_v2" / "train" / "recipe.yaml").read_text()
+    )
+    assert resolved["train"]["lr"] == v2["lr"] == 0.05
+    assert resolved["train"]["weight_decay"] == 0.02
     assert lora["trainable_params"] != v2["trainable_params"]
     assert comparison["base"]["eval_loss"] > min(lora["eval_loss"], v2["eval_loss"])
     assert comparison["published_trainable_params"] is None  # not Falcon-7B
     table = (run / "comparison" / "comparison.md").read_text()
     assert table in result.out
-    assert f"| adapter_v2 | {v2['trainable_params']:,} |" in table
+    assert f"| adapter_v2 | 0.05 | {v2['trainable_params']:,} |" in table
+    assert "train.lr=0.05 (command line); train.weight_decay=0.02 (published) |" in table
+    assert "| the recipe's own |" in table
     report = (run / "comparison" / "report.html").read_text()
     first = json.loads(
         (run / "methods" / "adapter_v2" / "eval" / "generations.jsonl").read_text().splitlines()[0]
@@ -118,3 +140,46 @@ def test_compare_local_trains_every_method_and_tables_them(tmp_path):
     assert again["published_trainable_params"]["adapter_v2"] == 3_839_186
     table = (tmp_path / "as-falcon-7b" / "comparison.md").read_text()
     assert "published params" in table and "| 3,839,186 |" in table
+
+
+def test_branch_settings_apply_published_then_recipe_then_command_line(tmp_path):
+    recipe = yaml.safe_load(TINY_DEMO.read_text())
+    recipe["compare"] = {"adapter": {"train.lr": 0.05, "adapter.start_layer": 0}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cfg = load_recipe(path)
+    assert branch_overrides(cfg, "lora") == {}  # the recipe's own method keeps its settings
+    assert branch_overrides(cfg, "full") == {
+        "train.lr": (repr(METHOD_DEFAULTS["full"]["train.lr"]), "published"),
+        "train.weight_decay": ("0.0", "published"),
+    }
+    assert branch_overrides(cfg, "adapter", {"adapter.start_layer": "1"}) == {
+        "train.lr": ("0.05", "recipe"),
+        "train.weight_decay": ("0.02", "published"),
+        "adapter.start_layer": ("1", "command line"),
+    }
+    methods, extra = parse_methods("lora, adapter:train.lr=9e-3,adapter.prompt_length=4 ,full")
+    assert methods == ["lora", "adapter", "full"]
+    assert extra == {
+        "lora": {},
+        "adapter": {"train.lr": "9e-3", "adapter.prompt_length": "4"},
+        "full": {},
+    }
+    assert (
+        format_methods(methods, extra) == "lora,adapter:train.lr=9e-3,adapter.prompt_length=4,full"
+    )
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"dora": {"train.lr": 1}}, "compare.dora: not a method"),
+        ({"adapter": {"eval.num_prompts": 2}}, "compare.adapter: eval.num_prompts"),
+    ],
+)
+def test_bad_compare_sections_are_named(tmp_path, section, message):
+    recipe = yaml.safe_load(TINY_DEMO.read_text())
+    recipe["compare"] = section
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert_user_error(run_cli("config", path), message)

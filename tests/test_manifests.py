@@ -157,5 +157,32 @@ def test_versions_are_pinned_in_one_place_that_everything_shares():
     assert "-c images/constraints.txt" in (REPO / ".ci" / "run").read_text()
 
     version = project["version"]
-    for image in (KubernetesConfig().trainer_image, KubernetesConfig().steps_image):
+    k8s = KubernetesConfig()
+    for image in (k8s.trainer_image, k8s.steps_image, k8s.eval_image):
         assert image.endswith(f":{version}")
+
+
+# vLLM 0.33.0's own requirements (its wheel's METADATA Requires-Dist)
+VLLM_REQUIRES = ("torch==2.14.0", "transformers<5.21.0,>=5.16.1")
+
+
+def test_the_eval_image_pins_what_vllm_requires_and_shares_every_other_pin():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    own = {}
+    for line in (REPO / "images" / "eval" / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            own[name.lower()] = version
+    (vllm,) = [Requirement(r) for r in project["optional-dependencies"]["vllm"]]
+    assert vllm.specifier.contains(own["vllm"])
+    for requirement in map(Requirement, VLLM_REQUIRES):
+        assert requirement.specifier.contains(own[requirement.name]), requirement
+    dockerfile = (REPO / "images" / "eval" / "Dockerfile").read_text()
+    # the shared pins the Dockerfile drops are exactly the ones this image replaces
+    dropped = re.search(r"grep -vE '\^\(([a-z|_-]+)\)=='", dockerfile).group(1).split("|")
+    assert sorted(dropped) == sorted(set(own) - {"vllm"})
+    assert set(dropped) <= set(constraints())
+    assert '"/src[vllm,lmeval]"' in dockerfile and "-c /tmp/constraints.txt" in dockerfile
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1].split(":")[0] == str(KubernetesConfig().run_as_user)

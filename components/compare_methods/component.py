@@ -8,9 +8,10 @@ from ..images import STEPS_IMAGE
 
 @dsl.component(base_image=STEPS_IMAGE, install_kfp_package=False)
 def method_branches(
-    recipe_yaml: str, run_dir: str, dataset_dir: str, methods: list, workspace: str = ""
+    recipe_yaml: str, run_dir: str, dataset_dir: str, methods: str, workspace: str = ""
 ) -> list:
-    """One branch per method: {method, recipe_yaml, run_dir, dataset_dir}."""
+    """One branch per method of `methods` (lora,adapter:train.lr=9e-3): {method, recipe_yaml,
+    run_dir, dataset_dir}."""
     from kubetune.components.compare_methods.kfp_body import method_branches as body
 
     return body(recipe_yaml, run_dir, dataset_dir, methods)

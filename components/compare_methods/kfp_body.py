@@ -8,19 +8,35 @@ from pathlib import Path
 from ..config import parse_recipe
 
 
-def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: list) -> list:
-    """The branches of `kubetune compare`, one per method: the recipe with `method` set
-    (validated: a method the recipe cannot run fails here, naming it), the branch's folder
-    RUN_DIR/methods/METHOD and the prepared data they share. ParallelFor iterates over them."""
+def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: str) -> list:
+    """The branches of `kubetune compare`, one per method of the `--methods` text: the recipe
+    with `method` and the branch's settings set (settings.py: published defaults, the recipe's
+    `compare` section, the command line; validated, a method the recipe cannot run fails here,
+    naming it), the branch's folder RUN_DIR/methods/METHOD with settings.json (what the branch
+    trains with, for the comparison's report) and the prepared data they share. ParallelFor
+    iterates over them."""
+    import json
+
     from ..config import dump_config
     from ..train.llama_adapter import check_recipe
+    from .settings import branch_overrides, parse_methods
 
+    names, extra = parse_methods(methods)
+    base = parse_recipe(recipe_yaml, "recipe")
     branches = []
-    for method in methods:
-        cfg = parse_recipe(recipe_yaml, "recipe", [f"method={method}"])
+    for method in names:
+        settings = branch_overrides(base, method, extra.get(method))
+        sets = [f"method={method}", *(f"{k}={v}" for k, (v, _) in settings.items())]
+        cfg = parse_recipe(recipe_yaml, "recipe", sets)
         check_recipe(cfg)
         out = Path(run_dir) / "methods" / method
         out.mkdir(parents=True, exist_ok=True)
+        record = {
+            "method": method,
+            "lr": cfg.train.lr,
+            "settings": {k: {"value": v, "from": origin} for k, (v, origin) in settings.items()},
+        }
+        (out / "settings.json").write_text(json.dumps(record, indent=1) + "\n")
         branches.append(
             {
                 "method": method,

@@ -33,6 +33,7 @@ PUBLISHED_FALCON_7B = {
 FALCON_7B = "tiiuae/falcon-7b"
 ANSWERS = 3  # prompts shown side by side in the report
 COLUMNS = (
+    ("lr", "lr", "{:.3g}"),
     ("trainable_params", "trainable params", "{:,}"),
     ("train_seconds", "train s", "{:.1f}"),
     ("tokens_per_second", "tokens/s", "{:,.0f}"),
@@ -60,8 +61,12 @@ def branch_row(eval_dir: Path) -> tuple[dict, dict, list[dict]]:
         for line in (eval_dir / "generations.jsonl").read_text().splitlines()
         if line.strip()
     ]
+    settings_file = branch / "settings.json"
+    settings = _read(settings_file) if settings_file.is_file() else {}
     row = {
         "method": training["method"],
+        "lr": settings.get("lr"),
+        "settings": settings.get("settings") or {},
         "trainable_params": training["trainable_params"],
         "total_params": training["total_params"],
         "train_seconds": training.get("train_seconds"),
@@ -79,21 +84,29 @@ def _cell(value, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def settings_text(row: dict) -> str:
+    """What the branch changed from the recipe, and where each value came from."""
+    items = [f"{k}={v['value']} ({v['from']})" for k, v in (row.get("settings") or {}).items()]
+    return "; ".join(items) or "the recipe's own"
+
+
 def markdown_table(rows: list[dict], base: dict, published: dict | None) -> str:
     heads = ["method"] + [title for _, title, _ in COLUMNS]
     if published:
         heads.append("published params")
+    heads.append("settings")
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for row in rows:
         cells = [row["method"]] + [_cell(row.get(k), fmt) for k, _, fmt in COLUMNS]
         if published:
             cells.append(_cell(published.get(row["method"]), "{:,}"))
+        cells.append(settings_text(row))
         lines.append("| " + " | ".join(cells) + " |")
     if base:
         cells = ["base (untrained)"] + [
             _cell(base.get(k), fmt) if k in ("eval_loss", "rougeL") else "" for k, _, fmt in COLUMNS
         ]
-        lines.append("| " + " | ".join(cells + ([""] if published else [])) + " |")
+        lines.append("| " + " | ".join(cells + ([""] if published else []) + [""]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,12 +114,14 @@ def html_report(model: str, rows, base, published, answers) -> str:
     heads = ["method"] + [title for _, title, _ in COLUMNS]
     if published:
         heads.append("published params (lit-parrot, Falcon-7B)")
+    heads.append("settings")
     body = ["<tr>" + "".join(f"<th>{escape(h)}</th>" for h in heads) + "</tr>"]
     for row in rows:
         cells = [f"<td>{escape(row['method'])}</td>"]
         cells += [f'<td class="num">{_cell(row.get(k), fmt)}</td>' for k, _, fmt in COLUMNS]
         if published:
             cells.append(f'<td class="num">{_cell(published.get(row["method"]), "{:,}")}</td>')
+        cells.append(f"<td>{escape(settings_text(row))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     if base:
         cells = ["<td>base (untrained)</td>"] + [
@@ -115,7 +130,7 @@ def html_report(model: str, rows, base, published, answers) -> str:
             else "<td></td>"
             for k, _, fmt in COLUMNS
         ]
-        body.append("<tr>" + "".join(cells) + ("<td></td>" if published else "") + "</tr>")
+        body.append("<tr>" + "".join(cells) + ("<td></td>" if published else "") + "<td></td></tr>")
     answer_rows = []
     methods = [row["method"] for row in rows]
     for item in answers:
@@ -129,7 +144,10 @@ def html_report(model: str, rows, base, published, answers) -> str:
         f"<title>kubetune: methods compared on {escape(model)}</title>"
         f"<style>{STYLE}</style></head><body>\n"
         f"<h1>Methods compared on {escape(model)}</h1>\n"
-        "<p>Same prepared data, same recipe; only <code>method</code> differs. Training time, "
+        "<p>Same prepared data and evaluation; each method trains with the settings it is "
+        "known to need (the settings column: what differs from the recipe, and where it came "
+        "from: published defaults, the recipe's <code>compare</code> section, the command "
+        "line). Training time, "
         "tokens/s and peak memory come from each branch's training run (peak memory: GPU "
         "memory on CUDA, the process's peak RSS on CPU).</p>\n"
         f"<table>{''.join(body)}</table>\n<h2>Answers side by side</h2>\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,13 +37,22 @@ def _device_and_dtype() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model to evaluate loads from: the base's source and revision, and the adapter
+    folder on top of it (kind "lora": peft; "prompts": kubetune's LLaMA-Adapter) or none."""
+
+    source: str
+    revision: str | None
+    adapter: Path | None = None
+    kind: str | None = None
+
+
+def locate(name: str, cfg: RunConfig) -> ModelLocation:
     """A merged/full model folder, a `kubetune train` adapter folder (LoRA, or LLaMA-Adapter
     served unmerged: on its base, or on the merged weights beside it), or any model id that
     `model.name_or_path` accepts (hub id, s3://, tiny://)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..train.llama_adapter import is_adapter_folder, load_into
+    from ..train.llama_adapter import is_adapter_folder
 
     path = Path(name)
     prompts = path.is_dir() and is_adapter_folder(path)  # LLaMA-Adapter, merged or not
@@ -63,24 +73,36 @@ def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.devi
     # the recipe's own base loads from its fetched copy, when the pipeline fetched one
     source = model_source(cfg.model) if base_name == cfg.model.name_or_path else None
     source = source or resolve_model(base_name)
+    revision = None if Path(source).exists() else cfg.model.revision
+    kind = "prompts" if prompts else "lora" if adapter else None
+    return ModelLocation(source, revision, path if kind else None, kind)
+
+
+def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+    """The model `locate` finds, in transformers (and peft, or kubetune's LLaMA-Adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..train.llama_adapter import load_into
+
+    where = locate(name, cfg)
     placement = {"device_map": "auto"} if device.type == "cuda" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source,
+            where.source,
             dtype=dtype,
-            revision=None if Path(source).exists() else cfg.model.revision,
+            revision=where.revision,
             trust_remote_code=cfg.model.trust_remote_code,
             attn_implementation="sdpa",
             **placement,
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"{name}: cannot load the model: {str(exc).splitlines()[0]}") from None
-    if prompts:
-        load_into(model, path)
-    elif adapter:
+    if where.kind == "prompts":
+        load_into(model, where.adapter)
+    elif where.kind == "lora":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(path))
+        model = PeftModel.from_pretrained(model, str(where.adapter))
     if device.type != "cuda":
         model.to(device)
     return model.eval()
@@ -124,9 +146,15 @@ def eval_loss(model, split, batch_size: int, pad_id: int) -> tuple[float | None,
     return (loss_sum / tokens if tokens else None), tokens
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], cfg: RunConfig) -> list[str]:
     """Answers to token-id prompts, batched with left padding; special tokens dropped."""
+    return [decode_answer(tokenizer, ids) for ids in generate_ids(model, tokenizer, prompts, cfg)]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: list[list[int]], cfg: RunConfig) -> list[list[int]]:
+    """The generated token ids per prompt (eval.batch_size prompts per generate() call, left
+    padded; greedy unless eval.do_sample), before decode_answer."""
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     options = {"do_sample": cfg.eval.do_sample, "max_new_tokens": cfg.eval.max_new_tokens}
@@ -135,7 +163,7 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: RunConfig) -> list
         torch.manual_seed(cfg.train.seed)
     else:
         options.update(temperature=None, top_p=None, top_k=None)
-    answers = []
+    generated = []
     for start in range(0, len(prompts), cfg.eval.batch_size):
         batch = prompts[start : start + cfg.eval.batch_size]
         length = max(len(p) for p in batch)
@@ -151,25 +179,43 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: RunConfig) -> list
             eos_token_id=eos_id,
             **options,
         )
-        for row in out[:, length:].tolist():
-            if eos_id in row:
-                row = row[: row.index(eos_id)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
+        generated += out[:, length:].tolist()
+    return generated
+
+
+def decode_answer(tokenizer, ids: list[int]) -> str:
+    """Generated token ids as the answer's text: up to the first EOS, special tokens dropped."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def evaluate_model(
     name: str, cfg: RunConfig, split, prompts, tokenizer, tasks=None
 ) -> tuple[dict, list[str]]:
-    """Loss, answers and (with `tasks`: resolve_tasks' result) lm-eval scores of one model."""
+    """Loss, answers and (with `tasks`: resolve_tasks' result) lm-eval scores of one model.
+    With eval.engine=vllm, vLLM generates first, in a process of its own that hands the GPU
+    back before transformers loads the model for the loss."""
     device, dtype = _device_and_dtype()
+    answers = None
+    if cfg.eval.engine == "vllm":
+        from .vllm_engine import generate_vllm
+
+        started = time.monotonic()
+        answers = [
+            decode_answer(tokenizer, ids)
+            for ids in generate_vllm(locate(name, cfg), cfg, prompts, tokenizer, dtype)
+        ]
+        generate_seconds = time.monotonic() - started
     model = load_model(name, cfg, dtype, device)
     started = time.monotonic()
     loss, tokens = eval_loss(model, split, cfg.eval.batch_size, tokenizer.pad_token_id)
     loss_seconds = time.monotonic() - started
-    started = time.monotonic()
-    answers = generate(model, tokenizer, prompts, cfg)
-    generate_seconds = time.monotonic() - started
+    if answers is None:
+        started = time.monotonic()
+        answers = generate(model, tokenizer, prompts, cfg)
+        generate_seconds = time.monotonic() - started
     result = {
         "model": name,
         "eval_loss": loss,
@@ -177,6 +223,7 @@ def evaluate_model(
         "eval_tokens": tokens,
         "loss_seconds": round(loss_seconds, 3),
         "generate_seconds": round(generate_seconds, 3),
+        "engine": cfg.eval.engine,
     }
     if tasks is not None:
         started = time.monotonic()
@@ -266,6 +313,10 @@ def evaluate(
     if (Path(dataset_dir) / "stats.json").is_file():
         check_data_matches_model(cfg.model, dataset_dir)
     training = find_training_metrics(model_dir, training_metrics)
+    if cfg.eval.engine == "vllm":
+        from .vllm_engine import check_available
+
+        check_available()
     # the forgetting check: tasks resolved before any model loads; it needs the base model
     tasks = harness.resolve_tasks(cfg.eval.lm_eval_tasks) if cfg.eval.lm_eval_tasks else None
     if tasks is not None and baseline is None:

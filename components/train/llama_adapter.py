@@ -102,7 +102,7 @@ class Prefix(nn.Module):
         self.prefix = nn.Parameter(torch.empty(length, hidden, device=device))
         self.gate = nn.Parameter(torch.zeros(heads, device=device))
         if self.prefix.device.type != "meta":
-            nn.init.normal_(self.prefix, std=0.02)
+            nn.init.normal_(self.prefix)  # lit-gpt: nn.Embedding's N(0, 1)
         self.heads, self.head_dim, self.fused = heads, head_dim, fused
         self.query: torch.Tensor | None = None  # set by the hooks during one forward
         self.rope = None

@@ -1,0 +1,111 @@
+"""The settings each branch of `kubetune compare` trains with, from one table.
+
+A fair comparison trains every method the way it is known to work, not with the one learning
+rate the recipe chose for its own method: LLaMA-Adapter's prompts and gates learn at 9e-3 where
+LoRA learns at 3e-4. A branch's settings, later ones winning:
+
+1. `METHOD_DEFAULTS[method]`, the published settings of that method, for every method except
+   the recipe's own (whose settings the recipe already tuned);
+2. the recipe's `compare.METHOD` (dotted keys, as for `--set`): what this model needs;
+3. `--methods METHOD:KEY=VALUE,...` on the command line.
+
+Only what training reads may differ between branches (train.*, lora.*, adapter.*, quant.*,
+distributed.*): the model, the prepared data and the evaluation are shared, or the comparison
+would not compare methods.
+"""
+
+from __future__ import annotations
+
+from ..errors import UserError
+
+# Published per-method hyper-parameters (Alpaca-scale instruction tuning of 7B models).
+METHOD_DEFAULTS: dict[str, dict[str, object]] = {
+    # lit-parrot / lit-llama finetune/lora.py
+    "lora": {"train.lr": 3e-4, "train.weight_decay": 0.0},
+    # the QLoRA paper (Dettmers et al. 2023), 7B and 13B models
+    "qlora": {"train.lr": 2e-4, "train.weight_decay": 0.0},
+    # lit-parrot / lit-llama finetune/adapter.py (the LLaMA-Adapter paper's 9e-3)
+    "adapter": {"train.lr": 9e-3, "train.weight_decay": 0.02},
+    # lit-parrot finetune/adapter_v2.py
+    "adapter_v2": {"train.lr": 9e-3, "train.weight_decay": 0.02},
+    # lit-llama finetune/full.py
+    "full": {"train.lr": 3e-5, "train.weight_decay": 0.0},
+}
+METHODS = tuple(METHOD_DEFAULTS)
+BRANCH_SECTIONS = ("train", "lora", "adapter", "quant", "distributed")
+
+
+def check_key(key: str, where: str) -> None:
+    section = key.split(".", 1)[0]
+    if "." not in key or section not in BRANCH_SECTIONS:
+        raise UserError(
+            f"{where}: {key}: a branch may only change what training reads "
+            f"({', '.join(s + '.*' for s in BRANCH_SECTIONS)}); the model, the data and the "
+            "evaluation are shared by every method"
+        )
+
+
+def parse_methods(text: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """`--methods lora,adapter:train.lr=9e-3,adapter.start_layer=0`: the methods in order and
+    each one's KEY=VALUE overrides (a comma-separated KEY=VALUE belongs to the method before
+    it). Known methods, each once, at least two."""
+    methods: list[str] = []
+    overrides: dict[str, dict[str, str]] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if ":" not in item and "=" in item:
+            if not methods:
+                raise UserError(f"--methods: {item}: name the method first (METHOD:KEY=VALUE)")
+            method, setting = methods[-1], item
+        else:
+            method, _, setting = item.partition(":")
+            method = method.strip()
+            if method not in METHODS:
+                raise UserError(
+                    f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})"
+                )
+            if method in methods:
+                raise UserError(f"--methods: {method} is listed twice")
+            methods.append(method)
+            overrides[method] = {}
+        if setting:
+            key, eq, value = setting.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise UserError(f"--methods: {method}:{setting}: expected KEY=VALUE")
+            check_key(key, f"--methods {method}")
+            overrides[method][key] = value.strip()
+    if len(methods) < 2:
+        raise UserError("--methods: name at least two methods to compare, e.g. lora,adapter")
+    return methods, overrides
+
+
+def format_methods(methods: list[str], overrides: dict[str, dict[str, str]]) -> str:
+    """The inverse of parse_methods (what the compiled pipeline's `methods` parameter holds)."""
+    parts = []
+    for method in methods:
+        items = [f"{k}={v}" for k, v in (overrides.get(method) or {}).items()]
+        parts.append(method + (":" + ",".join(items) if items else ""))
+    return ",".join(parts)
+
+
+def branch_overrides(
+    cfg, method: str, extra: dict[str, str] | None = None
+) -> dict[str, tuple[str, str]]:
+    """One branch's `--set` overrides in the order they apply: KEY -> (VALUE text, where it
+    came from: "published", "recipe" or "command line")."""
+    settings: dict[str, tuple[str, str]] = {}
+    if method != cfg.method:
+        settings.update({k: (repr(v), "published") for k, v in METHOD_DEFAULTS[method].items()})
+    for key, value in (cfg.compare.get(method) or {}).items():
+        check_key(key, f"compare.{method}")
+        settings[key] = (value if isinstance(value, str) else _yaml_scalar(value), "recipe")
+    settings.update({k: (v, "command line") for k, v in (extra or {}).items()})
+    return settings
+
+
+def _yaml_scalar(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
