@@ -100,7 +100,7 @@ def run_baseline(data: Path, out: Path) -> int:
 
 def run_kubetune(data: Path, out: Path) -> int:
     from kubetune.components.config import load_recipe
-    from kubetune.components.prepare_dataset import prepare_dataset
+    from kubetune.components.prepare_dataset.step import prepare_dataset
 
     cfg = load_recipe(
         "tiny-demo",

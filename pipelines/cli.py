@@ -47,7 +47,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_fetch_model(args) -> int:
-    from kubetune.components.fetch_model import fetch_model, fetch_summary
+    from kubetune.components.fetch_model.step import fetch_model, fetch_summary
 
     cfg = load_recipe(args.recipe, args.overrides)
     record = fetch_model(cfg.model, args.workspace)
@@ -60,7 +60,7 @@ def cmd_fetch_model(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from kubetune.components.prepare_dataset import prepare_dataset
+    from kubetune.components.prepare_dataset.step import prepare_dataset
 
     cfg = load_recipe(args.recipe, args.overrides)
     stats = prepare_dataset(cfg, args.output, overwrite=args.overwrite)
@@ -85,7 +85,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from kubetune.components.merge_adapter import merge_adapter
+    from kubetune.components.merge_adapter.step import merge_adapter
 
     cfg = load_recipe(args.recipe, args.overrides)
     summary = merge_adapter(cfg, args.adapter, args.output, overwrite=args.overwrite)
@@ -94,7 +94,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from kubetune.components.evaluate import evaluate
+    from kubetune.components.evaluate.step import evaluate
 
     cfg = load_recipe(args.recipe, args.overrides)
     metrics = evaluate(
@@ -137,7 +137,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from kubetune.components.push_model import push
+    from kubetune.components.push_model.step import push
 
     evaluation = None
     if args.metrics:
@@ -173,7 +173,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from kubetune.components.push_model import pull
+    from kubetune.components.push_model.step import pull
 
     summary = pull(args.uri, args.output, overwrite=args.overwrite, workers=args.workers)
     print(

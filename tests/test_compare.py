@@ -9,13 +9,13 @@ from html import escape
 import pytest
 import yaml
 
-from kubetune.components.compare_methods import compare_methods
 from kubetune.components.compare_methods.settings import (
     METHOD_DEFAULTS,
     branch_overrides,
     format_methods,
     parse_methods,
 )
+from kubetune.components.compare_methods.step import compare_methods
 from kubetune.components.config import load_recipe
 
 from .conftest import TINY_DEMO, assert_user_error, run_cli

@@ -195,3 +195,26 @@ def test_plan_counts_match_a_real_model_with_frozen_layers():
     assert plan.arch.frozen_params == sum(frozen.values()) > 0
     with pytest.raises(UserError, match="train.freeze_layers=2: the model has 2 decoder layers"):
         freeze_bottom(model, 2)
+
+
+def test_architecture_counts_are_cached_per_model_and_adapter_settings(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from kubetune.components.train import plan
+
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    cfg = load_recipe(RECIPES / "falcon-7b-qlora.yaml")
+    counted = plan.architecture(cfg)
+    (cached,) = (tmp_path / "architectures").glob("*.json")
+    assert json.loads(cached.read_text()) == asdict(counted)
+    # the next call reads the file (a marked copy proves it) instead of counting again
+    cached.write_text(json.dumps({**asdict(counted), "total_params": 1}))
+    assert plan.architecture(cfg).total_params == 1
+    # other adapter settings are another entry, counted afresh
+    other = plan.architecture(load_recipe(RECIPES / "falcon-7b-qlora.yaml", ["lora.r=8"]))
+    assert other.adapter_params * 8 == counted.adapter_params  # r=64 in the recipe
+    assert len(list((tmp_path / "architectures").glob("*.json"))) == 2
+    # an unreadable entry is counted again and replaced
+    cached.write_text("{")
+    assert plan.architecture(cfg) == counted
+    assert json.loads(cached.read_text()) == asdict(counted)

@@ -53,7 +53,7 @@ def compare(recipe_yaml: str, eval_dirs: list, run_dir: str, report_path: str, s
     RUN_DIR/comparison; the report and the Markdown table for the KFP UI."""
     import shutil
 
-    from . import compare_methods
+    from .step import compare_methods
 
     cfg = parse_recipe(recipe_yaml, "recipe")
     out = Path(run_dir) / "comparison"

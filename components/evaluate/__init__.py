@@ -1,5 +1,3 @@
-"""evaluate: loss, perplexity, ROUGE and exact match of the tuned (and base) model, and a report."""
-
-from .step import evaluate
-
-__all__ = ["evaluate"]
+"""evaluate: loss, perplexity, ROUGE and exact match of the tuned (and base) model, and a report
+(step.py); lm-evaluation-harness tasks (harness.py); vLLM generation (vllm_engine.py). Nothing is
+imported here, so compiling a pipeline (component.py) does not load torch."""

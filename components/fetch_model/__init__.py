@@ -1,5 +1,2 @@
-"""The fetch_model step: `fetch_model(model_cfg, workspace) -> record | None`."""
-
-from .step import fetch_model, fetch_summary, fetched_config
-
-__all__ = ["fetch_model", "fetch_summary", "fetched_config"]
+"""The fetch_model step (step.py): `fetch_model(model_cfg, workspace) -> record | None`.
+Nothing is imported here, so compiling a pipeline (component.py) stays light."""

@@ -1,5 +1,2 @@
-"""The merge_adapter step: `merge_adapter(cfg, adapter_dir, output_dir) -> summary`."""
-
-from .step import merge_adapter
-
-__all__ = ["merge_adapter"]
+"""The merge_adapter step (step.py): `merge_adapter(cfg, adapter_dir, output_dir) -> summary`.
+Nothing is imported here, so compiling a pipeline (component.py) does not load torch."""

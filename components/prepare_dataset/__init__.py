@@ -1,5 +1,2 @@
-"""The prepare_dataset step: `prepare_dataset(cfg, output_dir) -> stats`."""
-
-from .step import prepare_dataset
-
-__all__ = ["prepare_dataset"]
+"""The prepare_dataset step (step.py): `prepare_dataset(cfg, output_dir) -> stats`.
+Nothing is imported here, so compiling a pipeline (component.py) stays light."""

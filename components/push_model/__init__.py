@@ -1,5 +1,2 @@
-"""push_model: copy a finished model to S3 or a folder with checksums and a manifest written last."""
-
-from .step import pull, push
-
-__all__ = ["pull", "push"]
+"""push_model (step.py): copy a finished model to S3 or a folder with checksums and a manifest
+written last. Nothing is imported here, so compiling a pipeline (component.py) stays light."""

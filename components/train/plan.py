@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import ADAPTER_METHODS
@@ -166,16 +167,85 @@ def model_config(name_or_path: str):
         ) from None
 
 
+# The files whose code decides the counts: a cached count is keyed by their bytes too.
+COUNTING_CODE = ("plan.py", "modeling.py", "llama_adapter.py")
+
+
+def _raw_config(cfg) -> dict | None:
+    """The model's config as plain JSON without importing transformers (which imports torch):
+    a fetched copy's or a local folder's config.json, or kubetune's table of known configs.
+    None for a hub id it would have to download."""
+    from ..models import model_source
+
+    if cfg.model.name_or_path in KNOWN_CONFIGS and not cfg.model.local_dir:
+        return dict(KNOWN_CONFIGS[cfg.model.name_or_path])
+    try:
+        folder = Path(model_source(cfg.model))
+    except UserError:
+        return None
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _architecture_cache(config: dict, cfg) -> Path:
+    """Where the counts of this architecture and these adapter settings are kept: instantiating
+    the model, even on the meta device, costs seconds (transformers' modeling and torch), and
+    plan, compile and render-serve ask for the same counts again and again."""
+    import hashlib
+    import importlib.metadata
+
+    from ..tiny_models import cache_root
+
+    here = Path(__file__).parent
+    key = hashlib.sha256()
+    for name in COUNTING_CODE:
+        key.update((here / name).read_bytes())
+    settings = [
+        config,
+        cfg.method,
+        cfg.lora.model_dump(mode="json"),
+        cfg.adapter.model_dump(mode="json"),
+        cfg.train.freeze_layers,
+        importlib.metadata.version("transformers"),
+    ]
+    key.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return cache_root() / "architectures" / f"{key.hexdigest()[:24]}.json"
+
+
 def architecture(cfg) -> Architecture:
-    """Count parameters exactly on a meta-device instance of the model."""
+    """Count parameters exactly on a meta-device instance of the model (once per
+    architecture and adapter settings: the counts are cached)."""
+    from ..models import load_config
+
+    raw = _raw_config(cfg)
+    cached = _architecture_cache(raw, cfg) if raw is not None else None
+    if cached is not None and cached.is_file():
+        try:
+            return Architecture(**json.loads(cached.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass  # unreadable: count again and replace it
+    config = load_config(cfg.model) if cfg.model.local_dir else model_config(cfg.model.name_or_path)
+    arch = _count(config, cfg)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(asdict(arch)))
+            partial.replace(cached)
+        except OSError:
+            pass  # a read-only cache only costs the next call the same seconds
+    return arch
+
+
+def _count(config, cfg) -> Architecture:
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from ..models import load_config
     from .modeling import linear_layer_names, lora_targets
 
-    config = load_config(cfg.model) if cfg.model.local_dir else model_config(cfg.model.name_or_path)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.tie_weights()  # from_config on meta leaves tied heads as separate tensors
