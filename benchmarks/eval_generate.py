@@ -18,12 +18,9 @@ line per engine. The issue's goal: vLLM >= 10x hf.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import importlib.util
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,40 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# meta-llama/Meta-Llama-3-8B's config.json
-LLAMA3_8B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "tie_word_embeddings": False,
-}
-
-
-def machine() -> dict:
-    import torch
-
-    versions = {}
-    for name in ("torch", "transformers", "vllm"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    info = {"gpu": None, "gpus": 0, "driver": None, "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count())
-        with contextlib.suppress(OSError):
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
-    return {**info, "versions": versions}
+from benchmarks.train_throughput import LLAMA3_8B, machine  # noqa: E402
 
 
 def make_model(folder: Path, smoke: bool) -> Path:
@@ -76,12 +40,15 @@ def make_model(folder: Path, smoke: bool) -> Path:
 
     from kubetune.components.models import resolve_model
     from kubetune.components.tiny_models import train_tiny_tokenizer
+    from kubetune.components.train.plan import KNOWN_CONFIGS
 
     if smoke:
         return Path(resolve_model("tiny://llama"))
     tokenizer = train_tiny_tokenizer()
+    shape = dict(KNOWN_CONFIGS[LLAMA3_8B])  # Llama-3-8B's config.json, as kubetune plan knows it
+    shape.pop("model_type")
     config = LlamaConfig(
-        **LLAMA3_8B,
+        **shape,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -203,7 +170,8 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         print("eval_generate needs a CUDA GPU (use --smoke on CPU)", file=sys.stderr)
         return 2
-    print(json.dumps({"machine": machine(), "prompts": args.prompts}), flush=True)
+    info = machine(("torch", "transformers", "vllm", "lm_eval"))
+    print(json.dumps({"machine": info, "prompts": args.prompts}), flush=True)
     vllm_here = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
     results = []
     with tempfile.TemporaryDirectory(prefix="kubetune-eval-bench-") as tmp:

@@ -381,14 +381,17 @@ def report(results: list, device: str, args) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
+TRAINING_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel")
+
+
+def machine(packages: tuple[str, ...] = TRAINING_PACKAGES) -> dict:
     """The GPU, its driver and the versions that ran (the first JSON line)."""
     import importlib.metadata
 
     import torch
 
     versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
+    for name in packages:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
