@@ -16,11 +16,11 @@ from kfp import dsl
 from kubetune.components.cluster.pytorchjob import uses_gpu
 from kubetune.components.compare_methods.component import compare_methods, method_branches
 from kubetune.components.compare_methods.settings import (
-    branch_overrides,
+    branch_config,
     format_methods,
     parse_methods,
 )
-from kubetune.components.config import RunConfig, dump_config, parse_recipe
+from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.errors import UserError
 from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
 from kubetune.components.pipeline_steps.component import resolve_recipe
@@ -49,10 +49,8 @@ def build_compare_pipeline(
     (one machine: comparable timings)."""
     names, extra = parse_methods(methods)
     for method in names:  # refuse a branch the recipe cannot run before anything starts
-        settings = branch_overrides(cfg, method, extra.get(method))
-        sets = [f"method={method}", *(f"{k}={v}" for k, (v, _) in settings.items())]
         try:
-            parse_recipe(dump_config(cfg), "recipe", sets)
+            branch_config(dump_config(cfg), cfg, method, extra.get(method))
         except UserError as exc:
             raise UserError(f"--methods {method}: {exc}") from None
     cfg = local_copy(cfg, workspace)

@@ -27,7 +27,7 @@ from kubetune.components.cluster.pytorchjob import uses_gpu
 from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.errors import UserError
 from kubetune.components.evaluate.component import evaluate_model, quality_gate
-from kubetune.components.evaluate.harness import is_task_file
+from kubetune.components.evaluate.harness import needs_hub
 from kubetune.components.fetch_model.component import fetch_model
 from kubetune.components.merge_adapter.component import merge_model
 from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
@@ -188,7 +188,7 @@ def train_merge_evaluate(cfg: RunConfig, recipe, dataset_dir, run_dir, gpu: bool
         **ws(cfg),
     )
     _retried(_on_cluster(evaluated, cfg, hub=True)).set_display_name("evaluate")
-    if not any(not is_task_file(task) for task in cfg.eval.lm_eval_tasks):
+    if not needs_hub(cfg.eval.lm_eval_tasks):
         _hub_off(evaluated)  # registered lm-eval tasks read their datasets from the hub
     if gpu:
         _on_gpu_pool(evaluated, cfg)

@@ -19,15 +19,13 @@ def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: s
 
     from ..config import dump_config
     from ..train.llama_adapter import check_recipe
-    from .settings import branch_overrides, parse_methods
+    from .settings import branch_config, parse_methods
 
     names, extra = parse_methods(methods)
     base = parse_recipe(recipe_yaml, "recipe")
     branches = []
     for method in names:
-        settings = branch_overrides(base, method, extra.get(method))
-        sets = [f"method={method}", *(f"{k}={v}" for k, (v, _) in settings.items())]
-        cfg = parse_recipe(recipe_yaml, "recipe", sets)
+        cfg, settings = branch_config(recipe_yaml, base, method, extra.get(method))
         check_recipe(cfg)
         out = Path(run_dir) / "methods" / method
         out.mkdir(parents=True, exist_ok=True)

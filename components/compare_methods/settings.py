@@ -98,11 +98,20 @@ def branch_overrides(
     settings: dict[str, tuple[str, str]] = {}
     if method != cfg.method:
         settings.update({k: (repr(v), "published") for k, v in METHOD_DEFAULTS[method].items()})
-    for key, value in (cfg.compare.get(method) or {}).items():
-        check_key(key, f"compare.{method}")
+    for key, value in (cfg.compare.get(method) or {}).items():  # keys checked by RunConfig
         settings[key] = (value if isinstance(value, str) else _yaml_scalar(value), "recipe")
     settings.update({k: (v, "command line") for k, v in (extra or {}).items()})
     return settings
+
+
+def branch_config(recipe_yaml: str, cfg, method: str, extra: dict[str, str] | None = None):
+    """The branch's validated config (the recipe with `method` and branch_overrides applied)
+    and those overrides."""
+    from ..config import parse_recipe
+
+    settings = branch_overrides(cfg, method, extra)
+    sets = [f"method={method}", *(f"{k}={v}" for k, (v, _) in settings.items())]
+    return parse_recipe(recipe_yaml, "recipe", sets), settings
 
 
 def _yaml_scalar(value) -> str:

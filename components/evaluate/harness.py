@@ -33,6 +33,11 @@ def is_task_file(entry: str) -> bool:
     return entry.endswith((".yaml", ".yml")) or "/" in entry
 
 
+def needs_hub(entries: list[str]) -> bool:
+    """Whether any task is a registered one, whose dataset comes from the hub."""
+    return any(not is_task_file(entry) for entry in entries)
+
+
 def _quiet() -> None:
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -55,9 +60,8 @@ def resolve_tasks(entries: list[str]) -> tuple[list[HarnessTask], object]:
             if not path.is_file():
                 raise UserError(f"eval.lm_eval_tasks[{i}]: {entry}: no such task file")
             files[entry] = path.resolve()
-    hub = any(not is_task_file(entry) for entry in entries)
     include = sorted({str(path.parent) for path in files.values()})
-    manager = TaskManager(include_path=include or None, include_defaults=hub)
+    manager = TaskManager(include_path=include or None, include_defaults=needs_hub(entries))
     tasks = []
     for i, entry in enumerate(entries):
         if entry in files:
