@@ -41,6 +41,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.components.artifacts import METRICS_FILE
+
 REPO = Path(__file__).resolve().parent.parent
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 LLAMA3_8B, FALCON_7B = "meta-llama/Meta-Llama-3-8B", "tiiuae/falcon-7b"
@@ -180,7 +182,7 @@ def kubetune_side(
         [KUBETUNE, "train", "tiny-demo", "--dataset", str(dataset), "--output", str(out)]
         + [a for s in sets for a in ("--set", s)]
     )
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / METRICS_FILE).read_text())
     losses = [loss for _, loss in metrics["loss"]]
     metrics["final_loss"] = sum(losses[-5:]) / len(losses[-5:])
     metrics["rows_per_second"] = metrics["tokens_per_second"] / case.seq

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from . import k8s_values
+from .artifacts import RECIPE_FILE
 from .errors import UserError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "recipes"
@@ -885,6 +886,6 @@ def dump_config(cfg: RunConfig) -> str:
 
 def write_resolved(cfg: RunConfig, out_dir: Path) -> Path:
     """Write the resolved config beside an output, as litgpt writes hyper_parameters.yaml."""
-    target = Path(out_dir) / "recipe.yaml"
+    target = Path(out_dir) / RECIPE_FILE
     target.write_text(dump_config(cfg), encoding="utf-8")
     return target

@@ -14,6 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .artifacts import STATS_FILE
 from .errors import UserError
 
 
@@ -59,7 +60,7 @@ def check_data_matches_model(model_cfg, dataset_dir: str | Path) -> None:
     from .models import load_config, load_tokenizer
 
     dataset = Path(dataset_dir)
-    stats = json.loads((dataset / "stats.json").read_text())
+    stats = json.loads((dataset / STATS_FILE).read_text())
     name = model_cfg.name_or_path
     made = stats.get("tokenizer")
     if made is not None and made["fingerprint"] != tokenizer_fingerprint(load_tokenizer(model_cfg)):

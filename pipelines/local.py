@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kubetune.components.artifacts import METRICS_FILE, ProgressLine
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
 from kubetune.components.storage import is_s3
@@ -28,9 +29,6 @@ FAILED_TAIL = 40  # lines of a failed step's log printed on the console
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TASK_START = re.compile(r"Executing task '([^']+)'")
 TASK_END = re.compile(r"Task '([^']+)' finished with status (\w+)")
-TRAIN_STEP = re.compile(
-    r"^\s*step (\d+)/(\d+) loss ([0-9.naninf+-]+)(?:.* tokens/s (\d+) progress \d+% eta (\S+))?"
-)
 
 
 def _local_setup(recipe: str, overrides: list[str], workspace: str):
@@ -115,16 +113,14 @@ class Console:
             return
         if self.current is not None:
             self.lines[self.current].append(line)
-        if not self.verbose and (match := TRAIN_STEP.match(line)):
-            self.progress(*match.groups())
+        if not self.verbose and (figures := ProgressLine.parse(line)):
+            self.progress(figures)
 
-    def progress(
-        self, step: str, steps: str, loss: str, speed: str | None = None, eta: str | None = None
-    ) -> None:
-        done, total = int(step), int(steps)
-        text = f"step {done}/{total} loss {loss}"
-        if eta is not None:
-            text += f" {speed} tokens/s eta {eta}"
+    def progress(self, figures: ProgressLine) -> None:
+        done, total = figures.step, figures.steps
+        text = f"step {done}/{total} loss {figures.loss:.4f}"
+        if figures.eta is not None:
+            text += f" {figures.tokens_per_second:.0f} tokens/s eta {figures.eta}"
         if self.tty:
             width = 30
             filled = round(width * done / max(total, 1))
@@ -204,7 +200,7 @@ def run_local(recipe: str, overrides: list[str], workspace: str, verbose: bool =
         return 1
     seconds = time.monotonic() - started
     eval_dir = Path(result["output"])
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics = json.loads((eval_dir / METRICS_FILE).read_text())
     tuned, base = metrics["tuned"], metrics["baseline"]
     print(f"\npipeline finished in {seconds:.0f} s (run folder {eval_dir.parent})")
     print(f"{'':6} {'eval loss':>10} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8}")

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from kubetune.components.artifacts import ADAPTER_WEIGHTS_FILE
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
 from kubetune.components.models import resolve_model
 from kubetune.components.train.llama_adapter import (
-    WEIGHTS_FILE,
     AdapterSpec,
     install,
     load_into,
@@ -174,13 +174,13 @@ def test_merge_folds_adapter_v2_and_serves_the_rest_unmerged(cli, tmp_path, arch
 
     weights = load_file(str(next(Path(resolve_model(f"tiny://{arch}")).glob("*.safetensors"))))
     out = load_file(str(merged / "model.safetensors"))
-    trained = load_file(str(adapter / WEIGHTS_FILE))
+    trained = load_file(str(adapter / ADAPTER_WEIGHTS_FILE))
     scale = trained["model.layers.0.self_attn.q_proj.adapter_v2.scale"]
     torch.testing.assert_close(
         out["model.layers.0.self_attn.q_proj.weight"],
         weights["model.layers.0.self_attn.q_proj.weight"] * scale[:, None],
     )
-    residual = load_file(str(merged / WEIGHTS_FILE))
+    residual = load_file(str(merged / ADAPTER_WEIGHTS_FILE))
     if arch == "qwen2":  # q_proj has a bias: s * (b + c) replaces it
         bias = trained["model.layers.0.self_attn.q_proj.adapter_v2.bias"]
         torch.testing.assert_close(

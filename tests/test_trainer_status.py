@@ -43,7 +43,7 @@ def figures(step: int, steps: int = 200) -> Figures:
 def test_figures():
     f = figures(50)
     assert (f.percent, f.eta_seconds, f.tokens_per_second) == (25, 300, 25600.0)
-    assert f.text() == "progress 25% eta 5m00s"
+    assert f.eta() == "5m00s"
     resumed = Figures.of(150, 200, start=100, loss=1.0, tokens=1000.0, elapsed=100.0)
     assert resumed.eta_seconds == 100  # this process's speed, not the run's since step 0
     assert Figures.of(100, 200, start=100, loss=1.0, tokens=0.0, elapsed=0.0).eta_seconds is None

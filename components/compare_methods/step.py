@@ -18,6 +18,7 @@ import json
 from html import escape
 from pathlib import Path
 
+from ..artifacts import METRICS_FILE
 from ..errors import UserError
 from ..evaluate.report import STYLE
 
@@ -53,8 +54,8 @@ def _read(path: Path) -> dict:
 def branch_row(eval_dir: Path) -> tuple[dict, dict, list[dict]]:
     """(the method's row, the base model's eval metrics, its generations) of one branch."""
     branch = eval_dir.parent
-    training = _read(branch / "train" / "metrics.json")
-    evaluation = _read(eval_dir / "metrics.json")
+    training = _read(branch / "train" / METRICS_FILE)
+    evaluation = _read(eval_dir / METRICS_FILE)
     tuned = evaluation["tuned"]
     generations = [
         json.loads(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..artifacts import METRICS_FILE
 from ..config import parse_recipe
 
 
@@ -28,7 +29,7 @@ def evaluate(
 
 
 def gate_passed(eval_dir: str) -> bool:
-    metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    metrics = json.loads((Path(eval_dir) / METRICS_FILE).read_text())
     checks = metrics["gate"]["checks"]
     for check in checks:
         print(

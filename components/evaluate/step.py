@@ -18,6 +18,16 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import (
+    IGNORE_INDEX,
+    METRICS_FILE,
+    STATS_FILE,
+    TRAINING_METRICS_FILE,
+    BaseModelRecord,
+    ModelKind,
+    model_folder,
+    write_json,
+)
 from ..config import RunConfig, write_resolved
 from ..data_model_match import check_data_matches_model
 from ..errors import UserError
@@ -26,8 +36,6 @@ from ..outputs import check_output, staged_output
 from . import harness
 from .report import render_report
 from .scores import per_example, score_texts
-
-IGNORE = -100
 
 
 def _device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -52,29 +60,24 @@ def locate(name: str, cfg: RunConfig) -> ModelLocation:
     """A merged/full model folder, a `kubetune train` adapter folder (LoRA, or LLaMA-Adapter
     served unmerged: on its base, or on the merged weights beside it), or any model id that
     `model.name_or_path` accepts (hub id, s3://, tiny://)."""
-    from ..train.llama_adapter import is_adapter_folder
-
     path = Path(name)
-    prompts = path.is_dir() and is_adapter_folder(path)  # LLaMA-Adapter, merged or not
-    adapter = path.is_dir() and (  # an adapter folder that needs its base loaded first
-        (path / "adapter_config.json").is_file()
-        or (prompts and not (path / "config.json").is_file())
-    )
+    folder = model_folder(path)
     base_name = name
-    if adapter:
-        record = path / "base_model.json"
-        base_name = (
-            json.loads(record.read_text())["name_or_path"]
-            if record.is_file()
-            else cfg.model.name_or_path
-        )
-    elif path.exists() and not (path / "config.json").is_file():
+    if path.is_dir() and folder.needs_base:
+        record = BaseModelRecord.read(path)
+        base_name = record.name_or_path if record else cfg.model.name_or_path
+    elif path.exists() and folder.kind is ModelKind.FILES:
         raise UserError(f"{name}: neither a model folder (config.json) nor an adapter folder")
     # the recipe's own base loads from its fetched copy, when the pipeline fetched one
     source = model_source(cfg.model) if base_name == cfg.model.name_or_path else None
     source = source or resolve_model(base_name)
     revision = None if Path(source).exists() else cfg.model.revision
-    kind = "prompts" if prompts else "lora" if adapter else None
+    if not path.is_dir():
+        kind = None
+    elif folder.has_prompts:
+        kind = "prompts"
+    else:
+        kind = "lora" if folder.needs_base else None
     return ModelLocation(source, revision, path if kind else None, kind)
 
 
@@ -111,7 +114,7 @@ def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.devi
 def prompt_ids(row: dict) -> list[int]:
     """The row's tokens before its first trained label: the prompt the model answers."""
     labels = row["labels"]
-    start = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+    start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     return list(row["input_ids"][:start])
 
 
@@ -124,7 +127,7 @@ def eval_loss(model, split, batch_size: int, pad_id: int) -> tuple[float | None,
         rows = split[start : start + batch_size]
         length = max(len(ids) for ids in rows["input_ids"])
         ids = torch.full((len(rows["input_ids"]), length), pad_id, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE)
+        labels = torch.full_like(ids, IGNORE_INDEX)
         mask = torch.zeros_like(ids)
         for i, (row_ids, row_labels) in enumerate(
             zip(rows["input_ids"], rows["labels"], strict=True)
@@ -138,11 +141,11 @@ def eval_loss(model, split, batch_size: int, pad_id: int) -> tuple[float | None,
             torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),
                 targets.reshape(-1),
-                ignore_index=IGNORE,
+                ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
         )
-        tokens += int((targets != IGNORE).sum())
+        tokens += int((targets != IGNORE_INDEX).sum())
     return (loss_sum / tokens if tokens else None), tokens
 
 
@@ -284,7 +287,7 @@ def find_training_metrics(model_dir: str, given: str | None) -> dict | None:
         raise UserError(f"{given}: no such file")
     path = Path(model_dir)
     candidates = [Path(given)] if given else []
-    for candidate in [*candidates, path / "training_metrics.json", path / "metrics.json"]:
+    for candidate in [*candidates, path / TRAINING_METRICS_FILE, path / METRICS_FILE]:
         if not candidate.is_file():
             continue
         try:
@@ -310,7 +313,7 @@ def evaluate(
     output = Path(output_dir)
     check_output(output, overwrite)
     split = load_eval_split(dataset_dir)
-    if (Path(dataset_dir) / "stats.json").is_file():
+    if (Path(dataset_dir) / STATS_FILE).is_file():
         check_data_matches_model(cfg.model, dataset_dir)
     training = find_training_metrics(model_dir, training_metrics)
     if cfg.eval.engine == "vllm":
@@ -377,7 +380,7 @@ def evaluate(
             render_report(cfg, metrics, generations, training), encoding="utf-8"
         )
         write_resolved(cfg, staging)
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        write_json(staging / METRICS_FILE, metrics)
     return metrics
 
 

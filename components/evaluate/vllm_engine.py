@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import PEFT_CONFIG_FILE
 from ..config import RunConfig
 from ..errors import UserError
 
@@ -94,7 +95,7 @@ def generate_vllm(
 
 
 def _lora_rank(folder: str) -> int:
-    return int(json.loads((Path(folder) / "adapter_config.json").read_text()).get("r", 16))
+    return int(json.loads((Path(folder) / PEFT_CONFIG_FILE).read_text()).get("r", 16))
 
 
 def main(request_file: str, answers_file: str) -> int:

@@ -19,19 +19,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..artifacts import (
+    ADAPTER_SPEC_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    MERGE_FILE,
+    METRICS_FILE,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    TRAINING_METRICS_FILE,
+    BaseModelRecord,
+    model_folder,
+    write_json,
+)
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
 from ..models import model_revision, model_source, safetensors_files
 from ..outputs import check_output, staged_output
 
 PEFT_PREFIX = "base_model.model."
-BASE_FILE = "base_model.json"  # written by the training worker beside the adapter
 COPIED = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
 def read_adapter(adapter: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict]:
     """(adapter_config, {base weight key: {"A", "B"}}, {base bias key: tensor})."""
-    config_file, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    config_file, weights = adapter / PEFT_CONFIG_FILE, adapter / PEFT_WEIGHTS_FILE
     if not config_file.is_file() or not weights.is_file():
         raise UserError(
             f"{adapter}: not a LoRA adapter (needs adapter_config.json and "
@@ -68,21 +79,17 @@ def read_adapter(adapter: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
 
 def check_base(cfg: RunConfig, adapter: Path, config: dict, source: str) -> None:
     """The adapter must have been trained on the recipe's base model."""
-    recorded = adapter / BASE_FILE
-    if recorded.is_file():
-        base = json.loads(recorded.read_text())
-        if (base["name_or_path"], base.get("revision")) != (
-            cfg.model.name_or_path,
-            cfg.model.revision,
-        ):
+    base = BaseModelRecord.read(adapter)
+    if base is not None:
+        if (base.name_or_path, base.revision) != (cfg.model.name_or_path, cfg.model.revision):
             raise UserError(
-                f"{adapter}: trained on {base['name_or_path']} (revision "
-                f"{base.get('revision')}), but the recipe's model is "
+                f"{adapter}: trained on {base.name_or_path} (revision "
+                f"{base.revision}), but the recipe's model is "
                 f"{cfg.model.name_or_path} (revision {cfg.model.revision})"
             )
-        if base.get("commit") and cfg.model.commit and base["commit"] != cfg.model.commit:
+        if base.commit and cfg.model.commit and base.commit != cfg.model.commit:
             raise UserError(
-                f"{adapter}: trained on {base['name_or_path']} at commit {base['commit']}, but "
+                f"{adapter}: trained on {base.name_or_path} at commit {base.commit}, but "
                 f"the fetched model (model.local_dir) is commit {cfg.model.commit}"
             )
         return
@@ -192,7 +199,9 @@ def base_keys(shards: list[Path]) -> set[str]:
     return keys
 
 
-def copy_alongside(cfg: RunConfig, adapter: Path, base_dir: Path, staging: Path) -> dict:
+def copy_alongside(
+    cfg: RunConfig, adapter: Path, base_dir: Path, staging: Path
+) -> BaseModelRecord | None:
     """Config files, tokenizer, resolved recipe and the training run's metrics and TensorBoard
     events; returns what the training worker recorded about the base (base_model.json)."""
     for name in COPIED:
@@ -203,12 +212,11 @@ def copy_alongside(cfg: RunConfig, adapter: Path, base_dir: Path, staging: Path)
 
     AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(staging)
     write_resolved(cfg, staging)
-    if (adapter / "metrics.json").is_file():  # the training run's metrics travel along
-        shutil.copy2(adapter / "metrics.json", staging / "training_metrics.json")
+    if (adapter / METRICS_FILE).is_file():  # the training run's metrics travel along
+        shutil.copy2(adapter / METRICS_FILE, staging / TRAINING_METRICS_FILE)
     if (adapter / "tensorboard").is_dir():  # and its TensorBoard events
         shutil.copytree(adapter / "tensorboard", staging / "tensorboard")
-    recorded = adapter / BASE_FILE
-    return json.loads(recorded.read_text()) if recorded.is_file() else {}
+    return BaseModelRecord.read(adapter)
 
 
 def merge_llama_adapter(cfg: RunConfig, adapter: Path, output: Path, overwrite: bool) -> dict:
@@ -222,15 +230,17 @@ def merge_llama_adapter(cfg: RunConfig, adapter: Path, output: Path, overwrite: 
     input embeddings (no head tensor to fold into)."""
     from safetensors.torch import save_file
 
-    from ..train.llama_adapter import WEIGHTS_FILE, AdapterSpec
+    from ..train.llama_adapter import AdapterSpec
 
     spec = AdapterSpec.read(adapter)
     if spec.merged:
-        raise UserError(f"{adapter}: already merged (kubetune_adapter.json says merged)")
+        raise UserError(f"{adapter}: already merged ({ADAPTER_SPEC_FILE} says merged)")
     try:
-        tensors = load_file(str(adapter / WEIGHTS_FILE))
+        tensors = load_file(str(adapter / ADAPTER_WEIGHTS_FILE))
     except (OSError, ValueError) as exc:
-        raise UserError(f"{adapter / WEIGHTS_FILE}: cannot read the adapter ({exc})") from None
+        raise UserError(
+            f"{adapter / ADAPTER_WEIGHTS_FILE}: cannot read the adapter ({exc})"
+        ) from None
     source = model_source(cfg.model)
     check_base(cfg, adapter, {}, source)
     shards = safetensors_files(source, model_revision(cfg.model))
@@ -284,7 +294,7 @@ def merge_llama_adapter(cfg: RunConfig, adapter: Path, output: Path, overwrite: 
         trained = copy_alongside(cfg, adapter, shards[0].parent, staging)
         save_file(
             {k: v.contiguous() for k, v in residual.items()},
-            str(staging / WEIGHTS_FILE),
+            str(staging / ADAPTER_WEIGHTS_FILE),
             metadata={"format": "pt"},
         )
         AdapterSpec(spec.method, spec.prompt_length, spec.start_layer, merged=True).write(staging)
@@ -300,20 +310,22 @@ def merge_llama_adapter(cfg: RunConfig, adapter: Path, output: Path, overwrite: 
                 f"biases and {len(norms)} norm tensors into the weights; the prompts and gates "
                 f"of {len(prompts) // 2} layers (and {len(residual) - len(prompts)} bias/scale "
                 f"tensors with no base tensor to fold into) are served unmerged from "
-                f"{output / WEIGHTS_FILE}: evaluate and push load the folder as it is"
+                f"{output / ADAPTER_WEIGHTS_FILE}: evaluate and push load the folder as it is"
             ),
         }
-        (staging / "merge.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(staging / MERGE_FILE, summary)
     return summary
 
 
-def merge_record(cfg: RunConfig, adapter: Path, trained: dict, shards: int) -> dict:
+def merge_record(
+    cfg: RunConfig, adapter: Path, trained: BaseModelRecord | None, shards: int
+) -> dict:
     return {
         "base": cfg.model.name_or_path,
         "revision": cfg.model.revision,
-        "commit": cfg.model.commit or trained.get("commit"),
-        "method": trained.get("method", cfg.method),
-        "dataset_fingerprint": trained.get("dataset_fingerprint"),
+        "commit": cfg.model.commit or (trained.commit if trained else None),
+        "method": trained.method if trained and trained.method else cfg.method,
+        "dataset_fingerprint": trained.dataset_fingerprint if trained else None,
         "adapter": str(adapter),
         "shards": shards,
     }
@@ -324,11 +336,9 @@ def merge_adapter(
 ) -> dict:
     """Write the merged model (shards, index, config, tokenizer) to output_dir; returns a summary
     whose `message` says what was done."""
-    from ..train.llama_adapter import is_adapter_folder
-
     adapter, output = Path(adapter_dir), Path(output_dir)
     check_output(output, overwrite)
-    if is_adapter_folder(adapter):
+    if model_folder(adapter).has_prompts:  # LLaMA-Adapter (merged already: refused there)
         return merge_llama_adapter(cfg, adapter, output, overwrite)
     config, pairs, biases = read_adapter(adapter)
     source = model_source(cfg.model)
@@ -354,5 +364,5 @@ def merge_adapter(
             "message": f"merged {len(pairs)} weights in {len(shards)} shard(s) (scale "
             f"{scale:g}) into {output}",
         }
-        (staging / "merge.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(staging / MERGE_FILE, summary)
     return summary

@@ -8,7 +8,7 @@ from itertools import chain
 
 import numpy as np
 
-IGNORE = -100
+from ..artifacts import IGNORE_INDEX
 
 
 def gather(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -59,7 +59,7 @@ class Rows:
 
     def trainable_per_row(self, lengths: np.ndarray | None = None) -> np.ndarray:
         """Label tokens (not -100) in each row, or in each row's first `lengths` tokens."""
-        trained = np.concatenate([[0], np.cumsum(self.labels != IGNORE)])
+        trained = np.concatenate([[0], np.cumsum(self.labels != IGNORE_INDEX)])
         ends = self.offsets[1:] if lengths is None else self.offsets[:-1] + lengths
         return trained[ends] - trained[self.offsets[:-1]]
 
@@ -122,7 +122,7 @@ def assemble_flat(
     train[is_segment] = np.asarray(trainable, dtype=bool)
 
     ids = gather(flat, starts, lengths)
-    labels = np.where(np.repeat(train, lengths), ids, IGNORE).astype(np.int32)
+    labels = np.where(np.repeat(train, lengths), ids, IGNORE_INDEX).astype(np.int32)
     row_len = np.add.reduceat(lengths, row_first) if n_rows else np.zeros(0, dtype=np.int64)
     return Rows(ids, labels, offsets_of(row_len))
 
@@ -141,6 +141,6 @@ def pack_ordered(examples: Rows, bin_sizes: np.ndarray) -> tuple[Rows, np.ndarra
     """`pack` for examples already in bin order: bin i is the next `bin_sizes[i]` of them."""
     positions = examples.position_ids()
     labels = examples.labels.copy()
-    labels[examples.offsets[:-1]] = IGNORE
+    labels[examples.offsets[:-1]] = IGNORE_INDEX
     bin_len = np.add.reduceat(examples.lengths, offsets_of(bin_sizes)[:-1])
     return Rows(examples.ids, labels, offsets_of(bin_len)), positions

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .ragged import IGNORE, Rows, offsets_of
+from ..artifacts import IGNORE_INDEX
+from .ragged import Rows, offsets_of
 
 TRAINED = np.uint32(1 << 31)  # token ids are far below 2**31
 
@@ -32,7 +33,7 @@ class Spill:
         self.offsets = np.zeros(1, dtype=np.int64)
 
     def add(self, rows: Rows, prompts: list[str], references: list[str]) -> None:
-        tokens = rows.ids.astype(np.uint32) | np.where(rows.labels != IGNORE, TRAINED, 0)
+        tokens = rows.ids.astype(np.uint32) | np.where(rows.labels != IGNORE_INDEX, TRAINED, 0)
         self.files["tokens"].write(tokens.astype(np.uint32).tobytes())
         self._lengths.append(rows.lengths.astype(np.int64))
         for name, texts in (("prompt", prompts), ("ref", references)):
@@ -74,7 +75,7 @@ class Spill:
         tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
         self._read("tokens", self.offsets[:-1][index] * 4, lengths * 4, tokens)
         ids = (tokens & ~TRAINED).astype(np.int32)
-        labels = np.where(tokens & TRAINED, ids, IGNORE).astype(np.int32)
+        labels = np.where(tokens & TRAINED, ids, IGNORE_INDEX).astype(np.int32)
         return Rows(ids, labels, offsets_of(lengths))
 
     def texts(self, name: str, index: np.ndarray) -> list[str]:

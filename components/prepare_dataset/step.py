@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts import DATASET_DICT_FILE, IGNORE_INDEX, STATS_FILE, write_json
 from ..config import RunConfig, write_resolved
 from ..console import Progress
 from ..data_model_match import tokenizer_record
@@ -38,7 +39,7 @@ from ..outputs import check_output, staged_output
 from .arrow_out import OrderedDigest, SplitWriter, chunk_table, table_nbytes
 from .encode import Encoder, available_cpus, encode_all
 from .packing import pack_order
-from .ragged import IGNORE, offsets_of, pack_ordered
+from .ragged import offsets_of, pack_ordered
 from .readers import read_records
 from .spill import Spill
 
@@ -58,7 +59,7 @@ def spill_examples(cfg: RunConfig, tokenizer, spill: Spill, progress: Progress) 
         spill.add(batch.rows, batch.prompts, batch.references)
         counts["read"] += batch.read
         counts["truncated"] += batch.truncated
-        counts["response"] += int((batch.rows.labels != IGNORE).sum())
+        counts["response"] += int((batch.rows.labels != IGNORE_INDEX).sum())
         counts["dropped"].update(batch.dropped)
         tokens += len(batch.rows.ids)
         progress.update(counts["read"], tokens)
@@ -144,7 +145,7 @@ def prepare_dataset(cfg: RunConfig, output_dir: str | Path, overwrite: bool = Fa
         digest = OrderedDigest(work)
         # datasets cannot load back an empty split it saved: no eval split when there is none
         splits = ["train", "eval"] if len(eval_idx) else ["train"]
-        (staging / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
+        (staging / DATASET_DICT_FILE).write_text(json.dumps({"splits": splits}))
         fingerprint = write_split(staging / "train", spill, train_flat, train_sizes, digest, False)
         if len(eval_idx):
             fingerprint = write_split(
@@ -185,5 +186,5 @@ def prepare_dataset(cfg: RunConfig, output_dir: str | Path, overwrite: bool = Fa
         }
         write_resolved(cfg, staging)
         # stats.json is written last: a folder with it is complete.
-        (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+        write_json(staging / STATS_FILE, stats, indent=2)
     return stats

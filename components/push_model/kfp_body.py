@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..artifacts import METRICS_FILE
 from ..config import parse_recipe
 
 
@@ -13,7 +14,7 @@ def push(recipe_yaml: str, model_dir: str, eval_dir: str, summary_path: str | No
     from .step import push as run_push
 
     cfg = parse_recipe(recipe_yaml, "recipe")
-    evaluation = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    evaluation = json.loads((Path(eval_dir) / METRICS_FILE).read_text())
     # the version is named after the run: RUN_DIR is WORKSPACE/runs/RUN_ID/...
     run_id = next((p.name for p in Path(model_dir).parents if p.parent.name == "runs"), None)
     run_push(

@@ -3,12 +3,21 @@ and every file with its size and SHA-256. Written last by a push; read first by 
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
+from ..artifacts import (
+    MERGE_FILE,
+    METRICS_FILE,
+    RECIPE_FILE,
+    TRAINING_METRICS_FILE,
+    BaseModelRecord,
+    ModelKind,
+    model_folder,
+    read_json,
+)
 
 if TYPE_CHECKING:
     from .files import LocalFile
@@ -17,50 +26,35 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kubetune.manifest/v1"
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _base_model(name_or_path: str | None, record: dict) -> dict:
+def _base_model(name_or_path: str | None, revision: str | None, commit: str | None) -> dict:
     """The manifest's base_model: name, requested revision, fetched commit (or digest)."""
-    return {
-        "name_or_path": name_or_path,
-        "revision": record.get("revision"),
-        "commit": record.get("commit"),
-    }
+    return {"name_or_path": name_or_path, "revision": revision, "commit": commit}
 
 
 def describe_model(src: Path, evaluation: dict | None) -> dict:
     """Provenance of a model folder written by kubetune train or merge."""
     import yaml
 
-    merge = _read_json(src / "merge.json")
-    base = _read_json(src / "base_model.json")
-    recipe_file = src / "recipe.yaml"
+    merge = read_json(src / MERGE_FILE)
+    base = BaseModelRecord.read(src)
+    recipe_file = src / RECIPE_FILE
     recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
+    folder_kind = model_folder(src).kind
+    kind = "adapter" if folder_kind in (ModelKind.LORA, ModelKind.PROMPTS) else folder_kind.value
     if merge is not None:
-        kind = "merged"
-    elif (src / "adapter_config.json").is_file() or (src / "kubetune_adapter.json").is_file():
-        kind = "adapter"
-    elif (src / "config.json").is_file():
-        kind = "full"
-    else:
-        kind = "files"
-    if merge is not None:
-        base_model = _base_model(merge["base"], merge)
+        base_model = _base_model(merge["base"], merge.get("revision"), merge.get("commit"))
         fingerprint = merge.get("dataset_fingerprint")
     elif base is not None:
-        base_model = _base_model(base["name_or_path"], base)
-        fingerprint = base.get("dataset_fingerprint")
+        base_model = _base_model(base.name_or_path, base.revision, base.commit)
+        fingerprint = base.dataset_fingerprint
     else:
         model = (recipe or {}).get("model", {})
-        base_model = _base_model(model.get("name_or_path"), model)
+        base_model = _base_model(
+            model.get("name_or_path"), model.get("revision"), model.get("commit")
+        )
         fingerprint = None
-    training = _read_json(src / "training_metrics.json") or (
-        _read_json(src / "metrics.json") if kind != "files" else None
+    training = read_json(src / TRAINING_METRICS_FILE) or (
+        read_json(src / METRICS_FILE) if kind != "files" else None
     )
     if training is not None:
         history = training.pop("loss", None) or []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE = -100
+from ..artifacts import IGNORE_INDEX
 
 
 class BatchPlan:
@@ -99,7 +99,7 @@ def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to
     """
     length = max(pad_to, *(len(r["input_ids"]) for r in rows))
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])

@@ -28,9 +28,9 @@ from types import MethodType
 import torch
 from torch import nn
 
+from ..artifacts import IGNORE_INDEX
 from ..errors import UserError
 
-IGNORE = -100
 LIGER_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
@@ -134,7 +134,7 @@ def chunk_rows(rows: int, hidden: int, vocab: int) -> int:
 def _chunked_ce(hidden, weight, labels, chunk: int, want_h: bool, want_w: bool):
     """(mean loss, d loss/d hidden or None, d loss/d weight or None), one chunk of rows at a
     time: only one chunk's logits (in fp32) exist at once."""
-    valid = labels != IGNORE
+    valid = labels != IGNORE_INDEX
     count = valid.sum().clamp(min=1).to(torch.float32)
     grad_h = torch.empty_like(hidden) if want_h else None
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
@@ -183,7 +183,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Causal-LM loss of `hidden` (B, L, H) through the output head `weight` (V, H) against
     `labels` (B, L), shifted by one as transformers does, without materialising B x L x V."""
-    shifted = nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
+    shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk or chunk_rows(flat.shape[0], weight.shape[1], weight.shape[0])
     if not torch.is_grad_enabled():  # evaluation: the loss alone

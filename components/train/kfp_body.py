@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from ..artifacts import METRICS_FILE
 from ..config import parse_recipe
 
 
@@ -34,7 +35,7 @@ def final_figures(out: Path):
     last trainer status update said."""
     from .status import Figures
 
-    record = json.loads((out / "metrics.json").read_text())
+    record = json.loads((out / METRICS_FILE).read_text())
     steps = record["steps"]
     return Figures(
         step=steps,

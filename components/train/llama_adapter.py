@@ -31,10 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..artifacts import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE
 from ..errors import UserError
 
-SPEC_FILE = "kubetune_adapter.json"
-WEIGHTS_FILE = "adapter.safetensors"
 # model type -> (module that computes the queries, output projection); Falcon's queries come
 # out of the fused query_key_value.
 ATTENTION = {
@@ -61,7 +60,7 @@ class AdapterSpec:
 
     @classmethod
     def read(cls, folder: Path) -> AdapterSpec:
-        path = folder / SPEC_FILE
+        path = folder / ADAPTER_SPEC_FILE
         try:
             data = json.loads(path.read_text())
             return cls(**data)
@@ -69,11 +68,7 @@ class AdapterSpec:
             raise UserError(f"{path}: not a kubetune adapter spec ({exc})") from None
 
     def write(self, folder: Path) -> None:
-        (folder / SPEC_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-
-def is_adapter_folder(folder: Path) -> bool:
-    return (folder / SPEC_FILE).is_file()
+        (folder / ADAPTER_SPEC_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -277,7 +272,7 @@ def save(folder: Path, spec: AdapterSpec, state: dict[str, torch.Tensor]) -> Non
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
     spec.write(folder)
 
 
@@ -286,7 +281,7 @@ def load_into(model: nn.Module, folder: Path) -> AdapterSpec:
     from safetensors.torch import load_file
 
     spec = AdapterSpec.read(folder)
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS_FILE))
     suffix = ".adapter_v2.bias"
     residual = {
         k[: -len(suffix)]: f"{k[: -len(suffix)]}.adapter_v2.scale" in tensors
@@ -297,16 +292,18 @@ def load_into(model: nn.Module, folder: Path) -> AdapterSpec:
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        raise UserError(f"{folder / WEIGHTS_FILE}: {unknown[0]} is not a parameter of the model")
+        raise UserError(
+            f"{folder / ADAPTER_WEIGHTS_FILE}: {unknown[0]} is not a parameter of the model"
+        )
     trained = {n for n, p in params.items() if p.requires_grad}
     missing = sorted(trained - set(tensors))
     if missing:
-        raise UserError(f"{folder / WEIGHTS_FILE}: no tensor for {missing[0]}")
+        raise UserError(f"{folder / ADAPTER_WEIGHTS_FILE}: no tensor for {missing[0]}")
     with torch.no_grad():
         for name, tensor in tensors.items():
             if params[name].shape != tensor.shape:
                 raise UserError(
-                    f"{folder / WEIGHTS_FILE}: {name} has shape {tuple(tensor.shape)}, "
+                    f"{folder / ADAPTER_WEIGHTS_FILE}: {name} has shape {tuple(tensor.shape)}, "
                     f"the model's is {tuple(params[name].shape)}"
                 )
             params[name].copy_(tensor)

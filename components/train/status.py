@@ -61,9 +61,8 @@ class Figures:
             eta_seconds=eta,
         )
 
-    def text(self) -> str:
-        eta = "?" if self.eta_seconds is None else duration(self.eta_seconds)
-        return f"progress {self.percent}% eta {eta}"
+    def eta(self) -> str:
+        return "?" if self.eta_seconds is None else duration(self.eta_seconds)
 
     def metrics(self) -> dict[str, float]:
         """The figures as metrics (the KFP task's Metrics and the TrainJob's)."""

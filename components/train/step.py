@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..artifacts import DATASET_DICT_FILE, METRICS_FILE, STATS_FILE
 from ..cluster.pytorchjob import WORKER_MODULE
 from ..config import RunConfig, write_resolved
 from ..data_model_match import check_data_matches_model
@@ -63,12 +64,12 @@ def torchrun_command(cfg: RunConfig, recipe: Path, dataset: Path, output: Path) 
 
 def check_dataset(cfg: RunConfig, dataset: Path) -> None:
     """A finished `kubetune prepare` output with enough rows for every process."""
-    if not (dataset / "stats.json").is_file() or not (dataset / "dataset_dict.json").is_file():
+    if not (dataset / STATS_FILE).is_file() or not (dataset / DATASET_DICT_FILE).is_file():
         raise UserError(
-            f"{dataset}: not a finished `kubetune prepare` output (no stats.json or "
-            "dataset_dict.json)"
+            f"{dataset}: not a finished `kubetune prepare` output (no {STATS_FILE} or "
+            f"{DATASET_DICT_FILE})"
         )
-    rows = json.loads((dataset / "stats.json").read_text())["splits"]["train"]
+    rows = json.loads((dataset / STATS_FILE).read_text())["splits"]["train"]
     world = cfg.distributed.nodes * cfg.distributed.procs_per_node
     micro = cfg.train.micro_batch_size
     check_rows(dataset, rows, world, 1 if micro == "auto" else micro)
@@ -102,8 +103,8 @@ def train(cfg: RunConfig, dataset: str | Path, output: str | Path) -> int:
     dataset, output = Path(dataset).resolve(), Path(output).resolve()
     check_dataset(cfg, dataset)
     check_recipe(cfg)
-    if (output / "metrics.json").is_file():
-        raise UserError(f"{output} holds a finished run (metrics.json); choose another --output")
+    if (output / METRICS_FILE).is_file():
+        raise UserError(f"{output} holds a finished run ({METRICS_FILE}); choose another --output")
     output.mkdir(parents=True, exist_ok=True)
     (output / ERROR_FILE).unlink(missing_ok=True)
     recipe = write_resolved(cfg, output)

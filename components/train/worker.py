@@ -25,6 +25,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..artifacts import (
+    IGNORE_INDEX,
+    METRICS_FILE,
+    STATS_FILE,
+    BaseModelRecord,
+    ProgressLine,
+    write_json,
+)
 from ..config import ADAPTER_METHODS, load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
@@ -276,7 +284,7 @@ def evaluate(cfg, model, split, world: World, pad_id: int, attn: str, dtype) -> 
         batch = collate([split[i] for i in chunk or [0]], pad_id, attn, dtype, pad_to)
         loss = forward_loss(model, batch, world.device, attn)
         if chunk:
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             loss_sum += float(loss) * n
             tokens += n
     model.train()
@@ -320,14 +328,13 @@ def save_outputs(
     if world.main:
         tokenizer.save_pretrained(output)
         # Which base and data this model came from: merge checks the base, push records both.
-        record = {
-            "name_or_path": cfg.model.name_or_path,
-            "revision": cfg.model.revision,
-            "commit": cfg.model.commit,  # the fetched copy's hub commit / S3 listing digest
-            "method": cfg.method,
-            "dataset_fingerprint": fingerprint,
-        }
-        (output / "base_model.json").write_text(json.dumps(record) + "\n")
+        BaseModelRecord(
+            name_or_path=cfg.model.name_or_path,
+            revision=cfg.model.revision,
+            commit=cfg.model.commit,
+            method=cfg.method,
+            dataset_fingerprint=fingerprint,
+        ).write(output)
     dist.barrier()
 
 
@@ -384,7 +391,7 @@ def resume(cfg, output: Path, world: World, model, optimizer, scheduler, steps: 
 
 
 def dataset_stats(dataset: str) -> dict:
-    stats_file = Path(dataset) / "stats.json"
+    stats_file = Path(dataset) / STATS_FILE
     return json.loads(stats_file.read_text()) if stats_file.is_file() else {}
 
 
@@ -585,11 +592,10 @@ def print_losses(
     for step, loss, lr in landed:
         if step % every == 0 or step == steps:
             figures = Figures.of(step, steps, start, loss, log.tokens, elapsed)
-            print(
-                f"step {step}/{steps} loss {loss:.4f} lr {lr:.2e} "
-                f"tokens/s {figures.tokens_per_second:.0f} {figures.text()}",
-                flush=True,
+            line = ProgressLine(
+                step, steps, loss, lr, figures.tokens_per_second, figures.percent, figures.eta()
             )
+            print(line.format(), flush=True)
             if status is not None:
                 status.report(figures, force=step == steps)
 
@@ -663,7 +669,7 @@ def finish(cfg, model, tokenizer, world, output, evaluation, writer, metrics) ->
             writer.add_scalar("eval/loss", eval_loss, metrics["steps"])
         writer.close()
         write_resolved(cfg, output)
-        (output / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        write_json(output / METRICS_FILE, metrics)
         print(
             f"done: {metrics['steps']} steps, eval loss {eval_loss}, attention "
             f"{metrics['attn_implementation']}, kernels {metrics['kernels']}, wrote {output}",
