@@ -145,6 +145,6 @@ def pod_name_room(nodes: int) -> int:
     return 63 - len(f"-worker-{max(0, nodes - 2)}")
 
 
-def job_name(value: str, key: str, nodes: int) -> str:
+def check_job_name(value: str, key: str, nodes: int) -> str:
     """A PyTorchJob name the Training Operator can turn into pod and service names."""
     return dns_label(value, key, max_length=pod_name_room(nodes))

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .storage import is_s3, s3_cached
 from .tiny_models import cache_root, is_tiny, tiny_model_dir
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -107,3 +111,17 @@ def safetensors_files(source: str, revision: str | None) -> list[Path]:
             "checkpoints are not loaded)"
         )
     return files
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (FSDP's wrapping unit), found by the model's own
+    `_no_split_modules` class names."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    inner = model
+    while not names and hasattr(inner, "base_model") and inner.base_model is not inner:
+        inner = inner.base_model
+        names = set(getattr(inner, "_no_split_modules", None) or [])
+    if not names:
+        inner = getattr(getattr(model, "base_model", model), "model", model)
+        names = set(getattr(inner, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]

@@ -184,18 +184,18 @@ def cmd_pull(args) -> int:
 
 
 def checked_job_name(name: str, where: str, nodes: int) -> str:
-    from kubetune.components.k8s_values import job_name
+    from kubetune.components.k8s_values import check_job_name
 
     try:
-        return job_name(name, where, nodes)
+        return check_job_name(name, where, nodes)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
 
 def cmd_render_job(args) -> int:
-    from kubetune.components.cluster.kube import check_paths, default_job_name
-    from kubetune.components.cluster.pytorchjob import default_paths, render_job, to_yaml
-    from kubetune.components.cluster.trainjob import render_runtime, render_trainjob
+    from kubetune.components.backends.kubernetes import check_paths, default_job_name
+    from kubetune.components.backends.pytorchjob import default_paths, render_job, to_yaml
+    from kubetune.components.backends.trainjob import render_runtime, render_trainjob
 
     cfg = load_recipe(args.recipe, args.overrides)
     kind = args.kind or ("trainjob" if cfg.distributed.backend == "trainjob" else "pytorchjob")
@@ -216,7 +216,7 @@ def cmd_render_job(args) -> int:
 
 
 def cmd_render_serve(args) -> int:
-    from kubetune.components.cluster.pytorchjob import to_yaml
+    from kubetune.components.backends.pytorchjob import to_yaml
     from kubetune.components.serve.render import render_inference_service
 
     cfg = load_recipe(args.recipe, args.overrides)

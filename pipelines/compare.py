@@ -13,7 +13,7 @@ from typing import Optional
 
 from kfp import dsl
 
-from kubetune.components.cluster.pytorchjob import uses_gpu
+from kubetune.components.backends.pytorchjob import uses_gpu
 from kubetune.components.compare_methods.component import compare_methods, method_branches
 from kubetune.components.compare_methods.settings import (
     branch_config,

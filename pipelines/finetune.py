@@ -23,7 +23,7 @@ from typing import Optional
 import yaml
 from kfp import dsl, kubernetes
 
-from kubetune.components.cluster.pytorchjob import uses_gpu
+from kubetune.components.backends.pytorchjob import uses_gpu
 from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.errors import UserError
 from kubetune.components.evaluate.component import evaluate_model, quality_gate

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from kubetune.components.cluster.pytorchjob import render_job
+from kubetune.components.backends.pytorchjob import render_job
 from kubetune.components.config import load_recipe
 
 from .conftest import RECIPES

@@ -18,14 +18,14 @@ from transformers import AutoModelForCausalLM
 from kubetune.components.artifacts import ADAPTER_WEIGHTS_FILE
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
-from kubetune.components.models import resolve_model
-from kubetune.components.train.llama_adapter import (
+from kubetune.components.llama_adapter import (
     AdapterSpec,
     install,
     load_into,
     save,
     trainable_count,
 )
+from kubetune.components.models import resolve_model
 from kubetune.components.train.plan import architecture
 
 from .conftest import RECIPES, TINY_DEMO, assert_user_error
@@ -209,7 +209,7 @@ def test_merge_folds_adapter_v2_and_serves_the_rest_unmerged(cli, tmp_path, arch
 def test_bad_adapter_settings_are_refused(cli, tmp_path):
     from transformers import GPT2Config
 
-    from kubetune.components.train.llama_adapter import check_architecture
+    from kubetune.components.llama_adapter import check_architecture
 
     result = cli("plan", TINY_DEMO, "--set", "method=adapter", "--set", "adapter.start_layer=2")
     assert_user_error(result, "adapter.start_layer=2: the model has 2 decoder layers")

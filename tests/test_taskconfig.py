@@ -10,7 +10,7 @@ import json
 import pytest
 from kfp import dsl
 
-from kubetune.components.cluster.taskconfig import ENV, TaskConfig
+from kubetune.components.backends.taskconfig import ENV, TaskConfig
 
 from .conftest import TINY_DEMO, assert_user_error, run_cli
 from .fake_k8s import shipped_runtime

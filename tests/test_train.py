@@ -17,8 +17,8 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from kubetune.components.llama_adapter import load_into
 from kubetune.components.models import resolve_model
-from kubetune.components.train.llama_adapter import load_into
 
 from .conftest import KUBETUNE, TINY_DEMO, assert_user_error, run_prepare
 

@@ -26,8 +26,8 @@ def rendered(recipe, nodes: int, kind: str) -> dict:
     """What `render-job --kind KIND --name kt-run` prints, made in this process: the 21
     recipe x nodes cases as subprocesses would cost CI half a minute (the CLI is driven by the
     tests below and by test_kubernetes.py)."""
-    from kubetune.components.cluster.pytorchjob import render_job
-    from kubetune.components.cluster.trainjob import render_trainjob
+    from kubetune.components.backends.pytorchjob import render_job
+    from kubetune.components.backends.trainjob import render_trainjob
     from kubetune.components.config import load_recipe
 
     cfg = load_recipe(recipe, [f"distributed.nodes={nodes}", "distributed.backend=trainjob"])
@@ -127,7 +127,7 @@ def test_another_runtime_and_refused_settings():
     )
     assert runtime["kind"] == "TrainingRuntime" and runtime["metadata"]["namespace"] == "kubeflow"
     assert trainer_api_errors(runtime) == [] and trainer_api_errors(job) == []
-    from kubetune.components.cluster.trainjob import render_trainjob
+    from kubetune.components.backends.trainjob import render_trainjob
     from kubetune.components.config import load_recipe
     from kubetune.components.errors import UserError
 

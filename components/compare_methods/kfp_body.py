@@ -18,7 +18,7 @@ def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: s
     import json
 
     from ..config import dump_config
-    from ..train.llama_adapter import check_recipe
+    from ..llama_adapter import check_recipe
     from .settings import branch_config, parse_methods
 
     names, extra = parse_methods(methods)

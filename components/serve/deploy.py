@@ -38,7 +38,7 @@ def url_of(isvc: dict) -> str | None:
 def apply(api, isvc: dict) -> str:
     """Create the InferenceService, or replace the spec of the existing one; 'created' or
     'updated'."""
-    from ..cluster.kube import NotFound
+    from ..backends.kube_api import NotFound
 
     name, ns = isvc["metadata"]["name"], api.namespace
     where = (GROUP, VERSION, ns, PLURAL)
@@ -93,13 +93,32 @@ def ask(url: str, model: str, prompt: str, timeout: float = 120) -> str:
         raise UserError(f"asking {url} ({model}): {exc.__class__.__name__}: {exc}") from None
 
 
+def inference_service_kind():
+    """The API calls' view of a KServe InferenceService: Ready when it serves."""
+    from ..backends.kube_api import JobKind
+
+    return JobKind(
+        kind="InferenceService",
+        group="serving.kserve.io",
+        version="v1beta1",
+        plural="inferenceservices",
+        container="kserve-container",
+        success="Ready",
+        conditions=("Ready",),
+        render=None,  # not launched: render.py renders it, apply() applies it
+        lead_selector=lambda isvc: f"serving.kserve.io/inferenceservice={isvc['metadata']['name']}",
+        operator="KServe",
+        suspend=(),
+    )
+
+
 def deploy(cfg: RunConfig, uri: str, name: str | None = None) -> dict:
     """Apply, wait for Ready, ask; {name, namespace, action, url, prompt, answer, seconds}."""
-    from ..cluster.kube import INFERENCE_SERVICE, JobApi
+    from ..backends.kube_api import JobApi
 
     isvc = render_inference_service(cfg, uri, name)
     name = isvc["metadata"]["name"]
-    api = JobApi(cfg.kubernetes.namespace, INFERENCE_SERVICE)
+    api = JobApi(cfg.kubernetes.namespace, inference_service_kind())
     where = f"InferenceService {api.namespace}/{name}"
     action = apply(api, isvc)
     print(f"{action} {where} ({uri})", flush=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from ..cluster.pytorchjob import labels, uses_gpu
+from ..backends.pytorchjob import labels, uses_gpu
 from ..config import RunConfig
 from ..errors import UserError
 from ..k8s_values import dns_1035_label

@@ -1,3 +1,3 @@
-"""The train step: step.py (checks, then torchrun here or a job through ../cluster/) and the
-torchrun worker (worker.py). Nothing is imported here, so the worker starts light and never
-imports the Kubernetes side."""
+"""The train step: step.py (checks, then the backend ../backends/ names) and the torchrun
+worker (worker.py; entry.py is how the backends start it). Nothing is imported here, so the
+worker starts light and never imports the Kubernetes side."""

@@ -12,12 +12,12 @@ from ..config import parse_recipe
 
 
 def train(recipe_yaml: str, dataset_dir: str, run_dir: str, metrics=None, task_config=None) -> str:
-    from ..cluster.pytorchjob import job_name
-    from ..cluster.taskconfig import ENV, TaskConfig
+    from ..backends.pytorchjob import hashed_job_name
+    from ..backends.taskconfig import ENV, TaskConfig
     from .step import train as launch
 
     # the same name on every retry of this task: the launcher adopts the job it created
-    os.environ.setdefault("KUBETUNE_JOB_NAME", job_name("kfp", run_dir))
+    os.environ.setdefault("KUBETUNE_JOB_NAME", hashed_job_name("kfp", run_dir))
     if task_config is not None:  # what the task passes through to the training job
         os.environ[ENV] = TaskConfig.from_kfp(task_config).to_json()
     out = Path(run_dir) / "train"

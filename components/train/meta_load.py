@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError
+from ..llama_adapter import initial_value as adapter_init
+from ..llama_adapter import is_added
 from ..models import model_revision, model_source, safetensors_files
-from .llama_adapter import initial_value as adapter_init
-from .llama_adapter import is_added
 
 
 def checkpoint_name(name: str) -> str:

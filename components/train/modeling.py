@@ -289,7 +289,7 @@ def freeze_bottom(model, layers: int) -> None:
     to them) and the first `layers` decoder layers stop training."""
     if not layers:
         return
-    from .parallel import decoder_layers
+    from ..models import decoder_layers
 
     blocks = decoder_layers(model)
     if layers >= len(blocks):

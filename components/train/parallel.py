@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models import decoder_layers
+
 
 @dataclass
 class World:
@@ -44,20 +46,6 @@ def init_world() -> World:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", RANK="0", WORLD_SIZE="1")
     dist.init_process_group(backend, rank=rank, world_size=size)
     return World(rank, local_rank, size, device)
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (FSDP's wrapping unit), found by the model's own
-    `_no_split_modules` class names."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    inner = model
-    while not names and hasattr(inner, "base_model") and inner.base_model is not inner:
-        inner = inner.base_model
-        names = set(getattr(inner, "_no_split_modules", None) or [])
-    if not names:
-        inner = getattr(getattr(model, "base_model", model), "model", model)
-        names = set(getattr(inner, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def wrap_ddp(model: nn.Module, world: World) -> nn.Module:

@@ -272,7 +272,7 @@ def _count(config, cfg) -> Architecture:
     )
     layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
     if cfg.method in ADAPTER_METHODS:  # installed on the meta model, counted
-        from .llama_adapter import AdapterSpec, install, trainable_count
+        from ..llama_adapter import AdapterSpec, install, trainable_count
 
         install(model, AdapterSpec.from_recipe(cfg))
         lora = trainable_count(model)
@@ -548,7 +548,7 @@ def inference_plan(cfg, arch: Architecture | None = None) -> Inference:
     weights (their size, +10%, +8 GiB). Without a known GPU: 1 GPU; without GPUs: none. One
     replica is one pod: more than 8 GPUs is reported, and render-serve refuses it. `arch`: the
     model's, when the caller has it already."""
-    from ..cluster.pytorchjob import uses_gpu
+    from ..backends.pytorchjob import uses_gpu
 
     arch = arch or architecture(cfg)
     weights = arch.total_params * 2

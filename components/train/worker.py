@@ -36,6 +36,10 @@ from ..artifacts import (
 from ..config import ADAPTER_METHODS, load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
+from ..llama_adapter import AdapterSpec
+from ..llama_adapter import install as install_adapter
+from ..llama_adapter import save as save_adapter
+from ..models import decoder_layers
 from . import checkpoint as ckpt
 from .attention import FLEX, attention_implementation, use_flex_attention
 from .data import (
@@ -48,13 +52,11 @@ from .data import (
     pad_length,
     total_steps,
 )
+from .entry import ERROR_FILE
 from .fit import Fit, as_set, resolved
 from .flops import mfu, train_flops_per_token
 from .fused_lora import fuse_lora
 from .kernels import apply_kernels, compile_layers, select_kernels
-from .llama_adapter import AdapterSpec
-from .llama_adapter import install as install_adapter
-from .llama_adapter import save as save_adapter
 from .measure import StepFlops, check_fits, start_profiler
 from .meta_load import materialize
 from .modeling import (
@@ -72,7 +74,6 @@ from .parallel import (
     World,
     all_reduce_max,
     all_reduce_sum,
-    decoder_layers,
     deepspeed_config,
     fsdp_layout,
     init_world,
@@ -83,7 +84,6 @@ from .parallel import (
 from .progress import LossLog, synchronize
 from .status import Figures, TrainerStatus
 
-ERROR_FILE = ".worker-error"
 WARMUP_STEPS = 5  # steps left out of steady_tokens_per_second
 
 

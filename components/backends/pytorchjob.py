@@ -19,9 +19,9 @@ import yaml
 
 from ..config import RunConfig, dump_config
 from ..errors import UserError
+from ..train.entry import worker_args
 from .taskconfig import TaskConfig, extra_volumes, merge_env, merge_pool, merge_resources
 
-WORKER_MODULE = "kubetune.components.train.worker"  # what torchrun starts in every pod
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -33,7 +33,7 @@ NO_TASK = TaskConfig()
 MAX_NAME = 40  # pods are NAME-worker-N and need room under the 63-character DNS label limit
 
 
-def job_name(prefix: str, key: str) -> str:
+def hashed_job_name(prefix: str, key: str) -> str:
     """A DNS-1123 name, the same for the same key: a retry finds the job it created."""
     slug = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-") or "run"
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -113,14 +113,7 @@ def worker_command(cfg: RunConfig, dataset: str, output: str) -> list[str]:
         "-m",
         "torch.distributed.run",
         *(["--max-restarts", str(k8s.elastic_max_restarts)] if elastic else []),
-        "-m",
-        WORKER_MODULE,
-        "--recipe",
-        f"env:{RECIPE_ENV}",
-        "--dataset",
-        dataset,
-        "--output",
-        output,
+        *worker_args(f"env:{RECIPE_ENV}", dataset, output),
     ]
 
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE
-from ..errors import UserError
+from .artifacts import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE
+from .errors import UserError
 
 # model type -> (module that computes the queries, output projection); Falcon's queries come
 # out of the fused query_key_value.
@@ -73,7 +73,7 @@ class AdapterSpec:
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     """The decoder layers' attention modules, bottom to top."""
-    from .parallel import decoder_layers
+    from .models import decoder_layers
 
     found = []
     for layer in decoder_layers(model):
@@ -227,10 +227,10 @@ def check_architecture(method: str, config, start_layer: int) -> None:
 
 def check_recipe(cfg) -> None:
     """Before anything starts: method=adapter|adapter_v2 fits the recipe's model."""
-    from ..config import ADAPTER_METHODS
+    from .config import ADAPTER_METHODS
 
     if cfg.method in ADAPTER_METHODS:
-        from ..models import load_config
+        from .models import load_config
 
         check_architecture(cfg.method, load_config(cfg.model), cfg.adapter.start_layer)
 

@@ -1,0 +1,4 @@
+"""The backends of `kubetune train` (base.py: one interface, `training_backend(cfg)`): local.py
+runs torchrun here; kubernetes.py runs the worker as a Kubeflow PyTorchJob (pytorchjob.py
+renders it) or Trainer v2 TrainJob (trainjob.py), through the API client in kube_api.py (which
+`kubetune deploy` uses for KServe too). The torchrun worker never imports this package."""

@@ -1,0 +1,43 @@
+"""What a training backend is, and which one a recipe gets (`distributed.backend`).
+
+Every backend starts the very same worker command (train/entry.py: `worker_args`) and returns
+the worker's exit code: `local` runs torchrun on this machine, `pytorchjob` and `trainjob`
+create the Kubeflow job that runs it in pods (torchrun there takes nodes, ranks and the
+rendezvous from the PET_* variables the controller sets).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from .taskconfig import TaskConfig
+
+BACKENDS = ("local", "pytorchjob", "trainjob")
+
+
+class TrainingBackend(Protocol):
+    name: str
+    # whether dataset and output are paths on this machine (a cluster backend's are paths in
+    # the pods, on the workspace volume)
+    local: bool
+
+    def launch(
+        self, cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None = None
+    ) -> int:
+        """Train to completion (resuming from OUTPUT's checkpoints); the exit code."""
+        ...
+
+
+def training_backend(cfg: RunConfig) -> TrainingBackend:
+    """The backend `distributed.backend` names (imported on demand: local needs no Kubernetes
+    client, a cluster backend no torch)."""
+    name = cfg.distributed.backend
+    if name == "local":
+        from .local import LocalBackend
+
+        return LocalBackend()
+    from .kubernetes import PYTORCHJOB, TRAINJOB, KubernetesBackend
+
+    return KubernetesBackend(TRAINJOB if name == "trainjob" else PYTORCHJOB)

@@ -1,0 +1,111 @@
+"""The `local` backend: torchrun on this machine, one worker process per
+`distributed.procs_per_node` (CPU + gloo where there is no GPU).
+
+The workers' stderr comes through as it is written; torchrun's own failure report is held
+back and printed only for a real failure: a worker that stopped on a user error (a bad recipe
+value, data the model cannot take) wrote it to ERROR_FILE, and that one line is the error.
+SIGTERM and SIGINT go on to the whole torchrun process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from ..artifacts import METRICS_FILE
+from ..config import RunConfig, write_resolved
+from ..errors import UserError
+from ..train.entry import ERROR_FILE, worker_args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(cfg: RunConfig, recipe: Path, dataset: Path, output: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(cfg.distributed.procs_per_node),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *worker_args(str(recipe), str(dataset), str(output)),
+    ]
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distributed.procs_per_node))
+        )
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.model.local_dir:  # a fetched copy: every rank reads it, none asks the hub
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def relay_stderr(stream) -> list[str]:
+    """Copy the workers' stderr through as it comes, and hold back torchrun's own failure
+    report: torchrun prefixes every worker line with `[rankN]:`, so an unprefixed traceback is
+    torchrun failing, and it runs to the end. The caller prints it for a real failure and drops
+    it when a worker already said what the user got wrong."""
+    held: list[str] = []
+    for line in stream:
+        if held or line.startswith("Traceback (most recent call last):"):
+            held.append(line)
+        else:
+            sys.stderr.write(line)
+    return held
+
+
+class LocalBackend:
+    name = "local"
+    local = True
+
+    def launch(self, cfg: RunConfig, dataset: str, output: str, task=None) -> int:
+        out = Path(output).resolve()
+        if (out / METRICS_FILE).is_file():
+            raise UserError(f"{out} holds a finished run ({METRICS_FILE}); choose another --output")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ERROR_FILE).unlink(missing_ok=True)
+        recipe = write_resolved(cfg, out)
+        proc = subprocess.Popen(
+            torchrun_command(cfg, recipe, Path(dataset).resolve(), out),
+            env=worker_env(cfg),
+            start_new_session=True,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+
+        def forward(signum, _frame):
+            os.killpg(proc.pid, signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            report = relay_stderr(proc.stderr)
+            code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        error = out / ERROR_FILE
+        if code != 0 and error.is_file():
+            raise UserError(error.read_text().strip())
+        sys.stderr.write("".join(report))  # a real failure: torchrun's report is worth reading
+        return code
