@@ -22,15 +22,15 @@ from kubetune.components.compare_methods.settings import (
 )
 from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.errors import UserError
-from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
-from kubetune.components.pipeline_steps.component import resolve_recipe
-from kubetune.pipelines.finetune import (
-    _on_cluster,
+from kubetune.pipelines.tasks import (
     check_cluster,
     fetch_and_prepare,
     local_copy,
+    on_cluster,
     pipeline_config,
+    recipe_fields,
     recipe_parameter,
+    resolve_task,
     train_merge_evaluate,
     ws,
 )
@@ -55,7 +55,7 @@ def build_compare_pipeline(
             raise UserError(f"--methods {method}: {exc}") from None
     cfg = local_copy(cfg, workspace)
     recipe_text = recipe_parameter(cfg)
-    fields = {name: field_value(cfg, dotted) for dotted, name, _ in PIPELINE_FIELDS}
+    fields = recipe_fields(cfg)  # the recipe's values: every branch sets its own method
     gpu = uses_gpu(cfg)
 
     @dsl.pipeline(
@@ -70,13 +70,7 @@ def build_compare_pipeline(
         workspace: str = workspace or cfg.kubernetes.workspace_mount,
         methods: str = format_methods(names, extra),
     ) -> str:
-        resolved = resolve_recipe(
-            recipe_yaml=recipe_yaml,
-            overrides=overrides,
-            workspace=ws(cfg).get("workspace", workspace),
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            **fields,
-        ).set_display_name("resolve recipe")
+        resolved = resolve_task(cfg, recipe_yaml, overrides, workspace, fields)
         run_dir, recipe, prepared = fetch_and_prepare(cfg, resolved)
         # the loop iterates over a task's output, and its body reads only the loop item:
         # every value a branch needs travels in it
@@ -87,7 +81,7 @@ def build_compare_pipeline(
             methods=methods,
             **ws(cfg),
         )
-        _on_cluster(branches, cfg, s3=False).set_display_name("methods")
+        on_cluster(branches, cfg, s3=False).set_display_name("methods")
         with dsl.ParallelFor(branches.output, parallelism=parallelism) as branch:
             _, evaluated = train_merge_evaluate(
                 cfg, branch.recipe_yaml, branch.dataset_dir, branch.run_dir, gpu
@@ -99,7 +93,7 @@ def build_compare_pipeline(
             run_dir=run_dir,
             **ws(cfg),
         )
-        _on_cluster(compared, cfg, s3=False).set_display_name("compare")
+        on_cluster(compared, cfg, s3=False).set_display_name("compare")
         return compared.outputs["Output"]
 
     return compare

@@ -70,6 +70,43 @@ def parse_into_kfp_protos(path: Path):
     )
 
 
+IR_TYPES = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE", list: "LIST"}
+
+
+def test_both_pipelines_take_their_parameters_from_the_one_definition(tmp_path):
+    """PIPELINE_FIELDS is the only list of the run's parameters: the finetune pipeline's
+    signature, the resolve-recipe component's inputs and what both pipelines hand it are
+    compiled from it (names, IR types and the recipe's values)."""
+    from kubetune.components.config import load_recipe
+    from kubetune.components.pipeline_steps.bodies import PIPELINE_FIELDS, field_value
+
+    cfg = load_recipe(TINY_DEMO)
+    spec = compile_to(tmp_path / "p.yaml", TINY_DEMO)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    fields = {name: (IR_TYPES[kind], dotted) for dotted, name, kind in PIPELINE_FIELDS}
+    assert list(params) == sorted(["recipe_yaml", "overrides", "workspace", *fields])
+    for name, (ir_type, dotted) in fields.items():
+        assert params[name]["parameterType"] == ir_type, name
+        assert params[name]["defaultValue"] == field_value(cfg, dotted), name
+    component = spec["components"]["comp-resolve-recipe"]["inputDefinitions"]["parameters"]
+    assert {k: v["parameterType"] for k, v in component.items()} == {
+        "recipe_yaml": "STRING",
+        "overrides": "LIST",
+        "workspace": "STRING",
+        "run_id": "STRING",
+        **{name: ir_type for name, (ir_type, _) in fields.items()},
+    }
+    task = spec["root"]["dag"]["tasks"]["resolve-recipe"]["inputs"]["parameters"]
+    for name in fields:  # the finetune pipeline hands each parameter on by name
+        assert task[name]["componentInputParameter"] == name
+    out = tmp_path / "compare.yaml"
+    assert run_cli("compare", TINY_DEMO, "--methods", "lora,full", "--output", out).code == 0
+    compare = next(yaml.safe_load_all(out.read_text()))
+    task = compare["root"]["dag"]["tasks"]["resolve-recipe"]["inputs"]["parameters"]
+    for name, (_, dotted) in fields.items():  # the comparison fixes them at the recipe's
+        assert task[name]["runtimeValue"]["constant"] == field_value(cfg, dotted), name
+
+
 def test_kfp_workspace_pipeline_mounts_the_runs_own_workspace(tmp_path):
     """kubernetes.workspace=kfp: the pipeline asks KFP for a ReadWriteMany workspace of the
     recipe's size and class, every step gets KFP's workspace placeholder (KFP mounts the

@@ -168,7 +168,7 @@ def model_config(name_or_path: str):
 
 
 # The files whose code decides the counts: a cached count is keyed by their bytes too.
-COUNTING_CODE = ("plan.py", "modeling.py", "llama_adapter.py")
+COUNTING_CODE = ("train/plan.py", "train/modeling.py", "llama_adapter.py")  # under components/
 
 
 def _raw_config(cfg) -> dict | None:
@@ -198,7 +198,7 @@ def _architecture_cache(config: dict, cfg) -> Path:
 
     from ..tiny_models import cache_root
 
-    here = Path(__file__).parent
+    here = Path(__file__).parent.parent
     key = hashlib.sha256()
     for name in COUNTING_CODE:
         key.update((here / name).read_bytes())
