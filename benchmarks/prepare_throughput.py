@@ -100,13 +100,13 @@ def run_baseline(data: Path, out: Path) -> int:
 
 def run_kubetune(data: Path, out: Path) -> int:
     from kubetune.components.config import load_recipe
-    from kubetune.components.prepare_dataset.step import prepare_dataset
+    from kubetune.components.prepare_dataset.step import prepare
 
     cfg = load_recipe(
         "tiny-demo",
         [f"data.path={data}", "data.format=alpaca", "data.max_seq_len=512", "data.packing=true"],
     )
-    stats = prepare_dataset(cfg, out / "prepared")
+    stats = prepare(cfg, out / "prepared")
     return stats["tokens"]["total"]
 
 

@@ -33,7 +33,8 @@ def quantity(value: str, key: str, allow_zero: bool = True) -> str:
             f"{key} must be a Kubernetes quantity such as 64Gi, 500m or 8 "
             f"(suffixes Ki Mi Gi Ti Pi Ei, m k M G T P E), got {text!r}"
         )
-    if not allow_zero and float(re.match(r"^[+]?[0-9.]+", text).group(0) or 0) == 0:
+    number = re.match(r"^[+]?[0-9.]+", text)
+    if not allow_zero and float(number.group(0) if number else 0) == 0:
         raise ValueError(f"{key} must be more than zero, got {text!r}")
     return text
 

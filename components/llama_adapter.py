@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,9 @@ from torch import nn
 
 from .artifacts import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 # model type -> (module that computes the queries, output projection); Falcon's queries come
 # out of the fused query_key_value.
@@ -55,7 +59,7 @@ class AdapterSpec:
     merged: bool = False  # the linear scales (and foldable biases) are in the weights
 
     @classmethod
-    def from_recipe(cls, cfg) -> AdapterSpec:
+    def from_recipe(cls, cfg: RunConfig) -> AdapterSpec:
         return cls(cfg.method, cfg.adapter.prompt_length, cfg.adapter.start_layer)
 
     @classmethod
@@ -225,7 +229,7 @@ def check_architecture(method: str, config, start_layer: int) -> None:
         )
 
 
-def check_recipe(cfg) -> None:
+def check_recipe(cfg: RunConfig) -> None:
     """Before anything starts: method=adapter|adapter_v2 fits the recipe's model."""
     from .config import ADAPTER_METHODS
 

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
@@ -92,7 +93,7 @@ def s3_errors(uri: str) -> Iterator[None]:
         raise _explain(uri, exc) from None
 
 
-def is_not_found(exc: Exception) -> bool:
+def is_not_found(exc: Any) -> bool:
     """A ClientError for a missing key (HEAD answers a bare 404, GET NoSuchKey)."""
     return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 

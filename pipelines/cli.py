@@ -47,10 +47,10 @@ def cmd_config(args) -> int:
 
 
 def cmd_fetch_model(args) -> int:
-    from kubetune.components.fetch_model.step import fetch_model, fetch_summary
+    from kubetune.components.fetch_model.step import fetch, fetch_summary
 
     cfg = load_recipe(args.recipe, args.overrides)
-    record = fetch_model(cfg.model, args.workspace)
+    record = fetch(cfg.model, args.workspace)
     print(fetch_summary(cfg, record))
     if record is not None:
         print(
@@ -60,10 +60,10 @@ def cmd_fetch_model(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from kubetune.components.prepare_dataset.step import prepare_dataset
+    from kubetune.components.prepare_dataset.step import prepare
 
     cfg = load_recipe(args.recipe, args.overrides)
-    stats = prepare_dataset(cfg, args.output, overwrite=args.overwrite)
+    stats = prepare(cfg, args.output, overwrite=args.overwrite)
     dropped = ", ".join(f"{k} {v}" for k, v in stats["rows_dropped"].items()) or "none"
     print(
         f"read {stats['rows_read']} rows, kept {stats['rows_kept']} (dropped: {dropped}; "
@@ -85,10 +85,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from kubetune.components.merge_adapter.step import merge_adapter
+    from kubetune.components.merge_adapter.step import merge
 
     cfg = load_recipe(args.recipe, args.overrides)
-    summary = merge_adapter(cfg, args.adapter, args.output, overwrite=args.overwrite)
+    summary = merge(cfg, args.adapter, args.output, overwrite=args.overwrite)
     print(summary["message"])
     return 0
 

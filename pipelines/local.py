@@ -152,7 +152,7 @@ def _run(job: dict, verbose: bool) -> dict:
                 env=env,
             )
             try:
-                for raw in proc.stdout:
+                for raw in proc.stdout or ():
                     line = ANSI.sub("", raw.rstrip("\n"))
                     log.write(line + "\n")
                     console.feed(line)

@@ -216,7 +216,7 @@ def with_field_parameters(body: Callable, leading: list[inspect.Parameter], cfg:
         bound.apply_defaults()
         return body(**bound.arguments)
 
-    pipeline.__signature__ = signature
+    pipeline.__signature__ = signature  # type: ignore[attr-defined]
     pipeline.__name__ = pipeline.__qualname__ = body.__name__
     pipeline.__doc__ = body.__doc__
     return pipeline

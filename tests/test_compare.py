@@ -15,7 +15,7 @@ from kubetune.components.compare_methods.settings import (
     format_methods,
     parse_methods,
 )
-from kubetune.components.compare_methods.step import compare_methods
+from kubetune.components.compare_methods.step import compare
 from kubetune.components.config import load_recipe
 
 from .conftest import TINY_DEMO, assert_user_error, run_cli
@@ -132,7 +132,7 @@ def test_compare_local_trains_every_method_and_tables_them(tmp_path):
     assert escape(first["tuned"]) in report and escape(first["reference"]) in report
 
     # the same branches compared as Falcon-7B: lit-parrot's published counts beside kubetune's
-    again = compare_methods(
+    again = compare(
         "tiiuae/falcon-7b",
         [run / "methods" / m / "eval" for m in ("lora", "adapter_v2")],
         tmp_path / "as-falcon-7b",

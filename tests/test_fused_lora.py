@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from kubetune.components.config import load_recipe
 from kubetune.components.models import resolve_model
+from kubetune.components.train.build import build_model
 from kubetune.components.train.fit import as_set
 from kubetune.components.train.fused_lora import fuse_lora, fused_lora_forward
 from kubetune.components.train.modeling import add_lora, load_base
 from kubetune.components.train.parallel import World
-from kubetune.components.train.worker import build_model
 
 from .conftest import TINY_DEMO
 
@@ -143,7 +143,7 @@ def test_frozen_weights_stay_in_the_compute_dtype_and_trainable_ones_are_fp32(
     embeddings, norms and head fp32); every trainable tensor is an fp32 master weight."""
     cfg = recipe(*sets, "train.gradient_checkpointing=false")
     world = World(0, 0, 1, CPU)
-    model, *_ = build_model(cfg, world, "sdpa", as_set(cfg, 2, "test"), packed=True)
+    model = build_model(cfg, world, "sdpa", as_set(cfg, 2, "test"), packed=True).model
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == frozen_dtypes

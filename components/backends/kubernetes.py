@@ -135,6 +135,7 @@ def launch(cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None = 
     kind = job_kind(cfg)
     name = default_job_name(cfg, dataset, output)
     namespace = cfg.kubernetes.namespace
+    assert kind.render is not None, "a training job kind renders its job"
     job = kind.render(cfg, name, dataset, output, task or TaskConfig.from_env())
     api = JobApi(namespace, kind)
     where = f"{kind.kind} {namespace}/{name}"

@@ -95,8 +95,8 @@ def resources(cfg: RunConfig, task: TaskConfig = NO_TASK) -> dict:
     """Requests and limits of one training pod (one node): its CPUs, memory and GPUs, and
     what else the KFP task passes through."""
     k8s = cfg.kubernetes
-    requests = {"cpu": k8s.cpu, "memory": k8s.memory}
-    limits = {"memory": k8s.memory}
+    requests: dict[str, str | int] = {"cpu": k8s.cpu, "memory": k8s.memory}
+    limits: dict[str, str | int] = {"memory": k8s.memory}
     if uses_gpu(cfg):
         requests[k8s.gpu_resource] = cfg.distributed.procs_per_node
         limits[k8s.gpu_resource] = cfg.distributed.procs_per_node

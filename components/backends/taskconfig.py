@@ -32,7 +32,8 @@ class TaskConfig:
     @classmethod
     def _of(cls, value_of) -> TaskConfig:
         """Each field from `value_of(name)`, empty where that is None or empty."""
-        return cls(**{f.name: value_of(f.name) or f.default_factory() for f in fields(cls)})
+        empty = {f.name: f.default_factory for f in fields(cls)}
+        return cls(**{name: value_of(name) or make() for name, make in empty.items()})  # type: ignore[operator]
 
     @classmethod
     def from_kfp(cls, config) -> TaskConfig:

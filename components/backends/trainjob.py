@@ -80,7 +80,7 @@ def render_trainjob(
         )
     default_dataset, default_output = default_paths(cfg, name)
     dataset, output = dataset or default_dataset, output or default_output
-    job = {
+    job: dict = {
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": {"name": name, "namespace": k8s.namespace, "labels": job_labels(k8s, name)},

@@ -51,11 +51,11 @@ def compare(recipe_yaml: str, eval_dirs: list, run_dir: str, report_path: str, s
     RUN_DIR/comparison; the report and the Markdown table for the KFP UI."""
     import shutil
 
-    from .step import compare_methods
+    from .step import compare as compare_step
 
     cfg = parse_recipe(recipe_yaml, "recipe")
     out = Path(run_dir) / "comparison"
-    compare_methods(cfg.model.name_or_path, [str(d) for d in eval_dirs], out)
+    compare_step(cfg.model.name_or_path, [str(d) for d in eval_dirs], out)
     shutil.copyfile(out / "report.html", report_path)
     shutil.copyfile(out / "comparison.md", summary_path)
     print((out / "comparison.md").read_text())

@@ -16,7 +16,12 @@ would not compare methods.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 # Published per-method hyper-parameters (Alpaca-scale instruction tuning of 7B models).
 METHOD_DEFAULTS: dict[str, dict[str, object]] = {
@@ -104,7 +109,9 @@ def branch_overrides(
     return settings
 
 
-def branch_config(recipe_yaml: str, cfg, method: str, extra: dict[str, str] | None = None):
+def branch_config(
+    recipe_yaml: str, cfg: RunConfig, method: str, extra: dict[str, str] | None = None
+):
     """The branch's validated config (the recipe with `method` and branch_overrides applied)
     and those overrides."""
     from ..config import parse_recipe

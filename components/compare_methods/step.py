@@ -156,11 +156,13 @@ def html_report(model: str, rows, base, published, answers) -> str:
     )
 
 
-def compare_methods(model: str, eval_dirs: list[str], output_dir: str | Path) -> dict:
+def compare(model: str, eval_dirs: list[str], output_dir: str | Path) -> dict:
     """Read every branch, write comparison.json, comparison.md and report.html."""
     if not eval_dirs:
         raise UserError("compare: no branch finished (no evaluation folders)")
-    rows, base, answers = [], {}, {}
+    rows: list[dict] = []
+    base: dict = {}
+    answers: dict = {}
     for eval_dir in eval_dirs:
         row, baseline, generations = branch_row(Path(eval_dir))
         rows.append(row)

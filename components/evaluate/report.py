@@ -5,8 +5,12 @@ reference and the base and tuned answers side by side."""
 from __future__ import annotations
 
 from html import escape
+from typing import TYPE_CHECKING
 
 from .. import __version__
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 ROWS = (
     ("eval_loss", "eval loss", "lower"),
@@ -148,7 +152,9 @@ def _gate(metrics: dict) -> str:
     return f'<p>Quality gate: <span class="{verdict}">{verdict}ed</span></p><ul>{items}</ul>'
 
 
-def render_report(cfg, metrics: dict, generations: list[dict], training: dict | None) -> str:
+def render_report(
+    cfg: RunConfig, metrics: dict, generations: list[dict], training: dict | None
+) -> str:
     base = metrics.get("baseline")
     title = f"kubetune evaluation: {cfg.model.name_or_path} ({cfg.method})"
     body = [

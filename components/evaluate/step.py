@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import (
+    DATASET_DICT_FILE,
     IGNORE_INDEX,
     METRICS_FILE,
     STATS_FILE,
@@ -100,7 +101,7 @@ def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.devi
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"{name}: cannot load the model: {str(exc).splitlines()[0]}") from None
-    if where.kind == "prompts":
+    if where.kind == "prompts" and where.adapter is not None:
         load_into(model, where.adapter)
     elif where.kind == "lora":
         from peft import PeftModel
@@ -160,7 +161,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], cfg: RunConfig) -> 
     padded; greedy unless eval.do_sample), before decode_answer."""
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    options = {"do_sample": cfg.eval.do_sample, "max_new_tokens": cfg.eval.max_new_tokens}
+    options: dict = {"do_sample": cfg.eval.do_sample, "max_new_tokens": cfg.eval.max_new_tokens}
     if cfg.eval.do_sample:
         options["temperature"] = cfg.eval.temperature
         torch.manual_seed(cfg.train.seed)
@@ -194,8 +195,13 @@ def decode_answer(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def evaluate_model(
-    name: str, cfg: RunConfig, split, prompts, tokenizer, tasks=None
+def score_model(
+    name: str,
+    cfg: RunConfig,
+    split,
+    prompts: list[list[int]],
+    tokenizer,
+    tasks: tuple[list[harness.HarnessTask], object] | None = None,
 ) -> tuple[dict, list[str]]:
     """Loss, answers and (with `tasks`: resolve_tasks' result) lm-eval scores of one model.
     With eval.engine=vllm, vLLM generates first, in a process of its own that hands the GPU
@@ -219,7 +225,7 @@ def evaluate_model(
         started = time.monotonic()
         answers = generate(model, tokenizer, prompts, cfg)
         generate_seconds = time.monotonic() - started
-    result = {
+    result: dict = {
         "model": name,
         "eval_loss": loss,
         "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
@@ -230,7 +236,8 @@ def evaluate_model(
     }
     if tasks is not None:
         started = time.monotonic()
-        result["lm_eval"] = harness.score(model, tokenizer, *tasks, cfg)
+        task_list, manager = tasks
+        result["lm_eval"] = harness.score(model, tokenizer, task_list, manager, cfg)
         result["lm_eval_seconds"] = round(time.monotonic() - started, 3)
     del model
     if device.type == "cuda":
@@ -238,10 +245,10 @@ def evaluate_model(
     return result, answers
 
 
-def gate(cfg: RunConfig, tuned: dict, lm_eval_rows: list[dict] = ()) -> dict:
+def gate(cfg: RunConfig, tuned: dict, lm_eval_rows: list[dict] | None = None) -> dict:
     """Whether the tuned model clears eval.min_rouge_l / eval.max_eval_loss and, per lm-eval
     task, eval.max_regression (no bound: passes)."""
-    checks = []
+    checks: list[dict] = []
     if cfg.eval.min_rouge_l is not None:
         value = tuned["rougeL"]
         checks.append(
@@ -260,7 +267,7 @@ def gate(cfg: RunConfig, tuned: dict, lm_eval_rows: list[dict] = ()) -> dict:
                 "passed": passed,
             }
         )
-    checks += harness.regression_checks(cfg, list(lm_eval_rows))
+    checks += harness.regression_checks(cfg, list(lm_eval_rows or []))
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
@@ -268,8 +275,8 @@ def load_eval_split(dataset_dir: str | Path):
     from datasets import load_from_disk
 
     path = Path(dataset_dir)
-    if not (path / "dataset_dict.json").is_file():
-        raise UserError(f"{path}: not a `kubetune prepare` output (no dataset_dict.json)")
+    if not (path / DATASET_DICT_FILE).is_file():
+        raise UserError(f"{path}: not a `kubetune prepare` output (no {DATASET_DICT_FILE})")
     data = load_from_disk(str(path))
     if "eval" not in data or len(data["eval"]) == 0:
         raise UserError(f"{path}: has no eval split (set data.eval_fraction > 0 in prepare)")
@@ -330,14 +337,14 @@ def evaluate(
     prompts = [prompt_ids(row) for row in head]
     references = list(head["reference"])
 
-    tuned, tuned_answers = evaluate_model(model_dir, cfg, split, prompts, tokenizer, tasks)
+    tuned, tuned_answers = score_model(model_dir, cfg, split, prompts, tokenizer, tasks)
     tuned.update(score_texts(tuned_answers, references))
     base, base_answers = None, None
     if baseline is not None:
-        base, base_answers = evaluate_model(baseline, cfg, split, prompts, tokenizer, tasks)
+        base, base_answers = score_model(baseline, cfg, split, prompts, tokenizer, tasks)
         base.update(score_texts(base_answers, references))
-    rows = harness.side_by_side(base["lm_eval"], tuned["lm_eval"]) if tasks else []
-    metrics = {
+    rows = harness.side_by_side(base["lm_eval"], tuned["lm_eval"]) if base and tasks else []
+    metrics: dict = {
         "num_prompts": n,
         "eval_rows": len(split),
         "max_new_tokens": cfg.eval.max_new_tokens,

@@ -1,2 +1,2 @@
-"""The fetch_model step (step.py): `fetch_model(model_cfg, workspace) -> record | None`.
-Nothing is imported here, so compiling a pipeline (component.py) stays light."""
+"""The fetch step (`kubetune fetch-model`; step.py): `fetch(model_cfg, workspace) -> record |
+None`. Nothing is imported here, so compiling a pipeline (component.py) stays light."""

@@ -30,10 +30,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..storage import folder_prefix, is_s3, s3_client, s3_errors, split_s3
 from ..tiny_models import is_tiny
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 RECORD = ".kubetune-fetch.json"
 MODELS_DIR = "models"
@@ -191,7 +195,7 @@ def complete(folder: Path) -> bool:
         return False
 
 
-def fetch_model(model_cfg, workspace: str | Path) -> dict | None:
+def fetch(model_cfg, workspace: str | Path) -> dict | None:
     """Make WORKSPACE/models/NAME@REVISION hold the model; returns its record (source,
     revision, commit, path, files, downloaded) or None when the model needs no fetch."""
     name = model_cfg.name_or_path
@@ -233,7 +237,7 @@ def fetch_model(model_cfg, workspace: str | Path) -> dict | None:
     return {**record, "path": str(target), "downloaded": True}
 
 
-def fetch_summary(cfg, record: dict | None) -> str:
+def fetch_summary(cfg: RunConfig, record: dict | None) -> str:
     """What a fetch did, in a line or two (the CLI's and the KFP task's log)."""
     if record is None:
         return f"{cfg.model.name_or_path}: nothing to fetch (a tiny model or a local folder)"
@@ -245,10 +249,10 @@ def fetch_summary(cfg, record: dict | None) -> str:
     )
 
 
-def fetched_config(cfg, workspace: str | Path):
+def fetched_config(cfg: RunConfig, workspace: str | Path):
     """The recipe with `model.local_dir` and `model.commit` set to the fetched copy (the
     recipe unchanged when nothing needs fetching), and the fetch record."""
-    record = fetch_model(cfg.model, workspace)
+    record = fetch(cfg.model, workspace)
     if record is None:
         return cfg, None
     model = cfg.model.model_copy(update={"local_dir": record["path"], "commit": record["commit"]})

@@ -9,11 +9,11 @@ from ..config import parse_recipe
 
 
 def merge(recipe_yaml: str, train_dir: str, run_dir: str) -> str:
-    from .step import merge_adapter
+    from .step import merge as merge_step
 
     cfg = parse_recipe(recipe_yaml, "recipe")
     if cfg.method == "full":  # full fine-tuning wrote the whole model already
         return train_dir
     out = Path(run_dir) / "model"
-    merge_adapter(cfg, train_dir, out, overwrite=True)
+    merge_step(cfg, train_dir, out, overwrite=True)
     return str(out)

@@ -331,7 +331,7 @@ def merge_record(
     }
 
 
-def merge_adapter(
+def merge(
     cfg: RunConfig, adapter_dir: str | Path, output_dir: str | Path, overwrite: bool = False
 ) -> dict:
     """Write the merged model (shards, index, config, tokenizer) to output_dir; returns a summary

@@ -1,2 +1,3 @@
-"""What the KFP components of the fine-tuning pipeline call: one function per component, each
-turning the component's inputs into a call of a step (prepare, train, merge, evaluate, push)."""
+"""The pipeline's first step, resolve_recipe (component.py, bodies.py), and the one definition
+of the run's parameters (bodies.PIPELINE_FIELDS). The package keeps its name because compiled
+pipelines import `kubetune.components.pipeline_steps.bodies` from the steps image."""

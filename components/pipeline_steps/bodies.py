@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 # Recipe fields that the pipeline exposes as its own parameters (the KFP UI's run form), with
 # the parameter name each one gets. Any other field: the `overrides` parameter (KEY=VALUE).
@@ -33,7 +37,7 @@ PIPELINE_FIELDS = (
 )
 
 
-def field_value(cfg, dotted: str):
+def field_value(cfg: RunConfig, dotted: str):
     """The recipe's value of a pipeline field, as the field's parameter type."""
     node = cfg
     for part in dotted.split("."):

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -58,15 +59,16 @@ class OrderedDigest:
         self.folder = folder
         self.sha = hashlib.sha256()
         self.pending = {name: folder / f"{name}.digest" for name in TOKEN_COLUMNS[1:]}
-        self.files = None
+        self.files: dict[str, BinaryIO] | None = None
 
     def add(self, rows: Rows, positions: np.ndarray) -> None:
         if self.files is None:
             # open until end_split: the split's chunks arrive one call at a time
             self.files = {name: open(path, "wb") for name, path in self.pending.items()}  # noqa: SIM115
+        files = self.files
         self.sha.update(np.ascontiguousarray(rows.ids, dtype=np.int32).tobytes())
-        self.files["labels"].write(np.ascontiguousarray(rows.labels, dtype=np.int32).tobytes())
-        self.files["position_ids"].write(np.ascontiguousarray(positions, dtype=np.int32).tobytes())
+        files["labels"].write(np.ascontiguousarray(rows.labels, dtype=np.int32).tobytes())
+        files["position_ids"].write(np.ascontiguousarray(positions, dtype=np.int32).tobytes())
 
     def end_split(self) -> str:
         """Hash the split's labels and positions; returns the digest so far (hex)."""
@@ -122,7 +124,8 @@ class SplitWriter:
         from datasets.arrow_writer import ArrowWriter
 
         features = Features.from_arrow_schema(self.schema)
-        writer, current = None, None
+        writer: Any = None
+        current = None
         for shard, first, end in self.chunks():
             if shard != current:
                 if writer is not None:
@@ -144,7 +147,7 @@ class SplitWriter:
         from datasets import DatasetInfo, Features
         from datasets.utils.py_utils import asdict  # save_to_disk's, not dataclasses'
 
-        state = {
+        state: dict = {
             "_data_files": [{"filename": self.filename(i)} for i in range(self.num_shards)],
             "_fingerprint": fingerprint,
             "_format_columns": None,

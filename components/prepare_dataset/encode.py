@@ -89,7 +89,8 @@ class Encoder:
 
     def segments(self, records: list, dropped: Counter) -> tuple[list, str | None]:
         """Rendered segments of the usable records, and the first bad row's error if any."""
-        cfg, examples = self.data_cfg, []
+        cfg = self.data_cfg
+        examples: list = []
         for where, row in records:
             try:
                 segments = self.render(row)
@@ -196,6 +197,7 @@ def _start_worker(encoder: Encoder) -> None:
 
 
 def _encode_in_worker(records: list) -> Encoded:
+    assert _WORKER_ENCODER is not None, "the pool initializer sets it"
     return _WORKER_ENCODER(records)
 
 

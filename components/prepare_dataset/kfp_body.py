@@ -10,9 +10,9 @@ from ..config import parse_recipe
 
 def prepare(recipe_yaml: str, run_dir: str, metrics, summary_path: str) -> str:
     from .kfp_outputs import report_to_kfp
-    from .step import prepare_dataset
+    from .step import prepare as prepare_step
 
     out = Path(run_dir) / "dataset"
-    stats = prepare_dataset(parse_recipe(recipe_yaml, "recipe"), out, overwrite=True)
+    stats = prepare_step(parse_recipe(recipe_yaml, "recipe"), out, overwrite=True)
     report_to_kfp(stats, metrics, summary_path)
     return str(out)

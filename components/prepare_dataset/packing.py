@@ -19,7 +19,7 @@ def pack_order(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarr
         index = int(np.argmax(lengths > capacity))
         raise ValueError(f"example {index} has {int(lengths[index])} tokens > capacity {capacity}")
     order = np.argsort(-lengths, kind="stable")
-    assigned = np.empty(len(order), dtype=np.int64)  # bin of the i-th example placed
+    assigned: np.ndarray = np.empty(len(order), dtype=np.int64)  # bin of the i-th example placed
     stacks: list[list[int]] = [[] for _ in range(capacity + 1)]
     rooms = 0  # bit r set: some open bin has exactly r tokens of room
     bins = 0

@@ -23,7 +23,7 @@ def gather(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndar
 
 
 def offsets_of(lengths: np.ndarray) -> np.ndarray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    offsets: np.ndarray = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return offsets
 
@@ -106,15 +106,15 @@ def assemble_flat(
     per_row = counts + n_prefix + 1
     row_first = offsets_of(per_row)[:-1]  # index of each row's first piece in the piece list
     n_pieces = int(per_row.sum())
-    starts = np.empty(n_pieces, dtype=np.int64)
-    lengths = np.empty(n_pieces, dtype=np.int64)
-    train = np.empty(n_pieces, dtype=bool)
+    starts: np.ndarray = np.empty(n_pieces, dtype=np.int64)
+    lengths: np.ndarray = np.empty(n_pieces, dtype=np.int64)
+    train: np.ndarray = np.empty(n_pieces, dtype=bool)
     if n_prefix:
         starts[row_first], lengths[row_first], train[row_first] = prefix_at, len(prefix), False
     last = row_first + per_row - 1
     starts[last], lengths[last], train[last] = eos_at, 1, True
     # The segments fill the slots between prefix and EOS, in order.
-    is_segment = np.ones(n_pieces, dtype=bool)
+    is_segment: np.ndarray = np.ones(n_pieces, dtype=bool)
     is_segment[last] = False
     if n_prefix:
         is_segment[row_first] = False

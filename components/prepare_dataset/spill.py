@@ -29,8 +29,8 @@ class Spill:
         self.files = {name: open(path, "wb") for name, path in self.paths.items()}  # noqa: SIM115
         self._lengths: list[np.ndarray] = []
         self._text_lengths: dict[str, list[np.ndarray]] = {"prompt": [], "ref": []}
-        self.lengths = np.zeros(0, dtype=np.int64)
-        self.offsets = np.zeros(1, dtype=np.int64)
+        self.lengths: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.offsets: np.ndarray = np.zeros(1, dtype=np.int64)
 
     def add(self, rows: Rows, prompts: list[str], references: list[str]) -> None:
         tokens = rows.ids.astype(np.uint32) | np.where(rows.labels != IGNORE_INDEX, TRAINED, 0)
@@ -58,7 +58,7 @@ class Spill:
 
     def _read(self, name: str, starts: np.ndarray, sizes: np.ndarray, out: np.ndarray) -> None:
         """Bytes [starts[i], starts[i] + sizes[i]) of file `name`, one after another, into out."""
-        view, at = memoryview(out).cast("B"), 0
+        view, at = memoryview(out.data).cast("B"), 0
         fd = os.open(self.paths[name], os.O_RDONLY)
         try:
             for start, size in zip(starts.tolist(), sizes.tolist(), strict=True):
@@ -72,7 +72,7 @@ class Spill:
         """Examples `index`, in that order, as rows of ids and labels."""
         index = np.asarray(index, dtype=np.int64)
         lengths = self.lengths[index]
-        tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
+        tokens: np.ndarray = np.empty(int(lengths.sum()), dtype=np.uint32)
         self._read("tokens", self.offsets[:-1][index] * 4, lengths * 4, tokens)
         ids = (tokens & ~TRAINED).astype(np.int32)
         labels = np.where(tokens & TRAINED, ids, IGNORE_INDEX).astype(np.int32)
@@ -83,7 +83,7 @@ class Spill:
         index = np.asarray(index, dtype=np.int64)
         offsets = self.text_offsets[name]
         sizes = offsets[index + 1] - offsets[index]
-        data = np.empty(int(sizes.sum()), dtype=np.uint8)
+        data: np.ndarray = np.empty(int(sizes.sum()), dtype=np.uint8)
         self._read(name, offsets[index], sizes, data)
         ends = offsets_of(sizes)
         raw = data.tobytes()

@@ -51,7 +51,8 @@ def spill_examples(cfg: RunConfig, tokenizer, spill: Spill, progress: Progress) 
     if cfg.data.max_rows:
         records = itertools.islice(records, cfg.data.max_rows)
     num_proc = cfg.data.num_proc or available_cpus()
-    counts = {"read": 0, "truncated": 0, "response": 0, "dropped": Counter()}
+    counts = {"read": 0, "truncated": 0, "response": 0}
+    dropped: Counter = Counter()
     tokens = 0
     for batch in encode_all(records, encoder, num_proc):
         if batch.error:
@@ -60,14 +61,14 @@ def spill_examples(cfg: RunConfig, tokenizer, spill: Spill, progress: Progress) 
         counts["read"] += batch.read
         counts["truncated"] += batch.truncated
         counts["response"] += int((batch.rows.labels != IGNORE_INDEX).sum())
-        counts["dropped"].update(batch.dropped)
+        dropped.update(batch.dropped)
         tokens += len(batch.rows.ids)
         progress.update(counts["read"], tokens)
     spill.close()
     if counts["read"] == 0:
         raise UserError(f"{cfg.data.path}: no rows to read")
     progress.done(counts["read"], tokens)
-    return counts
+    return {**counts, "dropped": dropped}
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +120,7 @@ def _length_stats(lengths: np.ndarray) -> dict:
     }
 
 
-def prepare_dataset(cfg: RunConfig, output_dir: str | Path, overwrite: bool = False) -> dict:
+def prepare(cfg: RunConfig, output_dir: str | Path, overwrite: bool = False) -> dict:
     """Run the step; returns the stats also written to `output_dir/stats.json`."""
     output = Path(output_dir)
     check_output(output, overwrite)
@@ -136,7 +137,8 @@ def prepare_dataset(cfg: RunConfig, output_dir: str | Path, overwrite: bool = Fa
             )
 
         train_idx, eval_idx = split_indices(len(lengths), cfg.data.eval_fraction, cfg.data.seed)
-        train_flat, train_sizes = train_idx, np.ones(len(train_idx), dtype=np.int64)
+        train_flat = train_idx
+        train_sizes: np.ndarray = np.ones(len(train_idx), dtype=np.int64)
         if cfg.data.packing:
             order, train_sizes = pack_order(lengths[train_idx], cfg.data.max_seq_len)
             train_flat = train_idx[order]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..artifacts import METRICS_FILE
-from ..config import parse_recipe
+from ..config import RunConfig, parse_recipe
 
 
 def push(recipe_yaml: str, model_dir: str, eval_dir: str, summary_path: str | None = None) -> str:
@@ -28,7 +28,7 @@ def push(recipe_yaml: str, model_dir: str, eval_dir: str, summary_path: str | No
     return cfg.output.uri.rstrip("/") + "/manifest.json"
 
 
-def registrar(cfg, version: str):
+def registrar(cfg: RunConfig, version: str):
     """The push's `register` hook for the recipe's output.model_registry (None without one)."""
     if cfg.output.model_registry is None:
         return None

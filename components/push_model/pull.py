@@ -67,7 +67,7 @@ def pull(source: str, dest_dir: str | Path, overwrite: bool = False, workers: in
                 target = staging / item["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if client is not None:
-                    key = s3_key(prefix, item["path"])
+                    key = s3_key(prefix or "", item["path"])
                     from botocore.exceptions import ClientError
 
                     try:

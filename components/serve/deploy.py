@@ -145,7 +145,7 @@ def deploy(cfg: RunConfig, uri: str, name: str | None = None) -> dict:
     seconds = round(time.monotonic() - started, 1)
     url = url_of(current)
     print(f"{where} is Ready at {url} after {seconds:g} s", flush=True)
-    answer = ask(url, name, cfg.serve.prompt)
+    answer = ask(url or "", name, cfg.serve.prompt)
     return {
         "name": name,
         "namespace": api.namespace,

@@ -18,12 +18,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 from types import MethodType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..models import load_config
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 FLEX = "flex_attention"
 
@@ -38,7 +42,7 @@ def supports_flex_attention(config) -> bool:
     return bool(getattr(model_class, "_supports_flex_attn", False))
 
 
-def attention_implementation(cfg, device: torch.device, packed: bool = False) -> str:
+def attention_implementation(cfg: RunConfig, device: torch.device, packed: bool = False) -> str:
     """The attention the worker runs (see the module docstring)."""
     if cfg.model.attn_implementation == FLEX and device.type != "cuda":
         raise UserError(

@@ -114,7 +114,7 @@ def read_state(folder: Path) -> dict:
     return json.loads((folder / "trainer_state.json").read_text())
 
 
-def load_checkpoint(folder: Path, rank: int) -> tuple[dict, dict, object, dict]:
+def load_checkpoint(folder: Path, rank: int) -> tuple[dict, dict, dict | None, dict]:
     """(trainer state, params by name, optimizer state or None, all tensors) of this rank."""
     state = read_state(folder)
     tensors = load_file(str(folder / f"rank-{rank:05d}.safetensors"))

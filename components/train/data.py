@@ -6,10 +6,15 @@ always the same rows, so a resumed run continues the data order exactly from its
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from ..artifacts import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 class BatchPlan:
@@ -18,7 +23,8 @@ class BatchPlan:
     def __init__(self, n_rows: int, micro: int, rank: int, world: int, seed: int):
         self.n_rows, self.micro, self.rank, self.world, self.seed = n_rows, micro, rank, world, seed
         self.per_epoch = (n_rows // world) // micro
-        self._epoch, self._rows = -1, None
+        self._epoch = -1
+        self._rows: np.ndarray = np.zeros(0, dtype=np.int64)
 
     def rows(self, k: int) -> np.ndarray:
         """Row indices of micro batch k (counting across epochs)."""
@@ -42,7 +48,7 @@ def check_rows(dataset, n_rows: int, world: int, micro: int) -> None:
         )
 
 
-def total_steps(cfg, per_epoch: int) -> int:
+def total_steps(cfg: RunConfig, per_epoch: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
     return max(1, int(cfg.train.epochs * per_epoch) // cfg.train.grad_accum)

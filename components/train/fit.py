@@ -22,6 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 GB = 1e9
 MARGIN = 0.10  # share of the GPU's memory a run that "fits" leaves free
@@ -67,7 +71,7 @@ class Fit:
         }
 
 
-def micro_candidates(cfg, world: int, rows_per_rank: int | None) -> list[int]:
+def micro_candidates(cfg: RunConfig, world: int, rows_per_rank: int | None) -> list[int]:
     """Micro batches `auto` may take, largest first: each divides the global batch when one
     is set, none exceeds the rows a process gets per epoch."""
     cap = MAX_AUTO_MICRO
@@ -103,17 +107,17 @@ def choose(
     if micro_setting == "auto":
         candidates = micro_candidates(cfg, world, rows_per_rank)
         probe = fixed_layers if fixed_layers is not None else 0
-        micro = next((m for m in candidates if fits(m, probe)), None)
+        found_micro = next((m for m in candidates if fits(m, probe)), None)
+        micro = found_micro or 1
         if budget is None:
             micro_reason = f"no GPU memory to fit (CPU run): the largest allowed, {micro}"
-        elif micro is not None:
+        elif found_micro is not None:
             micro_reason = (
                 f"the largest micro batch the plan fits in {budget / GB:.1f} GB "
                 f"({'every layer' if probe else 'no layer'} checkpointed), of at most "
                 f"{candidates[0]}"
             )
         else:
-            micro = 1
             micro_reason = "not even one row fits without checkpointing: one row"
     else:
         micro, micro_reason = micro_setting, "set by the recipe"
@@ -162,9 +166,10 @@ def choose(
     )
 
 
-def as_set(cfg, layers: int, why: str) -> Fit:
+def as_set(cfg: RunConfig, layers: int, why: str) -> Fit:
     """The recipe's own fixed micro batch and checkpointing, when there is no plan to fit."""
     micro, checkpointing = cfg.train.micro_batch_size, cfg.train.gradient_checkpointing
+    assert isinstance(micro, int), "auto needs the plan; the caller refuses it without one"
     return Fit(
         micro_batch_size=micro,
         grad_accum=cfg.train.grad_accum,
@@ -179,7 +184,7 @@ def as_set(cfg, layers: int, why: str) -> Fit:
     )
 
 
-def resolved(cfg, fit: Fit):
+def resolved(cfg: RunConfig, fit: Fit):
     """cfg with the chosen micro batch, grad_accum and checkpointing (every layer or none as
     a bool; the worker checkpoints `fit.checkpointed_layers` of them)."""
     train = cfg.train.model_copy(

@@ -24,12 +24,16 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from types import MethodType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..artifacts import IGNORE_INDEX
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 LIGER_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -57,7 +61,7 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def compile_choice(cfg, device: torch.device, packed: bool) -> bool:
+def compile_choice(cfg: RunConfig, device: torch.device, packed: bool) -> bool:
     """train.compile: auto is on where it is known to work: CUDA, ddp or fsdp (ZeRO-3's
     hooks and compiled graphs do not mix), packed rows padded to one length."""
     setting = cfg.train.compile
@@ -66,13 +70,15 @@ def compile_choice(cfg, device: torch.device, packed: bool) -> bool:
     return device.type == "cuda" and cfg.distributed.strategy != "deepspeed" and packed
 
 
-def lora_choice(cfg) -> str:
+def lora_choice(cfg: RunConfig) -> str:
     if cfg.method not in ("lora", "qlora"):
         return "none"
     return "peft" if cfg.distributed.strategy == "deepspeed" else "fused"
 
 
-def select_kernels(cfg, device: torch.device, model_type: str, packed: bool = False) -> Kernels:
+def select_kernels(
+    cfg: RunConfig, device: torch.device, model_type: str, packed: bool = False
+) -> Kernels:
     """The kernels for this recipe, device and architecture (see the module docstring).
 
     Under DeepSpeed ZeRO-3 the output head is partitioned: the loss gathers a frozen head
@@ -150,7 +156,7 @@ def _chunked_ce(hidden, weight, labels, chunk: int, want_h: bool, want_w: bool):
         probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
         probs[torch.arange(h.shape[0], device=h.device), y] -= 1.0
         g = probs.mul_((ok / count)[:, None]).to(weight.dtype)
-        if want_h:
+        if grad_h is not None:
             grad_h[start : start + chunk] = g @ weight
         if want_w:
             grad_w += (g.t() @ h).float()

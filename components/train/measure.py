@@ -16,12 +16,16 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from .flops import gpu_peak
 
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
-def check_fits(cfg, steps: int) -> None:
+
+def check_fits(cfg: RunConfig, steps: int) -> None:
     """Both measurements must end inside the steps the run takes (checked before training)."""
     counter, profile = cfg.train.flop_counter, cfg.train.profile
     if counter is not None and counter.start_step + 1 > steps:
@@ -40,11 +44,14 @@ def check_fits(cfg, steps: int) -> None:
 class StepFlops:
     """Counts step `start_step`'s FLOPs and times the step after it."""
 
-    def __init__(self, cfg, world, synchronize):
+    def __init__(self, cfg: RunConfig, world, synchronize):
         counter = cfg.train.flop_counter
         self.start = counter.start_step if counter is not None else None
         self.world, self.synchronize = world, synchronize
-        self.flops = self.tokens = self.seconds = self.timed_tokens = None
+        self.flops: int | None = None
+        self.tokens: int | None = None
+        self.seconds: float | None = None
+        self.timed_tokens: int | None = None
 
     def around(self, done: int):
         """The context for optimizer step number `done` (1-based)."""
@@ -82,6 +89,7 @@ class StepFlops:
     def report(self, analytic_per_token: float) -> dict | None:
         if self.flops is None or self.seconds is None or not self.tokens:
             return None  # resumed past the counted step
+        assert self.start is not None and self.timed_tokens is not None, "the timed step ran"
         per_token = self.flops / self.tokens
         rate = self.timed_tokens / self.seconds  # tokens/s of this process at the timed step
         peak = gpu_peak(self.world.device)
@@ -100,7 +108,7 @@ class StepFlops:
         }
 
 
-def start_profiler(cfg, world, output: Path, steps_left: int):
+def start_profiler(cfg: RunConfig, world, output: Path, steps_left: int):
     """A started torch.profiler with the recipe's schedule, or None (also when a resumed run
     has fewer steps left than the schedule needs: resuming must not fail over a trace)."""
     settings = cfg.train.profile

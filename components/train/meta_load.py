@@ -12,6 +12,7 @@ ones as llama_adapter builds them, and scattered the same way. Buffers computed 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,9 @@ from ..errors import UserError
 from ..llama_adapter import initial_value as adapter_init
 from ..llama_adapter import is_added
 from ..models import model_revision, model_source, safetensors_files
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 def checkpoint_name(name: str) -> str:
@@ -64,7 +68,7 @@ def lora_init(name: str, shape: torch.Size, generator: torch.Generator) -> torch
     return tensor
 
 
-def materialize(model: nn.Module, cfg, world) -> None:
+def materialize(model: nn.Module, cfg: RunConfig, world) -> None:
     """After fully_shard on a meta-built model: allocate the shards and fill them (see above)."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.to_empty(device=world.device)

@@ -11,12 +11,17 @@ checked against the count of linear layers before training starts.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..models import load_config, model_revision, model_source, safetensors_files
 from .attention import attention_implementation, transformers_attention
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 # lora.target_modules: auto — the attention and MLP projections of each architecture.
 AUTO_TARGETS = {
@@ -30,7 +35,7 @@ AUTO_TARGETS = {
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def weights_dtype(cfg, device: torch.device) -> torch.dtype:
+def weights_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     """model.dtype, with auto = bf16 on a GPU that has it, else fp32 (CPU tests, old GPUs)."""
     if cfg.model.dtype != "auto":
         return DTYPES[cfg.model.dtype]
@@ -39,7 +44,7 @@ def weights_dtype(cfg, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def lora_targets(cfg, model_type: str) -> list[str] | str:
+def lora_targets(cfg: RunConfig, model_type: str) -> list[str] | str:
     targets = cfg.lora.target_modules
     if targets == "auto":
         if model_type not in AUTO_TARGETS:
@@ -83,13 +88,15 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor, make) -> bool:
     return False
 
 
-def quant_storage(cfg, compute: torch.dtype) -> torch.dtype:
+def quant_storage(cfg: RunConfig, compute: torch.dtype) -> torch.dtype:
     """The dtype packed 4-bit weights are stored in: uint8, or the compute dtype under FSDP so
     a decoder layer's tensors share one dtype and shard together."""
     return compute if cfg.distributed.strategy == "fsdp" else torch.uint8
 
 
-def replace_linear_layers(model: nn.Module, names: list[str], cfg, compute: torch.dtype) -> None:
+def replace_linear_layers(
+    model: nn.Module, names: list[str], cfg: RunConfig, compute: torch.dtype
+) -> None:
     """Swap the named (meta) linear layers for empty bitsandbytes 4-bit or 8-bit layers."""
     import bitsandbytes as bnb
 
@@ -119,7 +126,7 @@ def replace_linear_layers(model: nn.Module, names: list[str], cfg, compute: torc
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def build_on_meta(cfg, dtype: torch.dtype, attn: str) -> nn.Module:
+def build_on_meta(cfg: RunConfig, dtype: torch.dtype, attn: str) -> nn.Module:
     """The architecture with its parameters on the meta device (buffers real, on the CPU)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -136,7 +143,9 @@ def build_on_meta(cfg, dtype: torch.dtype, attn: str) -> nn.Module:
     return model
 
 
-def load_quantized(cfg, source: str, device: torch.device, attn: str) -> tuple[nn.Module, int]:
+def load_quantized(
+    cfg: RunConfig, source: str, device: torch.device, attn: str
+) -> tuple[nn.Module, int]:
     """Build on meta, swap linear layers for bitsandbytes layers, stream weights in."""
     import bitsandbytes as bnb
     from safetensors import safe_open
@@ -229,7 +238,7 @@ def prepare_kbit(model: nn.Module) -> None:
     model.requires_grad_(False)
 
 
-def add_lora(cfg, model: nn.Module) -> nn.Module:
+def add_lora(cfg: RunConfig, model: nn.Module) -> nn.Module:
     """LoRA (peft) on the base; adapter weights in fp32, the base in its own dtype."""
     from peft import LoraConfig, get_peft_model
 
@@ -306,7 +315,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a 4-bit weight counts as in x out, not its packed size."""
     import importlib.util
 
-    packed = ()
+    packed: tuple[type, ...] = ()
     if importlib.util.find_spec("bitsandbytes") is not None:
         import bitsandbytes as bnb
 
@@ -320,7 +329,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
             seen.add(id(p))
             n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
             if packed and isinstance(module, packed) and name == "weight":
-                n = module.in_features * module.out_features
+                n = module.in_features * module.out_features  # type: ignore[attr-defined]
             total += n
             trainable += n if p.requires_grad else 0
     return trainable, total

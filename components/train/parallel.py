@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..models import decoder_layers
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 @dataclass
@@ -117,7 +121,7 @@ def no_shm_op_on_cpu(world: World) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def deepspeed_config(cfg, world: World, bf16: bool) -> dict:
+def deepspeed_config(cfg: RunConfig, world: World, bf16: bool) -> dict:
     zero = {
         "stage": cfg.distributed.zero_stage,
         "overlap_comm": world.device.type == "cuda",

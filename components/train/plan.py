@@ -36,7 +36,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import ADAPTER_METHODS
+from ..config import ADAPTER_METHODS, RunConfig
 from ..errors import UserError
 from .fit import Fit, choose
 
@@ -171,7 +171,7 @@ def model_config(name_or_path: str):
 COUNTING_CODE = ("train/plan.py", "train/modeling.py", "llama_adapter.py")  # under components/
 
 
-def _raw_config(cfg) -> dict | None:
+def _raw_config(cfg: RunConfig) -> dict | None:
     """The model's config as plain JSON without importing transformers (which imports torch):
     a fetched copy's or a local folder's config.json, or kubetune's table of known configs.
     None for a hub id it would have to download."""
@@ -189,7 +189,7 @@ def _raw_config(cfg) -> dict | None:
         return None
 
 
-def _architecture_cache(config: dict, cfg) -> Path:
+def _architecture_cache(config: dict, cfg: RunConfig) -> Path:
     """Where the counts of this architecture and these adapter settings are kept: instantiating
     the model, even on the meta device, costs seconds (transformers' modeling and torch), and
     plan, compile and render-serve ask for the same counts again and again."""
@@ -214,7 +214,7 @@ def _architecture_cache(config: dict, cfg) -> Path:
     return cache_root() / "architectures" / f"{key.hexdigest()[:24]}.json"
 
 
-def architecture(cfg) -> Architecture:
+def architecture(cfg: RunConfig) -> Architecture:
     """Count parameters exactly on a meta-device instance of the model (once per
     architecture and adapter settings: the counts are cached)."""
     from ..models import load_config
@@ -239,7 +239,7 @@ def architecture(cfg) -> Architecture:
     return arch
 
 
-def _count(config, cfg) -> Architecture:
+def _count(config, cfg: RunConfig) -> Architecture:
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -340,7 +340,7 @@ class Plan:
         }
 
 
-def weight_bytes(cfg, arch: Architecture, dtype_bytes: int) -> float:
+def weight_bytes(cfg: RunConfig, arch: Architecture, dtype_bytes: int) -> float:
     if cfg.method == "qlora":
         other = arch.total_params - arch.linear_params
         per = (
@@ -352,7 +352,7 @@ def weight_bytes(cfg, arch: Architecture, dtype_bytes: int) -> float:
     return arch.total_params * dtype_bytes
 
 
-def trainable_bytes(cfg, arch: Architecture, dtype_bytes: int) -> tuple[float, float]:
+def trainable_bytes(cfg: RunConfig, arch: Architecture, dtype_bytes: int) -> tuple[float, float]:
     """(bytes that live with the weights: gradients, LoRA fp32 weights; AdamW moments)."""
     if cfg.method == "full":
         trained = arch.total_params - arch.frozen_params
@@ -374,7 +374,7 @@ def activation_bytes(arch: Architecture, tokens: int, seq: int, eager: bool, che
     return tokens * (kept + recomputing)
 
 
-def logits_bytes(cfg, arch: Architecture, tokens: int) -> float:
+def logits_bytes(cfg: RunConfig, arch: Architecture, tokens: int) -> float:
     if cfg.train.kernels == "none" or cfg.method == "adapter_v2":  # the head's own forward
         return float(tokens * arch.vocab * 10)
     from .kernels import chunk_rows
@@ -383,7 +383,7 @@ def logits_bytes(cfg, arch: Architecture, tokens: int) -> float:
     return float(chunk * arch.vocab * 6 + tokens * arch.hidden * 2)
 
 
-def gpu_memory_bytes(cfg) -> float | None:
+def gpu_memory_bytes(cfg: RunConfig) -> float | None:
     """The memory of hardware.gpu (or hardware.gpu_memory_gb) in bytes; None for `none`."""
     memory_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
     if memory_gb is None and cfg.hardware.gpu != "none":
@@ -480,7 +480,7 @@ def plan_for(
     return plan
 
 
-def render(plan: Plan, cfg) -> str:
+def render(plan: Plan, cfg: RunConfig) -> str:
     a = plan.arch
     lines = [
         f"{cfg.model.name_or_path}: {a.total_params / 1e9:.2f}B params ({a.model_type}), "
@@ -541,7 +541,7 @@ def gpus_needed(params: int, gpu_gb: float) -> int:
     return max(1, math.ceil(params * 2 * KV_ROOM / (gpu_gb * GB)))
 
 
-def inference_plan(cfg, arch: Architecture | None = None) -> Inference:
+def inference_plan(cfg: RunConfig, arch: Architecture | None = None) -> Inference:
     """GPUs and memory for one replica of the merged model (bf16): enough GPUs to hold the
     weights with 30% room, rounded up to a tensor-parallel size vLLM accepts (a power of two
     that divides the attention heads), at most a node's GPUs; host memory for loading the

@@ -10,6 +10,8 @@ CPU the copy is the read, and every flush is complete.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -26,7 +28,7 @@ class LossLog:
     def __init__(self, world, losses: list, writer):
         self.world, self.losses, self.writer = world, losses, writer
         self.pending: list[tuple[int, torch.Tensor, float]] = []
-        self.in_flight: list[tuple[list, torch.Tensor, object]] = []  # (steps, host copy, event)
+        self.in_flight: list[tuple[list, torch.Tensor, Any]] = []  # (steps, host copy, event)
         self.tokens = 0.0  # all ranks' tokens, as of the last landed flush
         self.local_tokens = 0
 

@@ -125,7 +125,7 @@ class TrainerStatus:
         busy = self.thread is not None and self.thread.is_alive()
         if not force and (busy or (self.last is not None and now - self.last < self.interval)):
             return False
-        if busy:
+        if busy and self.thread is not None:
             self.thread.join(TIMEOUT)
         self.last = now
         body = json.dumps(self.payload(figures)).encode()
