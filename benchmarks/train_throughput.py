@@ -80,7 +80,7 @@ def make_model(name: str, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kubetune.components.models import resolve_model
-    from kubetune.components.train.plan import model_config
+    from kubetune.components.train.architecture import model_config
 
     folder.mkdir(parents=True, exist_ok=True)
     if name.startswith("tiny://"):

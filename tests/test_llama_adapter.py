@@ -26,7 +26,7 @@ from kubetune.components.llama_adapter import (
     trainable_count,
 )
 from kubetune.components.models import resolve_model
-from kubetune.components.train.plan import architecture
+from kubetune.components.train.architecture import architecture
 
 from .conftest import RECIPES, TINY_DEMO, assert_user_error
 
@@ -63,7 +63,7 @@ def test_trainable_counts_match_the_published_falcon_7b_figures(cli):
     from accelerate import init_empty_weights
     from peft import LoraConfig, get_peft_model
 
-    from kubetune.components.train.plan import model_config
+    from kubetune.components.train.architecture import model_config
 
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(model_config("tiiuae/falcon-7b"))

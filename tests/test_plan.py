@@ -200,7 +200,7 @@ def test_plan_counts_match_a_real_model_with_frozen_layers():
 def test_architecture_counts_are_cached_per_model_and_adapter_settings(tmp_path, monkeypatch):
     from dataclasses import asdict
 
-    from kubetune.components.train import plan
+    from kubetune.components.train import architecture as plan
 
     monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
     cfg = load_recipe(RECIPES / "falcon-7b-qlora.yaml")

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from kubetune.components.config import load_recipe
+from kubetune.components.train.architecture import architecture
 from kubetune.components.train.fit import MARGIN
-from kubetune.components.train.plan import GB, architecture, plan_for
+from kubetune.components.train.plan import GB, plan_for
 
 from .conftest import TINY_DEMO
 

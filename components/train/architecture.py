@@ -1,0 +1,259 @@
+"""A model's architecture as `kubetune plan` needs it: parameter counts (total, quantizable
+linear layers, LoRA or LLaMA-Adapter trainables) and shapes, counted on the meta device from the
+model's real config (shipped in KNOWN_CONFIGS for the recipes' hub models, read from config.json
+for local and tiny:// models). Counting builds the model, so counts are cached in
+KUBETUNE_CACHE/architectures, keyed by the config, the method's settings, transformers and the
+counting code."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import ADAPTER_METHODS, RunConfig
+from ..errors import UserError
+
+# Falcon-40B and -180B: the new decoder architecture with 8 grouped KV heads.
+_FALCON_NEW_DECODER = {
+    "model_type": "falcon",
+    "num_kv_heads": 8,
+    "new_decoder_architecture": True,
+    "parallel_attn": True,
+    "bias": False,
+    "alibi": False,
+    "vocab_size": 65024,
+}
+# Public configs of the recipes' hub models (so planning needs no download).
+KNOWN_CONFIGS = {
+    "tiiuae/falcon-7b": {
+        "model_type": "falcon",
+        "hidden_size": 4544,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 71,
+        "multi_query": True,
+        "parallel_attn": True,
+        "new_decoder_architecture": False,
+        "bias": False,
+        "alibi": False,
+        "vocab_size": 65024,
+    },
+    "tiiuae/falcon-40b": {
+        **_FALCON_NEW_DECODER,
+        "hidden_size": 8192,
+        "num_hidden_layers": 60,
+        "num_attention_heads": 128,
+    },
+    "tiiuae/falcon-180B": {
+        **_FALCON_NEW_DECODER,
+        "hidden_size": 14848,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 232,
+    },
+    "meta-llama/Meta-Llama-3-8B": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    "meta-llama/Meta-Llama-3-70B": {
+        "model_type": "llama",
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    "mistralai/Mistral-7B-v0.1": {
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+    },
+    "Qwen/Qwen2-7B": {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+@dataclass
+class Architecture:
+    model_type: str
+    total_params: int
+    linear_params: int  # in quantizable linear layers (not the output head)
+    adapter_params: int  # trainable parameters of LoRA (targets, rank) or LLaMA-Adapter (v2)
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+    layer_params: int
+    frozen_params: int = 0  # method=full with train.freeze_layers: embeddings + bottom layers
+
+
+def model_config(name_or_path: str):
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if name_or_path in KNOWN_CONFIGS:
+        values = dict(KNOWN_CONFIGS[name_or_path])
+        return CONFIG_MAPPING[values.pop("model_type")](**values)
+    from ..models import resolve_model
+
+    source = resolve_model(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"model.name_or_path: no config for {name_or_path!r} ({exc}); kubetune "
+            f"plan knows {', '.join(KNOWN_CONFIGS)} without a download"
+        ) from None
+
+
+# The files whose code decides the counts: a cached count is keyed by their bytes too.
+COUNTING_CODE = ("train/architecture.py", "train/modeling.py", "llama_adapter.py")  # components/
+
+
+def _raw_config(cfg: RunConfig) -> dict | None:
+    """The model's config as plain JSON without importing transformers (which imports torch):
+    a fetched copy's or a local folder's config.json, or kubetune's table of known configs.
+    None for a hub id it would have to download."""
+    from ..models import model_source
+
+    if cfg.model.name_or_path in KNOWN_CONFIGS and not cfg.model.local_dir:
+        return dict(KNOWN_CONFIGS[cfg.model.name_or_path])
+    try:
+        folder = Path(model_source(cfg.model))
+    except UserError:
+        return None
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _architecture_cache(config: dict, cfg: RunConfig) -> Path:
+    """Where the counts of this architecture and these adapter settings are kept: instantiating
+    the model, even on the meta device, costs seconds (transformers' modeling and torch), and
+    plan, compile and render-serve ask for the same counts again and again."""
+    import hashlib
+    import importlib.metadata
+
+    from ..tiny_models import cache_root
+
+    here = Path(__file__).parent.parent
+    key = hashlib.sha256()
+    for name in COUNTING_CODE:
+        key.update((here / name).read_bytes())
+    settings = [
+        config,
+        cfg.method,
+        cfg.lora.model_dump(mode="json"),
+        cfg.adapter.model_dump(mode="json"),
+        cfg.train.freeze_layers,
+        importlib.metadata.version("transformers"),
+    ]
+    key.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return cache_root() / "architectures" / f"{key.hexdigest()[:24]}.json"
+
+
+def architecture(cfg: RunConfig) -> Architecture:
+    """Count parameters exactly on a meta-device instance of the model (once per
+    architecture and adapter settings: the counts are cached)."""
+    from ..models import load_config
+
+    raw = _raw_config(cfg)
+    cached = _architecture_cache(raw, cfg) if raw is not None else None
+    if cached is not None and cached.is_file():
+        try:
+            return Architecture(**json.loads(cached.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass  # unreadable: count again and replace it
+    config = load_config(cfg.model) if cfg.model.local_dir else model_config(cfg.model.name_or_path)
+    arch = _count(config, cfg)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(asdict(arch)))
+            partial.replace(cached)
+        except OSError:
+            pass  # a read-only cache only costs the next call the same seconds
+    return arch
+
+
+def _count(config, cfg: RunConfig) -> Architecture:
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import linear_layer_names, lora_targets
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.tie_weights()  # from_config on meta leaves tied heads as separate tensors
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    linears = linear_layer_names(model)
+    linear_params = sum(model.get_submodule(n).weight.numel() for n in linears)
+    targets = lora_targets(cfg, config.model_type) if cfg.method in ("lora", "qlora") else []
+    lora = 0
+    for name in linears:
+        leaf = name.rsplit(".", 1)[-1]
+        if targets == "all-linear" or leaf in targets:
+            module = model.get_submodule(name)
+            lora += cfg.lora.r * (module.in_features + module.out_features)
+    layers = config.num_hidden_layers
+    hidden = config.hidden_size
+    intermediate = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "ffn_hidden_size", None)
+        or 4 * hidden
+    )
+    layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
+    if cfg.method in ADAPTER_METHODS:  # installed on the meta model, counted
+        from ..llama_adapter import AdapterSpec, install, trainable_count
+
+        install(model, AdapterSpec.from_recipe(cfg))
+        lora = trainable_count(model)
+    frozen = 0
+    if cfg.method == "full" and cfg.train.freeze_layers:
+        from .modeling import freeze_bottom
+
+        freeze_bottom(model, cfg.train.freeze_layers)
+        frozen = sum({id(p): p.numel() for p in model.parameters() if not p.requires_grad}.values())
+    return Architecture(
+        model_type=config.model_type,
+        total_params=total,
+        linear_params=linear_params,
+        adapter_params=lora,
+        layers=layers,
+        hidden=hidden,
+        heads=config.num_attention_heads,
+        intermediate=intermediate,
+        vocab=config.vocab_size,
+        gated_mlp=config.model_type != "falcon",
+        layer_params=layer_params,
+        frozen_params=frozen,
+    )
