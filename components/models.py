@@ -86,6 +86,20 @@ def load_tokenizer(model_cfg):
     return tokenizer
 
 
+def load_prepare_tokenizer(model_cfg):
+    """The tokenizer prepare uses: fast_tokenizer.FastTokenizer (no transformers, no torch) for
+    a local model whose tokenizer transformers loads as a plain fast tokenizer, else
+    load_tokenizer's. Both give the same ids, special tokens and fingerprint."""
+    from .fast_tokenizer import FastTokenizer
+
+    source = Path(model_source(model_cfg))
+    if source.is_dir() and not model_cfg.trust_remote_code:
+        light = FastTokenizer.load(source)
+        if light is not None:
+            return light
+    return load_tokenizer(model_cfg)
+
+
 def safetensors_files(source: str, revision: str | None) -> list[Path]:
     """The checkpoint's safetensors shards (downloading a hub model's, never pickle files)."""
     folder = Path(source)

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,33 +53,26 @@ def chunk_table(rows: Rows, positions: np.ndarray, texts: dict[str, list[str]]) 
 class OrderedDigest:
     """sha256 over every chunk's ids, then every chunk's labels, then every chunk's positions,
     split after split: the digest of the whole arrays, concatenated, without holding them.
-    Labels and positions wait in files until the split's ids are all hashed."""
+    Ids are hashed as the chunks are made; labels and positions are read back from the
+    split's finished shards (memory-mapped: the pages were just written)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self):
         self.sha = hashlib.sha256()
-        self.pending = {name: folder / f"{name}.digest" for name in TOKEN_COLUMNS[1:]}
-        self.files: dict[str, BinaryIO] | None = None
 
-    def add(self, rows: Rows, positions: np.ndarray) -> None:
-        if self.files is None:
-            # open until end_split: the split's chunks arrive one call at a time
-            self.files = {name: open(path, "wb") for name, path in self.pending.items()}  # noqa: SIM115
-        files = self.files
-        self.sha.update(np.ascontiguousarray(rows.ids, dtype=np.int32).tobytes())
-        files["labels"].write(np.ascontiguousarray(rows.labels, dtype=np.int32).tobytes())
-        files["position_ids"].write(np.ascontiguousarray(positions, dtype=np.int32).tobytes())
+    def add(self, rows: Rows) -> None:
+        self.sha.update(np.ascontiguousarray(rows.ids, dtype=np.int32).data)
 
-    def end_split(self) -> str:
-        """Hash the split's labels and positions; returns the digest so far (hex)."""
-        for name, path in self.pending.items():
-            if self.files is not None:
-                self.files[name].close()
-                with open(path, "rb") as f:
-                    while block := f.read(1 << 24):
-                        self.sha.update(block)
-                path.unlink()
-        self.files = None
+    def end_split(self, shards: list[Path]) -> str:
+        """Hash the split's labels and positions, read from its shards in order; returns the
+        digest so far (hex)."""
+        for name in TOKEN_COLUMNS[1:]:
+            for shard in shards:
+                with pa.memory_map(str(shard)) as source:
+                    for batch in pa.ipc.open_stream(source):
+                        values = batch.column(name).flatten()
+                        data = values.buffers()[1]
+                        start = values.offset * 4
+                        self.sha.update(memoryview(data)[start : start + len(values) * 4])
         return self.sha.hexdigest()
 
 

@@ -21,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts import IGNORE_INDEX
 from ..errors import UserError
 from .formats import RowError, formatter
 from .ragged import Rows, assemble_flat, flatten
+from .readers import LineBatch
+from .spill import SpillBatch
 
 # Records per batch: large enough for the Rust tokenizer's batched call, small enough that a
 # batch's texts, Encodings and arrays stay a few MB.
@@ -34,11 +37,12 @@ IN_FLIGHT_PER_WORKER = 2
 
 @dataclass
 class Encoded:
-    """One batch's kept rows (after the length policy) and what happened to the others."""
+    """One batch's kept examples (after the length policy), ready for the spill, and what
+    happened to the others."""
 
-    rows: Rows
-    prompts: list[str]
-    references: list[str]
+    spill: SpillBatch
+    tokens: int  # in the kept examples
+    response: int  # of them trained on
     read: int
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
@@ -87,18 +91,32 @@ class Encoder:
         self.__dict__.update(state)
         self.render, _ = formatter(self.data_cfg, self.tokenizer)
 
-    def segments(self, records: list, dropped: Counter) -> tuple[list, str | None]:
-        """Rendered segments of the usable records, and the first bad row's error if any."""
+    def segments(self, records: Iterable, dropped: Counter) -> tuple[list, int, str | None]:
+        """Rendered segments of the usable records, how many records were read, and the first
+        bad row's (or unreadable line's) error if any."""
         cfg = self.data_cfg
         examples: list = []
-        for where, row in records:
+        read = 0
+        rows = iter(records)
+        while True:
+            try:
+                where, row = next(rows)
+            except StopIteration:
+                break
+            except UserError as exc:  # a LineBatch's line that is not a JSON object
+                return examples, read, str(exc)
+            read += 1
             try:
                 segments = self.render(row)
             except RowError as exc:
                 if cfg.on_bad_row == "error":
-                    return examples, (
-                        f"{where}: {exc} (data.format={cfg.format}; set "
-                        "data.on_bad_row=drop to skip such rows)"
+                    return (
+                        examples,
+                        read,
+                        (
+                            f"{where}: {exc} (data.format={cfg.format}; set "
+                            "data.on_bad_row=drop to skip such rows)"
+                        ),
                     )
                 dropped[exc.reason] += 1
                 continue
@@ -106,7 +124,7 @@ class Encoder:
                 dropped["empty_response"] += 1
                 continue
             examples.append(segments)
-        return examples, None
+        return examples, read, None
 
     def tokenize(self, examples: list) -> Rows:
         """Every segment through the Rust tokenizer's batched call, straight into int32 arrays;
@@ -124,18 +142,23 @@ class Encoder:
             self.tokenizer.eos_token_id,
         )
 
-    def __call__(self, records: list) -> Encoded:
+    def __call__(self, batch: list | LineBatch) -> Encoded:
         dropped: Counter = Counter()
-        examples, error = self.segments(records, dropped)
+        records = batch.records() if isinstance(batch, LineBatch) else batch
+        examples, read, error = self.segments(records, dropped)
         rows = self.tokenize(examples)
         cfg = self.data_cfg
         rows, kept, truncated = apply_length_policy(rows, cfg.max_seq_len, cfg.overlength, dropped)
         kept_examples = [examples[i] for i in kept]
         return Encoded(
-            rows,
-            ["".join(t for t, trained in s if not trained) for s in kept_examples],
-            ["".join(t for t, trained in s if trained) for s in kept_examples],
-            len(records),
+            SpillBatch.of(
+                rows,
+                ["".join(t for t, trained in s if not trained) for s in kept_examples],
+                ["".join(t for t, trained in s if trained) for s in kept_examples],
+            ),
+            len(rows.ids),
+            int((rows.labels != IGNORE_INDEX).sum()),
+            read,
             dropped,
             truncated,
             error,
@@ -169,11 +192,18 @@ def available_cpus() -> int:
     return max(1, cpus or 1)
 
 
-def record_batches(records: Iterable, size: int) -> Iterator[list]:
-    """Records in lists of `size`; a reader's error comes after the rows read before it."""
+def record_batches(records: Iterable, size: int) -> Iterator[list | LineBatch]:
+    """Records in lists of `size` (a LineBatch is a batch of its own); a reader's error comes
+    after the rows read before it."""
     batch: list = []
     try:
         for record in records:
+            if isinstance(record, LineBatch):
+                if batch:
+                    yield batch
+                    batch = []
+                yield record
+                continue
             batch.append(record)
             if len(batch) == size:
                 yield batch
@@ -196,7 +226,7 @@ def _start_worker(encoder: Encoder) -> None:
     _WORKER_ENCODER = encoder
 
 
-def _encode_in_worker(records: list) -> Encoded:
+def _encode_in_worker(records: list | LineBatch) -> Encoded:
     assert _WORKER_ENCODER is not None, "the pool initializer sets it"
     return _WORKER_ENCODER(records)
 

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -20,6 +21,8 @@ from ..storage import is_s3, s3_cached
 from ..tiny_models import cache_root
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
+# Bytes of a JSON Lines file per LineBatch (about 1,600 samsum rows): cut at a line end.
+CHUNK_BYTES = 1 << 20
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 Row = tuple[str, dict]
 
@@ -63,25 +66,85 @@ def _physical_lines(path: Path) -> Iterator[str]:
         raise UserError(f"{path}: file is empty")
 
 
+def _jsonl_row(path: Path | str, number: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})"
+        ) from None
+    if not isinstance(row, dict):
+        raise UserError(
+            f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}"
+        )
+    return row
+
+
 def _jsonl(path: Path, lines: Iterator[str]) -> Iterator[Row]:
     """One JSON object per line; line numbers are those of `str.splitlines` over the file."""
     number = 0
     for piece in lines:
         for line in piece.splitlines():
             number += 1
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})"
-                ) from None
-            if not isinstance(row, dict):
-                raise UserError(
-                    f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}"
-                )
-            yield f"{path}:{number}", row
+            if line.strip():
+                yield f"{path}:{number}", _jsonl_row(path, number, line)
+
+
+@dataclass(frozen=True)
+class LineBatch:
+    """Lines of a JSON Lines file, not yet parsed: the main process only cuts the file (one
+    decode and one `splitlines` per CHUNK_BYTES), and whoever encodes the batch parses its
+    rows (`records`), so the per-row work runs in the workers."""
+
+    path: str
+    before: int  # `str.splitlines` lines of the file before this batch
+    lines: list[str]
+
+    def records(self) -> Iterator[Row]:
+        """The batch's rows in order; a bad line raises UserError (file:line) when reached."""
+        for index, line in enumerate(self.lines, start=self.before + 1):
+            if line.strip():
+                yield f"{self.path}:{index}", _jsonl_row(self.path, index, line)
+
+
+def _jsonl_batches(path: Path) -> Iterator[LineBatch]:
+    """The file as LineBatches of whole lines, with `_jsonl` over `_physical_lines`' errors
+    and line numbers: bytes that are not UTF-8 are named by physical line and by offset
+    (counted after a BOM), after every line before them; a whitespace-only file is empty."""
+    seen_text, before, physical, offset = False, 0, 0, 0
+    rest = b""
+    with open(path, "rb") as f:
+        first = True
+        while True:
+            block = f.read(CHUNK_BYTES)
+            if first and block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
+            first = False
+            data = rest + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            chunk, rest = data[:cut], data[cut:]
+            if chunk:
+                try:
+                    text = chunk.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    good = chunk[: chunk.rfind(b"\n", 0, exc.start) + 1]
+                    if good:  # the lines before the bad one, as a line-by-line read gives them
+                        yield LineBatch(str(path), before, good.decode("utf-8").splitlines())
+                    line = physical + chunk.count(b"\n", 0, exc.start) + 1
+                    raise UserError(
+                        f"{path}:{line}: not valid UTF-8 (byte 0x{chunk[exc.start]:02x} at "
+                        f"offset {offset + exc.start}); convert the file to UTF-8"
+                    ) from None
+                seen_text = seen_text or not text.isspace()
+                lines = text.splitlines()
+                yield LineBatch(str(path), before, lines)
+                before += len(lines)
+                physical += chunk.count(b"\n")
+                offset += len(chunk)
+            if not block:
+                break
+    if not seen_text:
+        raise UserError(f"{path}: file is empty")
 
 
 def _json(path: Path, text: str) -> Iterator[Row]:
@@ -175,7 +238,9 @@ def _parquet(path: Path, required: tuple[str, ...]) -> Iterator[Row]:
         raise UserError(f"{path}: row {index + 1}: cannot read Parquet ({exc})") from None
 
 
-def read_file(path: Path, required: tuple[str, ...] = ()) -> Iterator[Row]:
+def read_file(
+    path: Path, required: tuple[str, ...] = (), line_batches: bool = False
+) -> Iterator[Row | LineBatch]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         yield from _parquet(path, required)
@@ -188,7 +253,7 @@ def read_file(path: Path, required: tuple[str, ...] = ()) -> Iterator[Row]:
     if suffix == ".csv":
         yield from _csv(path, _physical_lines(path), required)
     elif suffix == ".jsonl":
-        yield from _jsonl(path, _physical_lines(path))
+        yield from _jsonl_batches(path) if line_batches else _jsonl(path, _physical_lines(path))
     else:
         # A JSON list is parsed whole (json has no incremental parser); JSON Lines stream.
         yield from _json(path, _decode(path, path.read_bytes()))
@@ -220,7 +285,9 @@ def _saved_dataset(folder: Path, split: str) -> Iterator[Row]:
     yield from _hf_rows(loaded, str(folder))
 
 
-def _folder(folder: Path, required: tuple[str, ...], split: str) -> Iterator[Row]:
+def _folder(
+    folder: Path, required: tuple[str, ...], split: str, line_batches: bool = False
+) -> Iterator[Row | LineBatch]:
     if _is_saved_dataset(folder):
         yield from _saved_dataset(folder, split)
         return
@@ -231,7 +298,7 @@ def _folder(folder: Path, required: tuple[str, ...], split: str) -> Iterator[Row
             "not a saved HF dataset"
         )
     for file in files:
-        yield from read_file(file, required)
+        yield from read_file(file, required, line_batches)
 
 
 def _hub(name: str, split: str) -> Iterator[Row]:
@@ -248,26 +315,31 @@ def _hub(name: str, split: str) -> Iterator[Row]:
     yield from _hf_rows(loaded, name)
 
 
-def read_records(spec: str, required: tuple[str, ...] = (), split: str = "train") -> Iterator[Row]:
-    """Every row of `data.path`, whatever kind of place it names."""
+def read_records(
+    spec: str, required: tuple[str, ...] = (), split: str = "train", line_batches: bool = False
+) -> Iterator[Row | LineBatch]:
+    """Every row of `data.path`, whatever kind of place it names; with `line_batches`, a JSON
+    Lines file's rows come as LineBatches for the encoder to parse."""
     if spec.startswith("sample://"):
         path = SAMPLES_DIR / f"{spec[len('sample://') :]}.jsonl"
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in SAMPLES_DIR.glob("*.jsonl")))
             raise UserError(f"data.path: no sample {spec!r}; shipped samples: {known}")
-        yield from read_file(path, required)
+        yield from read_file(path, required, line_batches)
         return
     if is_s3(spec):
         local = s3_cached(spec, cache_root() / "s3")
         yield from (
-            _folder(local, required, split) if local.is_dir() else read_file(local, required)
+            _folder(local, required, split, line_batches)
+            if local.is_dir()
+            else read_file(local, required, line_batches)
         )
         return
     path = Path(spec).expanduser()
     if path.is_dir():
-        yield from _folder(path, required, split)
+        yield from _folder(path, required, split, line_batches)
     elif path.is_file():
-        yield from read_file(path, required)
+        yield from read_file(path, required, line_batches)
     elif (
         path.suffix.lower() in SUFFIXES
         or spec.startswith((".", "/", "~"))

@@ -11,6 +11,7 @@ around every example it touches, so memory would grow with the file.)
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,28 @@ from ..artifacts import IGNORE_INDEX
 from .ragged import Rows, offsets_of
 
 TRAINED = np.uint32(1 << 31)  # token ids are far below 2**31
+
+
+@dataclass
+class SpillBatch:
+    """A batch of kept examples as the spill files hold them: what an encoder (a worker)
+    hands the main process, which only appends the bytes."""
+
+    tokens: bytes  # uint32 per token: the id, TRAINED when it is trained on
+    lengths: np.ndarray  # tokens per example (int64)
+    prompt: bytes  # the examples' prompt texts, UTF-8, one after another
+    prompt_lengths: np.ndarray  # bytes per example (int64)
+    ref: bytes
+    ref_lengths: np.ndarray
+
+    @classmethod
+    def of(cls, rows: Rows, prompts: list[str], references: list[str]) -> SpillBatch:
+        tokens = rows.ids.astype(np.uint32) | np.where(rows.labels != IGNORE_INDEX, TRAINED, 0)
+        texts = []
+        for strings in (prompts, references):
+            encoded = [t.encode("utf-8") for t in strings]
+            texts += [b"".join(encoded), np.fromiter(map(len, encoded), np.int64, len(encoded))]
+        return cls(tokens.astype(np.uint32).tobytes(), rows.lengths.astype(np.int64), *texts)
 
 
 class Spill:
@@ -32,14 +55,15 @@ class Spill:
         self.lengths: np.ndarray = np.zeros(0, dtype=np.int64)
         self.offsets: np.ndarray = np.zeros(1, dtype=np.int64)
 
-    def add(self, rows: Rows, prompts: list[str], references: list[str]) -> None:
-        tokens = rows.ids.astype(np.uint32) | np.where(rows.labels != IGNORE_INDEX, TRAINED, 0)
-        self.files["tokens"].write(tokens.astype(np.uint32).tobytes())
-        self._lengths.append(rows.lengths.astype(np.int64))
-        for name, texts in (("prompt", prompts), ("ref", references)):
-            encoded = [t.encode("utf-8") for t in texts]
-            self.files[name].write(b"".join(encoded))
-            self._text_lengths[name].append(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+    def add(self, batch: SpillBatch) -> None:
+        self.files["tokens"].write(batch.tokens)
+        self._lengths.append(batch.lengths)
+        for name, data, lengths in (
+            ("prompt", batch.prompt, batch.prompt_lengths),
+            ("ref", batch.ref, batch.ref_lengths),
+        ):
+            self.files[name].write(data)
+            self._text_lengths[name].append(lengths)
 
     def close(self) -> None:
         """Finish writing; from here on rows can be read back."""

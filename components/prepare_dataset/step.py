@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import DATASET_DICT_FILE, IGNORE_INDEX, STATS_FILE, write_json
+from ..artifacts import DATASET_DICT_FILE, STATS_FILE, write_json
 from ..config import RunConfig, write_resolved
 from ..console import Progress
 from ..data_model_match import tokenizer_record
 from ..errors import UserError
-from ..models import load_tokenizer
+from ..models import load_prepare_tokenizer
 from ..outputs import check_output, staged_output
 from .arrow_out import OrderedDigest, SplitWriter, chunk_table, table_nbytes
 from .encode import Encoder, available_cpus, encode_all
@@ -47,7 +47,9 @@ from .spill import Spill
 def spill_examples(cfg: RunConfig, tokenizer, spill: Spill, progress: Progress) -> dict:
     """Read, encode and spill every usable record; returns the counts stats.json reports."""
     encoder = Encoder(cfg.data, tokenizer)
-    records = read_records(cfg.data.path, encoder.required, cfg.data.split)
+    # JSON Lines: the workers parse the lines (unless max_rows counts them here)
+    whole_lines = not cfg.data.max_rows
+    records = read_records(cfg.data.path, encoder.required, cfg.data.split, whole_lines)
     if cfg.data.max_rows:
         records = itertools.islice(records, cfg.data.max_rows)
     num_proc = cfg.data.num_proc or available_cpus()
@@ -57,12 +59,12 @@ def spill_examples(cfg: RunConfig, tokenizer, spill: Spill, progress: Progress) 
     for batch in encode_all(records, encoder, num_proc):
         if batch.error:
             raise UserError(batch.error)
-        spill.add(batch.rows, batch.prompts, batch.references)
+        spill.add(batch.spill)
         counts["read"] += batch.read
         counts["truncated"] += batch.truncated
-        counts["response"] += int((batch.rows.labels != IGNORE_INDEX).sum())
+        counts["response"] += batch.response
         dropped.update(batch.dropped)
-        tokens += len(batch.rows.ids)
+        tokens += batch.tokens
         progress.update(counts["read"], tokens)
     spill.close()
     if counts["read"] == 0:
@@ -103,11 +105,13 @@ def write_split(
         else:
             rows, positions = pack_ordered(rows, sizes[first:end])
             columns = {}
-        digest.add(rows, positions)
+        digest.add(rows)
         return chunk_table(rows, positions, columns)
 
     writer.write(table)
-    fingerprint = digest.end_split()
+    fingerprint = digest.end_split(
+        [folder / writer.filename(shard) for shard in range(writer.num_shards)]
+    )
     writer.finish(fingerprint[:16])
     return fingerprint
 
@@ -124,7 +128,7 @@ def prepare(cfg: RunConfig, output_dir: str | Path, overwrite: bool = False) -> 
     """Run the step; returns the stats also written to `output_dir/stats.json`."""
     output = Path(output_dir)
     check_output(output, overwrite)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_prepare_tokenizer(cfg.model)
     with staged_output(output, overwrite) as staging:
         work = staging / ".work"  # spilled rows; removed before the folder is published
         spill = Spill(work / "spill")
@@ -144,7 +148,7 @@ def prepare(cfg: RunConfig, output_dir: str | Path, overwrite: bool = False) -> 
             train_flat = train_idx[order]
         train_tokens, n_train = int(lengths[train_idx].sum()), len(train_sizes)
 
-        digest = OrderedDigest(work)
+        digest = OrderedDigest()
         # datasets cannot load back an empty split it saved: no eval split when there is none
         splits = ["train", "eval"] if len(eval_idx) else ["train"]
         (staging / DATASET_DICT_FILE).write_text(json.dumps({"splits": splits}))
