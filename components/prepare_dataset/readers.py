@@ -40,6 +40,13 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
+def _not_utf8(path: Path, line: int, byte: int, offset: int) -> UserError:
+    return UserError(
+        f"{path}:{line}: not valid UTF-8 (byte 0x{byte:02x} at offset {offset}); convert the "
+        "file to UTF-8"
+    )
+
+
 def _physical_lines(path: Path) -> Iterator[str]:
     """The file's text one `\n`-terminated piece at a time (end kept), never the whole file.
 
@@ -55,10 +62,7 @@ def _physical_lines(path: Path) -> Iterator[str]:
             try:
                 piece = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise UserError(
-                    f"{path}:{number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
-                    f"{offset + exc.start}); convert the file to UTF-8"
-                ) from None
+                raise _not_utf8(path, number, raw[exc.start], offset + exc.start) from None
             offset += len(raw)
             seen_text = seen_text or not piece.isspace()
             yield piece
@@ -131,10 +135,7 @@ def _jsonl_batches(path: Path) -> Iterator[LineBatch]:
                     if good:  # the lines before the bad one, as a line-by-line read gives them
                         yield LineBatch(str(path), before, good.decode("utf-8").splitlines())
                     line = physical + chunk.count(b"\n", 0, exc.start) + 1
-                    raise UserError(
-                        f"{path}:{line}: not valid UTF-8 (byte 0x{chunk[exc.start]:02x} at "
-                        f"offset {offset + exc.start}); convert the file to UTF-8"
-                    ) from None
+                    raise _not_utf8(path, line, chunk[exc.start], offset + exc.start) from None
                 seen_text = seen_text or not text.isspace()
                 lines = text.splitlines()
                 yield LineBatch(str(path), before, lines)
