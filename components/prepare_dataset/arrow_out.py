@@ -54,7 +54,8 @@ class OrderedDigest:
     """sha256 over every chunk's ids, then every chunk's labels, then every chunk's positions,
     split after split: the digest of the whole arrays, concatenated, without holding them.
     Ids are hashed as the chunks are made; labels and positions are read back from the
-    split's finished shards (memory-mapped: the pages were just written)."""
+    split's finished shards, a record batch at a time (from the page cache: they were just
+    written; read, not memory-mapped, so the process never maps a whole shard)."""
 
     def __init__(self):
         self.sha = hashlib.sha256()
@@ -67,7 +68,7 @@ class OrderedDigest:
         digest so far (hex)."""
         for name in TOKEN_COLUMNS[1:]:
             for shard in shards:
-                with pa.memory_map(str(shard)) as source:
+                with pa.OSFile(str(shard)) as source:
                     for batch in pa.ipc.open_stream(source):
                         values = batch.column(name).flatten()
                         data = values.buffers()[1]
