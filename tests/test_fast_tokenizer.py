@@ -63,6 +63,7 @@ def test_architectures_transformers_rewrites_are_left_to_it():
     assert type(load_prepare_tokenizer(cfg.model)).__name__ == "Qwen2Tokenizer"
 
 
+@pytest.mark.integration  # prepare runs end to end, twice
 @pytest.mark.parametrize("data_format", ["samsum", "chat"])
 def test_prepare_output_is_byte_identical_to_transformers_tokenizer(
     tmp_path, monkeypatch, data_format
@@ -95,6 +96,7 @@ def test_prepare_output_is_byte_identical_to_transformers_tokenizer(
     assert digests(tmp_path / "ours") == digests(tmp_path / "theirs")
 
 
+@pytest.mark.integration  # the prepare step end to end
 def test_kubetune_prepare_never_imports_torch_or_transformers(tmp_path):
     import json
     import subprocess
