@@ -203,16 +203,17 @@ def test_encoder_survives_pickling_for_spawned_workers():
     import pickle
 
     from kubetune.components.config import load_recipe
-    from kubetune.components.models import load_tokenizer
+    from kubetune.components.models import load_prepare_tokenizer
     from kubetune.components.prepare_dataset.encode import Encoder
 
     cfg = load_recipe(
         TINY_DEMO,
         ["data.format=template", "data.template=Talk: {dialogue}", "data.response_field=summary"],
     )
-    encoder = Encoder(cfg.data, load_tokenizer(cfg.model))
+    encoder = Encoder(cfg.data, load_prepare_tokenizer(cfg.model))
     records = [(f"rows.jsonl:{i + 1}", row) for i, row in enumerate(varied_rows(50, False))]
     here, there = encoder(records), pickle.loads(pickle.dumps(encoder))(records)
-    assert np.array_equal(here.rows.ids, there.rows.ids)
-    assert np.array_equal(here.rows.labels, there.rows.labels)
-    assert here.prompts == there.prompts and here.prompts[0].startswith("Talk: P0: message 0")
+    assert here.spill.tokens == there.spill.tokens and len(here.spill.tokens) > 0
+    assert np.array_equal(here.spill.lengths, there.spill.lengths)
+    assert here.spill.prompt == there.spill.prompt
+    assert here.spill.prompt.startswith(b"Talk: P0: message 0")
