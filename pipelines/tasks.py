@@ -204,12 +204,7 @@ def with_field_parameters(body: Callable, leading: list[inspect.Parameter], cfg:
     PIPELINE_FIELDS entry (the recipe's value as its default): KFP reads the signature, and the
     call hands `body` every argument by name. The fields are written once, in PIPELINE_FIELDS."""
     defaults = recipe_fields(cfg)
-    fields = [
-        inspect.Parameter(
-            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[name], annotation=kind
-        )
-        for _, name, kind in PIPELINE_FIELDS
-    ]
+    fields = [parameter(name, kind, defaults[name]) for _, name, kind in PIPELINE_FIELDS]
     signature = inspect.Signature([*leading, *fields], return_annotation=str)
 
     def pipeline(*args, **kwargs):

@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     from ..config import RunConfig
     from .taskconfig import TaskConfig
 
-BACKENDS = ("local", "pytorchjob", "trainjob")
-
 
 class TrainingBackend(Protocol):
     name: str
@@ -33,11 +31,10 @@ class TrainingBackend(Protocol):
 def training_backend(cfg: RunConfig) -> TrainingBackend:
     """The backend `distributed.backend` names (imported on demand: local needs no Kubernetes
     client, a cluster backend no torch)."""
-    name = cfg.distributed.backend
-    if name == "local":
+    if cfg.distributed.backend == "local":
         from .local import LocalBackend
 
         return LocalBackend()
-    from .kubernetes import PYTORCHJOB, TRAINJOB, KubernetesBackend
+    from .kubernetes import KubernetesBackend, job_kind
 
-    return KubernetesBackend(TRAINJOB if name == "trainjob" else PYTORCHJOB)
+    return KubernetesBackend(job_kind(cfg))

@@ -91,7 +91,7 @@ class KubernetesBackend:
     def launch(
         self, cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None = None
     ) -> int:
-        return launch(cfg, dataset, output, task)
+        return launch(cfg, dataset, output, task, self.kind)
 
 
 def job_kind(cfg: RunConfig) -> JobKind:
@@ -127,12 +127,13 @@ def default_job_name(cfg: RunConfig, dataset: str, output: str) -> str:
     return hashed_job_name(f"{model}-{cfg.method}", f"{dump_config(cfg)}\n{dataset}\n{output}")
 
 
-def launch(cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None = None) -> int:
-    """Run training as a PyTorchJob or TrainJob and wait for it; the exit code (0 when it
-    succeeded, 1 when it failed). `task`: what the KFP train task passes through (by default
-    what KUBETUNE_TASK_CONFIG holds; nothing outside KFP)."""
+def launch(
+    cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None, kind: JobKind
+) -> int:
+    """Run training as a `kind` job (PyTorchJob or TrainJob) and wait for it; the exit code
+    (0 when it succeeded, 1 when it failed). `task`: what the KFP train task passes through
+    (None: what KUBETUNE_TASK_CONFIG holds; nothing outside KFP)."""
     check_paths(cfg, dataset, output)
-    kind = job_kind(cfg)
     name = default_job_name(cfg, dataset, output)
     namespace = cfg.kubernetes.namespace
     assert kind.render is not None, "a training job kind renders its job"

@@ -88,10 +88,9 @@ def _jsonl(path: Path, lines: Iterator[str]) -> Iterator[Row]:
     """One JSON object per line; line numbers are those of `str.splitlines` over the file."""
     number = 0
     for piece in lines:
-        for line in piece.splitlines():
-            number += 1
-            if line.strip():
-                yield f"{path}:{number}", _jsonl_row(path, number, line)
+        batch = LineBatch(str(path), number, piece.splitlines())
+        yield from batch.records()
+        number += len(batch.lines)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from ..artifacts import (
     RECIPE_FILE,
     TRAINING_METRICS_FILE,
     BaseModelRecord,
-    ModelKind,
     model_folder,
     read_json,
 )
@@ -39,8 +38,8 @@ def describe_model(src: Path, evaluation: dict | None) -> dict:
     base = BaseModelRecord.read(src)
     recipe_file = src / RECIPE_FILE
     recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None
-    folder_kind = model_folder(src).kind
-    kind = "adapter" if folder_kind in (ModelKind.LORA, ModelKind.PROMPTS) else folder_kind.value
+    folder = model_folder(src)
+    kind = "adapter" if folder.is_adapter else folder.kind.value
     if merge is not None:
         base_model = _base_model(merge["base"], merge.get("revision"), merge.get("commit"))
         fingerprint = merge.get("dataset_fingerprint")
