@@ -377,3 +377,20 @@ class OutputConfig(Section):
         description="Register the pushed model (a version per run, its S3 artifact, metrics and "
         "gate verdict) in Kubeflow Model Registry.",
     )
+    sse: Literal["AES256", "aws:kms"] | None = Field(
+        None,
+        description="Server-side encryption asked for on every object the push writes (each "
+        "file, multipart uploads included, the manifest): AES256 (SSE-S3) or aws:kms (SSE-KMS). "
+        "None: the bucket's default.",
+    )
+    sse_kms_key_id: str | None = Field(
+        None,
+        description="With sse: aws:kms, the KMS key (id, ARN or alias); none: the account's "
+        "aws/s3 key.",
+    )
+
+    @model_validator(mode="after")
+    def _kms_key_needs_kms(self) -> OutputConfig:
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError("output.sse_kms_key_id is only used with output.sse: aws:kms")
+        return self

@@ -1,7 +1,8 @@
 """The `kubetune` command line.
 
-User errors (`UserError`: bad recipe, bad data, missing files, no credentials) print one or two
-lines and exit with code 2; anything else is a bug and keeps its traceback.
+User errors (`UserError`: bad recipe, bad data, missing files, no credentials) and storage faults
+(a full disk, a read-only path) print one line and exit with code 2, with any secret of the
+environment masked; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 
 from kubetune.components.console import quiet_progress_off_terminal
 from kubetune.components.errors import UserError
+from kubetune.components.outputs import storage_cause
+from kubetune.components.secrets import redact
 from kubetune.pipelines.commands import (
     cmd_compare,
     cmd_compile,
@@ -31,6 +34,7 @@ from kubetune.pipelines.commands import (
     cmd_tiny,
     cmd_train,
     cmd_version,
+    write_stdout,
 )
 
 
@@ -239,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one field of --recipe (repeatable)",
     )
     p.add_argument("--version", help="with --recipe: the registered version's name")
+    p.add_argument(
+        "--sse",
+        choices=("AES256", "aws:kms"),
+        help="server-side encryption of every object (default: the recipe's output.sse)",
+    )
+    p.add_argument(
+        "--sse-kms-key-id",
+        help="with --sse aws:kms: the KMS key (default: the recipe's output.sse_kms_key_id)",
+    )
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser(
@@ -262,9 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in ("version", "recipes"):
         quiet_progress_off_terminal()
     try:
-        return args.func(args)
+        code = args.func(args)
+        write_stdout("")  # a full disk behind a redirect: one line here, not at exit
+        return code
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        cause = storage_cause(exc)
+        if cause is None:  # a bug: the traceback is worth reading
+            raise
+        where = getattr(exc, "filename", None) or "the output"
+        print(f"error: {where}: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -5,12 +5,28 @@ inside each command, so `kubetune config` or `compile` never load torch."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from kubetune.components import __version__
 from kubetune.components.config import RECIPES_DIR, dump_config, load_recipe
 from kubetune.components.errors import UserError
+from kubetune.components.outputs import storage_cause
+
+
+def write_stdout(text: str) -> None:
+    """Print a document (YAML, a config) that is often redirected to a file: a full disk or a
+    closed pipe there is one line, not a traceback."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        cause = storage_cause(exc)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (nothing more can reach the file)
+        if cause is None:
+            raise
+        raise UserError(f"standard output: {cause}") from None
 
 
 def cmd_version(args) -> int:
@@ -26,7 +42,7 @@ def cmd_recipes(args) -> int:
 
 def cmd_config(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
-    sys.stdout.write(dump_config(cfg))
+    write_stdout(dump_config(cfg))
     return 0
 
 
@@ -122,6 +138,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_push(args) -> int:
     from kubetune.components.push_model.step import push
+    from kubetune.components.push_model.upload import Encryption
 
     evaluation = None
     if args.metrics:
@@ -137,6 +154,12 @@ def cmd_push(args) -> int:
         if cfg.output.model_registry is not None and not args.version:
             raise UserError("--version: name the registered version (e.g. the run's id)")
         register = registrar(cfg, args.version)
+        sse = args.sse or cfg.output.sse
+        kms_key = args.sse_kms_key_id or cfg.output.sse_kms_key_id
+    else:
+        sse, kms_key = args.sse, args.sse_kms_key_id
+    if kms_key and sse != "aws:kms":
+        raise UserError("--sse-kms-key-id is only used with --sse aws:kms")
     summary = push(
         args.src,
         args.dest,
@@ -144,6 +167,7 @@ def cmd_push(args) -> int:
         part_size=args.part_size_mb * 1024 * 1024,
         workers=args.workers,
         register=register,
+        encryption=Encryption(sse, kms_key),
     )
     print(
         f"pushed {summary['uploaded']} file(s), {summary['bytes_uploaded']} bytes "
@@ -184,7 +208,7 @@ def cmd_render_job(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     kind = args.kind or ("trainjob" if cfg.distributed.backend == "trainjob" else "pytorchjob")
     if kind == "runtime":
-        sys.stdout.write(to_yaml(render_runtime(cfg)))
+        write_stdout(to_yaml(render_runtime(cfg)))
         return 0
     if args.name:
         name = checked_job_name(args.name, "--name", cfg.distributed.nodes)
@@ -195,7 +219,7 @@ def cmd_render_job(args) -> int:
     dataset, output = args.dataset or dataset, args.output or output
     check_paths(cfg, dataset, output)
     render = render_trainjob if kind == "trainjob" else render_job
-    sys.stdout.write(to_yaml(render(cfg, name, dataset, output)))
+    write_stdout(to_yaml(render(cfg, name, dataset, output)))
     return 0
 
 
@@ -204,7 +228,7 @@ def cmd_render_serve(args) -> int:
     from kubetune.components.serve.render import render_inference_service
 
     cfg = load_recipe(args.recipe, args.overrides)
-    sys.stdout.write(to_yaml(render_inference_service(cfg, args.uri, args.name)))
+    write_stdout(to_yaml(render_inference_service(cfg, args.uri, args.name)))
     return 0
 
 
@@ -294,11 +318,14 @@ def cmd_plan(args) -> int:
 def cmd_tiny(args) -> int:
     import shutil
 
+    from kubetune.components.outputs import staged_output
     from kubetune.components.tiny_models import tiny_model_dir
 
     source = tiny_model_dir(f"tiny://{args.arch}")
     if args.output:
-        shutil.copytree(source, args.output, dirs_exist_ok=False)
-        source = Path(args.output)
+        output = Path(args.output)
+        with staged_output(output, overwrite=False) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
+        source = output
     print(json.dumps({"arch": args.arch, "path": str(source)}))
     return 0

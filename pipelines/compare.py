@@ -9,6 +9,7 @@ is pushed: a comparison informs the choice of a method, and its winner is then r
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
+from pathlib import Path
 from typing import Optional
 
 from kfp import dsl
@@ -22,6 +23,7 @@ from kubetune.components.compare_methods.settings import (
 )
 from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.errors import UserError
+from kubetune.components.outputs import staged_file
 from kubetune.pipelines.tasks import (
     check_cluster,
     fetch_and_prepare,
@@ -103,4 +105,5 @@ def compile_compare(cfg: RunConfig, methods: str, path: str) -> None:
     from kfp import compiler
 
     check_cluster(cfg)
-    compiler.Compiler().compile(build_compare_pipeline(cfg, methods), package_path=path)
+    with staged_file(Path(path)) as tmp:  # a full disk leaves no half-written YAML
+        compiler.Compiler().compile(build_compare_pipeline(cfg, methods), package_path=str(tmp))

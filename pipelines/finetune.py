@@ -17,6 +17,7 @@ every CPU task runs in the steps image.
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
+from pathlib import Path
 from typing import Optional
 
 from kfp import dsl
@@ -24,6 +25,7 @@ from kfp import dsl
 from kubetune.components.backends.pytorchjob import uses_gpu
 from kubetune.components.config import RunConfig
 from kubetune.components.evaluate.component import quality_gate
+from kubetune.components.outputs import staged_file
 from kubetune.components.push_model.component import push_model
 from kubetune.components.serve.component import deploy_model
 from kubetune.pipelines.tasks import (
@@ -97,4 +99,5 @@ def compile_pipeline(cfg: RunConfig, path: str) -> None:
     from kfp import compiler
 
     check_cluster(cfg)
-    compiler.Compiler().compile(build_pipeline(cfg), package_path=path)
+    with staged_file(Path(path)) as tmp:  # a full disk leaves no half-written YAML
+        compiler.Compiler().compile(build_pipeline(cfg), package_path=str(tmp))

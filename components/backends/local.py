@@ -10,6 +10,7 @@ SIGTERM and SIGINT go on to the whole torchrun process group.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from ..artifacts import METRICS_FILE
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
+from ..outputs import check_parent, disk_errors
 from ..train.entry import ERROR_FILE, worker_args
 
 
@@ -60,18 +62,26 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def relay_stderr(stream) -> list[str]:
+WORKER_ERROR = re.compile(r"^(?:\[rank\d+\]:)?error: (.+)$")
+
+
+def relay_stderr(stream) -> tuple[list[str], str | None]:
     """Copy the workers' stderr through as it comes, and hold back torchrun's own failure
     report: torchrun prefixes every worker line with `[rankN]:`, so an unprefixed traceback is
     torchrun failing, and it runs to the end. The caller prints it for a real failure and drops
-    it when a worker already said what the user got wrong."""
+    it when a worker already said what the user got wrong. A worker's `error: ...` line is held
+    back too and returned (every rank may print it; the caller says it once, also when a full
+    disk kept it from ERROR_FILE)."""
     held: list[str] = []
+    said = None
     for line in stream:
         if held or line.startswith("Traceback (most recent call last):"):
             held.append(line)
+        elif found := WORKER_ERROR.match(line.rstrip("\n")):
+            said = said or found.group(1)
         else:
             sys.stderr.write(line)
-    return held
+    return held, said
 
 
 class LocalBackend:
@@ -82,9 +92,11 @@ class LocalBackend:
         out = Path(output).resolve()
         if (out / METRICS_FILE).is_file():
             raise UserError(f"{out} holds a finished run ({METRICS_FILE}); choose another --output")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ERROR_FILE).unlink(missing_ok=True)
-        recipe = write_resolved(cfg, out)
+        check_parent(out)
+        with disk_errors(out):
+            out.mkdir(exist_ok=True)
+            (out / ERROR_FILE).unlink(missing_ok=True)
+            recipe = write_resolved(cfg, out)
         proc = subprocess.Popen(
             torchrun_command(cfg, recipe, Path(dataset).resolve(), out),
             env=worker_env(cfg),
@@ -99,7 +111,7 @@ class LocalBackend:
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            report = relay_stderr(proc.stderr)
+            report, said = relay_stderr(proc.stderr)
             code = proc.wait()
         finally:
             for s, handler in previous.items():
@@ -107,5 +119,7 @@ class LocalBackend:
         error = out / ERROR_FILE
         if code != 0 and error.is_file():
             raise UserError(error.read_text().strip())
+        if code != 0 and said is not None:  # the worker's user error, ERROR_FILE unwritable
+            raise UserError(said)
         sys.stderr.write("".join(report))  # a real failure: torchrun's report is worth reading
         return code

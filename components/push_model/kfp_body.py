@@ -12,6 +12,7 @@ from ..config import RunConfig, parse_recipe
 
 def push(recipe_yaml: str, model_dir: str, eval_dir: str, summary_path: str | None = None) -> str:
     from .step import push as run_push
+    from .upload import Encryption
 
     cfg = parse_recipe(recipe_yaml, "recipe")
     evaluation = json.loads((Path(eval_dir) / METRICS_FILE).read_text())
@@ -22,6 +23,7 @@ def push(recipe_yaml: str, model_dir: str, eval_dir: str, summary_path: str | No
         cfg.output.uri,
         evaluation=evaluation,
         register=registrar(cfg, run_id or Path(model_dir).name),
+        encryption=Encryption(cfg.output.sse, cfg.output.sse_kms_key_id),
     )
     if summary_path:
         Path(summary_path).write_text(pushed_summary(cfg.output.uri, Path(model_dir)))

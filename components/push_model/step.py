@@ -31,7 +31,7 @@ from ..storage import s3_errors
 from .files import DEFAULT_PART_SIZE, MIN_PART_SIZE, MiB, hash_file, model_files
 from .manifest import build_manifest, describe_model
 from .pull import pull
-from .upload import Progress, check_workers, destination
+from .upload import Encryption, Progress, check_workers, destination
 
 __all__ = ["pull", "push"]
 
@@ -43,6 +43,7 @@ def push(
     part_size: int = DEFAULT_PART_SIZE,
     workers: int = 8,
     register=None,
+    encryption: Encryption | None = None,
 ) -> dict:
     """Upload every file of src_dir to dest, verify each, then write manifest.json; returns a
     summary (files, bytes uploaded and skipped, seconds, the manifest). `register(manifest)`,
@@ -55,31 +56,27 @@ def push(
         raise UserError(f"part size must be at least {MIN_PART_SIZE // MiB} MiB")
     files = model_files(src)
     started = time.monotonic()
-    target = destination(dest, part_size, workers)
+    target = destination(dest, part_size, workers, encryption)
     with s3_errors(dest):
         target.check()
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda f: hash_file(f, part_size), files))
-            manifest = build_manifest(files, describe_model(src, evaluation))
-            target.remove_manifest()  # from here on no manifest names a changing object
-            present = list(pool.map(target.present, files))
-            todo = [f for f, ok in zip(files, present, strict=True) if not ok]
-            progress = Progress(sum(f.size for f in todo), f"push {dest}")
-            try:
-                singles = [f for f in todo if not f.multipart]
-                list(pool.map(lambda f: target.upload(f, pool, progress), singles))
-                for entry in sorted((f for f in todo if f.multipart), key=lambda f: -f.size):
-                    target.upload(entry, pool, progress)  # its parts go through the pool
-            finally:
-                progress.close()
-        failure = None
-        if register is not None:
-            try:
-                manifest["registry"] = register(manifest)
-            except UserError as exc:
-                failure = exc
-                manifest["registry"] = {"registered": False, "error": str(exc)}
-        target.write_manifest((json.dumps(manifest, indent=1) + "\n").encode())
+        manifest = build_manifest(files, describe_model(src, evaluation))
+        lease = target.lease(files)
+        lease.acquire()  # one push per prefix from here (lock.py)
+        try:
+            todo = _upload(target, files, workers, dest)
+            failure = None
+            if register is not None:
+                try:
+                    manifest["registry"] = register(manifest)
+                except UserError as exc:
+                    failure = exc
+                    manifest["registry"] = {"registered": False, "error": str(exc)}
+            lease.check_held()
+            target.write_manifest((json.dumps(manifest, indent=1) + "\n").encode())
+        finally:
+            lease.release()
     if failure is not None:
         raise UserError(
             f"{failure}. The model is pushed to {dest} (its manifest.json says it is not "
@@ -94,3 +91,20 @@ def push(
         "seconds": round(time.monotonic() - started, 3),
         "manifest": manifest,
     }
+
+
+def _upload(target, files: list, workers: int, dest: str) -> list:
+    """Remove the old manifest, then upload every file not already there; the files sent."""
+    target.remove_manifest()  # from here on no manifest names a changing object
+    with ThreadPoolExecutor(workers) as pool:
+        present = list(pool.map(target.present, files))
+        todo = [f for f, ok in zip(files, present, strict=True) if not ok]
+        progress = Progress(sum(f.size for f in todo), f"push {dest}")
+        try:
+            singles = [f for f in todo if not f.multipart]
+            list(pool.map(lambda f: target.upload(f, pool, progress), singles))
+            for entry in sorted((f for f in todo if f.multipart), key=lambda f: -f.size):
+                target.upload(entry, pool, progress)  # its parts go through the pool
+        finally:
+            progress.close()
+    return todo

@@ -11,9 +11,11 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import check_parent, check_writable, disk_errors, write_file
 from ..storage import is_not_found, is_s3, s3_client, s3_key, split_s3
 from .files import READ_BLOCK, LocalFile, part_size_for, sha256_of
 from .manifest import MANIFEST
@@ -48,7 +50,13 @@ class LocalDestination:
     def check(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"{self.root}: exists and is not a folder")
-        self.root.mkdir(parents=True, exist_ok=True)
+        check_parent(self.root)
+        with disk_errors(self.root):
+            self.root.mkdir(exist_ok=True)
+        check_writable(self.root / MANIFEST)
+
+    def lease(self, files: list[LocalFile]) -> LocalLease:
+        return LocalLease()
 
     def remove_manifest(self) -> None:
         (self.root / MANIFEST).unlink(missing_ok=True)
@@ -63,6 +71,10 @@ class LocalDestination:
 
     def upload(self, entry: LocalFile, pool: ThreadPoolExecutor, progress: Progress) -> None:
         target = self.root / entry.path
+        with disk_errors(target):
+            self._copy(entry, target, progress)
+
+    def _copy(self, entry: LocalFile, target: Path, progress: Progress) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.partial-")
         try:
@@ -82,24 +94,68 @@ class LocalDestination:
                 os.unlink(tmp)
 
     def write_manifest(self, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{MANIFEST}.partial-")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.root / MANIFEST)
+        write_file(self.root / MANIFEST, data)
 
 
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
+@dataclass(frozen=True)
+class Encryption:
+    """Server-side encryption asked for on every object (`output.sse`, `output.sse_kms_key_id`)."""
+
+    sse: str | None = None
+    kms_key_id: str | None = None
+
+    def args(self) -> dict[str, str]:
+        """The request parameters of PutObject and CreateMultipartUpload (S3 applies them to
+        every part of a multipart upload; UploadPart takes them only for SSE-C)."""
+        if not self.sse:
+            return {}
+        args = {"ServerSideEncryption": self.sse}
+        if self.kms_key_id:
+            args["SSEKMSKeyId"] = self.kms_key_id
+        return args
+
+    def kept(self, response: dict) -> bool:
+        """Whether S3's answer (HEAD, PUT, UploadPart) says the object is stored as asked."""
+        if not self.sse:
+            return True
+        if response.get("ServerSideEncryption") != self.sse:
+            return False
+        key = response.get("SSEKMSKeyId")
+        # S3 answers with the key's ARN when it was asked for by id or alias
+        return not self.kms_key_id or key is None or key.endswith(self.kms_key_id.split("/")[-1])
+
+
+class LocalLease:
+    """A folder destination needs no lease: nothing to claim, nothing to check."""
+
+    def acquire(self) -> None:
+        pass
+
+    def check_held(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
 class S3Destination:
-    def __init__(self, uri: str, part_size: int, workers: int):
+    def __init__(
+        self, uri: str, part_size: int, workers: int, encryption: Encryption | None = None
+    ):
         self.uri = uri.rstrip("/")
         self.bucket, self.prefix = split_s3(uri)
         self.part_size = part_size
         self.client = s3_client(pool=workers + 2)
+        self.encryption = encryption or Encryption()
+
+    def lease(self, files: list[LocalFile]):
+        from .lock import PushLock, content_key
+
+        return PushLock(self, content_key(files))
 
     def key(self, path: str) -> str:
         return s3_key(self.prefix, path)
@@ -125,6 +181,8 @@ class S3Destination:
     def verified(self, entry: LocalFile, head: dict | None) -> bool:
         """Whether the stored object is exactly this file, by the server's own digests."""
         if head is None or head.get("ContentLength") != entry.size:
+            return False
+        if not self.encryption.kept(head):  # stored unencrypted (or with another key): again
             return False
         if head.get("Metadata", {}).get("sha256") != entry.sha256:
             return False
@@ -161,6 +219,7 @@ class S3Destination:
                 ContentMD5=_b64(entry.md5),
                 ChecksumSHA256=_b64(bytes.fromhex(entry.sha256)),
                 Metadata={"sha256": entry.sha256},
+                **self.encryption.args(),
             )
             progress.add(entry.size)
         else:
@@ -205,6 +264,7 @@ class S3Destination:
                 Key=key,
                 ChecksumAlgorithm="SHA256",
                 Metadata={"sha256": entry.sha256},
+                **self.encryption.args(),
             )["UploadId"]
         step = part_size_for(entry.size, self.part_size)
         for n in etags:
@@ -223,6 +283,12 @@ class S3Destination:
             )
             if response["ETag"].strip('"') != entry.part_md5[n - 1].hex():
                 raise UserError(f"{self.uri}/{entry.path}: part {n} arrived corrupted")
+            if not self.encryption.kept(response):
+                raise UserError(
+                    f"{self.uri}/{entry.path}: part {n} was not stored with server-side "
+                    f"encryption {self.encryption.sse} (S3 answered "
+                    f"{response.get('ServerSideEncryption')})"
+                )
             progress.add(len(body))
             return n, response["ETag"]
 
@@ -247,21 +313,41 @@ class S3Destination:
         )
 
     def write_manifest(self, data: bytes) -> None:
-        response = self.client.put_object(
-            Bucket=self.bucket,
-            Key=self.key(MANIFEST),
-            Body=data,
-            ContentType="application/json",
-            ContentMD5=_b64(hashlib.md5(data).digest()),
-            ChecksumSHA256=_b64(hashlib.sha256(data).digest()),
-        )
+        """Write manifest.json only where none is (If-None-Match: the push removed the old one
+        while holding the prefix, so one there now is another push's)."""
+        from botocore.exceptions import ClientError
+
+        from .lock import precondition_failed
+
+        try:
+            response = self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.key(MANIFEST),
+                Body=data,
+                ContentType="application/json",
+                ContentMD5=_b64(hashlib.md5(data).digest()),
+                ChecksumSHA256=_b64(hashlib.sha256(data).digest()),
+                IfNoneMatch="*",
+                **self.encryption.args(),
+            )
+        except ClientError as exc:
+            if not precondition_failed(exc):
+                raise
+            raise UserError(
+                f"{self.uri}/{MANIFEST}: another push wrote its manifest here while this one was "
+                "uploading; this push left it as it is"
+            ) from None
         etag = response.get("ETag", "").strip('"')
         if re.fullmatch(r"[0-9a-f]{32}", etag) and etag != hashlib.md5(data).hexdigest():
             raise UserError(f"{self.uri}/{MANIFEST}: stored copy does not match what was sent")
 
 
-def destination(dest: str, part_size: int, workers: int):
-    return S3Destination(dest, part_size, workers) if is_s3(dest) else LocalDestination(Path(dest))
+def destination(dest: str, part_size: int, workers: int, encryption: Encryption | None = None):
+    if is_s3(dest):
+        return S3Destination(dest, part_size, workers, encryption)
+    if encryption is not None and encryption.sse:
+        raise UserError(f"{dest}: server-side encryption (output.sse) applies to s3:// only")
+    return LocalDestination(Path(dest))
 
 
 def check_workers(workers: int) -> None:

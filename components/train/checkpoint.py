@@ -14,14 +14,19 @@ the optimizer moments start again on resume.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+from ..outputs import STORAGE_CAUSES, storage_cause
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -81,31 +86,81 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
+def _save_fault(exc: Exception) -> int:
+    """The errno of a storage fault (0 for anything else, which is re-raised)."""
+    if storage_cause(exc) is None:
+        raise exc
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+    return int(code)
+
+
+def _agreed_failure(folder: Path, step: int, code: int, agree: Callable[[float], float]) -> None:
+    """Every rank learns whether any rank failed to write its part (a collective, so it is
+    also the barrier), and all stop together with the same line: no rank is left waiting."""
+    worst = int(agree(float(code)))
+    if worst:
+        shutil.rmtree(folder / f".step-{step:07d}.partial", ignore_errors=True)
+        raise UserError(
+            f"{folder}: cannot save the checkpoint of step {step} "
+            f"({STORAGE_CAUSES.get(worst, f'errno {worst}')}); the last complete checkpoint is "
+            "kept and a rerun resumes from it"
+        )
+
+
+def remove_partial(output: Path) -> None:
+    """Remove checkpoints a killed or failed save left half-written (they are never read)."""
+    for partial in (output / "checkpoints").glob(".step-*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def save_checkpoint(
-    output: Path, step: int, rank: int, params: dict, optimizer_state, state: dict, keep: int = 2
+    output: Path,
+    step: int,
+    rank: int,
+    params: dict,
+    optimizer_state,
+    state: dict,
+    agree: Callable[[float], float],
+    keep: int = 2,
 ) -> None:
+    """Save this rank's part; `agree(x)` is the all-reduced max of x over the ranks. A full
+    disk (or a kill) half-way leaves only the staging folder: the last good checkpoint stays."""
     folder = output / "checkpoints"
     staging = folder / f".step-{step:07d}.partial"
+    code = 0
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier()
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:
+            code = _save_fault(exc)
+    _agreed_failure(folder, step, code, agree)
     tensors = {
         f"param.{k}": local(v).detach().to("cpu").contiguous().clone() for k, v in params.items()
     }
     skeleton = flatten(optimizer_state, tensors, "optim") if optimizer_state is not None else None
     tensors.update(rng_tensors())
-    save_file(tensors, str(staging / f"rank-{rank:05d}.safetensors"))
-    (staging / f"rank-{rank:05d}.json").write_text(json.dumps({"optimizer": skeleton}))
-    dist.barrier()
+    try:
+        save_file(tensors, str(staging / f"rank-{rank:05d}.safetensors"))
+        (staging / f"rank-{rank:05d}.json").write_text(json.dumps({"optimizer": skeleton}))
+    except Exception as exc:
+        code = _save_fault(exc)
+    _agreed_failure(folder, step, code, agree)
     if rank == 0:
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        staging.rename(folder / f"step-{step:07d}")
+        try:
+            (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            staging.rename(folder / f"step-{step:07d}")
+        except OSError as exc:
+            code = _save_fault(exc)
+    _agreed_failure(folder, step, code, agree)
+    if rank == 0:
         done = sorted(p for p in folder.iterdir() if STEP_DIR.match(p.name))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        for partial in folder.glob(".step-*.partial"):
-            shutil.rmtree(partial, ignore_errors=True)
+        remove_partial(output)
     dist.barrier()
 
 

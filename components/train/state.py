@@ -18,9 +18,7 @@ from ..llama_adapter import save as save_adapter
 from . import checkpoint as ckpt
 from .build import is_zero3, trainable_named, unwrap
 from .metrics import fsdp_record
-from .parallel import (
-    World,
-)
+from .parallel import World, all_reduce_max
 
 
 def gathered_trainable(model) -> dict:
@@ -51,6 +49,8 @@ def restore_optimizer(optimizer, saved: dict) -> None:
 
 def resume(cfg: RunConfig, output: Path, world: World, model, optimizer, scheduler, steps: int):
     """(first step, losses so far) from the newest complete checkpoint, or (0, [])."""
+    if world.main:
+        ckpt.remove_partial(output)  # a failed save's leftovers: free their space first
     latest = ckpt.latest_checkpoint(output)
     if latest is None:
         return 0, []
@@ -100,6 +100,7 @@ def save_checkpoint(cfg: RunConfig, output, done, world, model, optimizer, losse
             "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum,
         },
+        agree=lambda value: all_reduce_max(value, world),
     )
 
 

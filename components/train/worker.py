@@ -34,6 +34,8 @@ from ..config import RunConfig, load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
 from ..models import decoder_layers
+from ..outputs import storage_cause, storage_error
+from ..secrets import redact
 from .attention import FLEX, attention_implementation
 from .build import build_model, fit_run, unwrap, wrap
 from .data import (
@@ -347,9 +349,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_progress_off_terminal()
     try:
-        run(args)
+        try:
+            run(args)
+        except Exception as exc:  # a full disk or a read-only output: one line, no traceback
+            if storage_cause(exc) is None:
+                raise
+            raise storage_error(args.output, exc) from None
     except UserError as exc:
-        message = str(exc)
+        message = redact(str(exc))
         print(f"error: {message}", file=sys.stderr, flush=True)
         with suppress(OSError):
             Path(args.output, ERROR_FILE).write_text(message + "\n")
