@@ -264,19 +264,24 @@ def test_every_gpu_task_runs_in_the_cuda_image(recipe, tmp_path):
     assert bool(other) == (cfg.hardware.gpu != "none")
 
 
-def run_local(tmp_path: Path, output: Path, *sets: str):
+def run_local(tmp_path: Path, output: Path, *sets: str, env: dict | None = None):
     """`kubetune run tiny-demo.yaml --local --set output.uri=OUTPUT --set ... --workspace W`"""
     args = [a for s in (f"output.uri={output}", *sets) for a in ("--set", s)]
     return run_cli(
-        "run", TINY_DEMO, "--local", *args, "--workspace", tmp_path / "work", cwd=tmp_path
+        "run", TINY_DEMO, "--local", *args, "--workspace", tmp_path / "work", cwd=tmp_path, env=env
     )
 
 
 @pytest.mark.integration
 def test_run_local_tiny_demo_is_the_main_job(tmp_path):
+    """The main job, run with sentinel secrets in the environment (test_secrets.py): none of
+    them ends up in its console, logs, reports, metrics, manifest or model."""
+    from .test_secrets import SENTINELS, assert_no_secret
+
     output = tmp_path / "model"
-    result = run_local(tmp_path, output)
+    result = run_local(tmp_path, output, env=SENTINELS)
     assert result.code == 0, result
+    assert assert_no_secret([result], tmp_path) > 50
     manifest = json.loads((output / "manifest.json").read_text())
     assert (
         manifest["kind"] == "merged" and manifest["base_model"]["name_or_path"] == "tiny://falcon"
