@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
+from .model_files import check_model_folder
+
 # A label that is not trained on: prompt tokens, padding, a packed row's document starts.
 # (PyTorch's cross_entropy ignore_index default; prepare writes it, train and evaluate read it.)
 IGNORE_INDEX = -100
@@ -73,8 +75,10 @@ class ModelFolder:
 
 
 def model_folder(path: str | Path) -> ModelFolder:
-    """The kind of model folder at `path` (a folder that does not exist holds FILES)."""
+    """The kind of model folder at `path` (a folder that does not exist holds FILES), once
+    model_files has found no hostile or damaged file in it."""
     path = Path(path)
+    check_model_folder(path)
     if (path / MERGE_FILE).is_file():
         kind = ModelKind.MERGED
     elif (path / PEFT_CONFIG_FILE).is_file():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
+from .model_files import check_model_folder
 from .storage import is_s3, s3_cached
 from .tiny_models import cache_root, is_tiny, tiny_model_dir
 
@@ -24,11 +25,14 @@ def resolve_model(name_or_path: str) -> str:
     if is_tiny(name_or_path):
         return str(tiny_model_dir(name_or_path))
     if is_s3(name_or_path):
-        return str(s3_cached(name_or_path, cache_root() / "s3"))
+        local = s3_cached(name_or_path, cache_root() / "s3")
+        check_model_folder(local)
+        return str(local)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model.name_or_path: {path} has no config.json")
+        check_model_folder(path)
         return str(path)
     if name_or_path.startswith((".", "/", "~")):
         raise UserError(f"model.name_or_path: {name_or_path} does not exist")
@@ -45,6 +49,7 @@ def model_source(model_cfg) -> str:
                 f"model.local_dir: {folder} is not a fetched model (no config.json); run the "
                 "fetch step again"
             )
+        check_model_folder(folder)
         return str(folder)
     return resolve_model(model_cfg.name_or_path)
 
@@ -114,6 +119,7 @@ def safetensors_files(source: str, revision: str | None) -> list[Path]:
             )
         except Exception as exc:  # offline, gated, missing: the user's to fix
             raise UserError(f"model.name_or_path: cannot download {source!r}: {exc}") from None
+        check_model_folder(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -23,6 +23,10 @@ from ..tiny_models import cache_root
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
 # Bytes of a JSON Lines file per LineBatch (about 1,600 samsum rows): cut at a line end.
 CHUNK_BYTES = 1 << 20
+# The most one JSON Lines/CSV line may hold: a training row is at most a few MB of text.
+MAX_ROW_BYTES = 64 << 20
+# A .json file is parsed whole (json has no incremental parser): JSON Lines for more.
+MAX_JSON_FILE_BYTES = 1 << 30
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 Row = tuple[str, dict]
 
@@ -38,6 +42,13 @@ def _decode(path: Path, data: bytes) -> str:
             f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset "
             f"{exc.start}); convert the file to UTF-8"
         ) from None
+
+
+def _row_too_long(path: Path, line: int) -> UserError:
+    return UserError(
+        f"{path}:{line}: a row of more than {MAX_ROW_BYTES // (1 << 20)} MiB on one line; rows "
+        "are refused over that bound (read no further, so memory stays bounded)"
+    )
 
 
 def _not_utf8(path: Path, line: int, byte: int, offset: int) -> UserError:
@@ -56,7 +67,9 @@ def _physical_lines(path: Path) -> Iterator[str]:
     """
     seen_text, offset = False, 0
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_ROW_BYTES:
+                raise _row_too_long(path, number)
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # offsets count from after the BOM, as decoding it whole
             try:
@@ -141,6 +154,8 @@ def _jsonl_batches(path: Path) -> Iterator[LineBatch]:
                 before += len(lines)
                 physical += chunk.count(b"\n")
                 offset += len(chunk)
+            if len(rest) > MAX_ROW_BYTES:  # memory stays bounded: refused, not read on
+                raise _row_too_long(path, physical + 1)
             if not block:
                 break
     if not seen_text:
@@ -256,6 +271,12 @@ def read_file(
         yield from _jsonl_batches(path) if line_batches else _jsonl(path, _physical_lines(path))
     else:
         # A JSON list is parsed whole (json has no incremental parser); JSON Lines stream.
+        size = path.stat().st_size
+        if size > MAX_JSON_FILE_BYTES:
+            raise UserError(
+                f"{path}: {size:,} bytes; a .json file is parsed whole, so it is refused over "
+                f"{MAX_JSON_FILE_BYTES >> 30} GiB: write it as JSON Lines (.jsonl), which stream"
+            )
         yield from _json(path, _decode(path, path.read_bytes()))
 
 

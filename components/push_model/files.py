@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..model_files import check_model_folder
 from .manifest import MANIFEST
 
 MiB = 1024 * 1024
@@ -57,6 +58,7 @@ def model_files(src: Path) -> list[LocalFile]:
     """Every file of a model folder that belongs in the push (no hidden files, no checkpoints)."""
     if not src.is_dir():
         raise UserError(f"{src}: no such folder")
+    check_model_folder(src)  # no link out of the folder is pushed, no hostile file shipped
     files = []
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
