@@ -35,7 +35,11 @@ def _local_setup(recipe: str, overrides: list[str], workspace: str):
     """(recipe config, absolute workspace) with kfp.local initialised on that workspace."""
     cfg = load_recipe(recipe, overrides)
     if not is_s3(cfg.output.uri):  # every task is its own process: give them one absolute place
-        overrides = [*overrides, f"output.uri={Path(cfg.output.uri).resolve()}"]
+        destination = Path(cfg.output.uri).resolve()
+        # the local run lays out its own folders (as it does the workspace): the push step,
+        # like every step, refuses a destination whose parent folder is missing
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        overrides = [*overrides, f"output.uri={destination}"]
         cfg = load_recipe(recipe, overrides)
     ws = Path(workspace).resolve()
     ws.mkdir(parents=True, exist_ok=True)
