@@ -80,6 +80,15 @@ def check_parent(output: Path) -> None:
         raise UserError(f"{output}: {parent} is not a folder")
 
 
+def run_folder(run_dir: str | Path) -> Path:
+    """A pipeline run's own folder (WORKSPACE/runs/RUN, or a method's under it): the pipeline
+    lays it out, so it is created here; the steps' outputs inside it must then have a parent."""
+    folder = Path(run_dir)
+    with disk_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
@@ -125,10 +134,17 @@ def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
     check_parent(output)
     staging = None
     try:
-        with disk_errors(output):
-            staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-            yield staging
-            _publish(staging, output, overwrite)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        yield staging
+        _publish(staging, output, overwrite)
+    except Exception as exc:
+        cause = storage_cause(exc)
+        if cause is None:
+            raise
+        failed = getattr(exc, "filename", None)
+        if failed and staging is not None and not str(failed).startswith(str(staging)):
+            raise UserError(f"{failed}: {cause}") from None  # an input, not the output
+        raise storage_error(output, exc) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -36,12 +36,22 @@ def bucket(s3, name: str) -> str:
     return name
 
 
+def write_safetensors(path: Path, payload: bytes) -> None:
+    """A valid safetensors file holding `payload` as one uint8 tensor (push refuses damaged
+    ones, see model_files.py)."""
+    header = json.dumps(
+        {"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}
+    )
+    raw = header.encode() + b" " * (-len(header) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + payload)
+
+
 def make_model(folder: Path, big_mib: int = 12, seed: int = 0) -> Path:
     """A model-shaped folder: one file over the part size, small ones, a nested one, and the
     things push leaves out (hidden files, checkpoints/)."""
     rng = __import__("numpy").random.default_rng(seed)
     folder.mkdir(parents=True)
-    (folder / "model-00001-of-00001.safetensors").write_bytes(rng.bytes(big_mib * MiB + 12345))
+    write_safetensors(folder / "model-00001-of-00001.safetensors", rng.bytes(big_mib * MiB + 12345))
     (folder / "config.json").write_text(json.dumps({"model_type": "falcon", "seed": seed}))
     (folder / "tokenizer.json").write_text(json.dumps({"vocab": list(range(100))}))
     (folder / "empty.txt").write_bytes(b"")
@@ -292,6 +302,9 @@ def test_pull_refuses_incomplete_or_corrupt(s3, tmp_path):
 def test_push_and_pull_local_folder(tmp_path):
     src = make_model(tmp_path / "model", big_mib=1, seed=5)
     dest = tmp_path / "store" / "m"
+    missing = run_cli("push", src, dest)  # like every output: the parent folder must be there
+    assert_user_error(missing, str(dest), "parent folder", "does not exist")
+    (tmp_path / "store").mkdir()
     assert run_cli("push", src, dest).code == 0
     assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == EXPECTED | {
         "manifest.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import parse_recipe
+from ..outputs import run_folder
 
 
 def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: str) -> list:
@@ -54,7 +55,7 @@ def compare(recipe_yaml: str, eval_dirs: list, run_dir: str, report_path: str, s
     from .step import compare as compare_step
 
     cfg = parse_recipe(recipe_yaml, "recipe")
-    out = Path(run_dir) / "comparison"
+    out = run_folder(run_dir) / "comparison"
     compare_step(cfg.model.name_or_path, [str(d) for d in eval_dirs], out)
     shutil.copyfile(out / "report.html", report_path)
     shutil.copyfile(out / "comparison.md", summary_path)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..artifacts import METRICS_FILE
 from ..config import parse_recipe
+from ..outputs import run_folder
 
 
 def evaluate(
@@ -18,7 +19,7 @@ def evaluate(
     from .step import kfp_metrics
 
     cfg = parse_recipe(recipe_yaml, "recipe")
-    out = Path(run_dir) / "eval"
+    out = run_folder(run_dir) / "eval"
     result = run_evaluate(
         cfg, model_dir, dataset_dir, out, baseline=cfg.model.name_or_path, overwrite=True
     )

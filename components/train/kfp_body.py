@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..artifacts import METRICS_FILE
 from ..config import parse_recipe
+from ..outputs import run_folder
 
 
 def train(recipe_yaml: str, dataset_dir: str, run_dir: str, metrics=None, task_config=None) -> str:
@@ -20,7 +21,7 @@ def train(recipe_yaml: str, dataset_dir: str, run_dir: str, metrics=None, task_c
     os.environ.setdefault("KUBETUNE_JOB_NAME", hashed_job_name("kfp", run_dir))
     if task_config is not None:  # what the task passes through to the training job
         os.environ[ENV] = TaskConfig.from_kfp(task_config).to_json()
-    out = Path(run_dir) / "train"
+    out = run_folder(run_dir) / "train"
     code = launch(parse_recipe(recipe_yaml, "recipe"), dataset_dir, out)
     if code != 0:
         raise RuntimeError(f"training failed (exit code {code}); see the log above")
