@@ -148,9 +148,11 @@ def deepspeed_config(cfg: RunConfig, world: World, bf16: bool) -> dict:
                 "betas": [0.9, 0.999],
                 "eps": 1e-8,
                 "weight_decay": cfg.train.weight_decay,
-                # on the CPU without offload: torch's AdamW, not DeepSpeed's FusedAdam, whose CPU
-                # op is JIT-compiled (minutes on a fresh machine) and gains nothing there
-                "torch_adam": world.device.type == "cpu" and "offload_optimizer" not in zero,
+                # on a CPU-only machine: torch's AdamW, not DeepSpeed's FusedAdam or CPUAdam,
+                # whose ops are JIT-compiled (minutes of a fresh machine's two cores) and gain
+                # nothing where the model already lives in CPU memory; on GPUs an offloaded
+                # optimizer steps with DeepSpeedCPUAdam, as DeepSpeed recommends
+                "torch_adam": world.device.type == "cpu",
             },
         },
         "zero_allow_untested_optimizer": True,
