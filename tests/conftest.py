@@ -55,6 +55,16 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """The S3 test server (moto on loopback), one per test module."""
+    from .s3server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """The tiny demo's sample data, prepared once per session (per worker under xdist). Read it,

@@ -16,16 +16,8 @@ from .conftest import (
     samsum_rows,
     write_jsonl,
 )
-from .s3server import S3Server
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    yield server
-    server.stop()
 
 
 def test_prepare_reads_an_s3_object(cli, tmp_path, s3):

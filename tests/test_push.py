@@ -15,20 +15,13 @@ from pathlib import Path
 import pytest
 
 from .conftest import assert_user_error, run_cli
-from .s3server import S3Server, free_port
+from .s3server import free_port
 from .tcpproxy import FlakyProxy
 
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
 BUCKET = "models"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    yield server
-    server.stop()
 
 
 def bucket(s3, name: str) -> str:

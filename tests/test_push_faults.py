@@ -13,19 +13,11 @@ import pytest
 
 from .conftest import KUBETUNE, TINY_DEMO, assert_user_error, run_cli
 from .faulty_s3 import Fault, FaultyS3, parts, uploads
-from .s3server import S3Server
 from .test_push import EXPECTED, make_model, read_bucket, sha
 
 pytestmark = pytest.mark.integration
 
 LOCK = ".kubetune-push.lock"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

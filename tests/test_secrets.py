@@ -16,7 +16,6 @@ import yaml
 from .conftest import TINY_DEMO, CliResult, run_cli
 from .fake_kfp import FakeKfp
 from .faulty_s3 import Fault, FaultyS3, uploads
-from .s3server import S3Server
 from .test_push import make_model
 
 pytestmark = pytest.mark.integration
@@ -45,13 +44,6 @@ def assert_no_secret(results: list[CliResult], *folders: Path) -> int:
                 assert not leaks(path.read_bytes()), path
                 read += 1
     return read
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    yield server
-    server.stop()
 
 
 def test_no_secret_in_any_output(s3, tmp_path):
