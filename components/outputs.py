@@ -33,6 +33,7 @@ STORAGE_CAUSES = {
     errno.EISDIR: "it is a folder",
     errno.EIO: "an I/O error from the device",
 }
+WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 # safetensors' Rust writer reports `... (os error 28)` in a SafetensorError; shutil.copytree
 # collects `[Errno 28] ...` texts in a shutil.Error
 _OS_ERROR = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
@@ -141,9 +142,17 @@ def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
         cause = storage_cause(exc)
         if cause is None:
             raise
-        failed = getattr(exc, "filename", None)
-        if failed and staging is not None and not str(failed).startswith(str(staging)):
-            raise UserError(f"{failed}: {cause}") from None  # an input, not the output
+        # a full disk, a quota, a size limit or a read-only file system are the output's; a
+        # missing or unreadable file outside the staging folder is an input's
+        names = [getattr(exc, "filename", None), getattr(exc, "filename2", None)]
+        paths = [str(n) for n in names if n]
+        if (
+            getattr(exc, "errno", None) not in WRITE_FAULTS
+            and staging is not None
+            and paths
+            and not any(p.startswith(str(staging)) for p in paths)
+        ):
+            raise UserError(f"{paths[0]}: {cause}") from None  # an input, not the output
         raise storage_error(output, exc) from None
     finally:
         if staging is not None:
