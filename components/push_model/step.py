@@ -14,8 +14,14 @@ parts' MD5s for multipart) and, where the store returns it, the SHA-256 checksum
 skips objects already there with the right size and checksums, and continues an unfinished
 multipart upload from the parts whose MD5 matches.
 
+Concurrent pushes: an S3 push holds a lease on its prefix (lock.py) from before it changes
+anything until after the manifest, which is written with `If-None-Match: *`; a push of another
+model to the same prefix stops before changing anything. `encryption` (output.sse) asks for
+server-side encryption on every object the push writes.
+
 This file is the push itself; its pieces: files.py (what is sent and its digests), upload.py
-(the folder and S3 destinations, upload, resume and verification), manifest.py (what
+(the folder and S3 destinations, upload, resume and verification, encryption), lock.py (the
+lease), manifest.py (what
 manifest.json says), pull.py (the way back).
 """
 
