@@ -21,8 +21,7 @@ server-side encryption on every object the push writes.
 
 This file is the push itself; its pieces: files.py (what is sent and its digests), upload.py
 (the folder and S3 destinations, upload, resume and verification, encryption), lock.py (the
-lease), manifest.py (what
-manifest.json says), pull.py (the way back).
+lease), manifest.py (what manifest.json says), pull.py (the way back).
 """
 
 from __future__ import annotations
