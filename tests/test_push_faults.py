@@ -83,7 +83,7 @@ def test_two_pushes_to_one_prefix_at_once_leave_one_whole_model(s3, proxy, tmp_p
     name = new_bucket(s3, "racing")
     first = make_model(tmp_path / "a", seed=1)
     second = make_model(tmp_path / "b", seed=2)
-    proxy.upload_delay = 0.3  # each push takes seconds: they overlap
+    proxy.upload_delay = 1.0  # each push takes 7+ s: they overlap however late one starts
     dest = f"s3://{name}/shared"
     env = {**__import__("os").environ, **env_via(s3, proxy)}
     runs = [
