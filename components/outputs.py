@@ -39,36 +39,38 @@ WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 _OS_ERROR = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
 
 
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of a storage fault (see STORAGE_CAUSES), or None when `exc` is not one."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+        found = _OS_ERROR.search(str(exc))  # shutil.Error is an OSError without an errno
+        code = int(found.group(1) or found.group(2)) if found else None
+    return code if code in STORAGE_CAUSES else None
+
+
 def storage_cause(exc: BaseException) -> str | None:
     """What a storage fault was, in words, or None when `exc` is not one."""
-    code = exc.errno if isinstance(exc, OSError) else None
-    if (
-        code is None
-        and isinstance(exc, shutil.Error | OSError)
-        or (type(exc).__name__ == "SafetensorError")
-    ):
-        found = _OS_ERROR.search(str(exc))
-        code = int(found.group(1) or found.group(2)) if found else None
-    return STORAGE_CAUSES.get(code) if code is not None else None
+    code = storage_errno(exc)
+    return STORAGE_CAUSES[code] if code is not None else None
 
 
-def storage_error(path: Path | str, exc: BaseException, what: str = "cannot write") -> UserError:
+def storage_error(path: Path | str, exc: BaseException) -> UserError:
     """A one-line error naming `path` (and the file inside it that failed, when known)."""
     cause = storage_cause(exc)
     detail = getattr(exc, "filename", None)
     inside = f" at {detail}" if detail and str(detail) != str(path) else ""
-    return UserError(f"{path}: {what} ({cause}{inside})")
+    return UserError(f"{path}: cannot write ({cause}{inside})")
 
 
 @contextmanager
-def disk_errors(path: Path | str, what: str = "cannot write") -> Iterator[None]:
+def disk_errors(path: Path | str) -> Iterator[None]:
     """Turn a storage fault inside the block into a UserError naming `path`."""
     try:
         yield
     except Exception as exc:
         if storage_cause(exc) is None:
             raise
-        raise storage_error(path, exc, what) from None
+        raise storage_error(path, exc) from None
 
 
 def check_parent(output: Path) -> None:
@@ -104,18 +106,23 @@ def check_writable(output: Path) -> None:
         os.unlink(probe)
 
 
+def _refuse_finished(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite and not _is_empty_dir(output):
+        raise UserError(f"{output} already exists; pass --overwrite to replace it")
+
+
 def check_output(output: Path, overwrite: bool) -> None:
     """Refuse to replace a finished output unless asked (an empty folder, as KFP makes, is
     fine), and an output that cannot be written (see check_writable)."""
-    if output.exists() and not overwrite and not _is_empty_dir(output):
-        raise UserError(f"{output} already exists; pass --overwrite to replace it")
+    _refuse_finished(output, overwrite)
     check_writable(output)
 
 
 def _publish(staging: Path, output: Path, overwrite: bool) -> None:
     """Rename the finished folder into place; an old output is moved aside first and removed
-    after, so a failure never leaves neither."""
-    check_output(output, overwrite)
+    after, so a failure never leaves neither. (The staging folder beside it was just written:
+    the parent takes files, only a finished output appearing meanwhile is checked again.)"""
+    _refuse_finished(output, overwrite)
     old = None
     if _is_empty_dir(output):
         output.rmdir()

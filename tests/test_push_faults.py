@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import KUBETUNE, TINY_DEMO, assert_user_error, run_cli
 from .faulty_s3 import Fault, FaultyS3, parts, uploads
-from .test_push import EXPECTED, make_model, read_bucket, sha
+from .test_push import EXPECTED, bucket, make_model, read_bucket, sha
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,9 @@ def env_via(s3, proxy) -> dict[str, str]:
     return {**s3.env(), "AWS_ENDPOINT_URL_S3": proxy.url}
 
 
-def new_bucket(s3, name: str) -> str:
-    s3.client().create_bucket(Bucket=name)
-    return name
-
-
-def assert_holds(s3, bucket: str, prefix: str, src) -> dict:
+def assert_holds(s3, name: str, prefix: str, src) -> dict:
     """The prefix holds exactly src's files and a manifest naming them, and no lease."""
-    objects = read_bucket(s3, bucket, prefix)
+    objects = read_bucket(s3, name, prefix)
     assert set(objects) == EXPECTED | {"manifest.json"}, sorted(objects)
     manifest = json.loads(objects["manifest.json"])
     for item in manifest["files"]:
@@ -48,7 +43,7 @@ def assert_holds(s3, bucket: str, prefix: str, src) -> dict:
 
 
 def test_throttling_and_server_errors_mid_push_are_retried(s3, proxy, tmp_path):
-    name = new_bucket(s3, "throttled")
+    name = bucket(s3, "throttled")
     src = make_model(tmp_path / "model")
     slow = proxy.add(Fault("SlowDown", parts, times=2))
     broken = proxy.add(Fault("InternalError", uploads, times=2, after=1))
@@ -61,7 +56,7 @@ def test_throttling_and_server_errors_mid_push_are_retried(s3, proxy, tmp_path):
 
 
 def test_credentials_expire_half_way_then_the_rerun_sends_only_what_is_missing(s3, proxy, tmp_path):
-    name = new_bucket(s3, "expiring")
+    name = bucket(s3, "expiring")
     src = make_model(tmp_path / "model")  # 4 small files, then 3 parts of the big one
     proxy.add(Fault("ExpiredToken", uploads, times=None, after=5))
     dest = f"s3://{name}/run"
@@ -80,7 +75,7 @@ def test_credentials_expire_half_way_then_the_rerun_sends_only_what_is_missing(s
 
 
 def test_two_pushes_to_one_prefix_at_once_leave_one_whole_model(s3, proxy, tmp_path):
-    name = new_bucket(s3, "racing")
+    name = bucket(s3, "racing")
     first = make_model(tmp_path / "a", seed=1)
     second = make_model(tmp_path / "b", seed=2)
     proxy.upload_delay = 1.0  # each push takes 7+ s: they overlap however late one starts
@@ -107,7 +102,7 @@ def test_two_pushes_to_one_prefix_at_once_leave_one_whole_model(s3, proxy, tmp_p
 
 
 def test_a_live_lease_is_respected_and_a_dead_one_taken_over(s3, tmp_path):
-    name = new_bucket(s3, "leases")
+    name = bucket(s3, "leases")
     src = make_model(tmp_path / "model", big_mib=1)
     client = s3.client()
     held = {"owner": "x", "content": "another model", "host": "pod-7", "lease_s": 300}
@@ -126,7 +121,7 @@ def test_a_live_lease_is_respected_and_a_dead_one_taken_over(s3, tmp_path):
 
 
 def test_a_server_without_conditional_writes_is_detected(s3, proxy, tmp_path):
-    name = new_bucket(s3, "plain")
+    name = bucket(s3, "plain")
     src = make_model(tmp_path / "model", big_mib=1)
     proxy.conditional = False
     result = run_cli("push", src, f"s3://{name}/run", env=env_via(s3, proxy))
@@ -137,7 +132,7 @@ def test_a_server_without_conditional_writes_is_detected(s3, proxy, tmp_path):
 
 @pytest.mark.parametrize("sse, key", [("AES256", None), ("aws:kms", "alias/kubetune-models")])
 def test_server_side_encryption_is_asked_for_on_every_object(s3, tmp_path, sse, key):
-    name = new_bucket(s3, f"sse-{sse.replace(':', '-').lower()}")
+    name = bucket(s3, f"sse-{sse.replace(':', '-').lower()}")
     src = make_model(tmp_path / "model")
     dest = f"s3://{name}/run"
     recipe = ["--recipe", TINY_DEMO, "--set", f"output.uri={dest}", "--set", f"output.sse={sse}"]

@@ -62,7 +62,6 @@ class PushLock:
         self.owner = uuid.uuid4().hex
         self.started = time.time()
         self.etag: str | None = None
-        self.conditional = True
         self.lost: str | None = None
         self.guard = threading.Lock()
         self.stop = threading.Event()
@@ -131,8 +130,7 @@ class PushLock:
         else:
             held, _ = self._read()
             raise UserError(self._busy(held or {}))
-        self.conditional = self._honours_conditions()
-        if not self.conditional:
+        if not self._honours_conditions():
             print(
                 f"warning: {self.target.uri}: this S3 endpoint ignores conditional writes "
                 "(If-None-Match); two pushes to this prefix at once cannot be excluded here",

@@ -14,7 +14,6 @@ the optimizer moments start again on resume.
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from ..outputs import STORAGE_CAUSES, storage_cause
+from ..outputs import STORAGE_CAUSES, storage_errno
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -87,14 +86,11 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 
 def _save_fault(exc: Exception) -> int:
-    """The errno of a storage fault (0 for anything else, which is re-raised)."""
-    if storage_cause(exc) is None:
-        raise exc
-    code = getattr(exc, "errno", None)
+    """The errno of a storage fault (anything else is re-raised)."""
+    code = storage_errno(exc)
     if code is None:
-        found = re.search(r"os error (\d+)", str(exc))
-        code = int(found.group(1)) if found else errno.EIO
-    return int(code)
+        raise exc
+    return code
 
 
 def _agreed_failure(folder: Path, step: int, code: int, agree: Callable[[float], float]) -> None:

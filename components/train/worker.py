@@ -34,7 +34,7 @@ from ..config import RunConfig, load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
 from ..models import decoder_layers
-from ..outputs import storage_cause, storage_error
+from ..outputs import disk_errors
 from ..secrets import redact
 from .attention import FLEX, attention_implementation
 from .build import build_model, fit_run, unwrap, wrap
@@ -349,12 +349,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_progress_off_terminal()
     try:
-        try:
+        with disk_errors(args.output):  # a full disk or a read-only output: one line
             run(args)
-        except Exception as exc:  # a full disk or a read-only output: one line, no traceback
-            if storage_cause(exc) is None:
-                raise
-            raise storage_error(args.output, exc) from None
     except UserError as exc:
         message = redact(str(exc))
         print(f"error: {message}", file=sys.stderr, flush=True)
