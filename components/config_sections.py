@@ -289,6 +289,25 @@ class HardwareConfig(Section):
         description="GPU the plan is checked against (A100-80GB, H100-80GB, A10G-24GB, none).",
     )
     gpu_memory_gb: float | None = Field(None, gt=0, description="Override the GPU memory of `gpu`.")
+    price_per_gpu_hour: float | dict[str, float] | None = Field(
+        None,
+        description="What one GPU costs per hour, for `kubetune plan`'s cost column: one price, "
+        "or one per GPU type ({A100-80GB: 1.8, H100-80GB: 3.2}).",
+    )
+
+    @field_validator("price_per_gpu_hour")
+    @classmethod
+    def _prices(cls, value: Any) -> Any:
+        from .train.gpus import GPU_TYPES
+
+        prices = value if isinstance(value, dict) else {}
+        unknown = sorted(set(prices) - set(GPU_TYPES))
+        if unknown:
+            raise ValueError(f"unknown GPU type {unknown[0]!r}; known: {', '.join(GPU_TYPES)}")
+        for price in prices.values() if isinstance(value, dict) else [value]:
+            if price is not None and price <= 0:
+                raise ValueError(f"a price per GPU-hour is more than 0, got {price}")
+        return value
 
 
 class EvalConfig(Section):

@@ -192,10 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser(
-        "plan", help="predict peak GPU memory per GPU and whether it fits hardware.gpu"
+        "plan",
+        help="predict peak GPU memory per GPU and whether it fits, step time, tokens/s, wall "
+        "time, GPU-hours and cost per GPU type",
     )
     _recipe_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--dataset", help="a prepared dataset (its stats.json gives the rows and their lengths)"
+    )
+    p.add_argument(
+        "--gpus",
+        help="GPU types to compare, each optionally with a count: A100-80GB,8xH100-80GB "
+        "(default: hardware.gpu, else A100-80GB, H100-80GB, H200-141GB, L40S-48GB)",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(

@@ -299,12 +299,22 @@ def cmd_submit(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from kubetune.components.train.forecast import options, render_options
     from kubetune.components.train.plan import estimate, inference_plan, render
+    from kubetune.components.train.speed import Efficiency
 
     cfg = load_recipe(args.recipe, args.overrides)
     plan = estimate(cfg)
+    eff = Efficiency.load()
+    chosen, data = options(cfg, args.gpus, args.dataset, eff)
     if args.json:
-        print(json.dumps(plan.as_dict(), indent=1))
+        record = plan.as_dict()
+        record["speed"] = {
+            "efficiency": eff.__dict__,
+            "rows": data.__dict__,
+            "options": [o.as_dict() for o in chosen],
+        }
+        print(json.dumps(record, indent=1))
         return 0
     serving = inference_plan(cfg, plan.arch)  # the model estimate counted already
     print(render(plan, cfg), end="")
@@ -312,6 +322,7 @@ def cmd_plan(args) -> int:
     print(
         f"\nserving (render-serve): {gpus}, {serving.memory} memory per replica ({serving.reason})"
     )
+    print(render_options(chosen, data, eff), end="")
     return 0
 
 

@@ -329,6 +329,9 @@ def test_run_local_tiny_demo_is_the_main_job(tmp_path):
     assert figures["loss"] == pytest.approx(trained[-1][1], abs=1e-6)
     last = f"step {int(figures['step'])}/{int(figures['step'])} loss {trained[-1][1]:.4f} "
     assert re.search(rf"^ +{re.escape(last)}\d+ tokens/s eta 0s$", result.out, re.M), result.out
+    # the train step's Markdown: the speed prediction, or why there is none (no GPU type here)
+    (train_summary,) = (tmp_path / "work" / "kfp-root").rglob("train-model*/summary")
+    assert "No speed prediction for this run" in train_summary.read_text()
     # the push step's Markdown in the KFP UI links the model, its manifest and its events
     (summary,) = (tmp_path / "work" / "kfp-root").rglob("push-model*/summary")
     text = summary.read_text()

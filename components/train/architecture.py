@@ -108,6 +108,10 @@ class Architecture:
     gated_mlp: bool
     layer_params: int
     frozen_params: int = 0  # method=full with train.freeze_layers: embeddings + bottom layers
+    linear_modules: int = 0  # the quantizable linear layers, counted
+    adapted_modules: int = 0  # of them, the ones LoRA adapts
+    adapted_features: int = 0  # their in + out features, summed
+    frozen_layers: int = 0  # method=full: train.freeze_layers
 
 
 def model_config(name_or_path: str):
@@ -218,12 +222,14 @@ def _count(config, cfg: RunConfig) -> Architecture:
     linears = linear_layer_names(model)
     linear_params = sum(model.get_submodule(n).weight.numel() for n in linears)
     targets = lora_targets(cfg, config.model_type) if cfg.method in ("lora", "qlora") else []
-    lora = 0
+    lora, adapted, features = 0, 0, 0
     for name in linears:
         leaf = name.rsplit(".", 1)[-1]
         if targets == "all-linear" or leaf in targets:
             module = model.get_submodule(name)
             lora += cfg.lora.r * (module.in_features + module.out_features)
+            adapted += 1
+            features += module.in_features + module.out_features
     layers = config.num_hidden_layers
     hidden = config.hidden_size
     intermediate = (
@@ -256,4 +262,8 @@ def _count(config, cfg: RunConfig) -> Architecture:
         gated_mlp=config.model_type != "falcon",
         layer_params=layer_params,
         frozen_params=frozen,
+        linear_modules=len(linears),
+        adapted_modules=adapted,
+        adapted_features=features,
+        frozen_layers=cfg.train.freeze_layers if cfg.method == "full" else 0,
     )

@@ -1,7 +1,7 @@
 """KFP interface of train. No logic here: the body imports the step and calls it."""
 
 from kfp import dsl
-from kfp.dsl import Metrics, Output
+from kfp.dsl import Markdown, Metrics, Output
 
 from ..images import STEPS_IMAGE
 
@@ -27,13 +27,15 @@ def train_model(
     dataset_dir: str,
     run_dir: str,
     metrics: Output[Metrics],
+    summary: Output[Markdown],
     task_config: dsl.TaskConfig,
     workspace: str = "",
 ) -> str:
     """Train into RUN_DIR/train: torchrun here (distributed.backend=local) or a PyTorchJob or
     TrainJob that this step creates, watches and streams (a retry adopts the job it created).
     The task's TaskConfig reaches that job; the final progress, loss and tokens/s become the
-    task's Metrics."""
+    task's Metrics; the speed model's prediction against the measured tokens/s and train time
+    its Markdown summary."""
     from kubetune.components.train.kfp_body import train
 
-    return train(recipe_yaml, dataset_dir, run_dir, metrics, task_config)
+    return train(recipe_yaml, dataset_dir, run_dir, metrics, task_config, summary.path)

@@ -4,18 +4,6 @@ from __future__ import annotations
 
 import torch
 
-# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor data sheets, SXM parts).
-PEAK_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "A10": 125e12,
-    "V100": 125e12,
-}
-
 
 def train_flops_per_token(model, total: int, trainable: int, seq: int) -> float:
     """Forward 2N, backward 2N for activations (+2N' for trained weights), plus attention
@@ -30,8 +18,10 @@ def train_flops_per_token(model, total: int, trainable: int, seq: int) -> float:
 def gpu_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    from .gpus import gpu_type_of
+
+    gpu = gpu_type_of(torch.cuda.get_device_name(device))
+    return gpu.bf16_flops if gpu else None
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, world) -> float | None:

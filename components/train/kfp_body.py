@@ -12,7 +12,14 @@ from ..config import parse_recipe
 from ..outputs import run_folder
 
 
-def train(recipe_yaml: str, dataset_dir: str, run_dir: str, metrics=None, task_config=None) -> str:
+def train(
+    recipe_yaml: str,
+    dataset_dir: str,
+    run_dir: str,
+    metrics=None,
+    task_config=None,
+    summary_path: str | None = None,
+) -> str:
     from ..backends.pytorchjob import hashed_job_name
     from ..backends.taskconfig import ENV, TaskConfig
     from .step import train as launch
@@ -28,6 +35,11 @@ def train(recipe_yaml: str, dataset_dir: str, run_dir: str, metrics=None, task_c
     if metrics is not None:
         for name, value in final_figures(out).metrics().items():
             metrics.log_metric(name, value)
+    if summary_path is not None:
+        from .forecast import prediction_markdown
+
+        record = json.loads((out / METRICS_FILE).read_text())
+        Path(summary_path).write_text(prediction_markdown(record.get("prediction")))
     return str(out)
 
 

@@ -56,6 +56,7 @@ class TrainMetrics:
     eval_loss: float | None = None  # after the last step
     peak_memory_bytes: int | None = None
     mfu: float | None = None
+    prediction: dict | None = None  # the speed model's, beside what the run measured
 
     def as_dict(self) -> dict:
         return asdict(self)

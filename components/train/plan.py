@@ -39,19 +39,10 @@ from ..config import RunConfig
 from ..errors import UserError
 from .architecture import Architecture, architecture
 from .fit import Fit, choose
+from .gpus import GPU_TYPES
 
 GB = 1e9
-GPU_MEMORY_GB = {
-    "A100-80GB": 80,
-    "A100-40GB": 40,
-    "H100-80GB": 80,
-    "H200-141GB": 141,
-    "A10G-24GB": 24,
-    "L4-24GB": 24,
-    "L40S-48GB": 48,
-    "V100-32GB": 32,
-    "V100-16GB": 16,
-}
+GPU_MEMORY_GB = {name: g.memory_gb for name, g in GPU_TYPES.items()}
 CUDA_OVERHEAD = 1.0 * GB
 
 

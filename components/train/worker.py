@@ -51,6 +51,7 @@ from .data import (
 from .entry import ERROR_FILE
 from .fit import resolved
 from .flops import mfu, train_flops_per_token
+from .forecast import compare
 from .measure import StepFlops, check_fits, start_profiler
 from .metrics import TrainMetrics, fsdp_record, peak_memory, precision_record, print_losses
 from .modeling import (
@@ -132,6 +133,19 @@ def dataset_stats(dataset: str) -> dict:
     return json.loads(stats_file.read_text()) if stats_file.is_file() else {}
 
 
+def speed_prediction(cfg, fit, world: World, stats: dict, steps: int, kernels) -> dict | None:
+    """The speed model's prediction for this run (forecast.run_prediction); a model it cannot
+    predict costs one line, never the run."""
+    from .forecast import run_prediction
+
+    device = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else None
+    try:
+        return run_prediction(cfg, fit, world.size, device, stats, steps, kernels)
+    except Exception as exc:  # the prediction is a report; training goes on without it
+        print(f"no speed prediction: {str(exc).splitlines()[0]}", flush=True)
+        return None
+
+
 def run(args) -> None:
     cfg = recipe_from_arg(args.recipe, args.overrides)
     output, world = Path(args.output), init_world()
@@ -164,6 +178,7 @@ def run(args) -> None:
     check_rows(args.dataset, len(train_split), world.size, cfg.train.micro_batch_size)
     steps = total_steps(cfg, plan.per_epoch)
     check_fits(cfg, steps)
+    predicted = speed_prediction(cfg, fit, world, stats, steps, kernels) if world.main else None
     model, optimizer, scheduler = wrap(cfg, built.model, world, dtype, built.ds_config, steps)
     is_ds = cfg.distributed.strategy == "deepspeed"
     start, losses = resume(cfg, output, world, model, optimizer, scheduler, steps)
@@ -305,6 +320,11 @@ def run(args) -> None:
         precision=precision_record(unwrap(model)),
         train_seconds=round(train_seconds, 3),
         dataset_fingerprint=fingerprint,
+        prediction=compare(
+            predicted,
+            padded * world.size / train_seconds if ran else None,
+            round(train_seconds, 3),
+        ),
     )
     evaluation = (eval_split, attn, dtype)
     finish(cfg, model, tokenizer, world, output, evaluation, writer, metrics, flops_token)

@@ -1,0 +1,76 @@
+"""Refit the speed model's efficiencies (components/train/speed.py) on measured points.
+
+    python benchmarks/fit_speed_model.py                  # refit, write, print the table
+    python benchmarks/fit_speed_model.py --check          # exit 1 if the stored fit differs
+    python benchmarks/fit_speed_model.py --add-run OUT/metrics.json   # a GPU run as a point
+
+The points are docs/benchmarks/speed-calibration.json (published runs and kubetune's own GPU
+benchmarks, each with its source). `--add-run` appends a training run's metrics.json (its
+recorded prediction's setup and its measured steady tokens/s) to that file first, so each GPU
+run makes the next prediction better. Prints each point's measured figure, the prediction,
+the error, and the error when the point is left out of the fit (leave-one-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from kubetune.components.train.calibration import fit, leave_one_out, load_points, metrics_point
+from kubetune.components.train.speed import CALIBRATION, Efficiency
+
+POINTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "speed-calibration.json"
+
+
+def table(points, eff: Efficiency, loo: dict[str, float]) -> str:
+    lines = [
+        "| point | GPU | measured | predicted | error | left-out error | fitted |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for p in points:
+        unit = "tokens/s" if p.measure == "tokens_per_second" else "samples/s"
+        left = f"{loo[p.name]:+.1%}" if p.name in loo else "-"
+        lines.append(
+            f"| {p.name} | {p.setup.gpus} x {p.gpu} | {p.measured:,.1f} {unit} | "
+            f"{p.predicted(eff):,.1f} | {p.error(eff):+.1%} | {left} | "
+            f"{'yes' if p.fit else 'no: ' + p.why} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=Path, default=POINTS)
+    parser.add_argument("--out", type=Path, default=CALIBRATION)
+    parser.add_argument("--check", action="store_true", help="refit; exit 1 if --out differs")
+    parser.add_argument("--add-run", type=Path, action="append", default=[], metavar="METRICS")
+    args = parser.parse_args()
+    if args.add_run:
+        raw = json.loads(args.points.read_text())
+        for metrics in args.add_run:
+            point = metrics_point(metrics)
+            if point is None:
+                print(f"{metrics}: not a GPU run with a recorded prediction", file=sys.stderr)
+                return 2
+            raw["points"].append(point)
+        args.points.write_text(json.dumps(raw, indent=1) + "\n")
+    points = load_points(args.points)
+    eff = fit(points)
+    record = {"efficiency": asdict(eff), "points_file": "docs/benchmarks/speed-calibration.json"}
+    if args.check:
+        stored = json.loads(args.out.read_text())["efficiency"]
+        if stored != asdict(eff):
+            print(f"stored {stored}\nrefit  {asdict(eff)}", file=sys.stderr)
+            return 1
+    else:
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record))
+    print(table(points, eff, leave_one_out(points)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The speed model's calibration: measured points (published runs, kubetune's own GPU runs,
+any training run's metrics.json) and the fit of the efficiencies to them.
+
+A point is JSON: `recipe` (recipe sections, as a recipe file has them) plus `as_run` (Setup
+fields the recipe cannot say, such as a baseline's peft LoRA), or `setup` + `architecture`
+(what a training run records in metrics.json `prediction`); `gpu`, `measured` (tokens_per_second
+or samples_per_second, steady where the run had a steady figure), `fit` (false: shown, not
+fitted, with `why`), `tolerance` (the error the tests hold it to)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .architecture import Architecture
+from .gpus import GPU_TYPES
+from .speed import Efficiency, Setup, step_time
+
+DEFAULT_DATA = {"path": "sample://dialogsum", "format": "samsum"}
+
+
+@dataclass
+class Point:
+    name: str
+    gpu: str
+    arch: Architecture
+    setup: Setup
+    measure: str  # tokens_per_second or samples_per_second
+    measured: float
+    fit: bool
+    tolerance: float | None
+    source: str
+    why: str = ""
+
+    def predicted(self, eff: Efficiency) -> float:
+        t = step_time(self.arch, self.setup, GPU_TYPES[self.gpu], eff)
+        return t.tokens_per_second if self.measure == "tokens_per_second" else t.samples_per_second
+
+    def error(self, eff: Efficiency) -> float:
+        return self.predicted(eff) / self.measured - 1
+
+
+def recipe_point(raw: dict):
+    """Architecture and Setup of a point written as recipe sections."""
+    from ..config import RunConfig
+    from .architecture import architecture
+    from .fit import as_set
+    from .forecast import Data, planned_setup
+
+    sections = {k: dict(v) if isinstance(v, dict) else v for k, v in raw["recipe"].items()}
+    sections["data"] = {**DEFAULT_DATA, **sections.get("data", {})}
+    cfg = RunConfig.model_validate(sections)
+    arch = architecture(cfg)
+    fit = as_set(cfg, arch.layers, "as run")
+    seq = cfg.data.max_seq_len
+    span = int(raw.get("attention_span", seq))
+    data = Data(None, 0, seq, span, None, "point")
+    gpus = int(raw.get("gpus", 1))
+    setup = planned_setup(cfg, arch, fit, data, gpus)
+    return arch, dataclasses.replace(setup, **raw.get("as_run", {}))
+
+
+def load_point(raw: dict) -> Point:
+    if "setup" in raw:
+        arch, setup = Architecture(**raw["architecture"]), Setup(**raw["setup"])
+    else:
+        arch, setup = recipe_point(raw)
+    (measure, value), *_ = raw["measured"].items()
+    return Point(
+        raw["name"],
+        raw["gpu"],
+        arch,
+        setup,
+        measure,
+        float(value),
+        raw.get("fit", True),
+        raw.get("tolerance"),
+        raw.get("source", ""),
+        raw.get("why", ""),
+    )
+
+
+def load_points(path: Path) -> list[Point]:
+    return [load_point(raw) for raw in json.loads(path.read_text())["points"]]
+
+
+def metrics_point(metrics_file: Path) -> dict | None:
+    """A calibration point from a GPU training run's metrics.json (None off GPU or without a
+    prediction): its setup, architecture and measured steady (else whole-run) tokens/s."""
+    record = json.loads(metrics_file.read_text())
+    prediction = record.get("prediction") or {}
+    if record.get("device") != "cuda" or not prediction.get("setup"):
+        return None
+    measured = record.get("steady_tokens_per_second") or record.get("padded_tokens_per_second")
+    if not measured:
+        return None
+    return {
+        "name": f"run {metrics_file.parent.name}",
+        "source": str(metrics_file),
+        "gpu": prediction["gpu"],
+        "setup": prediction["setup"],
+        "architecture": prediction["architecture"],
+        "measured": {"tokens_per_second": measured},
+    }
+
+
+GRID = {
+    "matmul": [0.15 + 0.05 * i for i in range(16)],  # 0.15 .. 0.90
+    "memory": [0.3, 0.5, 0.7, 0.9],
+    "op_seconds": [1e-6 * 10 ** (i / 12) for i in range(31)],  # 1 .. 316 us
+    "overlap": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0],
+}
+
+
+def loss(points: list[Point], eff: Efficiency) -> float:
+    return sum(math.log1p(p.error(eff)) ** 2 for p in points)
+
+
+def fit(points: list[Point]) -> Efficiency:
+    """The efficiencies that minimise the squared log error over the points: a grid, then a
+    finer search around its best cell, one coordinate at a time."""
+    fitted = [p for p in points if p.fit]
+    if not fitted:
+        raise ValueError("no calibration point to fit")
+    best = min(
+        (
+            Efficiency(**dict(zip(GRID, values, strict=True)), points=len(fitted))
+            for values in itertools.product(*GRID.values())
+        ),
+        key=lambda e: loss(fitted, e),
+    )
+    bounds = {
+        "matmul": (0.05, 0.95),
+        "memory": (0.1, 0.95),
+        "op_seconds": (1e-7, 1e-3),
+        "overlap": (1.0, 20.0),
+    }
+    for _ in range(6):
+        for name, (low, high) in bounds.items():
+            value = getattr(best, name)
+            candidates = [min(high, max(low, value * 1.05**k)) for k in range(-10, 11)]
+            best = min(
+                (dataclasses.replace(best, **{name: c}) for c in candidates),
+                key=lambda e: loss(fitted, e),
+            )
+    return dataclasses.replace(
+        best,
+        matmul=round(best.matmul, 4),
+        memory=round(best.memory, 4),
+        op_seconds=float(f"{best.op_seconds:.4g}"),
+        overlap=round(best.overlap, 3),
+    )
+
+
+def leave_one_out(points: list[Point]) -> dict[str, float]:
+    """Each fitted point's error when the efficiencies are fitted without it."""
+    errors = {}
+    for p in points:
+        if p.fit:
+            others = [q for q in points if q is not p]
+            errors[p.name] = p.error(fit(others))
+    return errors

@@ -1,0 +1,461 @@
+"""`kubetune plan`'s time and cost: for each GPU type asked for, the memory plan (does it fit,
+with which micro batch and checkpointing) and the speed model (`speed.py`) give the step time;
+the dataset gives the steps; the recipe's prices give the bill.
+
+Rows and tokens: a prepared dataset's stats.json (`--dataset DIR`) gives the train and eval
+rows, the mean example (the attention span of packed rows) and the longest (the padded row of
+unpacked ones). Without it, the data source's records are counted (a local file; a known hub
+dataset's published size) and each is taken as one full row (an upper bound with packing).
+
+Wall time = startup (reading the base weights at LOAD_BYTES_S, compiling the layers) + steps x
+step time + checkpoint saves + the eval passes (forward only: a third of a training step per
+row). GPU-hours = wall time x GPUs; cost = GPU-hours x price (hardware.price_per_gpu_hour: one
+price, or one per GPU type)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import RunConfig
+from ..errors import UserError
+from .architecture import Architecture, architecture
+from .gpus import COMMON, GPU_TYPES, GpuType
+from .speed import (
+    COMPILE_SECONDS,
+    LOAD_BYTES_S,
+    SAVE_BYTES_S,
+    Efficiency,
+    Setup,
+    StepTime,
+    as_dict,
+    step_time,
+)
+
+if TYPE_CHECKING:
+    from .fit import Fit
+    from .plan import Plan
+
+# Published train-split sizes of hub datasets the recipes use (no download to plan).
+KNOWN_DATASET_ROWS = {
+    "databricks/databricks-dolly-15k": 15011,
+    "knkarthick/samsum": 14732,
+    "samsum": 14732,
+    "tatsu-lab/alpaca": 52002,
+    "yahma/alpaca-cleaned": 51760,
+    "timdettmers/openassistant-guanaco": 9846,
+    "knkarthick/dialogsum": 12460,
+}
+EVAL_FORWARD_SHARE = 1 / 3  # a forward-only row costs a third of a training row
+
+
+@dataclass(frozen=True)
+class Data:
+    """What the wall time needs of the data: rows to train on and how long they are."""
+
+    train_rows: int | None
+    eval_rows: int
+    row_len: int  # computed tokens per row
+    span: int  # attention span per token
+    train_tokens: int | None  # real (unpadded) tokens of the train split, when known
+    source: str  # where the figures come from
+
+
+def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus: int) -> Setup:
+    """The step the worker will run on a GPU for this recipe: its kernels as the trainer image
+    chooses them on CUDA (Liger for the architectures it patches, the chunked loss, compiled
+    layers with ddp/fsdp and packed rows, kubetune's fused LoRA outside DeepSpeed)."""
+    from .kernels import LIGER_ARCHITECTURES, compile_choice, lora_choice
+
+    train, dist = cfg.train, cfg.distributed
+    zero3 = dist.strategy == "deepspeed" and dist.zero_stage == 3
+    head_forward = (zero3 and cfg.method == "full") or cfg.method == "adapter_v2"
+    kernels = train.kernels != "none"
+    import torch
+
+    compiled = compile_choice(cfg, torch.device("cuda"), cfg.data.packing)
+    offload: str = dist.offload if dist.strategy == "deepspeed" else "none"
+    if dist.strategy == "fsdp" and dist.fsdp.cpu_offload:
+        offload = "cpu"
+    return Setup(
+        micro_batch=fit.micro_batch_size,
+        row_len=data.row_len,
+        span=data.span,
+        grad_accum=fit.grad_accum,
+        gpus=gpus,
+        procs_per_node=dist.procs_per_node,
+        method=cfg.method,
+        quant_bits=cfg.quant.bits if cfg.method == "qlora" else 0,
+        checkpointed=fit.checkpointed_layers,
+        strategy=dist.strategy,
+        zero_stage=dist.zero_stage,
+        sharding=dist.fsdp.sharding,
+        offload=offload,
+        fused_norms=kernels and arch.model_type in LIGER_ARCHITECTURES,
+        loss="chunked" if kernels and not head_forward else "transformers",
+        compiled=compiled,
+        lora="fused" if lora_choice(cfg) == "fused" else "peft",
+        eager_attention=cfg.model.attn_implementation == "eager",
+        weight_bytes=4 if cfg.model.dtype == "float32" else 2,
+    )
+
+
+def data_figures(cfg: RunConfig, dataset: str | Path | None) -> Data:
+    seq = cfg.data.max_seq_len
+    if dataset is not None:
+        stats_file = Path(dataset) / "stats.json"
+        try:
+            stats = json.loads(stats_file.read_text())
+            rows = int(stats["splits"]["train"])
+            eval_rows = int(stats["splits"].get("eval", 0))
+            lengths = stats["example_length"]
+            packed = bool(stats["packing"]["enabled"])
+            tokens = int(stats["tokens"]["train"])
+        except OSError as exc:
+            raise UserError(f"--dataset {dataset}: no prepared dataset ({exc.strerror})") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{stats_file}: not a kubetune stats.json ({exc!r})") from None
+        longest = min(seq, int(lengths["max"]))
+        mean = max(1, min(seq, round(float(lengths["mean"]))))
+        return Data(
+            rows,
+            eval_rows,
+            seq if packed else longest,
+            mean if packed else longest,
+            tokens,
+            f"{stats_file}",
+        )
+    examples, where = source_rows(cfg)
+    if examples is None:
+        return Data(None, 0, seq, seq, None, where)
+    eval_rows = int(examples * cfg.data.eval_fraction)
+    return Data(
+        examples - eval_rows,
+        eval_rows,
+        seq,
+        seq,
+        None,
+        f"{where}: {examples} examples, each taken as one row of {seq} tokens "
+        "(pass --dataset for the prepared rows)",
+    )
+
+
+def source_rows(cfg: RunConfig) -> tuple[int | None, str]:
+    """Records of the data source: counted in a local file, or a hub dataset's known size."""
+    path = cfg.data.path
+    if path in KNOWN_DATASET_ROWS:
+        return KNOWN_DATASET_ROWS[path], f"{path} (its published train split)"
+    local = Path(path)
+    if path.startswith("sample://"):
+        from ..prepare_dataset.readers import SAMPLES_DIR
+
+        local = SAMPLES_DIR / f"{path[len('sample://') :]}.jsonl"
+    if local.is_file():
+        with open(local, "rb") as f:
+            if local.suffix in (".jsonl", ".csv"):
+                lines = sum(1 for line in f if line.strip())
+                return lines - (local.suffix == ".csv"), str(local)
+            if local.suffix == ".json":
+                try:
+                    records = json.load(f)
+                except ValueError:
+                    return None, f"{local}: not JSON"
+                if isinstance(records, list):
+                    return len(records), str(local)
+    return None, f"{path}: rows unknown without a download"
+
+
+@dataclass
+class Option:
+    """One GPU type's prediction for the recipe."""
+
+    gpu: GpuType
+    gpus: int
+    plan: Plan  # the memory plan
+    setup: Setup
+    step: StepTime
+    steps: int | None
+    seconds: dict[str, float] | None  # wall time's parts
+    price: float | None
+    marks: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.plan.fits)
+
+    @property
+    def wall_seconds(self) -> float | None:
+        return sum(self.seconds.values()) if self.seconds else None
+
+    @property
+    def gpu_hours(self) -> float | None:
+        wall = self.wall_seconds
+        return None if wall is None else wall / 3600 * self.gpus
+
+    @property
+    def cost(self) -> float | None:
+        hours = self.gpu_hours
+        return None if hours is None or self.price is None else hours * self.price
+
+    def as_dict(self) -> dict:
+        step = as_dict(self.step)
+        return {
+            "gpu": self.gpu.name,
+            "gpus": self.gpus,
+            "fits": self.fits,
+            "memory": self.plan.as_dict(),
+            "setup": dataclasses.asdict(self.setup),
+            "step": step,
+            "tokens_per_second_per_gpu": self.step.tokens_per_second / self.gpus,
+            "samples_per_second_per_gpu": self.step.samples_per_second / self.gpus,
+            "tokens_per_second": self.step.tokens_per_second,
+            "samples_per_second": self.step.samples_per_second,
+            "steps": self.steps,
+            "wall_seconds": self.wall_seconds,
+            "wall_parts_seconds": self.seconds,
+            "gpu_hours": self.gpu_hours,
+            "price_per_gpu_hour": self.price,
+            "cost": self.cost,
+            "marks": self.marks,
+        }
+
+
+def parse_gpus(text: str | None, cfg: RunConfig) -> list[tuple[str, int]]:
+    """`--gpus A100-80GB,2xH100-80GB`: GPU types, each optionally with a count (else the
+    recipe's nodes x procs_per_node). Default: the recipe's hardware.gpu, else COMMON."""
+    count = cfg.distributed.nodes * cfg.distributed.procs_per_node
+    if not text:
+        if cfg.hardware.gpu in GPU_TYPES:
+            return [(cfg.hardware.gpu, count)]
+        return [(name, count) for name in COMMON]
+    chosen = []
+    for item in (part.strip() for part in text.split(",")):
+        n, name = count, item
+        head, sep, rest = item.partition("x")
+        if sep and head.isdigit():
+            n, name = int(head), rest
+        if name not in GPU_TYPES or n < 1:
+            raise UserError(
+                f"--gpus: unknown GPU type {item!r}; known: {', '.join(GPU_TYPES)} "
+                "(optionally with a count: 8xA100-80GB)"
+            )
+        chosen.append((name, n))
+    return chosen
+
+
+def price_of(cfg: RunConfig, gpu: str) -> float | None:
+    price = cfg.hardware.price_per_gpu_hour
+    if isinstance(price, dict):
+        return price.get(gpu)
+    return price
+
+
+def on_gpus(cfg: RunConfig, gpu: str, count: int) -> RunConfig:
+    """The recipe on `count` GPUs of type `gpu` (whole nodes of procs_per_node; fewer on one)."""
+    dist = cfg.distributed
+    per_node = min(count, dist.procs_per_node)
+    if count % per_node:
+        raise UserError(
+            f"--gpus {count}x{gpu}: not whole nodes of distributed.procs_per_node {per_node}"
+        )
+    return cfg.model_copy(
+        update={
+            "hardware": cfg.hardware.model_copy(update={"gpu": gpu, "gpu_memory_gb": None}),
+            "distributed": dist.model_copy(
+                update={"nodes": count // per_node, "procs_per_node": per_node}
+            ),
+        }
+    )
+
+
+def options(
+    cfg: RunConfig, gpus: str | None = None, dataset: str | Path | None = None, eff=None
+) -> tuple[list[Option], Data]:
+    from .data import total_steps
+    from .plan import estimate
+
+    eff = eff or Efficiency.load()
+    data = data_figures(cfg, dataset)
+    arch = architecture(cfg)
+    chosen = []
+    for name, count in parse_gpus(gpus, cfg):
+        run = on_gpus(cfg, name, count)
+        rows_per_rank = data.train_rows // count if data.train_rows else None
+        plan = estimate(run, count, rows_per_rank=rows_per_rank)
+        fit = plan.fit
+        assert fit is not None, "estimate() always fits"
+        gpu = GPU_TYPES[name]
+        setup = planned_setup(run, arch, fit, data, count)
+        step = step_time(arch, setup, gpu, eff)
+        steps, seconds = None, None
+        if run.train.max_steps or data.train_rows:
+            per_epoch = ((data.train_rows or 0) // count) // fit.micro_batch_size
+            resolved = run.train.model_copy(update={"grad_accum": fit.grad_accum})
+            steps = total_steps(run.model_copy(update={"train": resolved}), per_epoch)
+            seconds = wall_parts(run, arch, setup, step, steps, data)
+        chosen.append(Option(gpu, count, plan, setup, step, steps, seconds, price_of(cfg, name)))
+    mark(chosen)
+    return chosen, data
+
+
+def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) -> dict:
+    trained = arch.total_params if cfg.method == "full" else arch.adapter_params
+    checkpoint = trained * (2 + 8 if cfg.method == "full" else 4 + 8)  # weights + moments
+    saves = steps // cfg.train.save_steps
+    evals = (steps // cfg.train.eval_steps if cfg.train.eval_steps else 0) + 1
+    eval_rows = data.eval_rows / setup.gpus
+    row_seconds = step.step_seconds / (step.rows_per_step / setup.gpus)
+    return {
+        "load weights": arch.total_params * 2 / LOAD_BYTES_S,
+        "compile": COMPILE_SECONDS if setup.compiled else 0.0,
+        "train steps": steps * step.step_seconds,
+        "checkpoints": saves * checkpoint / SAVE_BYTES_S,
+        "eval": evals * eval_rows * row_seconds * 1 / 3,
+    }
+
+
+def mark(chosen: list[Option]) -> None:
+    """The fastest and, where prices are set, the cheapest option among those that fit."""
+    fitting = [o for o in chosen if o.fits]
+    if not fitting:
+        return
+    timed = [o for o in fitting if o.wall_seconds is not None]
+    if timed:
+        min(timed, key=lambda o: o.wall_seconds or 0.0).marks.append("fastest")
+    else:
+        max(fitting, key=lambda o: o.step.samples_per_second).marks.append("fastest")
+    priced = [o for o in timed if o.cost is not None]
+    if priced:
+        min(priced, key=lambda o: o.cost or 0.0).marks.append("cheapest")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def render_options(chosen: list[Option], data: Data, eff: Efficiency) -> str:
+    lines = [
+        "",
+        "| GPUs | fits (GB/GPU) | micro x accum, checkpointed | step s | tokens/s per GPU | "
+        "tokens/s | samples/s | bound | steps | wall | GPU-hours | cost | |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for o in chosen:
+        fit = o.plan.fit
+        assert fit is not None, "estimate() always fits"
+        memory = f"{'yes' if o.fits else 'NO'} ({o.plan.total / 1e9:.1f}/{o.gpu.memory_gb:g})"
+        hours = "-" if o.gpu_hours is None else f"{o.gpu_hours:,.1f}"
+        cost = "-" if o.cost is None else f"{o.cost:,.2f}"
+        lines.append(
+            f"| {o.gpus} x {o.gpu.name} | {memory} | {fit.micro_batch_size} x {fit.grad_accum}, "
+            f"{fit.checkpointed_layers}/{fit.layers} | {o.step.step_seconds:.3f} | "
+            f"{o.step.tokens_per_second / o.gpus:,.0f} | {o.step.tokens_per_second:,.0f} | "
+            f"{o.step.samples_per_second:,.2f} | {o.step.bound} | "
+            f"{'-' if o.steps is None else o.steps} | {duration(o.wall_seconds)} | {hours} | "
+            f"{cost} | {' '.join(o.marks)} |"
+        )
+    lines += [
+        "",
+        f"rows: {data.source}",
+        f"speed model: {eff.matmul:.0%} of bf16 peak for matmuls, {eff.memory:.0%} of HBM "
+        f"bandwidth, {eff.op_seconds * 1e6:.0f} us of host time per op, GPU and host joined "
+        f"with p={eff.overlap:g} (fitted on {eff.points} measured points; "
+        "docs/benchmarks.md says how near it lands)",
+    ]
+    if all(o.price is None for o in chosen):
+        lines.append("cost: set hardware.price_per_gpu_hour (one price, or one per GPU type)")
+    if not any(o.fits for o in chosen):
+        lines.append("no option fits: see the memory plan above")
+    return "\n".join(lines) + "\n"
+
+
+def run_prediction(
+    cfg: RunConfig, fit, world_size: int, device_name: str | None, stats: dict, steps: int, kernels
+) -> dict | None:
+    """What metrics.json records as `prediction`: the speed model's step time for this run as
+    it is set up (its kernels, micro batch, checkpointing, GPUs), on this GPU's type (on a CPU:
+    hardware.gpu's, when the recipe names one; None otherwise). The worker adds what it
+    measured beside it (`compare`)."""
+    from .gpus import gpu_type_of
+
+    gpu = gpu_type_of(device_name) if device_name else GPU_TYPES.get(cfg.hardware.gpu)
+    if gpu is None:
+        return None
+    eff = Efficiency.load()
+    arch = architecture(cfg)
+    seq = cfg.data.max_seq_len
+    packed = bool(stats.get("packing", {}).get("enabled", cfg.data.packing))
+    lengths = stats.get("example_length") or {}
+    longest = min(seq, int(lengths.get("max", seq)))
+    span = max(1, min(seq, round(float(lengths.get("mean", seq))))) if packed else longest
+    data = Data(None, 0, seq if packed else longest, span, None, "dataset")
+    setup = planned_setup(cfg, arch, fit, data, world_size)
+    setup = dataclasses.replace(
+        setup,
+        fused_norms=kernels.rms_norm == "liger",
+        loss="transformers" if kernels.loss == "transformers" else "chunked",
+        compiled=kernels.compile,
+        lora="peft" if kernels.lora == "peft" else "fused",
+    )
+    step = step_time(arch, setup, gpu, eff)
+    warmup = COMPILE_SECONDS if setup.compiled else 0.0
+    return {
+        "gpu": gpu.name,
+        "measured_on": device_name or "cpu",
+        "step_seconds": step.step_seconds,
+        "tokens_per_second": step.tokens_per_second,
+        "samples_per_second": step.samples_per_second,
+        "train_seconds": steps * step.step_seconds + warmup,
+        "bound": step.bound,
+        "efficiency": dataclasses.asdict(eff),
+        "setup": dataclasses.asdict(setup),
+        "architecture": dataclasses.asdict(arch),
+    }
+
+
+def compare(
+    prediction: dict | None, padded_tokens_per_second: float | None, train_seconds: float
+) -> dict | None:
+    """The prediction with the run's measured figures and the errors (predicted / measured - 1)
+    beside it."""
+    if prediction is None:
+        return None
+    measured = {"tokens_per_second": padded_tokens_per_second, "train_seconds": train_seconds}
+    errors = {
+        key: prediction[key] / value - 1 if value else None for key, value in measured.items()
+    }
+    return {**prediction, "measured": measured, "error": errors}
+
+
+def prediction_markdown(prediction: dict | None) -> str:
+    """The KFP train task's Markdown: predicted against measured tokens/s and train time."""
+    if not prediction:
+        return "No speed prediction for this run: no known GPU type (hardware.gpu: none).\n"
+    measured, error = prediction["measured"], prediction["error"]
+    where = prediction["measured_on"]
+    lines = [
+        f"### Speed: predicted on {prediction['gpu']} against measured on {where}",
+        "",
+        "| | predicted | measured | error |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key, label in (("tokens_per_second", "tokens/s (job)"), ("train_seconds", "train time s")):
+        value, err = measured[key], error[key]
+        lines.append(
+            f"| {label} | {prediction[key]:,.1f} | "
+            f"{'-' if value is None else f'{value:,.1f}'} | "
+            f"{'-' if err is None else f'{err:+.1%}'} |"
+        )
+    if where == "cpu":
+        lines += [
+            "",
+            "Measured on a CPU: the prediction is for the GPU, the figures do not compare.",
+        ]
+    return "\n".join(lines) + "\n"

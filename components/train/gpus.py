@@ -1,0 +1,49 @@
+"""The GPU types `kubetune plan` knows: memory, peak dense bf16 tensor FLOP/s, HBM bandwidth, the
+link between GPUs of a node and the network between nodes (vendor data sheets; SXM parts where
+there are several). One table for the memory plan, the speed model and MFU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class GpuType:
+    name: str
+    memory_gb: float
+    bf16_flops: float  # dense tensor-core peak, FLOP/s (V100: fp16, it has no bf16)
+    hbm_bytes_s: float  # memory bandwidth, bytes/s
+    link: str  # what joins the GPUs of one node
+    link_bytes_s: float  # per GPU and direction, bytes/s
+    network_bytes_s: float  # per GPU between nodes, bytes/s (the usual NIC per GPU of its nodes)
+    device_names: tuple[str, ...]  # substrings of torch.cuda.get_device_name that mean this type
+
+
+GPU_TYPES = {
+    g.name: g
+    for g in (
+        GpuType("A100-80GB", 80, 312e12, 2.039e12, "NVLink 3", 300e9, 25e9, ("A100-SXM4-80GB", "A100 80GB", "A100-PCIE-80GB")),
+        GpuType("A100-40GB", 40, 312e12, 1.555e12, "NVLink 3", 300e9, 25e9, ("A100-SXM4-40GB", "A100-PCIE-40GB", "A100")),
+        GpuType("H100-80GB", 80, 989e12, 3.35e12, "NVLink 4", 450e9, 50e9, ("H100",)),
+        GpuType("H200-141GB", 141, 989e12, 4.8e12, "NVLink 4", 450e9, 50e9, ("H200",)),
+        GpuType("L40S-48GB", 48, 362e12, 0.864e12, "PCIe 4", 32e9, 12.5e9, ("L40S",)),
+        GpuType("A10G-24GB", 24, 70e12, 0.6e12, "PCIe 4", 32e9, 12.5e9, ("A10G",)),
+        GpuType("A10-24GB", 24, 125e12, 0.6e12, "PCIe 4", 32e9, 12.5e9, ("A10",)),
+        GpuType("L4-24GB", 24, 121e12, 0.3e12, "PCIe 4", 32e9, 12.5e9, ("L4",)),
+        GpuType("V100-32GB", 32, 125e12, 0.9e12, "NVLink 2", 150e9, 12.5e9, ("V100-SXM2-32GB", "V100-PCIE-32GB", "V100S")),
+        GpuType("V100-16GB", 16, 125e12, 0.9e12, "NVLink 2", 150e9, 12.5e9, ("V100",)),
+    )
+}  # fmt: skip
+# Offered by `kubetune plan` when neither --gpus nor hardware.gpu names one.
+COMMON = ("A100-80GB", "H100-80GB", "H200-141GB", "L40S-48GB")
+
+
+def gpu_type_of(device_name: str) -> GpuType | None:
+    """The table's type of a CUDA device name ("NVIDIA H100 80GB HBM3" -> H100-80GB); the most
+    specific match wins (A100-SXM4-80GB before A100)."""
+    matches = [
+        (len(part), g) for g in GPU_TYPES.values() for part in g.device_names if part in device_name
+    ]
+    return max(matches, key=lambda m: m[0])[1] if matches else None

@@ -1,0 +1,315 @@
+"""`kubetune plan`'s speed model: the time of one optimizer step on a GPU type, from the work the
+step does and a few efficiencies calibrated on measured runs.
+
+Work per micro batch and GPU, counted from the model's architecture (`architecture.py`: exact
+parameter counts of the real config) and the run's settings; T = micro batch x row length:
+
+- matmul FLOPs (as `torch.utils.flop_counter` counts them): forward 2T per weight of every
+  linear layer, the output head and the LoRA A/B matrices; backward 2T per weight for the input
+  gradients (every layer above the lowest trained one) and 2T per *trained* weight for the
+  weight gradients; recomputation: the forward of the checkpointed layers again;
+- attention FLOPs: 4 x T x span x hidden per layer forward (QK^T and PV), twice that backward,
+  the forward again when recomputed; span is the row for unpacked rows, the mean example for
+  packed rows (a document mask). Causal kernels skip the masked half (CAUSAL) in the time;
+- memory traffic (bytes through HBM): 4-bit/8-bit dequantization (the packed weight read, the
+  bf16 weight written) in the forward, the backward and each recomputation; activations written
+  and read by the elementwise kernels (the memory plan's saved bytes per token and layer, x4:
+  written and read forward, their gradients backward); LoRA's dropout copy and its gradient;
+  the logits (20 bytes each with transformers' loss, 12 chunked);
+- host ops: the ops Python and autograd dispatch per layer (OPS below: each a kernel launch and
+  its bookkeeping), forward, backward (BACKWARD_OPS x) and recomputation;
+- per optimizer step: AdamW's traffic over the (sharded) trainable state, the gradient
+  all-reduce (DDP), the weights' all-gathers and the gradients' reduce-scatter (FSDP, ZeRO-3)
+  over the node's link (NVLink/PCIe) or, across nodes, its network; what overlaps the backward
+  is hidden, the rest is added.
+
+Time: GPU time = matmul / (peak x e_matmul) + bytes / (HBM x e_memory); host time = ops x
+op_seconds; a micro batch takes the power mean (GPU^p + host^p)^(1/p) of the two (the GPU runs
+behind the host asynchronously: p = 1 adds them, a large p is the slower of the two). The four
+(e_matmul, e_memory, op_seconds, p) are fitted by `benchmarks/fit_speed_model.py` on the points
+in docs/benchmarks/speed-calibration.json and stored in speed_calibration.json beside this file;
+e_comm and the startup figures are assumptions, written below, not fitted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .gpus import GpuType
+
+CALIBRATION = Path(__file__).with_name("speed_calibration.json")
+CAUSAL = 0.5  # causal attention kernels compute half the score matrix
+# Ops dispatched per decoder layer (forward, backward), counted on the tiny models in eager
+# mode with SDPA (transformers 5.17); per adapted linear layer for peft's LoRA forward and for
+# kubetune's fused one
+LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
+LORA_OPS = {"peft": (14, 15), "fused": (12, 20)}
+QUANT_OPS = (3, 4)  # assumed: bitsandbytes' dequantization of absmax and weight, a transpose
+LIGER_SAVES = 27  # assumed: the eager RMSNorm x2, rotary and SiLU x mul ops Liger replaces
+COMPILED_OPS = 1.5  # assumed: launches per matmul of a compiled layer, with its fused neighbours
+LOGIT_BYTES = {"transformers": 20, "chunked": 12}
+ADAMW_BYTES = {4: 28, 2: 14}  # per trained param and step: read p, g, m, v; write p, m, v
+OPTIMIZER_OPS = 25  # clip_grad_norm + foreach AdamW + zero_grad, per step
+HEAD_OPS = 70  # embedding, mask, final norm, head and loss, forward and backward (counted)
+# Assumptions (not fitted: no calibration point has the traffic to fit them):
+COMM_EFFICIENCY = 0.7  # share of the link's bandwidth a ring collective reaches
+PCIE_BYTES_S = 25e9  # host <-> GPU, for CPU offload
+CPU_ADAM_PARAMS_S = 1e9  # DeepSpeed's CPU Adam, params per second per process
+LOAD_BYTES_S = 1e9  # reading the base model's weights from the workspace volume
+COMPILE_SECONDS = 60.0  # torch.compile of the decoder layers and flex_attention, once
+SAVE_BYTES_S = 1e9  # writing a checkpoint
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """What a step reaches of the GPU's peaks: fitted on measured runs."""
+
+    matmul: float  # share of the bf16 peak GEMMs and attention reach
+    memory: float  # share of HBM bandwidth memory-bound kernels reach
+    op_seconds: float  # host time per dispatched op
+    overlap: float  # p of the power mean of GPU and host time
+    points: int = 0  # calibration points it was fitted on
+
+    @classmethod
+    def load(cls, path: Path = CALIBRATION) -> Efficiency:
+        return cls(**json.loads(path.read_text())["efficiency"])
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A training step as the speed model sees it: everything that changes its work."""
+
+    micro_batch: int
+    row_len: int  # tokens of one row as computed (padding included)
+    span: int  # tokens attention spans per token: the row, or the example in a packed row
+    grad_accum: int
+    gpus: int
+    procs_per_node: int
+    method: str  # lora, qlora, full, llama_adapter, adapter_v2
+    quant_bits: int  # 4 or 8 with qlora, else 0
+    checkpointed: int  # decoder layers recomputed in backward
+    strategy: str = "ddp"  # ddp, fsdp, deepspeed
+    zero_stage: int = 0
+    sharding: str = "full_shard"  # fsdp
+    offload: str = "none"  # deepspeed: optimizer, optimizer+params; fsdp: cpu
+    fused_norms: bool = False  # Liger's RMSNorm, RoPE, SwiGLU
+    loss: str = "transformers"  # transformers or chunked (Liger's or kubetune's)
+    compiled: bool = False
+    lora: str = "fused"  # fused (kubetune) or peft
+    eager_attention: bool = False
+    weight_bytes: int = 2  # of the unquantized weights (bf16)
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.row_len
+
+    @property
+    def nodes(self) -> int:
+        return max(1, math.ceil(self.gpus / self.procs_per_node))
+
+
+@dataclass
+class Work:
+    """Per micro batch on one GPU (flops, bytes, ops) and per optimizer step (step_*)."""
+
+    flops: dict[str, float] = field(default_factory=dict)  # matmul, as flop_counter counts
+    attention_flops: float = 0.0  # dense count (flop_counter's), not halved for causal
+    bytes: dict[str, float] = field(default_factory=dict)
+    ops: float = 0.0
+    step_bytes: float = 0.0  # optimizer
+    step_ops: float = float(OPTIMIZER_OPS)
+    comm: dict[str, float] = field(default_factory=dict)  # bytes each GPU sends, per step
+    comm_per_micro: dict[str, float] = field(default_factory=dict)
+    offload_seconds: float = 0.0  # per step
+
+    @property
+    def matmul_flops(self) -> float:
+        return sum(self.flops.values())
+
+    @property
+    def counted_flops(self) -> float:
+        """What torch.utils.flop_counter counts for the micro batch: matmuls and attention."""
+        return self.matmul_flops + self.attention_flops
+
+
+def layer_ops(arch, setup: Setup) -> tuple[float, float]:
+    """Ops one decoder layer dispatches in its forward and its backward (aten ops, views
+    included: each costs the host its dispatch). Counted with a TorchDispatchMode on the tiny
+    models (a test recounts them): LAYER_OPS per architecture, LORA_OPS per adapted linear
+    layer. Assumed, not countable on a CPU: bitsandbytes' dequantization (QUANT_OPS per linear
+    layer), Liger's fused RMSNorm/RoPE/SwiGLU (LIGER_SAVES), compiled layers (their Triton
+    kernels launch without dispatch: COMPILED_OPS per matmul plus a few per layer)."""
+    linears = arch.linear_modules / arch.layers
+    adapted = arch.adapted_modules / arch.layers
+    lora_f, lora_b = LORA_OPS["fused" if setup.lora == "fused" else "peft"]
+    quant_f, quant_b = QUANT_OPS if setup.quant_bits else (0, 0)
+    if setup.compiled:
+        matmuls = linears * (1 + quant_f / 2) + adapted * 2
+        return COMPILED_OPS * matmuls + 10, 2 * (COMPILED_OPS * matmuls + 10)
+    base_f, base_b = LAYER_OPS["falcon" if arch.model_type == "falcon" else "llama"]
+    if setup.fused_norms and arch.model_type != "falcon":
+        base_f, base_b = base_f - LIGER_SAVES, base_b - LIGER_SAVES
+    return (
+        base_f + adapted * lora_f + linears * quant_f,
+        base_b + adapted * lora_b + linears * quant_b,
+    )
+
+
+def activation_bytes_per_token_layer(arch) -> float:
+    """Saved activation bytes per token and layer (the memory plan's figure, bf16)."""
+    mlp = 2 + (8 if arch.gated_mlp else 4) * arch.intermediate / arch.hidden
+    return (11 + 4 + mlp) * arch.hidden
+
+
+def work(arch, setup: Setup) -> Work:
+    T = setup.tokens
+    L = arch.layers
+    recompute = setup.checkpointed / L
+    trained_layers = L - arch.frozen_layers
+    head = arch.hidden * arch.vocab
+    linear = arch.linear_params
+    adapter = arch.adapter_params if setup.method in ("lora", "qlora") else 0
+    full = setup.method == "full"
+    w = Work()
+    w.flops["forward"] = 2 * T * (linear + head + adapter)
+    below = trained_layers / L if full else 1.0  # input gradients stop at the lowest trained
+    w.flops["backward"] = 2 * T * (linear * below + head + adapter)  # input gradients
+    w.flops["weight gradients"] = (
+        2 * T * ((linear * trained_layers / L + head) if full else adapter)
+    )
+    # non-reentrant checkpointing stops recomputing once the tensors backward needs are back:
+    # with full fine-tuning, before the layer's last matmul (the MLP's down projection)
+    last = arch.intermediate * arch.hidden * L if full else 0
+    w.flops["recompute"] = 2 * T * (linear - last + adapter) * recompute
+    w.attention_flops = 4 * T * setup.span * arch.hidden * L * (1 + 2 + recompute)
+    passes = 2 + recompute  # weights dequantized: forward, backward, recomputation
+    if setup.quant_bits:
+        packed = 1.0 if setup.quant_bits == 8 else 0.5 + 1 / 64 + 4 / (64 * 256)
+        w.bytes["dequantize"] = linear * (packed + 2) * passes
+    w.bytes["activations"] = T * L * activation_bytes_per_token_layer(arch) * (4 + recompute)
+    if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
+        w.bytes["lora"] = T * arch.adapted_features * 2 * 3
+    w.bytes["logits"] = T * arch.vocab * LOGIT_BYTES[setup.loss]
+    forward, backward = layer_ops(arch, setup)
+    w.ops = L * (forward * (1 + recompute) + backward) + HEAD_OPS
+    _step_work(arch, setup, w)
+    return w
+
+
+def _step_work(arch, setup: Setup, w: Work) -> None:
+    """The optimizer's traffic and the collectives, per optimizer step."""
+    g = setup.gpus
+    full = setup.method == "full"
+    trained = (arch.total_params - arch.frozen_params) if full else arch.adapter_params
+    state_bytes = setup.weight_bytes if full else 4
+    grad_bytes = trained * state_bytes
+    if setup.quant_bits:
+        packed = 1.0 if setup.quant_bits == 8 else 0.5 + 1 / 64 + 4 / (64 * 256)
+        weights = arch.linear_params * packed + (arch.total_params - arch.linear_params) * 2
+    else:
+        weights = arch.total_params * setup.weight_bytes
+    sharded = (
+        setup.strategy == "fsdp"
+        and setup.sharding != "no_shard"
+        or (setup.strategy == "deepspeed" and setup.zero_stage == 3)
+    )
+    group = g
+    if setup.strategy == "fsdp" and setup.sharding == "hybrid":
+        group = min(g, setup.procs_per_node)
+    state_group = group if (sharded or setup.strategy == "deepspeed") else 1
+    w.step_bytes = trained / state_group * ADAMW_BYTES[state_bytes]
+    if g > 1:
+        ring = (g - 1) / g
+        if sharded:
+            gather = 2 * weights * (group - 1) / group  # forward and backward
+            w.comm_per_micro["all-gather weights"] = gather
+            w.comm_per_micro["reduce-scatter gradients"] = grad_bytes * ring
+        elif setup.strategy == "deepspeed":  # ZeRO-1/2: gradients reduced, parameters gathered
+            w.comm["reduce-scatter gradients"] = grad_bytes * ring
+            w.comm["all-gather parameters"] = trained * setup.weight_bytes * ring
+        else:
+            w.comm["all-reduce gradients"] = 2 * grad_bytes * ring
+    if setup.offload.startswith("optimizer"):
+        w.step_bytes = 0.0
+        w.offload_seconds = (
+            trained / state_group * 8 / PCIE_BYTES_S + trained / state_group / CPU_ADAM_PARAMS_S
+        )
+    if setup.offload in ("optimizer+params", "cpu"):
+        w.offload_seconds += setup.grad_accum * weights / state_group * 2 / PCIE_BYTES_S
+
+
+@dataclass
+class StepTime:
+    """Predicted seconds of one optimizer step on one GPU type, and what they are made of."""
+
+    gpu: str
+    step_seconds: float
+    micro_seconds: float
+    gpu_seconds: float  # per micro batch
+    host_seconds: float  # per micro batch
+    parts: dict[str, float]  # seconds per micro batch (GPU terms), per step (the rest)
+    tokens_per_step: int  # computed tokens of the whole job per step
+    rows_per_step: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_per_step / self.step_seconds
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.rows_per_step / self.step_seconds
+
+    @property
+    def bound(self) -> str:
+        """What limits a micro batch: the GPU or the host that feeds it."""
+        return "host" if self.host_seconds > self.gpu_seconds else "GPU"
+
+
+def link_bytes_s(gpu: GpuType, setup: Setup) -> float:
+    return gpu.network_bytes_s if setup.nodes > 1 else gpu.link_bytes_s
+
+
+def step_time(arch, setup: Setup, gpu: GpuType, eff: Efficiency) -> StepTime:
+    w = work(arch, setup)
+    peak, hbm = gpu.bf16_flops * eff.matmul, gpu.hbm_bytes_s * eff.memory
+    attention = w.attention_flops * (1.0 if setup.eager_attention else CAUSAL)
+    parts = {
+        "matmul": w.matmul_flops / peak,
+        "attention": attention / peak,
+        **{name: b / hbm for name, b in w.bytes.items()},
+    }
+    gpu_s = sum(parts.values())
+    host_s = w.ops * eff.op_seconds
+    p = eff.overlap
+    micro = (gpu_s**p + host_s**p) ** (1 / p)
+    link = link_bytes_s(gpu, setup) * COMM_EFFICIENCY
+    # collectives overlap the compute they run beside: per micro batch (FSDP, ZeRO-3) all of
+    # it, per step (DDP's gradient buckets) the backward of the last micro batch
+    micro_comm = sum(w.comm_per_micro.values()) / link
+    micro_total = max(micro, micro_comm)
+    step_comm = sum(w.comm.values()) / link
+    exposed = max(0.0, step_comm - gpu_s * 2 / 3)
+    optimizer = w.step_bytes / hbm + w.step_ops * eff.op_seconds
+    step = setup.grad_accum * micro_total + optimizer + exposed + w.offload_seconds
+    parts = {f"{k} (per micro batch)": v for k, v in parts.items()}
+    parts["host (per micro batch)"] = host_s
+    parts["collectives exposed (per micro batch)"] = micro_total - micro
+    parts["optimizer (per step)"] = optimizer
+    parts["collectives exposed (per step)"] = exposed
+    parts["cpu offload (per step)"] = w.offload_seconds
+    rows = setup.gpus * setup.micro_batch * setup.grad_accum
+    return StepTime(gpu.name, step, micro_total, gpu_s, host_s, parts, rows * setup.row_len, rows)
+
+
+def as_dict(t: StepTime) -> dict:
+    record = asdict(t)
+    record["parts"] = {k: round(v, 6) for k, v in t.parts.items()}
+    record.update(
+        tokens_per_second=t.tokens_per_second,
+        samples_per_second=t.samples_per_second,
+        bound=t.bound,
+    )
+    return record
