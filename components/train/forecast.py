@@ -313,7 +313,7 @@ def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) 
         "compile": COMPILE_SECONDS if setup.compiled else 0.0,
         "train steps": steps * step.step_seconds,
         "checkpoints": saves * checkpoint / SAVE_BYTES_S,
-        "eval": evals * eval_rows * row_seconds * 1 / 3,
+        "eval": evals * eval_rows * row_seconds * EVAL_FORWARD_SHARE,
     }
 
 

@@ -108,10 +108,15 @@ def trainable_bytes(cfg: RunConfig, arch: Architecture, dtype_bytes: int) -> tup
     return arch.adapter_params * 8, arch.adapter_params * 8
 
 
+def saved_bytes_per_token_layer(arch: Architecture) -> float:
+    """A decoder layer's saved activations per token in bf16 (Korthikanti et al. 2022)."""
+    mlp = 2 + (8 if arch.gated_mlp else 4) * arch.intermediate / arch.hidden
+    return (11 + 4 + mlp) * arch.hidden
+
+
 def activation_bytes(arch: Architecture, tokens: int, seq: int, eager: bool, checkpointed: int):
     """Saved activations with `checkpointed` of the decoder layers recomputed in backward."""
-    mlp = 2 + (8 if arch.gated_mlp else 4) * arch.intermediate / arch.hidden
-    per_layer_token = (11 + 4 + mlp) * arch.hidden
+    per_layer_token = saved_bytes_per_token_layer(arch)
     if eager:
         per_layer_token += 5 * arch.heads * seq
     kept = (arch.layers - checkpointed) * per_layer_token + checkpointed * 2 * arch.hidden

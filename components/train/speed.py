@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .gpus import GpuType
+from .plan import saved_bytes_per_token_layer
 
 CALIBRATION = Path(__file__).with_name("speed_calibration.json")
 CAUSAL = 0.5  # causal attention kernels compute half the score matrix
@@ -158,12 +159,6 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     )
 
 
-def activation_bytes_per_token_layer(arch) -> float:
-    """Saved activation bytes per token and layer (the memory plan's figure, bf16)."""
-    mlp = 2 + (8 if arch.gated_mlp else 4) * arch.intermediate / arch.hidden
-    return (11 + 4 + mlp) * arch.hidden
-
-
 def work(arch, setup: Setup) -> Work:
     T = setup.tokens
     L = arch.layers
@@ -189,7 +184,7 @@ def work(arch, setup: Setup) -> Work:
     if setup.quant_bits:
         packed = 1.0 if setup.quant_bits == 8 else 0.5 + 1 / 64 + 4 / (64 * 256)
         w.bytes["dequantize"] = linear * (packed + 2) * passes
-    w.bytes["activations"] = T * L * activation_bytes_per_token_layer(arch) * (4 + recompute)
+    w.bytes["activations"] = T * L * saved_bytes_per_token_layer(arch) * (4 + recompute)
     if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
         w.bytes["lora"] = T * arch.adapted_features * 2 * 3
     w.bytes["logits"] = T * arch.vocab * LOGIT_BYTES[setup.loss]
