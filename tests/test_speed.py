@@ -275,6 +275,8 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
         rows = stats["splits"]["train"] // o["gpus"] // micro * micro * o["gpus"]
         assert o["steps"] * o["step"]["rows_per_step"] == rows  # one epoch, as the worker does
     a100, h100, l4 = options
+    per_row = stats["tokens"]["train"] / stats["splits"]["train"]
+    assert a100["real_tokens_per_second"] == pytest.approx(per_row * a100["samples_per_second"])
     assert a100["cost"] == pytest.approx(a100["gpu_hours"] * 2.0)
     assert h100["cost"] == pytest.approx(h100["gpu_hours"] * 5.0) and l4["cost"] is None
     timed = [o for o in options if o["fits"]]
@@ -300,6 +302,7 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
     assert trained.code == 0, trained
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == a100["steps"]
+    assert "on 1 x A100-80GB: " in trained.out and f"for {metrics['steps']} steps" in trained.out
     prediction = metrics["prediction"]
     assert prediction["gpu"] == "A100-80GB" and prediction["measured_on"] == "cpu"
     # the plan's setup, with the kernels this CPU run chose (no compiled layers off CUDA)

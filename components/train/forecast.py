@@ -180,7 +180,16 @@ class Option:
     steps: int | None
     seconds: dict[str, float] | None  # wall time's parts
     price: float | None
+    data: Data
     marks: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def real_tokens_per_second(self) -> float | None:
+        """Tokens of the examples (no padding) per second, when the prepared dataset says how
+        many a row holds."""
+        if not self.data.train_tokens or not self.data.train_rows:
+            return None
+        return self.data.train_tokens / self.data.train_rows * self.step.samples_per_second
 
     @property
     def fits(self) -> bool:
@@ -213,6 +222,7 @@ class Option:
             "samples_per_second_per_gpu": self.step.samples_per_second / self.gpus,
             "tokens_per_second": self.step.tokens_per_second,
             "samples_per_second": self.step.samples_per_second,
+            "real_tokens_per_second": self.real_tokens_per_second,
             "steps": self.steps,
             "wall_seconds": self.wall_seconds,
             "wall_parts_seconds": self.seconds,
@@ -296,7 +306,9 @@ def options(
             resolved = run.train.model_copy(update={"grad_accum": fit.grad_accum})
             steps = total_steps(run.model_copy(update={"train": resolved}), per_epoch)
             seconds = wall_parts(run, arch, setup, step, steps, data)
-        chosen.append(Option(gpu, count, plan, setup, step, steps, seconds, price_of(cfg, name)))
+        chosen.append(
+            Option(gpu, count, plan, setup, step, steps, seconds, price_of(cfg, name), data)
+        )
     mark(chosen)
     return chosen, data
 

@@ -140,10 +140,18 @@ def speed_prediction(cfg, fit, world: World, stats: dict, steps: int, kernels) -
 
     device = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else None
     try:
-        return run_prediction(cfg, fit, world.size, device, stats, steps, kernels)
+        predicted = run_prediction(cfg, fit, world.size, device, stats, steps, kernels)
     except Exception as exc:  # the prediction is a report; training goes on without it
         print(f"no speed prediction: {str(exc).splitlines()[0]}", flush=True)
         return None
+    if predicted is not None:
+        print(
+            f"speed model: {predicted['tokens_per_second']:,.0f} tokens/s, "
+            f"{predicted['step_seconds']:.3f} s a step on {world.size} x {predicted['gpu']}: "
+            f"{predicted['train_seconds'] / 60:.1f} min for {steps} steps",
+            flush=True,
+        )
+    return predicted
 
 
 def run(args) -> None:
