@@ -59,18 +59,14 @@ def with_lora(model, cfg):
     )
 
 
-def setup_for(
-    arch, method: str, batch: int, seq: int, checkpointed: int, quant_bits: int = 0, **more
-) -> Setup:
+def setup_for(arch, method: str, batch: int, seq: int, checkpointed: int, **more) -> Setup:
+    more = {"quant_bits": 0, "gpus": 1, "procs_per_node": 1, **more}
     return Setup(
         micro_batch=batch,
         row_len=seq,
         span=seq,
         grad_accum=1,
-        gpus=1,
-        procs_per_node=1,
         method=method,
-        quant_bits=quant_bits,
         checkpointed=checkpointed,
         **more,
     )
@@ -185,6 +181,31 @@ def test_bytes_match_the_tensors():
     ddp = work(arch, dataclasses.replace(setup, gpus=4, procs_per_node=4))
     grads = sum(p.grad.nbytes for p in trained)
     assert ddp.comm["all-reduce gradients"] == pytest.approx(2 * 3 / 4 * grads)
+    # LoRA's traffic: its dropout copy of every adapted layer's input and the A/B outputs
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in net.modules() if isinstance(m, LoraLayer)]
+    features = sum(m.in_features + m.out_features for m in layers)
+    assert len(layers) == arch.adapted_modules and features == arch.adapted_features
+    assert w.bytes["lora"] == 64 * features * 2 * 3
+    # FSDP (LoRA on bf16 weights, 4 GPUs): each micro batch gathers the other 3/4 of every
+    # weight, in the forward and again in the backward
+    bf16 = tiny_model(tiny_cfg("tiny://llama", "method=lora")).to(torch.bfloat16)
+    weight_bytes = sum({id(p): p.nbytes for p in bf16.parameters()}.values())
+    lora_arch = architecture(tiny_cfg("tiny://llama", "method=lora"))
+    fsdp = work(
+        lora_arch,
+        setup_for(lora_arch, "lora", 1, 64, 0, gpus=4, procs_per_node=4, strategy="fsdp"),
+    )
+    assert fsdp.comm_per_micro["all-gather weights"] == pytest.approx(2 * 3 / 4 * weight_bytes)
+    # the logits: a bf16 row of vocab per token, written and read with its fp32 upcast and its
+    # gradient (transformers' loss: 10x the bf16 tensor's bytes; chunked: 6x)
+    with torch.no_grad():
+        logits = bf16(input_ids=torch.randint(0, arch.vocab, (1, 64))).logits
+    assert logits.dtype == torch.bfloat16
+    assert w.bytes["logits"] == 10 * logits.nbytes
+    chunked = work(arch, dataclasses.replace(setup, loss="chunked"))
+    assert chunked.bytes["logits"] == 6 * logits.nbytes
 
 
 def test_time_terms_follow_the_gpu_tables():
