@@ -369,11 +369,17 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
 
 
 def test_plan_refuses_what_it_cannot_price(tmp_path):
+    from kubetune.components.errors import UserError
+    from kubetune.components.train.forecast import options
+
     bad_gpu = run_cli("plan", TINY_DEMO, "--gpus", "A100-80GB,B300")
     assert_user_error(bad_gpu, "--gpus: unknown GPU type 'B300'")
     bad_price = run_cli("plan", TINY_DEMO, "--set", "hardware.price_per_gpu_hour={B300: 9}")
     assert_user_error(bad_price, "hardware.price_per_gpu_hour", "unknown GPU type 'B300'")
-    negative = run_cli("plan", TINY_DEMO, "--set", "hardware.price_per_gpu_hour=-1")
-    assert_user_error(negative, "hardware.price_per_gpu_hour", "more than 0")
-    missing = run_cli("plan", TINY_DEMO, "--dataset", tmp_path / "none")
-    assert_user_error(missing, f"--dataset {tmp_path / 'none'}: no prepared dataset")
+    with pytest.raises(UserError, match="hardware.price_per_gpu_hour.*more than 0"):
+        load_recipe(TINY_DEMO, ["hardware.price_per_gpu_hour=-1"])
+    cfg = load_recipe(TINY_DEMO)  # 2 GPUs a node
+    with pytest.raises(UserError, match="--gpus 3xA100-80GB: not whole nodes of"):
+        options(cfg, "3xA100-80GB")
+    with pytest.raises(UserError, match=f"--dataset {tmp_path / 'none'}: no prepared dataset"):
+        options(cfg, None, tmp_path / "none")
