@@ -298,10 +298,10 @@ class HardwareConfig(Section):
     @field_validator("price_per_gpu_hour")
     @classmethod
     def _prices(cls, value: Any) -> Any:
-        from .train.gpus import GPU_TYPES
+        from .train.gpus import GPU_TYPES, named
 
         prices = value if isinstance(value, dict) else {}
-        unknown = sorted(set(prices) - set(GPU_TYPES))
+        unknown = sorted(k for k in prices if len(named(k)) != 1)
         if unknown:
             raise ValueError(f"unknown GPU type {unknown[0]!r}; known: {', '.join(GPU_TYPES)}")
         for price in prices.values() if isinstance(value, dict) else [value]:

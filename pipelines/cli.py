@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gpus",
-        help="GPU types to compare, each optionally with a count: A100-80GB,8xH100-80GB "
+        help="GPU types to compare, each optionally with a count: A100-80GB,8xH100-80GB,L40S "
         "(default: hardware.gpu, else A100-80GB, H100-80GB, H200-141GB, L40S-48GB)",
     )
     p.set_defaults(func=cmd_plan)

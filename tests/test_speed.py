@@ -263,7 +263,7 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
     measured, and the KFP Markdown says both."""
     sets = [
         "--set",
-        "hardware.price_per_gpu_hour={A100-80GB: 2.0, H100-80GB: 5.0}",
+        "hardware.price_per_gpu_hour={A100-80GB: 2.0, H100: 5.0}",
         "--set",
         "train.max_steps=null",
         "--set",
@@ -277,7 +277,7 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
         "--dataset",
         tiny_dataset,
         "--gpus",
-        "A100-80GB,H100-80GB,2xL4-24GB",
+        "A100-80GB,H100-80GB,2xL4",  # a type without its memory, as the issue writes it
         "--json",
         *sets,
     )
@@ -373,12 +373,14 @@ def test_plan_refuses_what_it_cannot_price(tmp_path):
     from kubetune.components.train.forecast import options
 
     bad_gpu = run_cli("plan", TINY_DEMO, "--gpus", "A100-80GB,B300")
-    assert_user_error(bad_gpu, "--gpus: unknown GPU type 'B300'")
+    assert_user_error(bad_gpu, "--gpus: unknown GPU type 'B300'? known: A100-80GB, A100-40GB")
     bad_price = run_cli("plan", TINY_DEMO, "--set", "hardware.price_per_gpu_hour={B300: 9}")
     assert_user_error(bad_price, "hardware.price_per_gpu_hour", "unknown GPU type 'B300'")
     with pytest.raises(UserError, match="hardware.price_per_gpu_hour.*more than 0"):
         load_recipe(TINY_DEMO, ["hardware.price_per_gpu_hour=-1"])
     cfg = load_recipe(TINY_DEMO)  # 2 GPUs a node
+    with pytest.raises(UserError, match="which GPU type '2xA100'[?] it may be A100-80GB or A1"):
+        options(cfg, "2xA100")
     with pytest.raises(UserError, match="--gpus 3xA100-80GB: not whole nodes of"):
         options(cfg, "3xA100-80GB")
     with pytest.raises(UserError, match=f"--dataset {tmp_path / 'none'}: no prepared dataset"):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ..config import RunConfig
 from ..errors import UserError
 from .architecture import Architecture, architecture
-from .gpus import COMMON, GPU_TYPES, GpuType
+from .gpus import COMMON, GPU_TYPES, GpuType, named
 from .speed import (
     COMPILE_SECONDS,
     LOAD_BYTES_S,
@@ -247,19 +247,22 @@ def parse_gpus(text: str | None, cfg: RunConfig) -> list[tuple[str, int]]:
         head, sep, rest = item.partition("x")
         if sep and head.isdigit():
             n, name = int(head), rest
-        if name not in GPU_TYPES or n < 1:
+        types = named(name)
+        if len(types) != 1 or n < 1:
+            which = " or ".join(g.name for g in types) if types else ", ".join(GPU_TYPES)
             raise UserError(
-                f"--gpus: unknown GPU type {item!r}; known: {', '.join(GPU_TYPES)} "
+                f"--gpus: {'which' if len(types) > 1 else 'unknown'} GPU type {item!r}? "
+                f"{'it may be' if len(types) > 1 else 'known:'} {which} "
                 "(optionally with a count: 8xA100-80GB)"
             )
-        chosen.append((name, n))
+        chosen.append((types[0].name, n))
     return chosen
 
 
 def price_of(cfg: RunConfig, gpu: str) -> float | None:
     price = cfg.hardware.price_per_gpu_hour
-    if isinstance(price, dict):
-        return price.get(gpu)
+    if isinstance(price, dict):  # keyed by full names or short ones (L40S)
+        return next((p for key, p in price.items() if named(key)[0].name == gpu), None)
     return price
 
 

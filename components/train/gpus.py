@@ -47,3 +47,11 @@ def gpu_type_of(device_name: str) -> GpuType | None:
         (len(part), g) for g in GPU_TYPES.values() for part in g.device_names if part in device_name
     ]
     return max(matches, key=lambda m: m[0])[1] if matches else None
+
+
+def named(name: str) -> list[GpuType]:
+    """The types `name` means: its exact entry, else every type whose name before the memory
+    suffix it is, in any case ("L40S" -> L40S-48GB; "A100" -> both A100s)."""
+    if name in GPU_TYPES:
+        return [GPU_TYPES[name]]
+    return [g for g in GPU_TYPES.values() if g.name.rsplit("-", 1)[0].lower() == name.lower()]
