@@ -186,10 +186,13 @@ def run(args) -> None:
     check_rows(args.dataset, len(train_split), world.size, cfg.train.micro_batch_size)
     steps = total_steps(cfg, plan.per_epoch)
     check_fits(cfg, steps)
-    predicted = speed_prediction(cfg, fit, world, stats, steps, kernels) if world.main else None
     model, optimizer, scheduler = wrap(cfg, built.model, world, dtype, built.ds_config, steps)
     is_ds = cfg.distributed.strategy == "deepspeed"
     start, losses = resume(cfg, output, world, model, optimizer, scheduler, steps)
+    # the steps this run trains: a resumed run's prediction is for the rest
+    predicted = (
+        speed_prediction(cfg, fit, world, stats, steps - start, kernels) if world.main else None
+    )
 
     writer = None
     if world.main:
