@@ -5,7 +5,9 @@
     python benchmarks/fit_speed_model.py --add-run OUT/metrics.json   # a GPU run as a point
 
 The points are docs/benchmarks/speed-calibration.json (published runs and kubetune's own GPU
-benchmarks, each with its source). `--add-run` appends a training run's metrics.json (its
+benchmarks, each with its source) and every GPU case line of benchmarks/train_throughput.py's
+raw output committed under docs/benchmarks/ (both kubetune sides, as their metrics.json
+records the run, and the Trainer side on the same setup). `--add-run` appends a training run's metrics.json (its
 recorded prediction's setup and its measured steady tokens/s) to that file first, so each GPU
 run makes the next prediction better. Prints each point's measured figure, the prediction,
 the error, and the error when the point is left out of the fit (leave-one-out).
@@ -19,7 +21,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from kubetune.components.train.calibration import fit, leave_one_out, load_points, metrics_point
+from kubetune.components.train.calibration import (
+    fit,
+    leave_one_out,
+    load_point,
+    load_points,
+    metrics_point,
+    raw_points,
+)
 from kubetune.components.train.speed import CALIBRATION, Efficiency
 
 POINTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "speed-calibration.json"
@@ -44,6 +53,13 @@ def table(points, eff: Efficiency, loo: dict[str, float]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=Path, default=POINTS)
+    parser.add_argument(
+        "--raw",
+        type=Path,
+        default=POINTS.parent,
+        help="a folder of committed raw benchmark outputs: train_throughput.py's GPU case lines "
+        "are points too (default: docs/benchmarks)",
+    )
     parser.add_argument("--out", type=Path, default=CALIBRATION)
     parser.add_argument("--check", action="store_true", help="refit; exit 1 if --out differs")
     parser.add_argument("--add-run", type=Path, action="append", default=[], metavar="METRICS")
@@ -57,7 +73,7 @@ def main() -> int:
                 return 2
             raw["points"].append(point)
         args.points.write_text(json.dumps(raw, indent=1) + "\n")
-    points = load_points(args.points)
+    points = load_points(args.points) + [load_point(raw) for raw in raw_points(args.raw)]
     eff = fit(points)
     record = {"efficiency": asdict(eff), "points_file": "docs/benchmarks/speed-calibration.json"}
     if args.check:

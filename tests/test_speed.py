@@ -366,6 +366,28 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
     )
     assert refit.returncode == 2 and "not a GPU run" in refit.stderr
     assert points.read_bytes() == POINTS.read_bytes()
+    # a benchmark's committed raw output: its GPU case lines are points, a CPU one is not
+    from kubetune.components.train.calibration import load_point, raw_points
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    line = {"case": "tiny", "trainer": {"steady_tokens_per_second": 1000.0}, "kubetune": metrics}
+    (raw / "cpu.txt").write_text(json.dumps({"machine": {}}) + "\n" + json.dumps(line) + "\n")
+    assert raw_points(raw) == []
+    on_gpu = {**line, "kubetune": {**metrics, "device": "cuda"}}  # as a GPU run's line reads
+    (raw / "gpu.txt").write_text(json.dumps(on_gpu) + "\n")
+    ours, trainer = (load_point(p) for p in raw_points(raw))
+    assert ours.setup == Setup(**prediction["setup"]) and ours.gpu == "A100-80GB"
+    assert ours.measured == (
+        metrics["steady_tokens_per_second"] or metrics["padded_tokens_per_second"]
+    )
+    assert trainer.measured == 1000.0 and trainer.arch == ours.arch
+    assert (trainer.setup.lora, trainer.setup.compiled, trainer.setup.loss) == (
+        "peft",
+        False,
+        "transformers",
+    )
+    assert trainer.setup.checkpointed == ours.arch.layers
 
 
 def test_plan_refuses_what_it_cannot_price(tmp_path):

@@ -92,6 +92,11 @@ def metrics_point(metrics_file: Path) -> dict | None:
     """A calibration point from a GPU training run's metrics.json (None off GPU or without a
     prediction): its setup, architecture and measured steady (else whole-run) tokens/s."""
     record = json.loads(metrics_file.read_text())
+    return record_point(record, f"run {metrics_file.parent.name}", str(metrics_file))
+
+
+def record_point(record: dict, name: str, source: str) -> dict | None:
+    """A point from a metrics.json record (the worker's, or a benchmark side's)."""
     prediction = record.get("prediction") or {}
     if record.get("device") != "cuda" or not prediction.get("setup"):
         return None
@@ -99,13 +104,67 @@ def metrics_point(metrics_file: Path) -> dict | None:
     if not measured:
         return None
     return {
-        "name": f"run {metrics_file.parent.name}",
-        "source": str(metrics_file),
+        "name": name,
+        "source": source,
         "gpu": prediction["gpu"],
         "setup": prediction["setup"],
         "architecture": prediction["architecture"],
         "measured": {"tokens_per_second": measured},
     }
+
+
+def harness_points(line: dict, source: str) -> list[dict]:
+    """Points from one case line of benchmarks/train_throughput.py's raw output: each kubetune
+    side as its metrics.json says, and the Trainer side on the kubetune side's setup with what
+    that baseline runs (transformers' kernels and loss, peft's LoRA, no compiled layers, every
+    layer checkpointed; the same tokens per micro batch)."""
+    points = []
+    for side in ("kubetune", "kubetune_auto"):
+        point = record_point(line.get(side) or {}, f"{line['case']}: {side}", source)
+        if point is not None:
+            points.append(point)
+    ours = (line.get("kubetune") or {}).get("prediction") or {}
+    theirs = line.get("trainer") or {}
+    if ours.get("setup") and (line.get("kubetune") or {}).get("device") == "cuda":
+        measured = theirs.get("steady_tokens_per_second") or theirs.get("tokens_per_second")
+        if measured:
+            setup = {
+                **ours["setup"],
+                "fused_norms": False,
+                "loss": "transformers",
+                "compiled": False,
+                "lora": "peft",
+                "checkpointed": ours["architecture"]["layers"],
+            }
+            points.append(
+                {
+                    "name": f"{line['case']}: trainer",
+                    "source": source,
+                    "gpu": ours["gpu"],
+                    "setup": setup,
+                    "architecture": ours["architecture"],
+                    "measured": {"tokens_per_second": measured},
+                }
+            )
+    return points
+
+
+def raw_points(folder: Path) -> list[dict]:
+    """Every GPU point in the benchmarks' raw outputs committed under `folder`: the JSON case
+    lines of train_throughput.py (CPU runs and other lines are skipped)."""
+    points = []
+    for path in sorted(folder.glob("*")):
+        if path.suffix not in (".txt", ".jsonl", ".json") or path.name == "speed-calibration.json":
+            continue
+        for text in path.read_text(errors="replace").splitlines():
+            if not text.startswith('{"case"'):
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            points += harness_points(line, f"{path.name}")
+    return points
 
 
 GRID = {
