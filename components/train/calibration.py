@@ -103,11 +103,17 @@ def record_point(record: dict, name: str, source: str) -> dict | None:
     measured = record.get("steady_tokens_per_second") or record.get("padded_tokens_per_second")
     if not measured:
         return None
+    return setup_point(name, source, prediction, prediction["setup"], measured)
+
+
+def setup_point(name: str, source: str, prediction: dict, setup: dict, measured: float) -> dict:
+    """A point in `setup` form: a recorded prediction's GPU and architecture, this setup, and
+    the tokens/s measured with it."""
     return {
         "name": name,
         "source": source,
         "gpu": prediction["gpu"],
-        "setup": prediction["setup"],
+        "setup": setup,
         "architecture": prediction["architecture"],
         "measured": {"tokens_per_second": measured},
     }
@@ -136,16 +142,7 @@ def harness_points(line: dict, source: str) -> list[dict]:
                 "lora": "peft",
                 "checkpointed": ours["architecture"]["layers"],
             }
-            points.append(
-                {
-                    "name": f"{line['case']}: trainer",
-                    "source": source,
-                    "gpu": ours["gpu"],
-                    "setup": setup,
-                    "architecture": ours["architecture"],
-                    "measured": {"tokens_per_second": measured},
-                }
-            )
+            points.append(setup_point(f"{line['case']}: trainer", source, ours, setup, measured))
     return points
 
 

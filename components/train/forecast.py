@@ -66,17 +66,15 @@ class Data:
 
 def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus: int) -> Setup:
     """The step the worker will run on a GPU for this recipe: its kernels as the trainer image
-    chooses them on CUDA (Liger for the architectures it patches, the chunked loss, compiled
-    layers with ddp/fsdp and packed rows, kubetune's fused LoRA outside DeepSpeed)."""
-    from .kernels import LIGER_ARCHITECTURES, compile_choice, lora_choice
-
-    train, dist = cfg.train, cfg.distributed
-    zero3 = dist.strategy == "deepspeed" and dist.zero_stage == 3
-    head_forward = (zero3 and cfg.method == "full") or cfg.method == "adapter_v2"
-    kernels = train.kernels != "none"
+    (with liger-kernel) chooses them on CUDA (`kernels.select_kernels`)."""
     import torch
 
-    compiled = compile_choice(cfg, torch.device("cuda"), cfg.data.packing)
+    from .kernels import select_kernels
+
+    dist = cfg.distributed
+    kernels = select_kernels(
+        cfg, torch.device("cuda"), arch.model_type, cfg.data.packing, liger_available=True
+    )
     offload: str = dist.offload if dist.strategy == "deepspeed" else "none"
     if dist.strategy == "fsdp" and dist.fsdp.cpu_offload:
         offload = "cpu"
@@ -94,13 +92,29 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
         zero_stage=dist.zero_stage,
         sharding=dist.fsdp.sharding,
         offload=offload,
-        fused_norms=kernels and arch.model_type in LIGER_ARCHITECTURES,
-        loss="chunked" if kernels and not head_forward else "transformers",
-        compiled=compiled,
-        lora="fused" if lora_choice(cfg) == "fused" else "peft",
         eager_attention=cfg.model.attn_implementation == "eager",
         weight_bytes=4 if cfg.model.dtype == "float32" else 2,
+        **kernel_fields(kernels),
     )
+
+
+def kernel_fields(kernels) -> dict:
+    """The Setup fields of the kernels a run takes (`kernels.Kernels`)."""
+    return {
+        "fused_norms": kernels.rms_norm == "liger",
+        "loss": "transformers" if kernels.loss == "transformers" else "chunked",
+        "compiled": kernels.compile,
+        "lora": "peft" if kernels.lora == "peft" else "fused",
+    }
+
+
+def row_shape(seq: int, packed: bool, lengths: dict) -> tuple[int, int]:
+    """(computed tokens of a row, attention span per token): packed rows are `seq` long and a
+    token attends within its example (the mean one); an unpacked row is padded to the longest
+    example and attends over it."""
+    longest = min(seq, int(lengths["max"]))
+    mean = max(1, min(seq, round(float(lengths["mean"]))))
+    return (seq, mean) if packed else (longest, longest)
 
 
 def data_figures(cfg: RunConfig, dataset: str | Path | None) -> Data:
@@ -111,23 +125,14 @@ def data_figures(cfg: RunConfig, dataset: str | Path | None) -> Data:
             stats = json.loads(stats_file.read_text())
             rows = int(stats["splits"]["train"])
             eval_rows = int(stats["splits"].get("eval", 0))
-            lengths = stats["example_length"]
             packed = bool(stats["packing"]["enabled"])
+            row_len, span = row_shape(seq, packed, stats["example_length"])
             tokens = int(stats["tokens"]["train"])
         except OSError as exc:
             raise UserError(f"--dataset {dataset}: no prepared dataset ({exc.strerror})") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise UserError(f"{stats_file}: not a kubetune stats.json ({exc!r})") from None
-        longest = min(seq, int(lengths["max"]))
-        mean = max(1, min(seq, round(float(lengths["mean"]))))
-        return Data(
-            rows,
-            eval_rows,
-            seq if packed else longest,
-            mean if packed else longest,
-            tokens,
-            f"{stats_file}",
-        )
+        return Data(rows, eval_rows, row_len, span, tokens, f"{stats_file}")
     examples, where = source_rows(cfg)
     if examples is None:
         return Data(None, 0, seq, seq, None, where)
@@ -407,18 +412,11 @@ def run_prediction(
     arch = architecture(cfg)
     seq = cfg.data.max_seq_len
     packed = bool(stats.get("packing", {}).get("enabled", cfg.data.packing))
-    lengths = stats.get("example_length") or {}
-    longest = min(seq, int(lengths.get("max", seq)))
-    span = max(1, min(seq, round(float(lengths.get("mean", seq))))) if packed else longest
-    data = Data(None, 0, seq if packed else longest, span, None, "dataset")
-    setup = planned_setup(cfg, arch, fit, data, world_size)
-    setup = dataclasses.replace(
-        setup,
-        fused_norms=kernels.rms_norm == "liger",
-        loss="transformers" if kernels.loss == "transformers" else "chunked",
-        compiled=kernels.compile,
-        lora="peft" if kernels.lora == "peft" else "fused",
-    )
+    lengths = stats.get("example_length") or {"max": seq, "mean": seq}
+    row_len, span = row_shape(seq, packed, lengths)
+    data = Data(None, 0, row_len, span, None, "dataset")
+    setup = planned_setup(cfg, arch, fit, data, world_size)  # with the kernels this run took:
+    setup = dataclasses.replace(setup, **kernel_fields(kernels))
     step = step_time(arch, setup, gpu, eff)
     warmup = COMPILE_SECONDS if setup.compiled else 0.0
     return {

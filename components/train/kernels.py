@@ -77,14 +77,19 @@ def lora_choice(cfg: RunConfig) -> str:
 
 
 def select_kernels(
-    cfg: RunConfig, device: torch.device, model_type: str, packed: bool = False
+    cfg: RunConfig,
+    device: torch.device,
+    model_type: str,
+    packed: bool = False,
+    liger_available: bool | None = None,
 ) -> Kernels:
     """The kernels for this recipe, device and architecture (see the module docstring).
 
     Under DeepSpeed ZeRO-3 the output head is partitioned: the loss gathers a frozen head
     (LoRA) for the chunked loss; a trained head (full) keeps transformers' loss. Adapter v2's
     head has its own bias and scale, which only the head's own forward applies: it keeps
-    transformers' loss everywhere."""
+    transformers' loss everywhere. `liger_available`: whether liger-kernel is there (default:
+    installed here; `kubetune plan` asks for the trainer image, which has it)."""
     choice = cfg.train.kernels
     compiled, lora = compile_choice(cfg, device, packed), lora_choice(cfg)
     if choice == "none":
@@ -100,7 +105,7 @@ def select_kernels(
             f"Liger has no kernels for model type {model_type!r} "
             f"(it patches {', '.join(LIGER_ARCHITECTURES)})"
         )
-    elif not liger_installed():
+    elif not (liger_installed() if liger_available is None else liger_available):
         why_not = "liger-kernel is not installed (pip install 'kubetune[gpu]')"
     if why_not is None:
         loss = chunked if zero3 or head_forward else "liger_fused_linear_ce"

@@ -88,14 +88,18 @@ class Plan:
         }
 
 
+def quantized_bytes(bits: int, double_quant: bool = True) -> float:
+    """Bytes per weight stored in 8 bits, or in NF4/FP4 with its absmax constants (per 64
+    weights: fp32, or 8 bits with double quantization plus an fp32 constant per 256 blocks)."""
+    if bits == 8:
+        return 1.0
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
+
+
 def weight_bytes(cfg: RunConfig, arch: Architecture, dtype_bytes: int) -> float:
     if cfg.method == "qlora":
         other = arch.total_params - arch.linear_params
-        per = (
-            1.0
-            if cfg.quant.bits == 8
-            else 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quant.double_quant else 4 / 64)
-        )
+        per = quantized_bytes(cfg.quant.bits, cfg.quant.double_quant)
         return arch.linear_params * per + other * (4 if cfg.quant.compute_dtype == "float32" else 2)
     return arch.total_params * dtype_bytes
 

@@ -16,8 +16,8 @@ parameter counts of the real config) and the run's settings; T = micro batch x r
   and read by the elementwise kernels (the memory plan's saved bytes per token and layer, x4:
   written and read forward, their gradients backward); LoRA's dropout copy and its gradient;
   the logits (20 bytes each with transformers' loss, 12 chunked);
-- host ops: the ops Python and autograd dispatch per layer (OPS below: each a kernel launch and
-  its bookkeeping), forward, backward (BACKWARD_OPS x) and recomputation;
+- host ops: the ops Python and autograd dispatch per layer (LAYER_OPS and LORA_OPS below: each
+  a kernel launch and its bookkeeping), forward, backward and recomputation;
 - per optimizer step: AdamW's traffic over the (sharded) trainable state, the gradient
   all-reduce (DDP), the weights' all-gathers and the gradients' reduce-scatter (FSDP, ZeRO-3)
   over the node's link (NVLink/PCIe) or, across nodes, its network; what overlaps the backward
@@ -27,7 +27,8 @@ Time: GPU time = matmul / (peak x e_matmul) + bytes / (HBM x e_memory); host tim
 op_seconds; a micro batch takes the power mean (GPU^p + host^p)^(1/p) of the two (the GPU runs
 behind the host asynchronously: p = 1 adds them, a large p is the slower of the two). The four
 (e_matmul, e_memory, op_seconds, p) are fitted by `benchmarks/fit_speed_model.py` on the points
-in docs/benchmarks/speed-calibration.json and stored in speed_calibration.json beside this file;
+in docs/benchmarks/speed-calibration.json and the GPU case lines of the raw benchmark outputs
+there (`calibration.py`), and stored in speed_calibration.json beside this file;
 e_comm and the startup figures are assumptions, written below, not fitted.
 """
 
@@ -39,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .gpus import GpuType
-from .plan import saved_bytes_per_token_layer
+from .plan import quantized_bytes, saved_bytes_per_token_layer
 
 CALIBRATION = Path(__file__).with_name("speed_calibration.json")
 CAUSAL = 0.5  # causal attention kernels compute half the score matrix
@@ -181,9 +182,8 @@ def work(arch, setup: Setup) -> Work:
     w.flops["recompute"] = 2 * T * (linear - last + adapter) * recompute
     w.attention_flops = 4 * T * setup.span * arch.hidden * L * (1 + 2 + recompute)
     passes = 2 + recompute  # weights dequantized: forward, backward, recomputation
-    if setup.quant_bits:
-        packed = 1.0 if setup.quant_bits == 8 else 0.5 + 1 / 64 + 4 / (64 * 256)
-        w.bytes["dequantize"] = linear * (packed + 2) * passes
+    if setup.quant_bits:  # double quantization assumed (the recipes' and QLoRA's setting)
+        w.bytes["dequantize"] = linear * (quantized_bytes(setup.quant_bits) + 2) * passes
     w.bytes["activations"] = T * L * saved_bytes_per_token_layer(arch) * (4 + recompute)
     if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
         w.bytes["lora"] = T * arch.adapted_features * 2 * 3
@@ -202,7 +202,7 @@ def _step_work(arch, setup: Setup, w: Work) -> None:
     state_bytes = setup.weight_bytes if full else 4
     grad_bytes = trained * state_bytes
     if setup.quant_bits:
-        packed = 1.0 if setup.quant_bits == 8 else 0.5 + 1 / 64 + 4 / (64 * 256)
+        packed = quantized_bytes(setup.quant_bits)
         weights = arch.linear_params * packed + (arch.total_params - arch.linear_params) * 2
     else:
         weights = arch.total_params * setup.weight_bytes
