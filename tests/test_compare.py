@@ -17,8 +17,9 @@ from kubetune.components.compare_methods.settings import (
 )
 from kubetune.components.compare_methods.step import compare
 from kubetune.components.config import load_recipe
+from kubetune.pipelines.compare import compile_compare
 
-from .conftest import TINY_DEMO, assert_user_error, run_cli
+from .conftest import RECIPES, TINY_DEMO, assert_user_error, run_cli
 
 
 def test_compiled_comparison_fans_out_one_branch_per_method(tmp_path):
@@ -38,6 +39,17 @@ def test_compiled_comparison_fans_out_one_branch_per_method(tmp_path):
     # the KFP UI's `methods` parameter holds the same text, settings included
     assert spec["root"]["inputDefinitions"]["parameters"]["methods"]["defaultValue"] == methods
     assert "compare-methods" in root and "push-model" not in root
+
+
+def test_a_recipe_without_a_lora_section_compiles_to_a_comparison(tmp_path):
+    """Each pipeline field gets a value of its declared type (KFP refuses an integer for a
+    float: llama3-70b-full-fsdp has no lora section, and lora.alpha's default was the integer
+    32). tests/test_wheel.py compiles the comparison of every shipped recipe."""
+    out = tmp_path / "compare.yaml"
+    compile_compare(load_recipe(RECIPES / "llama3-70b-full-fsdp.yaml"), "lora,full", str(out))
+    spec = next(yaml.safe_load_all(out.read_text()))
+    resolve = spec["root"]["dag"]["tasks"]["resolve-recipe"]["inputs"]["parameters"]
+    assert isinstance(resolve["lora_alpha"]["runtimeValue"]["constant"], float)
 
 
 @pytest.mark.parametrize(

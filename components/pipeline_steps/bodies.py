@@ -38,12 +38,14 @@ PIPELINE_FIELDS = (
 
 
 def field_value(cfg: RunConfig, dotted: str):
-    """The recipe's value of a pipeline field, as the field's parameter type."""
+    """The recipe's value of a pipeline field, as the field's parameter type (KFP refuses an
+    integer default for a float parameter, and a field's default is not converted by pydantic:
+    `lora.alpha` is 32 in a recipe without a lora section)."""
     node = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
     kind = next(kind for field, _, kind in PIPELINE_FIELDS if field == dotted)
-    return str(node) if kind is str else node
+    return kind(node)
 
 
 def resolve(recipe_yaml: str, overrides: list, fields: dict, workspace: str, run_id: str):
