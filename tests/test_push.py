@@ -79,11 +79,24 @@ def read_bucket(s3, name: str, prefix: str) -> dict[str, bytes]:
     return out
 
 
+FIPS = {"PYTHONPATH": str(Path(__file__).parent / "fips")}  # a FIPS-mode host's hashlib
+
+
+def test_the_fips_simulation_refuses_md5_for_security():
+    check = "import hashlib; hashlib.md5(usedforsecurity=False); hashlib.md5(b'x')"
+    proc = subprocess.run(
+        [sys.executable, "-c", check], env={**os.environ, **FIPS}, capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "disabled for FIPS" in proc.stderr, proc.stderr
+
+
 def test_push_to_s3_then_pull(s3, tmp_path):
+    """On a FIPS-mode host: S3's Content-MD5 and ETags are MD5, computed not for security."""
     name = bucket(s3, "push-pull")
     src = make_model(tmp_path / "model")
     dest = f"s3://{name}/falcon/run-1"
-    result = run_cli("push", src, dest, "--part-size-mb", "5", env=s3.env())
+    env = {**s3.env(), **FIPS}
+    result = run_cli("push", src, dest, "--part-size-mb", "5", env=env)
     assert result.code == 0, result
     assert "pushed 5 file(s)" in result.out
 
@@ -102,12 +115,12 @@ def test_push_to_s3_then_pull(s3, tmp_path):
     assert head["ETag"].strip('"').endswith("-3")  # 12 MiB in 5 MiB parts: a multipart upload
     assert head["Metadata"]["sha256"] == listed["model-00001-of-00001.safetensors"]["sha256"]
 
-    again = run_cli("push", src, dest, "--part-size-mb", "5", env=s3.env())
+    again = run_cli("push", src, dest, "--part-size-mb", "5", env=env)
     assert again.code == 0, again
     assert "pushed 0 file(s), 0 bytes (5 already there)" in again.out
 
     out = tmp_path / "pulled"
-    pulled = run_cli("pull", dest, out, env=s3.env())
+    pulled = run_cli("pull", dest, out, env=env)
     assert pulled.code == 0, pulled
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == EXPECTED | {
         "manifest.json"

@@ -37,7 +37,7 @@ class LocalFile:
 
     def expected_etag(self) -> str:
         if self.multipart:
-            return hashlib.md5(b"".join(self.part_md5)).hexdigest() + f"-{len(self.part_md5)}"
+            return md5(b"".join(self.part_md5)).hexdigest() + f"-{len(self.part_md5)}"
         return self.md5.hex()
 
     def expected_checksum(self) -> str:
@@ -46,6 +46,12 @@ class LocalFile:
             digest = hashlib.sha256(b"".join(self.part_sha256)).digest()
             return base64.b64encode(digest).decode() + f"-{len(self.part_sha256)}"
         return base64.b64encode(bytes.fromhex(self.sha256)).decode()
+
+
+def md5(data: bytes = b"") -> hashlib._Hash:
+    """MD5 for S3's Content-MD5 and ETags: an integrity check, not security, so it works on a
+    FIPS-mode host, where a plain hashlib.md5() raises."""
+    return hashlib.md5(data, usedforsecurity=False)
 
 
 def part_size_for(size: int, part_size: int) -> int:
@@ -75,7 +81,7 @@ def model_files(src: Path) -> list[LocalFile]:
 def hash_file(entry: LocalFile, part_size: int) -> None:
     """SHA-256 of the file and MD5/SHA-256 of each part, in one read."""
     whole = hashlib.sha256()
-    md5, part_md5, part_sha = hashlib.md5(), [], []
+    whole_md5, part_md5, part_sha = md5(), [], []
     step = part_size_for(entry.size, part_size)
     with open(entry.source, "rb") as f:
         while True:
@@ -83,10 +89,10 @@ def hash_file(entry: LocalFile, part_size: int) -> None:
             if not part:
                 break
             whole.update(part)
-            md5.update(part)
-            part_md5.append(hashlib.md5(part).digest())
+            whole_md5.update(part)
+            part_md5.append(md5(part).digest())
             part_sha.append(hashlib.sha256(part).digest())
-    entry.sha256, entry.md5 = whole.hexdigest(), md5.digest()
+    entry.sha256, entry.md5 = whole.hexdigest(), whole_md5.digest()
     if entry.size > part_size:
         entry.part_md5, entry.part_sha256 = part_md5, part_sha
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..outputs import check_parent, check_writable, disk_errors, write_file
 from ..storage import is_not_found, is_s3, s3_client, s3_key, split_s3
-from .files import READ_BLOCK, LocalFile, part_size_for, sha256_of
+from .files import READ_BLOCK, LocalFile, md5, part_size_for, sha256_of
 from .manifest import MANIFEST
 
 
@@ -325,7 +325,7 @@ class S3Destination:
                 Key=self.key(MANIFEST),
                 Body=data,
                 ContentType="application/json",
-                ContentMD5=_b64(hashlib.md5(data).digest()),
+                ContentMD5=_b64(md5(data).digest()),
                 ChecksumSHA256=_b64(hashlib.sha256(data).digest()),
                 IfNoneMatch="*",
                 **self.encryption.args(),
@@ -338,7 +338,7 @@ class S3Destination:
                 "uploading; this push left it as it is"
             ) from None
         etag = response.get("ETag", "").strip('"')
-        if re.fullmatch(r"[0-9a-f]{32}", etag) and etag != hashlib.md5(data).hexdigest():
+        if re.fullmatch(r"[0-9a-f]{32}", etag) and etag != md5(data).hexdigest():
             raise UserError(f"{self.uri}/{MANIFEST}: stored copy does not match what was sent")
 
 
