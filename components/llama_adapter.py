@@ -93,6 +93,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def split_falcon_qkv(
+    attn: nn.Module, fused: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Falcon's fused query_key_value output (batch, seq, features) as query (batch, seq,
+    heads, head_dim), key and value (batch, seq, kv heads, head_dim), in each of its layouts:
+    grouped per key-value head (new_decoder_architecture: a group's queries, then its key and
+    value), multi-query (every query head, then one key and one value), or interleaved per head
+    (query, key, value of head 0, then head 1 ...). Ours, not transformers' private
+    _split_heads, which transformers 5.25 removed."""
+    shape = fused.shape[:-1]
+    heads = fused.view(*shape, -1, head_dim)
+    if attn.new_decoder_architecture:
+        grouped = heads.view(*shape, attn.num_kv_heads, -1, head_dim)
+        return grouped[..., :-2, :].flatten(-3, -2), grouped[..., -2, :], grouped[..., -1, :]
+    if attn.multi_query:
+        query, key, value = heads.split([attn.num_heads, 1, 1], dim=-2)
+        return query, key, value
+    query, key, value = heads.unflatten(-2, (attn.num_heads, 3)).unbind(-2)
+    return query, key, value
+
+
 class Prefix(nn.Module):
     """One layer's learned prompt and per-head gate (lit-parrot's adapter_wte, gating_factor)."""
 
@@ -108,9 +129,10 @@ class Prefix(nn.Module):
         self.busy = False  # projecting the prefix: the query hook must not record it
 
     def split(self, attn: nn.Module, projected: torch.Tensor, part: int) -> torch.Tensor:
-        """(batch, seq, heads, head_dim) of the query (0), key (1) or value (2)."""
+        """(batch, seq, heads, head_dim) of the query (0), key (1) or value (2); keys and values
+        have the attention's key-value heads."""
         if self.fused:  # Falcon's query_key_value, in any of its three layouts
-            return attn._split_heads(projected)[part]
+            return split_falcon_qkv(attn, projected, self.head_dim)[part]
         batch, seq, _ = projected.shape
         return projected.view(batch, seq, -1, self.head_dim)
 

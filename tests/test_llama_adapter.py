@@ -23,6 +23,7 @@ from kubetune.components.llama_adapter import (
     install,
     load_into,
     save,
+    split_falcon_qkv,
     trainable_count,
 )
 from kubetune.components.models import resolve_model
@@ -77,6 +78,46 @@ def test_trainable_counts_match_the_published_falcon_7b_figures(cli):
     # lit-parrot's count is r=8 on q (4544 outputs) and v (64: multi-query) only
     assert PUBLISHED["lora"] == 32 * 8 * (2 * 4544 + 4544 + 64)
     assert PUBLISHED["adapter"] < peft_count < PUBLISHED["adapter_v2"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{"multi_query": True}, {"new_decoder_architecture": True, "num_kv_heads": 2}, {}],
+    ids=["multi-query", "grouped", "interleaved"],
+)
+def test_falcon_qkv_split_is_what_falcon_attention_attends_with(layout):
+    """split_falcon_qkv against transformers' own Falcon attention, in each fused layout: the
+    queries, keys and values it splits, rotated and attended causally, give the attention's
+    output (the input of its dense projection), whatever version of transformers runs."""
+    from transformers import FalconConfig, FalconForCausalLM
+    from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    settings = {"multi_query": False, "new_decoder_architecture": False, **layout}
+    config = FalconConfig(
+        hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=100, bias=False,
+        alibi=False, parallel_attn=True, attn_implementation="eager", **settings,
+    )  # fmt: skip
+    model = FalconForCausalLM(config).eval()
+    attn = model.transformer.h[0].self_attention
+    seen = {}
+    attn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(h=kwargs.get("hidden_states", args[0] if args else None),
+                                            rope=kwargs["position_embeddings"]),
+        with_kwargs=True,
+    )  # fmt: skip
+    attn.dense.register_forward_pre_hook(lambda m, args: seen.update(out=args[0]))
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 7)))
+        query, key, value = split_falcon_qkv(attn, attn.query_key_value(seen["h"]), 16)
+        assert query.shape == (2, 7, 4, 16)
+        assert key.shape == value.shape == (2, 7, attn.num_kv_heads, 16)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        query, key = apply_rotary_pos_emb(query, key, *seen["rope"])
+        repeat = 4 // key.shape[1]
+        key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
+    torch.testing.assert_close(out.transpose(1, 2).reshape(2, 7, 64), seen["out"])
 
 
 def test_adapter_on_llama_computes_what_peft_adaption_prompt_computes():
