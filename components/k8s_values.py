@@ -39,6 +39,18 @@ def quantity(value: str, key: str, allow_zero: bool = True) -> str:
     return text
 
 
+SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+          "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}  # fmt: skip
+
+
+def quantity_value(text: str) -> float:
+    """The number a (valid) quantity stands for: bytes for memory, cores for cpu."""
+    number, suffix = re.match(r"^([+]?[0-9.]*)(.*)$", text).groups()  # type: ignore[union-attr]
+    if suffix[:1] in ("e", "E") and suffix not in SUFFIX:
+        return float(number + suffix)
+    return float(number) * SUFFIX.get(suffix, 1)
+
+
 def dns_label(value: str, key: str, max_length: int = 63) -> str:
     """A DNS-1123 label: lower-case alphanumerics and '-', at most max_length characters."""
     if len(value) > max_length or not DNS1123_LABEL.match(value):

@@ -13,6 +13,7 @@ from kubetune.components import __version__
 from kubetune.components.config import RECIPES_DIR, dump_config, load_recipe
 from kubetune.components.errors import UserError
 from kubetune.components.outputs import storage_cause
+from kubetune.pipelines.preflight import check_serving, preflight
 
 
 def write_stdout(text: str) -> None:
@@ -153,10 +154,17 @@ def cmd_push(args) -> int:
         cfg = load_recipe(args.recipe, args.overrides)
         if cfg.output.model_registry is not None and not args.version:
             raise UserError("--version: name the registered version (e.g. the run's id)")
+        if cfg.output.model_registry is None and args.version:
+            raise UserError(
+                f"--version {args.version}: the recipe has no output.model_registry to "
+                "register a version in"
+            )
         register = registrar(cfg, args.version)
         sse = args.sse or cfg.output.sse
         kms_key = args.sse_kms_key_id or cfg.output.sse_kms_key_id
     else:
+        if args.version:
+            raise UserError(f"--version {args.version}: only used with --recipe (a registry)")
         sse, kms_key = args.sse, args.sse_kms_key_id
     if kms_key and sse != "aws:kms":
         raise UserError("--sse-kms-key-id is only used with --sse aws:kms")
@@ -206,6 +214,7 @@ def cmd_render_job(args) -> int:
     from kubetune.components.backends.trainjob import render_runtime, render_trainjob
 
     cfg = load_recipe(args.recipe, args.overrides)
+    preflight(cfg, cluster=False)
     kind = args.kind or ("trainjob" if cfg.distributed.backend == "trainjob" else "pytorchjob")
     if kind == "runtime":
         write_stdout(to_yaml(render_runtime(cfg)))
@@ -225,10 +234,10 @@ def cmd_render_job(args) -> int:
 
 def cmd_render_serve(args) -> int:
     from kubetune.components.backends.pytorchjob import to_yaml
-    from kubetune.components.serve.render import render_inference_service
 
     cfg = load_recipe(args.recipe, args.overrides)
-    write_stdout(to_yaml(render_inference_service(cfg, args.uri, args.name)))
+    preflight(cfg, cluster=False)
+    write_stdout(to_yaml(check_serving(cfg, args.uri, args.name)))
     return 0
 
 
@@ -236,6 +245,7 @@ def cmd_deploy(args) -> int:
     from kubetune.components.serve.deploy import deploy
 
     cfg = load_recipe(args.recipe, args.overrides)
+    preflight(cfg, cluster=False)
     result = deploy(cfg, args.uri, args.name)
     print(f"Q: {result['prompt']}\nA: {result['answer']}")
     return 0

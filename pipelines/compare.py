@@ -24,8 +24,8 @@ from kubetune.components.compare_methods.settings import (
 from kubetune.components.config import RunConfig, dump_config
 from kubetune.components.errors import UserError
 from kubetune.components.outputs import staged_file
+from kubetune.pipelines.preflight import preflight
 from kubetune.pipelines.tasks import (
-    check_cluster,
     fetch_and_prepare,
     local_copy,
     on_cluster,
@@ -104,6 +104,6 @@ def build_compare_pipeline(
 def compile_compare(cfg: RunConfig, methods: str, path: str) -> None:
     from kfp import compiler
 
-    check_cluster(cfg)
+    preflight(cfg)
     with staged_file(Path(path)) as tmp:  # a full disk leaves no half-written YAML
         compiler.Compiler().compile(build_compare_pipeline(cfg, methods), package_path=str(tmp))

@@ -28,8 +28,8 @@ from kubetune.components.evaluate.component import quality_gate
 from kubetune.components.outputs import staged_file
 from kubetune.components.push_model.component import push_model
 from kubetune.components.serve.component import deploy_model
+from kubetune.pipelines.preflight import preflight
 from kubetune.pipelines.tasks import (
-    check_cluster,
     fetch_and_prepare,
     local_copy,
     no_retries,
@@ -98,6 +98,6 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
 def compile_pipeline(cfg: RunConfig, path: str) -> None:
     from kfp import compiler
 
-    check_cluster(cfg)
+    preflight(cfg)
     with staged_file(Path(path)) as tmp:  # a full disk leaves no half-written YAML
         compiler.Compiler().compile(build_pipeline(cfg), package_path=str(tmp))

@@ -12,9 +12,7 @@ from collections.abc import Callable
 import yaml
 from kfp import dsl, kubernetes
 
-from kubetune.components.backends.pytorchjob import uses_gpu
 from kubetune.components.config import RunConfig, dump_config
-from kubetune.components.errors import UserError
 from kubetune.components.evaluate.component import evaluate_model
 from kubetune.components.evaluate.harness import needs_hub
 from kubetune.components.fetch_model.component import fetch_model
@@ -182,16 +180,6 @@ def train_merge_evaluate(cfg: RunConfig, recipe, dataset_dir, run_dir, gpu: bool
         if cfg.eval.engine == "vllm":  # vLLM pins its own torch: an image of its own
             evaluated.set_container_image(cfg.kubernetes.eval_image)
     return merged, evaluated
-
-
-def check_cluster(cfg: RunConfig) -> None:
-    """What a cluster pipeline cannot run, refused when it is compiled rather than after
-    training (run --local evaluates on whatever this machine has)."""
-    if cfg.eval.engine == "vllm" and not uses_gpu(cfg):
-        raise UserError(
-            "eval.engine=vllm generates on the GPU nodes: set hardware.gpu (and the node pool), "
-            "or use eval.engine=hf"
-        )
 
 
 def recipe_fields(cfg: RunConfig) -> dict:

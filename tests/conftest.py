@@ -44,6 +44,38 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> Cli
     return CliResult(proc)
 
 
+def run_cli_here(*args: str, env: dict | None = None, cwd: Path | None = None) -> CliResult:
+    """The CLI's `main()` in this test process, with its output captured: what the console
+    script runs, without the seconds an interpreter takes to start and import (for the many
+    checks that end before any work). An exception main() lets through is what the console
+    script would print as a traceback, so it comes back as one, with exit status 1."""
+    import contextlib
+    import io
+    import traceback
+
+    from kubetune.pipelines.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update(env or {})
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return CliResult(subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue()))
+
+
 def run_prepare(out: Path, *sets: str, env: dict | None = None) -> CliResult:
     """`kubetune prepare tiny-demo.yaml --output OUT --set ...` for each KEY=VALUE in sets."""
     overrides = [arg for item in sets for arg in ("--set", item)]

@@ -89,8 +89,9 @@ def test_push_registers_model_version_and_artifact(servers, tmp_path):
     assert push(tmp_path, registry, env, dest2, "--version", "run-8").code == 0
     assert len(registry.of_kind("RegisteredModel")) == 1
     assert len(registry.of_kind("ModelVersion")) == 2
-    again = push(tmp_path, registry, env, dest2, "--version", "run-8")
-    assert_user_error(again, "already has a version run-8")
+    again = push(tmp_path, registry, env, "s3://reg/falcon-chat/again", "--version", "run-8")
+    assert_user_error(again, "already has a version run-8", "nothing was pushed")
+    assert read_bucket(s3, "reg", "falcon-chat/again/") == {}  # refused before any upload
 
 
 def test_a_registry_that_is_down_fails_after_the_push(servers, tmp_path):

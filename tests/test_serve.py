@@ -217,9 +217,8 @@ def test_the_pipeline_deploys_only_when_asked(tmp_path):
 
     for enabled in (False, True):
         out = tmp_path / f"p{enabled}.yaml"
-        compile_pipeline(
-            load_recipe(TINY_DEMO, [f"serve.enabled={str(enabled).lower()}"]), str(out)
-        )
+        sets = [f"serve.enabled={str(enabled).lower()}", "output.uri=s3://models/tiny-demo"]
+        compile_pipeline(load_recipe(TINY_DEMO, sets), str(out))
         ir = yaml.safe_load(out.read_text().split("\n---\n")[0])
         root = ir["root"]["dag"]["tasks"]
         (condition,) = [t for t in root if t.startswith("condition")]

@@ -43,6 +43,20 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def check_task_file(path: Path, where: str) -> None:
+    """Load a task file as lm-eval will, its includes and `!function` helpers (a module beside
+    the YAML) with it, so that a missing helper is refused before any model is loaded rather
+    than when the first model is scored."""
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        load_yaml(path, resolve_func=True)
+    except (ImportError, AttributeError, ValueError, OSError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{where}: {first}") from None
+
+
 def resolve_tasks(entries: list[str]) -> tuple[list[HarnessTask], object]:
     """The recipe's tasks checked against lm-eval's index (files exist and define a task; names
     are registered) before any model is loaded, and the TaskManager that knows them."""
@@ -77,6 +91,7 @@ def resolve_tasks(entries: list[str]) -> tuple[list[HarnessTask], object]:
                     f"eval.lm_eval_tasks[{i}]: {entry}: defines no lm-eval task "
                     "(a task YAML has `task: NAME`, a group `group: NAME`)"
                 )
+            check_task_file(files[entry], f"eval.lm_eval_tasks[{i}]: {entry}")
             # a group file also indexes the tasks it lists inline: the group is the entry
             groups = [n for n in names if manager.task_index[n].kind.name == "GROUP"]
             tasks.append(HarnessTask((groups or names)[0], entry, files[entry].parent))
@@ -137,8 +152,9 @@ def score(model, tokenizer, tasks: list[HarnessTask], manager, cfg: RunConfig) -
                     torch_random_seed=cfg.train.seed,
                     fewshot_random_seed=cfg.train.seed,
                 )
-        except (OSError, ValueError, KeyError) as exc:
-            # a task's data that is missing or malformed: lm-eval and datasets raise these
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            # a task's data or a module it imports that is missing or malformed: lm-eval and
+            # datasets raise these
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"eval.lm_eval_tasks: {task.entry}: {first}") from None
         scores.append(_primary(result, task.name))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -41,7 +41,7 @@ def field_value(cfg: RunConfig, dotted: str):
     """The recipe's value of a pipeline field, as the field's parameter type (KFP refuses an
     integer default for a float parameter, and a field's default is not converted by pydantic:
     `lora.alpha` is 32 in a recipe without a lora section)."""
-    node = cfg
+    node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
     kind = next(kind for field, _, kind in PIPELINE_FIELDS if field == dotted)

@@ -31,10 +31,13 @@ def push(recipe_yaml: str, model_dir: str, eval_dir: str, summary_path: str | No
 
 
 def registrar(cfg: RunConfig, version: str):
-    """The push's `register` hook for the recipe's output.model_registry (None without one)."""
+    """The push's `register` hook for the recipe's output.model_registry (None without one),
+    once the registry has said that `version` is a new one."""
     if cfg.output.model_registry is None:
         return None
-    from .registry import register
+    from .registry import check_new_version, register
+
+    check_new_version(cfg.output.model_registry, version)
 
     return lambda manifest: register(
         cfg.output.model_registry, cfg.output.uri.rstrip("/"), version, manifest

@@ -4,6 +4,7 @@ every file's size and SHA-256 match it."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,26 @@ from ..storage import is_not_found, is_s3, s3_client, s3_errors, s3_key, split_s
 from .files import sha256_of
 from .manifest import MANIFEST, MANIFEST_FORMAT
 from .upload import Progress, check_workers
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_entry(item, where: str, seen: set[str]) -> None:
+    """One `files` entry of a manifest: a safe relative path listed once, a size and a SHA-256."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: an object with path, size and sha256 expected")
+    path, size, digest = item.get("path"), item.get("size"), item.get("sha256")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: no path")
+    if ".." in Path(path).parts or Path(path).is_absolute():
+        raise ValueError(f"{where}: unsafe path {path!r}")
+    if path in seen:
+        raise ValueError(f"{where}: {path} is listed twice")
+    seen.add(path)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"{where} ({path}): size must be a whole number of bytes, got {size!r}")
+    if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+        raise ValueError(f"{where} ({path}): no sha256 checksum (64 hex digits), got {digest!r}")
 
 
 def _fetch_manifest(source: str) -> dict:
@@ -38,13 +59,17 @@ def _fetch_manifest(source: str) -> dict:
         )
     try:
         manifest = json.loads(body)
-        files = manifest["files"]
+        if not isinstance(manifest, dict):
+            raise ValueError(f"a JSON object expected, got {type(manifest).__name__}")
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}")
-        for item in files:
-            if ".." in Path(item["path"]).parts or Path(item["path"]).is_absolute():
-                raise ValueError(f"unsafe path {item['path']!r}")
-    except (ValueError, KeyError, TypeError) as exc:
+        files = manifest.get("files")
+        if not isinstance(files, list):
+            raise ValueError("'files' must be a list")
+        seen: set[str] = set()
+        for n, item in enumerate(files):
+            check_entry(item, f"files[{n}]", seen)
+    except ValueError as exc:
         raise UserError(f"{source}/{MANIFEST}: not a kubetune manifest ({exc})") from None
     return manifest
 

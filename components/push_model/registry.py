@@ -40,6 +40,27 @@ def version_properties(manifest: dict) -> dict[str, str | float | bool]:
     return {k: v for k, v in props.items() if v != ""}
 
 
+def check_new_version(config: RegistryConfig, version: str) -> None:
+    """Refuse, before anything is uploaded, a version the registered model already has (the
+    registration, after the upload, would refuse it). A registry that does not answer now is
+    left to the registration, whose outcome manifest.json records."""
+    from model_registry import ModelRegistry
+
+    try:
+        client = ModelRegistry(config.server, author=config.author, log_level=logging.ERROR)
+        taken = (
+            client.get_registered_model(config.model_name) is not None
+            and client.get_model_version(config.model_name, version) is not None
+        )
+    except Exception:  # down or refusing now: the registration after the upload says so
+        return
+    if taken:
+        raise UserError(
+            f"the Model Registry at {config.server}: model {config.model_name} already has a "
+            f"version {version}; a run registers its model once (nothing was pushed)"
+        )
+
+
 def register(config: RegistryConfig, uri: str, version: str, manifest: dict) -> dict:
     """Register `uri` as `version` of config.model_name; the record manifest.json keeps."""
     from model_registry import ModelRegistry

@@ -16,7 +16,7 @@ import re
 from ..backends.pytorchjob import labels, uses_gpu
 from ..config import RunConfig
 from ..errors import UserError
-from ..k8s_values import dns_1035_label
+from ..k8s_values import dns_1035_label, quantity_value
 
 API_VERSION = "serving.kserve.io/v1beta1"
 KIND = "InferenceService"
@@ -36,13 +36,19 @@ def backend(cfg: RunConfig) -> str:
     return "vllm" if uses_gpu(cfg) else "huggingface"
 
 
-def render_inference_service(cfg: RunConfig, uri: str, name: str | None = None) -> dict:
-    """The InferenceService for the model pushed to `uri`, as a dict."""
-    from ..train.plan import MAX_SERVE_GPUS, inference_plan
+def render_inference_service(
+    cfg: RunConfig, uri: str, name: str | None = None, where: str = "--uri"
+) -> dict:
+    """The InferenceService for the model pushed to `uri` (`where`: the flag or recipe key it
+    came from), as a dict. What would only fail once the predictor starts is refused here: a
+    URI KServe cannot read, an unknown GPU type, too few GPUs or too little memory to hold the
+    model, vLLM without GPUs."""
+    from ..train.architecture import architecture
+    from ..train.plan import GB, MAX_SERVE_GPUS, gpu_memory_bytes, gpus_needed, inference_plan
 
     if not STORAGE.match(uri):
         raise UserError(
-            f"--uri {uri}: KServe's storage initializer reads s3://, gs://, pvc://, hf:// or "
+            f"{where} {uri}: KServe's storage initializer reads s3://, gs://, pvc://, hf:// or "
             "http(s):// URIs; give the pushed prefix, e.g. s3://bucket/models/NAME"
         )
     serve, k8s = cfg.serve, cfg.kubernetes
@@ -51,12 +57,21 @@ def render_inference_service(cfg: RunConfig, uri: str, name: str | None = None) 
         dns_1035_label(name, "--name")
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    plan = inference_plan(cfg)
+    gpu_bytes = gpu_memory_bytes(cfg)  # an unknown GPU type is refused, as `plan` does
+    arch = architecture(cfg)
+    plan = inference_plan(cfg, arch)
     gpus = plan.gpus if serve.gpus is None else serve.gpus
     if gpus > MAX_SERVE_GPUS:
         raise UserError(
             f"serving {cfg.model.name_or_path} needs {gpus} GPUs ({plan.reason}); one replica is "
             f"one pod, at most {MAX_SERVE_GPUS}: use larger GPUs (hardware.gpu) or set serve.gpus"
+        )
+    weights_gb = arch.total_params * 2 / GB
+    if gpus and gpu_bytes and gpus < (need := gpus_needed(arch.total_params, gpu_bytes / GB)):
+        raise UserError(
+            f"serve.gpus={gpus}: {cfg.model.name_or_path}'s {weights_gb:.1f} GB of bf16 weights "
+            f"and its KV cache need at least {need} x {cfg.hardware.gpu}; leave serve.gpus "
+            f"unset (kubetune plan's choice: {plan.gpus}) or give more"
         )
     engine = backend(cfg)
     if engine == "vllm" and gpus == 0:
@@ -65,6 +80,12 @@ def render_inference_service(cfg: RunConfig, uri: str, name: str | None = None) 
             "serve.backend=huggingface"
         )
     memory = serve.memory or plan.memory
+    if gpus == 0 and quantity_value(memory) < arch.total_params * 2:
+        raise UserError(
+            f"serve.memory={memory}: serving on CPUs holds {cfg.model.name_or_path}'s "
+            f"{weights_gb:.1f} GB of bf16 weights in memory; leave serve.memory unset "
+            f"({plan.memory}) or give more"
+        )
     requests = {"cpu": serve.cpu, "memory": memory}
     limits = {"memory": memory}
     if gpus:

@@ -126,8 +126,9 @@ def model_config(name_or_path: str):
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"model.name_or_path: no config for {name_or_path!r} ({exc}); kubetune "
+            f"model.name_or_path: no config for {name_or_path!r} ({first}); kubetune "
             f"plan knows {', '.join(KNOWN_CONFIGS)} without a download"
         ) from None
 

@@ -242,24 +242,30 @@ def parse_gpus(text: str | None, cfg: RunConfig) -> list[tuple[str, int]]:
     """`--gpus A100-80GB,2xH100-80GB`: GPU types, each optionally with a count (else the
     recipe's nodes x procs_per_node). Default: the recipe's hardware.gpu, else COMMON."""
     count = cfg.distributed.nodes * cfg.distributed.procs_per_node
-    if not text:
+    if text is None:
         if cfg.hardware.gpu in GPU_TYPES:
             return [(cfg.hardware.gpu, count)]
         return [(name, count) for name in COMMON]
+    if not text.strip():
+        raise UserError("--gpus: name at least one GPU type, e.g. A100-80GB,2xH100-80GB")
     chosen = []
     for item in (part.strip() for part in text.split(",")):
         n, name = count, item
         head, sep, rest = item.partition("x")
         if sep and head.isdigit():
             n, name = int(head), rest
+            if n < 1:
+                raise UserError(f"--gpus {item}: a count of GPUs is at least 1")
         types = named(name)
-        if len(types) != 1 or n < 1:
+        if len(types) != 1:
             which = " or ".join(g.name for g in types) if types else ", ".join(GPU_TYPES)
             raise UserError(
                 f"--gpus: {'which' if len(types) > 1 else 'unknown'} GPU type {item!r}? "
                 f"{'it may be' if len(types) > 1 else 'known:'} {which} "
                 "(optionally with a count: 8xA100-80GB)"
             )
+        if (types[0].name, n) in chosen:
+            raise UserError(f"--gpus {item}: {n} x {types[0].name} is listed twice")
         chosen.append((types[0].name, n))
     return chosen
 
