@@ -1,5 +1,8 @@
 """The `local` backend: torchrun on this machine, one worker process per
-`distributed.procs_per_node` (CPU + gloo where there is no GPU).
+`distributed.procs_per_node` (CPU + gloo where there is no GPU). Without CUDA the workers are
+forked from a launcher that has imported the worker once (forked_launch.py: torchrun's own
+elastic launcher with a function entrypoint), which halves a tiny run's CPU time; with CUDA
+each worker is a fresh interpreter, as in a pod.
 
 The workers' stderr comes through as it is written; torchrun's own failure report is held
 back and printed only for a real failure: a worker that stopped on a user error (a bad recipe
@@ -30,11 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(cfg: RunConfig, recipe: Path, dataset: Path, output: Path) -> list[str]:
+def torchrun_command(
+    cfg: RunConfig, recipe: Path, dataset: Path, output: Path, forked: bool = False
+) -> list[str]:
+    """torchrun and the worker module; `forked`: the workers forked from a launcher that has
+    imported them already (forked_launch.py; only where there is no CUDA)."""
+    launcher = "kubetune.components.backends.forked_launch" if forked else "torch.distributed.run"
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        launcher,
         "--nnodes",
         "1",
         "--nproc-per-node",
@@ -97,8 +105,11 @@ class LocalBackend:
             out.mkdir(exist_ok=True)
             (out / ERROR_FILE).unlink(missing_ok=True)
             recipe = write_resolved(cfg, out)
+        import torch
+
+        forked = not torch.cuda.is_available()
         proc = subprocess.Popen(
-            torchrun_command(cfg, recipe, Path(dataset).resolve(), out),
+            torchrun_command(cfg, recipe, Path(dataset).resolve(), out, forked),
             env=worker_env(cfg),
             start_new_session=True,
             stderr=subprocess.PIPE,

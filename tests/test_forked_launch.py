@@ -1,0 +1,63 @@
+"""The local backend's launcher without CUDA (components/backends/forked_launch.py): torchrun's
+elastic launcher with the worker forked from a process that imported it. Checked against
+torchrun itself on a stand-in worker (tests/env_worker.py): the same distributed environment
+per rank, and a refusing or crashing worker fails the launch as it does under torchrun, its
+traceback shown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kubetune.components.backends.local import free_port
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def launch(launcher: str, out, action: str) -> subprocess.CompletedProcess:
+    out.mkdir()
+    command = [
+        sys.executable, "-m", launcher, "--nnodes", "1", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "tests.env_worker", str(out), action,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def ranks(out) -> dict[int, dict]:
+    return {n: json.loads((out / f"rank-{n}.json").read_text()) for n in (0, 1)}
+
+
+FORKED, TORCHRUN = "kubetune.components.backends.forked_launch", "torch.distributed.run"
+
+
+def test_forked_workers_get_torchruns_environment(tmp_path):
+    forked = launch(FORKED, tmp_path / "forked", "ok")
+    plain = launch(TORCHRUN, tmp_path / "torchrun", "ok")
+    assert forked.returncode == 0 and plain.returncode == 0, (forked.stderr, plain.stderr)
+    theirs, ours = ranks(tmp_path / "torchrun"), ranks(tmp_path / "forked")
+    for n in (0, 1):
+        expected = {**theirs[n]["env"], "MASTER_PORT": None}
+        assert {**ours[n]["env"], "MASTER_PORT": None} == expected
+        assert ours[n]["env"]["RANK"] == str(n) and ours[n]["env"]["WORLD_SIZE"] == "2"
+        assert ours[n]["argv"] == [str(tmp_path / "forked"), "ok"]
+
+
+def test_a_worker_that_refuses_fails_the_launch(tmp_path):
+    result = launch(FORKED, tmp_path / "out", "refuse")
+    assert result.returncode != 0
+    assert "rank 0 ran" in result.stderr and "rank 1 ran" in result.stderr
+
+
+def test_a_crashing_worker_shows_its_traceback_and_fails_the_launch(tmp_path):
+    forked = launch(FORKED, tmp_path / "forked", "crash")
+    plain = launch(TORCHRUN, tmp_path / "torchrun", "crash")
+    for result in (forked, plain):
+        assert result.returncode != 0
+        assert "Traceback (most recent call last)" in result.stderr
+        assert 'raise RuntimeError("a bug in rank 1")' in result.stderr, result.stderr
