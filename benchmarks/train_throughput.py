@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,6 +183,9 @@ def kubetune_side(
         [KUBETUNE, "train", "tiny-demo", "--dataset", str(dataset), "--output", str(out)]
         + [a for s in sets for a in ("--set", s)]
     )
+    if args.keep:  # the run's own record, for fit_speed_model.py --add-run
+        args.keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / METRICS_FILE, args.keep / f"{out.name}.{METRICS_FILE}")
     metrics = json.loads((out / METRICS_FILE).read_text())
     losses = [loss for _, loss in metrics["loss"]]
     metrics["final_loss"] = sum(losses[-5:]) / len(losses[-5:])
@@ -417,6 +421,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--cases", help="comma-separated subset of the case labels")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="copy each kubetune side's metrics.json here (KEEP/kubetune-CASE-MICRO.metrics.json)",
+    )
     args = parser.parse_args(argv)
     import torch
 

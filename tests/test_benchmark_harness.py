@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,11 @@ from .conftest import REPO
 pytestmark = pytest.mark.integration
 
 
-def test_train_throughput_smoke_runs_both_sides():
+def test_train_throughput_smoke_runs_both_sides(tmp_path):
+    """On what the GPU check has there: only the GPU image's distributions and the wheels
+    benchmarks/gpu_check.sh carries are importable to the harness and the worker."""
+    from .test_gpu_check import image_env
+
     proc = subprocess.run(
         [
             sys.executable,
@@ -21,12 +26,20 @@ def test_train_throughput_smoke_runs_both_sides():
             "--smoke",
             "--cases",
             "tiny-falcon-qlora",
+            "--keep",
+            str(tmp_path / "runs"),
         ],
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, **image_env()},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    kept = sorted(p.name for p in (tmp_path / "runs").iterdir())  # for fit_speed_model --add-run
+    assert kept == [
+        "kubetune-tiny-falcon-qlora-2.metrics.json",
+        "kubetune-tiny-falcon-qlora-auto.metrics.json",
+    ]
     first = next(line for line in proc.stdout.splitlines() if line.startswith("{"))
     machine = json.loads(first)["machine"]
     assert machine["versions"]["torch"] and machine["versions"]["bitsandbytes"]
