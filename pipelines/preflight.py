@@ -1,11 +1,12 @@
-"""What a run on a cluster would refuse only when it reaches the step, refused before any work:
-every command that places work there (compile, compare, submit, render-job, render-serve,
-deploy) and `plan` run these checks, so a setting that can only fail at the end of a run fails
-when the pipeline is compiled.
+"""What a run on a cluster would refuse only when it reaches the step, refused before any work
+by every command that places work there (compile, compare, submit, render-job, render-serve,
+deploy), as `plan` refuses what it cannot plan: a setting that can only fail at the end of a
+run fails when the pipeline is compiled.
 
 - the GPU type the plan, the pods and the served replica are sized for is a known one;
-- the kernels the trainer image would choose exist for the model's architecture;
-- the training job (PyTorchJob or TrainJob) renders, with the admission rules render-job has;
+- train.kernels=liger has kernels for the model's architecture;
+- the training job (PyTorchJob or TrainJob) renders, with the admission rules render-job has,
+  and a Kueue queue is named only where Kueue queues the training (those two backends);
 - evaluation with vLLM has GPUs;
 - with serve.enabled, the deploy step's InferenceService renders (a URI KServe reads, GPUs for
   vLLM, a replica that holds the model) from output.uri.
@@ -36,7 +37,10 @@ def known_architecture(cfg: RunConfig):
 
 def check_kernels(cfg: RunConfig, arch) -> None:
     """train.kernels as the worker will choose them on the run's device (the trainer image has
-    liger-kernel)."""
+    liger-kernel). Only `liger` can be refused (auto and none choose what runs), so the other
+    settings cost no import of torch here."""
+    if cfg.train.kernels != "liger":
+        return
     import torch
 
     from kubetune.components.backends.pytorchjob import uses_gpu
@@ -87,8 +91,7 @@ def preflight(cfg: RunConfig, *, cluster: bool = True) -> None:
     """Every check above that applies to the recipe. `cluster`: the pipeline runs on a cluster
     (compile, compare, submit), so the training job and the deploy step are checked too."""
     check_gpu_type(cfg)
-    arch = known_architecture(cfg)
-    if arch is not None:
+    if cfg.train.kernels == "liger" and (arch := known_architecture(cfg)) is not None:
         check_kernels(cfg, arch)
     if not cluster:
         return
