@@ -139,6 +139,9 @@ def test_versions_are_pinned_in_one_place_that_everything_shares():
     for req in requirements:
         assert req.name.lower() in pins, f"{req.name} is not pinned in images/constraints.txt"
         assert req.specifier.contains(pins[req.name.lower()]), (req, pins[req.name.lower()])
+        # the lower bound is the pin: the version .ci/run's pinned tier really tests
+        (lower,) = [s.version for s in req.specifier if s.operator == ">="]
+        assert lower == pins[req.name.lower()], f"{req}: its lower bound is not the tested pin"
     dev_torch = next(
         Requirement(r) for r in project["optional-dependencies"]["dev"] if r.startswith("torch")
     )
@@ -176,8 +179,12 @@ def test_the_eval_image_pins_what_vllm_requires_and_shares_every_other_pin():
             own[name.lower()] = version
     (vllm,) = [Requirement(r) for r in project["optional-dependencies"]["vllm"]]
     assert vllm.specifier.contains(own["vllm"])
+    image = {**constraints(), **own}  # what the eval image installs
     for requirement in map(Requirement, VLLM_REQUIRES):
-        assert requirement.specifier.contains(own[requirement.name]), requirement
+        assert requirement.specifier.contains(image[requirement.name]), requirement
+    for text in project["dependencies"]:  # kubetune's own ranges admit the image's versions
+        requirement = Requirement(text)
+        assert requirement.specifier.contains(image[requirement.name.lower()]), requirement
     dockerfile = (REPO / "images" / "eval" / "Dockerfile").read_text()
     # the shared pins the Dockerfile drops are exactly the ones this image replaces
     dropped = re.search(r"grep -vE '\^\(([a-z|_-]+)\)=='", dockerfile).group(1).split("|")
