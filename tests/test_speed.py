@@ -109,6 +109,14 @@ def test_flops_match_torch_flop_counter(model, method, checkpointing):
     )
 
 
+def pinned_version(name: str) -> str:
+    """images/constraints.txt's version of a package."""
+    for line in (REPO / "images" / "constraints.txt").read_text().splitlines():
+        if line.startswith(f"{name}=="):
+            return line.split("==")[1]
+    raise KeyError(name)
+
+
 def test_ops_per_layer_match_the_dispatched_ops():
     """LAYER_OPS and LORA_OPS are the aten ops a decoder layer dispatches (forward, backward),
     recounted here: the difference between a 4-layer and a 2-layer model."""
@@ -138,9 +146,20 @@ def test_ops_per_layer_match_the_dispatched_ops():
         (f2, b2), (f4, b4) = counts
         return (f4 - f2) / 2, (b4 - b2) / 2
 
+    import transformers
+
+    pinned = pinned_version("transformers")
     for model, family in (("tiny://llama", "llama"), ("tiny://falcon", "falcon")):
         cfg = tiny_cfg(model, "method=lora")
         forward, backward = per_layer(cfg, lora=False)
+        if transformers.__version__ != pinned and (forward, backward) != pytest.approx(
+            LAYER_OPS[family], rel=0.1
+        ):  # the counts are the pinned transformers' (the images'), which the plan describes
+            pytest.skip(
+                f"transformers {transformers.__version__} dispatches {forward:g}/{backward:g} "
+                f"ops per {family} layer (forward/backward); LAYER_OPS counts the pinned "
+                f"{pinned}'s {LAYER_OPS[family][0]}/{LAYER_OPS[family][1]}"
+            )
         assert forward == pytest.approx(LAYER_OPS[family][0], rel=0.1), (model, forward)
         assert backward == pytest.approx(LAYER_OPS[family][1], rel=0.1), (model, backward)
         lora_f, lora_b = per_layer(cfg, lora=True)
