@@ -61,3 +61,21 @@ def test_a_crashing_worker_shows_its_traceback_and_fails_the_launch(tmp_path):
         assert result.returncode != 0
         assert "Traceback (most recent call last)" in result.stderr
         assert 'raise RuntimeError("a bug in rank 1")' in result.stderr, result.stderr
+
+
+def test_the_launcher_is_chosen_by_cuda_unless_the_environment_says(monkeypatch):
+    import torch
+
+    from kubetune.components.backends.local import forked_workers
+    from kubetune.components.errors import UserError
+
+    monkeypatch.delenv("KUBETUNE_LOCAL_LAUNCHER", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert forked_workers() is False  # with CUDA: a fresh interpreter per worker, as in a pod
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert forked_workers() is True
+    monkeypatch.setenv("KUBETUNE_LOCAL_LAUNCHER", "torchrun")
+    assert forked_workers() is False
+    monkeypatch.setenv("KUBETUNE_LOCAL_LAUNCHER", "spawn")
+    with pytest.raises(UserError, match="KUBETUNE_LOCAL_LAUNCHER=spawn: forked or torchrun"):
+        forked_workers()

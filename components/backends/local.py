@@ -55,6 +55,23 @@ def torchrun_command(
     ]
 
 
+LAUNCHER_ENV = "KUBETUNE_LOCAL_LAUNCHER"  # forked or torchrun: overrides the choice below
+
+
+def forked_workers() -> bool:
+    """Whether the workers are forked from a launcher that imported them (forked_launch.py):
+    only where torch sees no CUDA device (forking after CUDA is initialised is unsafe), unless
+    KUBETUNE_LOCAL_LAUNCHER says torchrun (or forked)."""
+    choice = os.environ.get(LAUNCHER_ENV, "")
+    if choice not in ("", "forked", "torchrun"):
+        raise UserError(f"{LAUNCHER_ENV}={choice}: forked or torchrun")
+    if choice:
+        return choice == "forked"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = dict(os.environ)
     import torch
@@ -105,11 +122,8 @@ class LocalBackend:
             out.mkdir(exist_ok=True)
             (out / ERROR_FILE).unlink(missing_ok=True)
             recipe = write_resolved(cfg, out)
-        import torch
-
-        forked = not torch.cuda.is_available()
         proc = subprocess.Popen(
-            torchrun_command(cfg, recipe, Path(dataset).resolve(), out, forked),
+            torchrun_command(cfg, recipe, Path(dataset).resolve(), out, forked_workers()),
             env=worker_env(cfg),
             start_new_session=True,
             stderr=subprocess.PIPE,
