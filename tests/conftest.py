@@ -23,13 +23,6 @@ TINY_DEMO = RECIPES / "tiny-demo.yaml"
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 
 
-def pytest_collection_modifyitems(items: list) -> None:
-    """The integration tier (the long tests: torchrun, pipelines) first: xdist hands tests out
-    in order, and the quick ones then fill the workers' gaps at the end instead of one long
-    test running on its own while the other workers wait."""
-    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
-
-
 class CliResult:
     def __init__(self, proc: subprocess.CompletedProcess):
         self.code, self.out, self.err = proc.returncode, proc.stdout, proc.stderr
