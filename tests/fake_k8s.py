@@ -23,6 +23,7 @@ from .k8s_schemas import (
     pod_template_errors,
     pytorchjob_api_errors,
     trainer_api_errors,
+    trainer_webhook_errors,
     trainjob_pod,
 )
 
@@ -273,8 +274,8 @@ class FakeKube:
                     from .kserve_api import kserve_errors
 
                     errors = kserve_errors(body)
-                elif fake.kind["kind"] == "TrainJob":
-                    errors = trainer_api_errors(body)
+                elif fake.kind["kind"] == "TrainJob":  # the API models, then the webhook
+                    errors = trainer_api_errors(body) or trainer_webhook_errors(body)
                 else:
                     errors = crd_errors(body, fake.kind["kind"]) + pytorchjob_api_errors(body)
                 if fake.kind["kind"] == "TrainJob" and not errors:

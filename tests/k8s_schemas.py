@@ -133,6 +133,36 @@ def trainer_api_errors(obj: dict) -> list[str]:
     return _lost(obj, back, "")
 
 
+# k8s.io/apimachinery/pkg/util/validation: IsDomainPrefixedPath's two parts
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+HTTP_PATH = re.compile(r"^[A-Za-z0-9/\-._~%!$&'()*+,;=:]+$")
+
+
+def is_domain_prefixed_path(value: str) -> bool:
+    """Kubernetes' IsDomainPrefixedPath: `example.io/name`, a DNS-1123 subdomain of at most 253
+    characters, a slash, an HTTP path."""
+    host, slash, path = value.partition("/")
+    return bool(
+        slash and host and path and len(host) <= 253 and DNS1123_SUBDOMAIN.match(host)
+        and HTTP_PATH.match(path)
+    )  # fmt: skip
+
+
+def trainer_webhook_errors(job: dict) -> list[str]:
+    """What Trainer v2.3's TrainJob validating webhook (failurePolicy: Fail) refuses and no
+    schema shows: every spec.runtimePatches[].manager must be a domain-prefixed path
+    (kubeflow/trainer v2.3.0, pkg/runtime/framework/plugins/jobset/jobset.go)."""
+    errors = []
+    for n, patch in enumerate(job.get("spec", {}).get("runtimePatches") or []):
+        manager = patch.get("manager", "")
+        if not is_domain_prefixed_path(manager):
+            errors.append(
+                f"spec.runtimePatches[{n}].manager: Invalid value: {manager!r}: must be a "
+                'domain-prefixed path (such as "acme.io/foo")'
+            )
+    return errors
+
+
 TRAINING_API_VERSION = "1.9.3"  # kubeflow-training, pinned in pyproject.toml's dev extra
 
 

@@ -12,9 +12,11 @@ import yaml
 from .conftest import REPO, TINY_DEMO, assert_user_error, run_cli
 from .fake_k8s import shipped_runtime
 from .k8s_schemas import (
+    is_domain_prefixed_path,
     pod_template_errors,
     restricted_violations,
     trainer_api_errors,
+    trainer_webhook_errors,
     trainjob_pod,
 )
 from .test_kubernetes import RECIPE_FILES, TRAIN, fake_kube, render, start, wait_for
@@ -34,6 +36,24 @@ def rendered(recipe, nodes: int, kind: str) -> dict:
     return (render_trainjob if kind == "trainjob" else render_job)(cfg, "kt-run")
 
 
+@pytest.mark.parametrize(
+    "manager, admitted",
+    [
+        ("kubetune.io/launcher", True),
+        ("kueue.x-k8s.io/manager", True),  # upstream's own managers
+        ("trainer.kubeflow.org/kubeflow-sdk", True),
+        ("kubetune", False),  # what kubetune sent before: every TrainJob was refused
+        ("Kubetune.io/x", False),
+        ("kubetune.io/", False),
+        ("/launcher", False),
+    ],
+)
+def test_trainers_webhook_admits_only_domain_prefixed_managers(manager, admitted):
+    assert is_domain_prefixed_path(manager) is admitted
+    job = {"spec": {"runtimePatches": [{"manager": manager}]}}
+    assert (trainer_webhook_errors(job) == []) is admitted
+
+
 @pytest.mark.parametrize("nodes", [1, 2, 4])
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
 def test_every_recipe_renders_a_valid_trainjob(recipe, nodes):
@@ -43,7 +63,8 @@ def test_every_recipe_renders_a_valid_trainjob(recipe, nodes):
     assert trainer_api_errors(job) == []  # Trainer v2.3's API keeps every field
     assert "podSpecOverrides" not in job["spec"] and "labels" not in job["spec"]
     (patch,) = job["spec"]["runtimePatches"]
-    assert patch["manager"] == "kubetune"
+    assert patch["manager"] == "kubetune.io/launcher"
+    assert trainer_webhook_errors(job) == []  # Trainer's webhook admits it
     assert job["kind"] == "TrainJob" and job["spec"]["trainer"]["numNodes"] == nodes
     reference = rendered(recipe, nodes, "pytorchjob")
     master = reference["spec"]["pytorchReplicaSpecs"]["Master"]["template"]

@@ -11,7 +11,7 @@ and the failure policy (a failed pod fails its Job; the JobSet restarts every no
 The TrainJob holds what each run sets, the same values as the PyTorchJob's: the trainer image,
 the very same torchrun command (Trainer v2 sets the same PET_* variables as the Training
 Operator), the environment (the resolved recipe, secrets by reference), resources per node,
-nodes and processes per node, and through one `runtimePatches` entry (manager `kubetune`) the
+nodes and processes per node, and through one `runtimePatches` entry (manager `kubetune.io/launcher`) the
 ServiceAccount, the workspace PVC, /dev/shm and /tmp volumes and mounts, the GPU node pool's
 selector and tolerations, and the run's labels on the JobSet and its pods.
 
@@ -49,7 +49,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "TrainJob"
 NODE = "node"  # the replicated job and container Trainer v2's torch plugin configures
 ANCESTOR = "trainer.kubeflow.org/trainjob-ancestor-step"
-MANAGER = "kubetune"  # the owner of kubetune's runtimePatches entry
+# the owner of kubetune's runtimePatches entry: Trainer's webhook admits only a domain-prefixed
+# path (kubeflow/trainer v2.3.0, pkg/runtime/framework/plugins/jobset/jobset.go)
+MANAGER = "kubetune.io/launcher"
 
 
 def render_trainjob(
