@@ -70,7 +70,7 @@ class ServeConfig(Section):
     memory: str | None = Field(
         None, description="Memory per replica; unset: kubetune plan's inference estimate."
     )
-    cpu: str = Field("4", description="CPU request per replica.")
+    cpu: str = Field("4", description="CPU request and limit per replica.")
     max_model_len: int | None = Field(
         None, gt=0, description="vLLM's --max-model-len; unset: the model's own."
     )

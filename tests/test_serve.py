@@ -54,6 +54,51 @@ def test_every_recipe_renders_a_valid_inference_service(recipe):
         assert "nvidia.com/gpu" not in limits and "--backend=huggingface" in model["args"]
 
 
+# The stock kserve-huggingfaceserver ClusterServingRuntime's container resources
+# (kserve/kserve config/runtimes/kserve-huggingfaceserver.yaml).
+RUNTIME_RESOURCES = {
+    "requests": {"cpu": "1", "memory": "2Gi"},
+    "limits": {"cpu": "1", "memory": "2Gi"},
+}
+
+
+def merged_resources(runtime: dict, predictor: dict) -> dict:
+    """The pod container's resources as KServe builds them: the runtime's container merged with
+    the predictor's by a strategic merge patch, maps key by key, the predictor's value winning
+    (kserve/kserve pkg/utils/container_merge.go, MergeRuntimeContainers)."""
+    return {
+        part: {**runtime.get(part, {}), **predictor.get(part, {})}
+        for part in ("requests", "limits")
+    }
+
+
+@pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
+@pytest.mark.parametrize("sets", [(), ("serve.cpu=12",), ("hardware.gpu=none",)])
+def test_the_predictor_pod_kserve_builds_is_one_the_api_server_admits(recipe, sets):
+    """Request <= limit for cpu and memory, GPU request = limit, in the container KServe makes
+    of the rendered predictor and the stock runtime (the pod's validation in the API server:
+    k8s.io/kubernetes pkg/apis/core/validation, ValidateResourceRequirements)."""
+    from kubetune.components.k8s_values import quantity_value
+
+    if "hardware.gpu=none" in sets and "180b" in recipe.stem:
+        pytest.skip("a 180B model is not served on CPUs")
+    model = rendered(recipe, *sets)["spec"]["predictor"]["model"]
+    pod = merged_resources(RUNTIME_RESOURCES, model["resources"])
+    for resource in ("cpu", "memory"):
+        request, limit = pod["requests"][resource], pod["limits"][resource]
+        assert quantity_value(request) <= quantity_value(limit), (resource, request, limit)
+    gpu = {part: pod[part].get("nvidia.com/gpu") for part in ("requests", "limits")}
+    assert gpu["requests"] == gpu["limits"]
+
+
+def test_the_merge_would_refuse_a_cpu_request_above_the_runtimes_limit():
+    """What every InferenceService did before: requests.cpu 4 and no cpu limit."""
+    from kubetune.components.k8s_values import quantity_value
+
+    pod = merged_resources(RUNTIME_RESOURCES, {"requests": {"cpu": "4", "memory": "8Gi"}})
+    assert quantity_value(pod["requests"]["cpu"]) > quantity_value(pod["limits"]["cpu"])
+
+
 @pytest.mark.integration
 def test_render_serve_cli():
     result = run_cli(

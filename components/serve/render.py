@@ -86,8 +86,11 @@ def render_inference_service(
             f"{weights_gb:.1f} GB of bf16 weights in memory; leave serve.memory unset "
             f"({plan.memory}) or give more"
         )
+    # every limit set, each equal to its request: KServe merges the predictor's resources with
+    # the ServingRuntime's key by key, and the stock runtime's limits.cpu "1" would otherwise
+    # stay below serve.cpu (a pod the API server refuses)
     requests = {"cpu": serve.cpu, "memory": memory}
-    limits = {"memory": memory}
+    limits = {"cpu": serve.cpu, "memory": memory}
     if gpus:
         requests[k8s.gpu_resource] = str(gpus)
         limits[k8s.gpu_resource] = str(gpus)
