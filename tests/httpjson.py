@@ -11,10 +11,14 @@ class Loopback:
     """A fake server on 127.0.0.1 and a free port, serving `_handler()`'s class in a thread:
     `url` is its base URL, `close()` stops it."""
 
-    def start(self) -> None:
+    def start(self, tls=None) -> None:
+        """`tls`: an ssl.SSLContext to serve HTTPS with."""
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

@@ -321,9 +321,8 @@ def test_the_pod_command_trains_with_the_operators_environment(tmp_path, tiny_da
     progress there, the figures of its last log line."""
     from .status_server import StatusServer
 
-    status = StatusServer()
-    token = tmp_path / "token"
-    token.write_text("sa-token")
+    (tmp_path / "trainer").mkdir()
+    status = StatusServer(tmp_path / "trainer")
 
     dataset = tmp_path / "workspace" / "ds"
     dataset.parent.mkdir()
@@ -335,7 +334,7 @@ def test_the_pod_command_trains_with_the_operators_environment(tmp_path, tiny_da
         extra=("--dataset", "/workspace/ds"),
     )
     command, env = master_pod(job, tmp_path / "workspace")
-    env.update(status.env(token))
+    env.update(status.env())
     try:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     finally:

@@ -5,9 +5,11 @@ tokens/s. Rank 0 prints them in its `step N/M ...` line, the KFP train task logs
 as its Metrics, and on a TrainJob `TrainerStatus` sends them to Kubeflow Trainer's trainer
 status API, which puts them in the TrainJob's `status.trainerStatus` (`kubectl get trainjob -o
 yaml`, the Kubeflow SDK). Trainer v2.2+ injects the endpoint into the trainer pods when its
-`TrainJobStatus` feature gate is on: KUBEFLOW_TRAINER_STATUS_URL (HTTPS), _CA_CERT (the CA
-file) and _TOKEN (a projected ServiceAccount token file). Without them (a PyTorchJob, a local
-run, the gate off) nothing is sent.
+`TrainJobStatus` feature gate is on: KUBEFLOW_TRAINER_SERVER_URL (HTTPS, the job's own status
+path), _CA_CERT (the CA file) and _TOKEN (a projected ServiceAccount token file, which rotates:
+read at every update), the names transformers' Kubeflow callback and the Kubeflow SDK read too
+(kubeflow/trainer v2.3.0, pkg/runtime/framework/plugins/trainjobstatus/trainjobstatus.go).
+Without them (a PyTorchJob, a local run, the gate off) nothing is sent.
 
 Updates go at most once per 5 s (the last one, at 100%, always), from a background thread so a
 slow endpoint never stalls a step; a failing endpoint is reported once on stderr and never
@@ -28,9 +30,9 @@ from datetime import datetime, timezone
 
 from ..console import duration
 
-URL_ENV = "KUBEFLOW_TRAINER_STATUS_URL"
-CA_ENV = "KUBEFLOW_TRAINER_STATUS_CA_CERT"
-TOKEN_ENV = "KUBEFLOW_TRAINER_STATUS_TOKEN"
+URL_ENV = "KUBEFLOW_TRAINER_SERVER_URL"
+CA_ENV = "KUBEFLOW_TRAINER_SERVER_CA_CERT"
+TOKEN_ENV = "KUBEFLOW_TRAINER_SERVER_TOKEN"
 MIN_INTERVAL = 5.0  # seconds between updates, as the Kubeflow SDK's update_runtime_status
 TIMEOUT = 5.0
 
