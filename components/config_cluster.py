@@ -191,6 +191,13 @@ class KubernetesConfig(Section):
         description="How long the launcher waits for Kueue to admit (or re-admit, after a "
         "preemption) the job before it gives up with an error; the job stays queued.",
     )
+    queue_pickup_seconds: int = Field(
+        120,
+        gt=0,
+        description="How long the launcher waits for Kueue to create the queued job's Workload "
+        "before it says Kueue does not manage this kind of job (its integration is off: Kueue "
+        "v0.19+ no longer enables kubeflow.org/pytorchjob by default) and deletes the job.",
+    )
     workspace: Literal["pvc", "kfp"] = Field(
         "pvc",
         description="pvc: the existing PVC kubernetes.workspace_pvc; kfp: the KFP run's own "

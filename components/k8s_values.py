@@ -159,5 +159,7 @@ def pod_name_room(nodes: int) -> int:
 
 
 def check_job_name(value: str, key: str, nodes: int) -> str:
-    """A PyTorchJob name the Training Operator can turn into pod and service names."""
-    return dns_label(value, key, max_length=pod_name_room(nodes))
+    """A job name the controllers take: a DNS-1035 label (the Training Operator's PyTorchJob
+    webhook checks NameIsDNS1035Label; a TrainJob's JobSet names Services after it), short
+    enough for the pod and service names made from it."""
+    return dns_1035_label(value, key, max_length=pod_name_room(nodes))

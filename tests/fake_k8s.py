@@ -1,9 +1,19 @@
-"""A loopback HTTP server answering the Kubernetes REST paths the launcher uses for a PyTorchJob
-or a Trainer v2 TrainJob, since no API server runs in CI. Created jobs are checked against their
-CRD schema (a TrainJob against Trainer v2.3's API models) and their pod template against the core schema (kubernetes-validate; a TrainJob's
-pod is the shipped runtime's template with the job's trainer and overrides applied), like an API
-server with strict field validation would; the job then moves through the conditions a scenario
-gives ("pod" starts rank 0's pod without a condition, as a TrainJob has no Running)."""
+"""A loopback HTTP server answering the Kubernetes REST paths the launcher uses for a PyTorchJob,
+a Trainer v2 TrainJob or a KServe InferenceService, since no API server runs in CI. It refuses
+what the real servers refuse, each rule with its source:
+- every request is authorized against the launcher's Role as shipped (manifests/base/rbac.yaml),
+  as RBAC's RuleAllows does: a verb or resource the Role lacks gets 403 and is recorded;
+- created objects are checked against their upstream CRD with its CEL rules (tests/k8s_schemas.py),
+  the API models (kubeflow-training, kubeflow-trainer-api, kserve), the admission webhooks
+  (the Training Operator's DNS-1035 names and replica rules; Trainer's runtime-patch managers),
+  and their pods against the core schema and the API server's own pod rules (request <= limit,
+  GPU request = limit, mounts of existing volumes); a TrainJob's pod is the shipped runtime's
+  template with the job's trainer and runtimePatches applied;
+- a queued job gets a Kueue Workload (label kueue.x-k8s.io/job-uid) only when Kueue's
+  integration for its kind is enabled (`kueue`; None: Kueue not installed);
+- a watch can end in 410 Gone (`gone_watches`), as one from a compacted resourceVersion does.
+The job then moves through the conditions a scenario gives ("pod" starts rank 0's pod without a
+condition, as a TrainJob has no Running)."""
 
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ from .k8s_schemas import (
     crd_errors,
     pod_template_errors,
     pytorchjob_api_errors,
+    pytorchjob_webhook_errors,
     trainer_api_errors,
     trainer_webhook_errors,
     trainjob_pod,
@@ -50,6 +61,63 @@ KINDS = {
 }
 
 
+KUEUE_FRAMEWORKS = {  # Kueue's integration names (its Configuration's integrations.frameworks)
+    "PyTorchJob": "kubeflow.org/pytorchjob",
+    "TrainJob": "trainer.kubeflow.org/trainjob",
+}
+WORKLOADS = "/apis/kueue.x-k8s.io/v1beta2/namespaces/{ns}/workloads"
+QUEUE_LABEL, JOB_UID_LABEL = "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/job-uid"
+PICKUP_DELAY = 0.3  # seconds before Kueue's job reconciler makes a queued job's Workload
+
+
+def role_rules() -> list[dict]:
+    """The launcher's Role as shipped (manifests/base/rbac.yaml)."""
+    docs = yaml.safe_load_all((REPO / "manifests" / "base" / "rbac.yaml").read_text())
+    (role,) = [d for d in docs if d and d["kind"] == "Role"]
+    return role["rules"]
+
+
+def request_attributes(method: str, path: str) -> tuple[str, str, str] | None:
+    """(API group, resource[/subresource], verb) of a request, as the API server's
+    RequestInfoFactory derives them (k8s.io/apiserver pkg/endpoints/request/requestinfo.go);
+    None for a path that names no resource."""
+    url = urlparse(path)
+    parts = [p for p in url.path.split("/") if p]
+    if parts[:1] == ["api"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"]:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]
+    if not rest:
+        return None
+    resource, name, sub = rest[0], rest[1] if len(rest) > 1 else "", rest[2:3]
+    query = {k: v[0] for k, v in parse_qs(url.query).items()}
+    if method == "GET":
+        if name:
+            verb = "get"
+        else:
+            verb = "watch" if query.get("watch", "").lower() in ("true", "1") else "list"
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+        if method == "DELETE" and not name:
+            verb = "deletecollection"
+    return group, resource + (f"/{sub[0]}" if sub else ""), verb
+
+
+def allowed(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    """RBAC's RuleAllows (k8s.io/kubernetes plugin/pkg/auth/authorizer/rbac/rbac.go): some rule
+    names the group, the resource (with its subresource) and the verb, or '*'."""
+    return any(
+        (group in r.get("apiGroups", []) or "*" in r.get("apiGroups", []))
+        and (resource in r.get("resources", []) or "*" in r.get("resources", []))
+        and (verb in r.get("verbs", []) or "*" in r.get("verbs", []))
+        for r in rules
+    )
+
+
 def shipped_runtime() -> dict:
     return yaml.safe_load(
         (REPO / "manifests" / "trainer-v2" / "clustertrainingruntime.yaml").read_text()
@@ -68,6 +136,12 @@ class FakeKube:
         self.failures: dict[str, list[int]] = {}  # "POST"/"GET"/...: statuses to answer first
         self.scenario: list[tuple[float, str, str, str]] | None = None
         self.rv = 0
+        # Kueue: the integrations its Configuration enables (None: Kueue not installed)
+        self.kueue: set[str] | None = set(KUEUE_FRAMEWORKS.values())
+        self.workloads: dict[str, dict] = {}
+        self.rules = role_rules()  # what the launcher's service account may do
+        self.forbidden: list[tuple[str, str, str]] = []  # requests the Role does not allow
+        self.gone_watches = 0  # watches to end with 410 Gone (a compacted resourceVersion)
         self.cond = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -184,6 +258,40 @@ class FakeKube:
             else:
                 self.set_condition(name, kind, reason, message)
 
+    def make_workload(self, job: dict) -> None:
+        """What Kueue's job reconciler does for a job with a queue label whose integration is
+        enabled: a Workload labelled with the job's uid, owned by the job."""
+        kind = self.kind["kind"]
+        if self.kueue is None or KUEUE_FRAMEWORKS.get(kind) not in self.kueue:
+            return
+        meta = job["metadata"]
+        with self.cond:
+            if meta["name"] not in self.jobs:
+                return
+            name = f"{kind.lower()}-{meta['name']}-{meta['uid'][:5]}"
+            self.workloads[name] = {
+                "apiVersion": "kueue.x-k8s.io/v1beta2",
+                "kind": "Workload",
+                "metadata": {
+                    "name": name,
+                    "namespace": self.ns,
+                    "labels": {
+                        JOB_UID_LABEL: meta["uid"],
+                        QUEUE_LABEL: meta["labels"][QUEUE_LABEL],
+                    },
+                    "ownerReferences": [
+                        {
+                            "apiVersion": job["apiVersion"],
+                            "kind": kind,
+                            "name": meta["name"],
+                            "uid": meta["uid"],
+                            "controller": True,
+                        }
+                    ],
+                },
+                "spec": {"queueName": meta["labels"][QUEUE_LABEL], "active": True},
+            }
+
     # --- internals ---
 
     def _bump(self, job: dict) -> None:
@@ -254,6 +362,22 @@ class FakeKube:
                 length = int(self.headers.get("Content-Length") or 0)
                 return json.loads(self.rfile.read(length)) if length else None
 
+            def _forbidden(self, method: str) -> bool:
+                """The Role's verdict, as the RBAC authorizer gives it before anything else."""
+                attributes = request_attributes(method, self.path)
+                if attributes is None or allowed(fake.rules, *attributes):
+                    return False
+                group, resource, verb = attributes
+                fake.forbidden.append(attributes)
+                self._status(
+                    403,
+                    "Forbidden",
+                    f'{resource} is forbidden: User "system:serviceaccount:{fake.ns}:kubetune" '
+                    f'cannot {verb} resource "{resource}" in API group "{group}" in the '
+                    f'namespace "{fake.ns}"',
+                )
+                return True
+
             def _injected(self, method: str) -> bool:
                 queue = fake.failures.get(method)
                 if queue:
@@ -265,7 +389,7 @@ class FakeKube:
             def do_POST(self):
                 body = self._body()
                 fake.requests.append(("POST", self.path, body))
-                if self._injected("POST"):
+                if self._forbidden("POST") or self._injected("POST"):
                     return
                 jobs = fake.kind["jobs"].format(ns=fake.ns)
                 if urlparse(self.path).path != jobs:
@@ -274,10 +398,17 @@ class FakeKube:
                     from .kserve_api import kserve_errors
 
                     errors = kserve_errors(body)
-                elif fake.kind["kind"] == "TrainJob":  # the API models, then the webhook
-                    errors = trainer_api_errors(body) or trainer_webhook_errors(body)
-                else:
-                    errors = crd_errors(body, fake.kind["kind"]) + pytorchjob_api_errors(body)
+                    errors = errors or crd_errors(body)
+                elif fake.kind["kind"] == "TrainJob":  # CRD (CEL too), models, then the webhook
+                    errors = (
+                        crd_errors(body) or trainer_api_errors(body) or trainer_webhook_errors(body)
+                    )
+                else:  # the CRD, the API models, then the Training Operator's webhook
+                    errors = (
+                        crd_errors(body, fake.kind["kind"])
+                        + pytorchjob_api_errors(body)
+                        + pytorchjob_webhook_errors(body)
+                    )
                 if fake.kind["kind"] == "TrainJob" and not errors:
                     errors += pod_template_errors(trainjob_pod(shipped_runtime(), body))
                 for replica in body.get("spec", {}).get("pytorchReplicaSpecs", {}).values():
@@ -296,12 +427,16 @@ class FakeKube:
                     spec = body["spec"]
                     if (spec.get("runPolicy") or spec).get("suspend"):
                         fake.suspend(name, True)  # queued: the controller's condition
+                if QUEUE_LABEL in (body["metadata"].get("labels") or {}):
+                    threading.Timer(PICKUP_DELAY, fake.make_workload, (body,)).start()
                 threading.Thread(target=fake.run_scenario, args=(name,), daemon=True).start()
                 self._send(201, body)
 
             def do_PUT(self):  # replace: a new spec, the status kept
                 body = self._body()
                 fake.requests.append(("PUT", self.path, body))
+                if self._forbidden("PUT"):
+                    return
                 from .kserve_api import kserve_errors
 
                 errors = kserve_errors(body) if fake.kind["kind"] == "InferenceService" else []
@@ -325,7 +460,7 @@ class FakeKube:
 
             def do_DELETE(self):
                 fake.requests.append(("DELETE", self.path, self._body()))
-                if self._injected("DELETE"):
+                if self._forbidden("DELETE") or self._injected("DELETE"):
                     return
                 name = urlparse(self.path).path.rsplit("/", 1)[-1]
                 with fake.cond:
@@ -340,9 +475,30 @@ class FakeKube:
                 url = urlparse(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 fake.requests.append(("GET", self.path, None))
-                if self._injected("GET"):
+                if self._forbidden("GET") or self._injected("GET"):
                     return
                 jobs = fake.kind["jobs"].format(ns=fake.ns)
+                if url.path == WORKLOADS.format(ns=fake.ns):
+                    if fake.kueue is None:  # no Kueue: the API has no such resource
+                        return self._status(404, "NotFound", "the server could not find it")
+                    wanted = dict(
+                        kv.split("=", 1) for kv in query.get("labelSelector", "").split(",") if kv
+                    )
+                    with fake.cond:
+                        items = [
+                            w
+                            for w in fake.workloads.values()
+                            if all(w["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+                        ]
+                    return self._send(
+                        200,
+                        {
+                            "apiVersion": "kueue.x-k8s.io/v1beta2",
+                            "kind": "WorkloadList",
+                            "metadata": {},
+                            "items": items,
+                        },
+                    )
                 if url.path == jobs and query.get("watch", "").lower() == "true":
                     return self._watch(query)
                 if url.path.startswith(jobs + "/"):
@@ -377,6 +533,19 @@ class FakeKube:
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 with fake.cond:
+                    if fake.gone_watches > 0:  # the resourceVersion was compacted away
+                        fake.gone_watches -= 1
+                        status = {
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "status": "Failure",
+                            "message": f"too old resource version: {sent} ({fake.rv})",
+                            "reason": "Expired",
+                            "code": 410,
+                        }
+                        event = {"type": "ERROR", "object": status}
+                        self.wfile.write((json.dumps(event) + "\n").encode())
+                        return
                     while time.monotonic() < deadline:
                         job = fake.jobs.get(name)
                         if job is None:

@@ -1,7 +1,9 @@
 """Validation against the real schemas: the Training Operator's PyTorchJob CRD (a copy in
 ../shared/schemas/), Trainer v2.3's TrainJob and ClusterTrainingRuntime through the
-kubeflow-trainer-api models (the CRD copies in ../shared/schemas/ are v2.0/2.1's), Kubernetes
-core/RBAC types with kubernetes-validate, and the rules of the
+kubeflow-trainer-api models and their upstream v2.3.0 CRDs, KServe v0.20's InferenceService and
+Kueue v0.17's CRDs (schemas with their CEL rules, evaluated by cel-python), the webhook and API
+server rules no schema shows (each named with its upstream source), Kubernetes core/RBAC types
+with kubernetes-validate, and the rules of the
 "restricted" Pod Security Standard (https://kubernetes.io/docs/concepts/security/pod-security-standards/)."""
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import jsonschema
@@ -36,36 +39,107 @@ def _strict(schema):
     return schema
 
 
-CRDS = {  # kind → (file in ../shared/schemas, served version)
+CRDS = {  # kind → (file in ../shared/schemas, served version): the upstream CRDs, unchanged
     "PyTorchJob": ("kubeflow.org_pytorchjobs.yaml", "v1"),
-    "TrainJob": ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
-    "ClusterTrainingRuntime": ("trainer.kubeflow.org_clustertrainingruntimes.yaml", "v1alpha1"),
+    "TrainJob": ("trainer.kubeflow.org_trainjobs.v2.3.0.yaml", "v1alpha1"),
+    "ClusterTrainingRuntime": (
+        "trainer.kubeflow.org_clustertrainingruntimes.v2.3.0.yaml",
+        "v1alpha1",
+    ),
+    "InferenceService": ("serving.kserve.io_inferenceservices.v0.20.0.yaml", "v1beta1"),
+    "ResourceFlavor": ("kueue-v0.17.0/resourceflavors.yaml", "v1beta2"),
+    "ClusterQueue": ("kueue-v0.17.0/clusterqueues.yaml", "v1beta2"),
+    "LocalQueue": ("kueue-v0.17.0/localqueues.yaml", "v1beta2"),
+    "WorkloadPriorityClass": ("kueue-v0.17.0/workloadpriorityclasses.yaml", "v1beta2"),
 }
 
 
 @functools.cache
-def _crd_validator(kind: str = "PyTorchJob"):
+def _crd(kind: str):
+    """(the served version's schema, a strict validator of it, group, version, scope)."""
     name, served = CRDS[kind]
     crd = yaml.safe_load((SCHEMAS / name).read_text())
+    assert crd["spec"]["names"]["kind"] == kind, (name, kind)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == served)
-    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
-    # metadata is `type: object` in a CRD; the API server checks it as ObjectMeta
-    schema = _strict(schema)
-    schema["properties"]["metadata"] = {"type": "object"}
-    return jsonschema.Draft7Validator(schema), crd["spec"]["group"], served
+    assert version.get("served", True), (name, served)
+    schema = version["schema"]["openAPIV3Schema"]
+    strict = _strict(copy.deepcopy(schema))
+    # metadata is `type: object` in a CRD; the API server checks it as ObjectMeta (below)
+    strict["properties"]["metadata"] = {"type": "object"}
+    validator = jsonschema.Draft7Validator(strict)
+    return schema, validator, crd["spec"]["group"], served, crd["spec"]["scope"]
 
 
-def crd_errors(job: dict, kind: str = "PyTorchJob") -> list[str]:
-    validator, group, served = _crd_validator(kind)
+# CEL rules cel-python could not evaluate, with where they sit: each is checked in code
+# instead (tests/test_crd_rules.py names them). Filled as objects are validated.
+CEL_UNEVALUATED: dict[tuple[str, str], str] = {}
+
+
+@functools.cache
+def _cel_program(rule: str):
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def cel_errors(schema: dict, value, path: str = "", kind: str = "") -> list[str]:
+    """The schema's `x-kubernetes-validations` CEL rules, evaluated (cel-python) at every node
+    of `value` they sit on, as the API server does on create. Transition rules (those that
+    read oldSelf) apply only to updates and are skipped."""
+    import celpy
+
+    errors = []
+    for check in schema.get("x-kubernetes-validations") or []:
+        rule = check["rule"]
+        if "oldSelf" in rule:
+            continue
+        try:
+            result = _cel_program(rule).evaluate({"self": celpy.json_to_cel(value)})
+        except Exception as exc:  # noqa: BLE001 - whatever cel-python cannot do is recorded
+            result = exc
+        if isinstance(result, (Exception, celpy.CELEvalError)):
+            CEL_UNEVALUATED[(f"{kind} {path or '(root)'}", rule)] = str(result)[:200]
+            continue
+        if not bool(result):
+            message = check.get("message") or f"failed rule: {rule}"
+            errors.append(f"{path or '(root)'}: Invalid value: {message}")
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                errors += cel_errors(sub, item, f"{path}.{key}" if path else key, kind)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for n, item in enumerate(value):
+            errors += cel_errors(schema["items"], item, f"{path}[{n}]", kind)
+    return errors
+
+
+DNS1123_SUBDOMAIN_MAX = 253
+
+
+def crd_errors(obj: dict, kind: str | None = None) -> list[str]:
+    """What the API server refuses when `obj` is created, from the upstream CRD alone: its
+    OpenAPI schema with strict field validation, its CEL rules, and ObjectMeta's own checks
+    (a DNS-1123 subdomain name; a namespace exactly when the kind is namespaced)."""
+    kind = kind or obj.get("kind", "")
+    schema, validator, group, served, scope = _crd(kind)
     errors = [
         f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-        for e in validator.iter_errors(job)
+        for e in validator.iter_errors(obj)
     ]
-    if job.get("apiVersion") != f"{group}/{served}" or job.get("kind") != kind:
+    if obj.get("apiVersion") != f"{group}/{served}" or obj.get("kind") != kind:
         errors.append(f"apiVersion/kind must be {group}/{served} {kind}")
-    name = job.get("metadata", {}).get("name", "")
-    if not name or len(name) > 63:
-        errors.append(f"metadata.name {name!r} must be a DNS label")
+    meta = obj.get("metadata") or {}
+    name = meta.get("name", "")
+    if len(name) > DNS1123_SUBDOMAIN_MAX or not DNS1123_SUBDOMAIN.match(name):
+        errors.append(f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain")
+    if scope == "Cluster" and "namespace" in meta:
+        errors.append(f"metadata.namespace: {kind} is cluster-scoped: no namespace")
+    if not errors:  # CEL runs on objects the schema took
+        errors += cel_errors(schema, obj, "", kind)
     return errors
 
 
@@ -216,9 +290,108 @@ def core_errors(obj: dict) -> list[str]:
 
 
 def pod_template_errors(template: dict) -> list[str]:
+    """The core schema, then the API server's own pod rules that no schema shows."""
     return core_errors(
         {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
-    )
+    ) or pod_rule_errors(template.get("spec") or {})
+
+
+_DECIMAL = {"": 1, "m": Fraction(1, 1000), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "P": 10**15, "E": 10**18}  # fmt: skip
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_number(text) -> Fraction:
+    """A resource.Quantity as an exact number (k8s.io/apimachinery pkg/api/resource)."""
+    match = re.fullmatch(r"([+-]?[0-9.]+)(?:([eE][+-]?[0-9]+)|([a-zA-Z]*))", str(text))
+    assert match, f"not a quantity: {text!r}"
+    number, exponent, suffix = match.groups()
+    value = Fraction(number)
+    if exponent:
+        return value * Fraction(10) ** int(exponent[1:])
+    return value * (_BINARY[suffix] if suffix in _BINARY else _DECIMAL[suffix])
+
+
+STANDARD_RESOURCES = ("cpu", "memory", "ephemeral-storage")  # overcommitable ones
+
+
+def pod_rule_errors(spec: dict) -> list[str]:
+    """What the API server refuses in a pod spec beyond its schema (kubernetes/kubernetes,
+    pkg/apis/core/validation/validation.go): ValidateResourceRequirements (a request above its
+    limit; an extended resource such as nvidia.com/gpu, or hugepages, without a limit or with a
+    request unequal to it) and ValidateVolumeMounts (a mount naming no volume of the pod, two
+    mounts at one path)."""
+    errors = []
+    volumes = {v.get("name") for v in spec.get("volumes") or []}
+    for group in ("initContainers", "containers"):
+        for n, container in enumerate(spec.get(group) or []):
+            where = f"spec.{group}[{n}]"
+            resources = container.get("resources") or {}
+            requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+            for name, request in requests.items():
+                extended = name not in STANDARD_RESOURCES
+                if extended and name not in limits:
+                    errors.append(f"{where}.resources.limits: Required value: Limit must be set "
+                                  f"for non overcommitable resources ({name})")  # fmt: skip
+                elif name in limits:
+                    limit = quantity_number(limits[name])
+                    if quantity_number(request) > limit:
+                        errors.append(f"{where}.resources.requests: Invalid value: {request!r}: "
+                                      f"must be less than or equal to {name} limit of "
+                                      f"{limits[name]!r}")  # fmt: skip
+                    elif extended and quantity_number(request) != limit:
+                        errors.append(f"{where}.resources.requests[{name}]: Invalid value: "
+                                      f"{request!r}: must be equal to {name} limit of "
+                                      f"{limits[name]!r}")  # fmt: skip
+            paths = set()
+            for m, mount in enumerate(container.get("volumeMounts") or []):
+                if mount.get("name") not in volumes:
+                    errors.append(f"{where}.volumeMounts[{m}].name: Not found: "
+                                  f"{mount.get('name')!r}")  # fmt: skip
+                if mount.get("mountPath") in paths:
+                    errors.append(f"{where}.volumeMounts[{m}].mountPath: Invalid value: "
+                                  f"{mount.get('mountPath')!r}: must be unique")  # fmt: skip
+                paths.add(mount.get("mountPath"))
+    return errors
+
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def pytorchjob_webhook_errors(job: dict) -> list[str]:
+    """What the Training Operator's PyTorchJob validating webhook (failurePolicy: fail) refuses
+    and no schema shows (kubeflow/training-operator v1.9, pkg/webhooks/pytorch/
+    pytorchjob_webhook.go and pkg/webhooks/utils): a name that is not a DNS-1035 label
+    (NameIsDNS1035Label: a leading digit is refused), a Master with replicas other than 1, a
+    replica type other than Master/Worker, a replica whose template has no `pytorch` container,
+    an elasticPolicy without Workers, and elasticPolicy.nProcPerNode beside spec.nprocPerNode."""
+    errors = []
+    name = job.get("metadata", {}).get("name", "")
+    if len(name) > 63 or not DNS1035.match(name):
+        errors.append(f"metadata.name: Invalid value: {name!r}: should match: a DNS-1035 label "
+                      "must consist of lower case alphanumeric characters or '-', start with an "
+                      "alphabetic character, and end with an alphanumeric character")  # fmt: skip
+    spec = job.get("spec", {})
+    replicas = spec.get("pytorchReplicaSpecs") or {}
+    for rtype, replica in replicas.items():
+        path = f"spec.pytorchReplicaSpecs[{rtype}]"
+        if rtype not in ("Master", "Worker"):
+            errors.append(f"{path}: Unsupported value: {rtype!r}")
+        if rtype == "Master" and replica.get("replicas") != 1:
+            errors.append(f"{path}.replicas: Forbidden: must be 1")
+        containers = ((replica.get("template") or {}).get("spec") or {}).get("containers") or []
+        if not any(c.get("name") == "pytorch" for c in containers):
+            errors.append(f"{path}.template.spec.containers: Required value: There is no "
+                          "container named pytorch")  # fmt: skip
+    elastic = spec.get("elasticPolicy")
+    if elastic is not None:
+        if "Worker" not in replicas:
+            errors.append("spec.pytorchReplicaSpecs[Worker]: Required value: must be configured "
+                          "if elastic policy is used")  # fmt: skip
+        if elastic.get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
+            errors.append("spec.elasticPolicy.nProcPerNode: Forbidden: must not be used with "
+                          "spec.nprocPerNode")  # fmt: skip
+    return errors
 
 
 def restricted_violations(pod_spec: dict) -> list[str]:

@@ -1,207 +1,71 @@
-"""Kueue's API (kueue.x-k8s.io/v1beta2) for the objects manifests/kueue/ ships, written from
-Kueue's API reference (https://kueue.sigs.k8s.io/docs/reference/kueue.v1beta2/): field names,
-types, enums and the rules the CRD's validation states in words (a flavor lists exactly the
-covered resources, in order; at most 16 resources and 16 flavors per group). Unknown fields are
-errors, as with strict field validation; the fields kubetune's examples do not use
-(flavorFungibility, admissionChecksStrategy, ...) are left out of this subset."""
+"""What Kueue v0.17 refuses in the objects manifests/kueue/ ships: the upstream CRDs in
+../shared/schemas/kueue-v0.17.0/ (kueue.x-k8s.io/v1beta2, strict fields, CEL rules; see
+tests/k8s_schemas.py) and the rules of Kueue's validating webhooks that no schema shows,
+each named with its source (kubernetes-sigs/kueue v0.17.0, pkg/webhooks/)."""
 
 from __future__ import annotations
 
-import jsonschema
-
-from kubetune.components import k8s_values
+from .k8s_schemas import DNS1123_SUBDOMAIN, crd_errors, quantity_number
 
 GROUP_VERSION = "kueue.x-k8s.io/v1beta2"
+KINDS = ("ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass")
 
 
-def _object(properties: dict, required: tuple = ()) -> dict:
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(required),
-        "additionalProperties": False,
-    }
-
-
-STRING = {"type": "string"}
-QUANTITY = {"type": ["string", "integer"]}
-LABELS = {"type": "object", "additionalProperties": STRING}
-TOLERATION = _object(
-    {
-        "key": STRING,
-        "operator": {"enum": ["Exists", "Equal"]},
-        "value": STRING,
-        "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
-        "tolerationSeconds": {"type": "integer"},
-    }
-)
-TAINT = _object(
-    {
-        "key": STRING,
-        "value": STRING,
-        "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
-        "timeAdded": STRING,
-    },
-    ("key", "effect"),
-)
-SELECTOR = _object(
-    {
-        "matchLabels": LABELS,
-        "matchExpressions": {
-            "type": "array",
-            "items": _object(
-                {
-                    "key": STRING,
-                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-                    "values": {"type": "array", "items": STRING},
-                },
-                ("key", "operator"),
-            ),
-        },
-    }
-)
-METADATA = {"type": "object", "required": ["name"], "properties": {"name": STRING}}
-STOP_POLICY = {"enum": ["None", "Hold", "HoldAndDrain"]}
-
-SPECS = {
-    "ResourceFlavor": _object(
-        {
-            "nodeLabels": LABELS,
-            "nodeTaints": {"type": "array", "items": TAINT, "maxItems": 8},
-            "tolerations": {"type": "array", "items": TOLERATION, "maxItems": 8},
-            "topologyName": STRING,
-        }
-    ),
-    "ClusterQueue": _object(
-        {
-            "resourceGroups": {
-                "type": "array",
-                "maxItems": 16,
-                "items": _object(
-                    {
-                        "coveredResources": {
-                            "type": "array",
-                            "items": STRING,
-                            "minItems": 1,
-                            "maxItems": 16,
-                        },
-                        "flavors": {
-                            "type": "array",
-                            "minItems": 1,
-                            "maxItems": 16,
-                            "items": _object(
-                                {
-                                    "name": STRING,
-                                    "resources": {
-                                        "type": "array",
-                                        "minItems": 1,
-                                        "maxItems": 16,
-                                        "items": _object(
-                                            {
-                                                "name": STRING,
-                                                "nominalQuota": QUANTITY,
-                                                "borrowingLimit": QUANTITY,
-                                                "lendingLimit": QUANTITY,
-                                            },
-                                            ("name", "nominalQuota"),
-                                        ),
-                                    },
-                                },
-                                ("name", "resources"),
-                            ),
-                        },
-                    },
-                    ("coveredResources", "flavors"),
-                ),
-            },
-            "cohortName": STRING,
-            "queueingStrategy": {"enum": ["StrictFIFO", "BestEffortFIFO"]},
-            "namespaceSelector": SELECTOR,
-            "preemption": _object(
-                {
-                    "reclaimWithinCohort": {"enum": ["Never", "LowerPriority", "Any"]},
-                    "borrowWithinCohort": _object(
-                        {
-                            "policy": {"enum": ["Never", "LowerPriority"]},
-                            "maxPriorityThreshold": {"type": "integer"},
-                        }
-                    ),
-                    "withinClusterQueue": {
-                        "enum": ["Never", "LowerPriority", "LowerOrNewerEqualPriority"]
-                    },
-                }
-            ),
-            "stopPolicy": STOP_POLICY,
-            "fairSharing": _object({"weight": QUANTITY}),
-        },
-        ("resourceGroups",),
-    ),
-    "LocalQueue": _object(
-        {
-            "clusterQueue": STRING,
-            "stopPolicy": STOP_POLICY,
-            "fairSharing": _object({"weight": QUANTITY}),
-        },
-        ("clusterQueue",),
-    ),
-}
-CLUSTER_SCOPED = {"ResourceFlavor", "ClusterQueue", "WorkloadPriorityClass"}
+def clusterqueue_webhook_errors(queue: dict) -> list[str]:
+    """Kueue's ClusterQueue webhook (clusterqueue_webhook.go, ValidateClusterQueue): a cohort
+    name is a DNS subdomain; every resource is covered by one group only and every flavor
+    appears once; each flavor lists exactly the covered resources, in their order; quotas are
+    not negative; a lendingLimit needs a cohort and is at most the nominal quota."""
+    spec = queue.get("spec") or {}
+    errors = []
+    cohort = spec.get("cohortName", "")
+    if cohort and not DNS1123_SUBDOMAIN.match(cohort):
+        errors.append(f"spec.cohortName: Invalid value: {cohort!r}: a DNS-1123 subdomain")
+    seen_resources: set[str] = set()
+    seen_flavors: set[str] = set()
+    for g, group in enumerate(spec.get("resourceGroups") or []):
+        covered = group.get("coveredResources") or []
+        for r, name in enumerate(covered):
+            if name in seen_resources:
+                errors.append(f"spec.resourceGroups[{g}].coveredResources[{r}]: Duplicate value")
+            seen_resources.add(name)
+        for f, flavor in enumerate(group.get("flavors") or []):
+            where = f"spec.resourceGroups[{g}].flavors[{f}]"
+            if flavor.get("name") in seen_flavors:
+                errors.append(f"{where}.name: Duplicate value: {flavor.get('name')!r}")
+            seen_flavors.add(flavor.get("name"))
+            names = [q.get("name") for q in flavor.get("resources") or []]
+            if names != covered:
+                errors.append(
+                    f"{where}.resources: {names} must be the coveredResources {covered}, in "
+                    "that order"
+                )
+            for q, quota in enumerate(flavor.get("resources") or []):
+                nominal = quantity_number(quota.get("nominalQuota", 0))
+                for key in ("nominalQuota", "borrowingLimit", "lendingLimit"):
+                    if key in quota and quantity_number(quota[key]) < 0:
+                        errors.append(f"{where}.resources[{q}].{key}: must be non-negative")
+                if "lendingLimit" in quota:
+                    if not cohort:
+                        errors.append(
+                            f"{where}.resources[{q}].lendingLimit: must be nil when cohort is empty"
+                        )
+                    if quantity_number(quota["lendingLimit"]) > nominal:
+                        errors.append(
+                            f"{where}.resources[{q}].lendingLimit: must be less than or equal "
+                            "to the nominalQuota"
+                        )
+    return errors
 
 
 def kueue_errors(obj: dict) -> list[str]:
-    """What Kueue's API server would refuse in one object."""
+    """What Kueue's API server and webhooks would refuse in one object."""
     kind = obj.get("kind")
-    if obj.get("apiVersion") != GROUP_VERSION:
-        return [f"{kind}: apiVersion must be {GROUP_VERSION}"]
-    meta = obj.get("metadata") or {}
-    errors = []
-    try:
-        k8s_values.dns_subdomain(meta.get("name", ""), f"{kind} metadata.name")
-    except ValueError as exc:
-        errors.append(str(exc))
-    if kind in CLUSTER_SCOPED and "namespace" in meta:
-        errors.append(f"{kind} {meta['name']}: cluster-scoped, no namespace")
-    if kind == "LocalQueue" and not meta.get("namespace"):
-        errors.append(f"LocalQueue {meta.get('name')}: needs a namespace")
-    if kind == "WorkloadPriorityClass":
-        schema = _object(
-            {
-                "apiVersion": STRING,
-                "kind": STRING,
-                "metadata": METADATA,
-                "value": {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
-                "description": STRING,
-            },
-            ("apiVersion", "kind", "metadata", "value"),
-        )
-    elif kind in SPECS:
-        schema = _object(
-            {"apiVersion": STRING, "kind": STRING, "metadata": METADATA, "spec": SPECS[kind]},
-            ("apiVersion", "kind", "metadata", "spec"),
-        )
-    else:
-        return [f"{kind}: not a Kueue kind"]
-    validator = jsonschema.Draft7Validator(schema)
-    errors += [
-        f"{kind} {'.'.join(map(str, e.absolute_path))}: {e.message}"
-        for e in validator.iter_errors(obj)
-    ]
-    for group in (
-        (obj.get("spec") or {}).get("resourceGroups", []) if kind == "ClusterQueue" else []
-    ):
-        covered = group.get("coveredResources", [])
-        for flavor in group.get("flavors", []):
-            names = [r.get("name") for r in flavor.get("resources", [])]
-            if names != covered:
-                errors.append(
-                    f"ClusterQueue flavor {flavor.get('name')}: resources {names} must be the "
-                    f"coveredResources {covered}, in that order"
-                )
-            for r in flavor.get("resources", []):
-                for key in ("nominalQuota", "borrowingLimit", "lendingLimit"):
-                    if key in r:
-                        try:
-                            k8s_values.quantity(str(r[key]), f"{r['name']} {key}")
-                        except ValueError as exc:
-                            errors.append(str(exc))
+    if kind not in KINDS:
+        return [f"{kind}: not a Kueue kind kubetune ships"]
+    errors = [f"{kind} {e}" for e in crd_errors(obj, kind)]
+    if kind == "LocalQueue" and not (obj.get("metadata") or {}).get("namespace"):
+        errors.append(f"LocalQueue {obj['metadata'].get('name')}: needs a namespace")
+    if kind == "ClusterQueue" and not errors:
+        errors += [f"ClusterQueue {e}" for e in clusterqueue_webhook_errors(obj)]
     return errors

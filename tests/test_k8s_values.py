@@ -72,6 +72,7 @@ def test_an_error_in_the_recipe_file_names_its_line(cli, tmp_path):
     [
         ("falcon-7b", 1, True),
         ("Bad_Name!", 1, False),
+        ("7b-falcon", 1, False),  # a DNS-1123 label, but the PyTorchJob webhook wants DNS-1035
         ("a" * 54, 1, True),  # NAME-master-0 fits in a 63-character DNS label
         ("a" * 55, 1, False),
         ("a" * 54, 12, False),  # NAME-worker-10 does not fit
@@ -94,7 +95,12 @@ def test_job_names_leave_room_for_the_operators_pod_names(cli, name, nodes, ok):
         pods = [f"{name}-master-0"] + [f"{name}-worker-{i}" for i in range(nodes - 1)]
         assert all(len(p) <= 63 for p in pods)
     else:
-        assert_user_error(result, "--name must be a DNS-1123 label")
+        assert_user_error(result, "--name must be a DNS-1035 label")
+        # what the Training Operator's webhook would have said of it (tests/k8s_schemas.py)
+        from .k8s_schemas import pytorchjob_webhook_errors
+
+        meta = {"name": name}
+        assert len(name) > pod_name_room(nodes) or pytorchjob_webhook_errors({"metadata": meta})
     assert pod_name_room(nodes) == 63 - len(f"-worker-{max(0, nodes - 2)}")
 
 

@@ -18,6 +18,7 @@ from .k8s_schemas import (
     crd_errors,
     pod_template_errors,
     pytorchjob_api_errors,
+    pytorchjob_webhook_errors,
     restricted_violations,
 )
 
@@ -144,8 +145,11 @@ def fake_kube(tmp_path, kind: str = "pytorchjob"):
         "KUBETUNE_WATCH_TIMEOUT": "3",
     }
     os.environ.pop("KUBERNETES_SERVICE_HOST", None)
+    fake.expect_forbidden = False  # a test of a refusing Role sets it
     yield fake
     fake.close()
+    # every request the launcher made is one the shipped Role allows
+    assert fake.expect_forbidden or fake.forbidden == [], fake.forbidden
 
 
 @pytest.fixture
@@ -198,6 +202,34 @@ def test_create_watch_logs_success(kube):
         "command"
     ]
     assert command[-4:] == ["--dataset", "/workspace/ds", "--output", "/workspace/run"]
+
+
+@pytest.mark.integration
+def test_a_watch_that_ends_in_410_gone_starts_again_from_a_fresh_get(kube):
+    """An API server answers a watch from a compacted resourceVersion with an ERROR event
+    holding a 410 Gone Status (k8s.io/apiserver, the watch cache); the launcher starts again
+    from a fresh GET instead of failing or missing the job's end."""
+    kube.scenario = OK_SCENARIO
+    kube.gone_watches = 2
+    result = run_cli(*TRAIN, env=kube.env)
+    assert result.code == 0, result
+    assert kube.gone_watches == 0 and "succeeded" in result.out
+    gets = [p for m, p, _ in kube.requests if m == "GET" and "/pytorchjobs/kt-" in p]
+    watches = [p for m, p, _ in kube.requests if m == "GET" and "watch=" in p]
+    assert len(watches) >= 3 and len(gets) >= 3, (gets, watches)
+    assert "410" not in result.err and "Expired" not in result.err
+
+
+@pytest.mark.integration
+def test_a_job_name_the_training_operator_refuses_is_refused_before_it_is_sent(kube):
+    """The Training Operator's webhook takes DNS-1035 names only; a KFP step's KUBETUNE_JOB_NAME
+    starting with a digit is refused here, and the fake refuses it as the webhook does."""
+    result = run_cli(*TRAIN, env={**kube.env, "KUBETUNE_JOB_NAME": "7b-run"})
+    assert_user_error(result, "KUBETUNE_JOB_NAME must be a DNS-1035 label", "'7b-run'")
+    assert kube.count("POST") == 0
+    job = render(TINY_DEMO, "distributed.backend=pytorchjob", extra=("--name", "b7-run"))
+    job["metadata"]["name"] = "7b-run"
+    assert "should match: a DNS-1035 label" in pytorchjob_webhook_errors(job)[0]
 
 
 @pytest.mark.integration

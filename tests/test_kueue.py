@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import TINY_DEMO, assert_user_error, run_cli
-from .fake_k8s import shipped_runtime
+from .fake_k8s import KUEUE_FRAMEWORKS, shipped_runtime
 from .k8s_schemas import (
     crd_errors,
     pod_template_errors,
@@ -110,7 +110,7 @@ def test_queued_then_admitted_then_succeeds(any_kube):
         (0.3, "log", "step 1/2 loss 2.0000", ""),
         (0.5, done, "", ""),
     ]
-    env = {**any_kube.env, "KUBETUNE_QUEUE_REPORT": "0.5"}
+    env = {**any_kube.env, "KUBETUNE_QUEUE_REPORT": "0.5", "KUBETUNE_PICKUP_POLL": "0.5"}
     result = run_cli(*queued_train(kind.lower()), env=env)
     assert result.code == 0, result
     assert any_kube.invalid == [] and any_kube.count("POST") == 1
@@ -122,6 +122,67 @@ def test_queued_then_admitted_then_succeeds(any_kube):
     assert re.search(rf"{where}: admitted after [123] s \(Kueue queue gpu-queue\)", out), out
     assert out.index("queued") < out.index("admitted") < out.index("step 1/2")
     assert "succeeded" in out and "preempted" not in out
+    (workload,) = any_kube.workloads  # Kueue's, found by the job's uid
+    assert f"{where}: Kueue Workload {workload} made for it" in out
+    assert out.index("made for it") < out.index("admitted")
+
+
+@pytest.mark.integration
+def test_a_job_kueue_does_not_manage_fails_fast_saying_what_to_do(any_kube):
+    """Kueue v0.19+ no longer enables kubeflow.org/pytorchjob by default: a queued PyTorchJob
+    then gets no Workload and would wait suspended until the queue timeout (a day). The
+    launcher looks for the job's Workload and gives up after kubernetes.queue_pickup_seconds
+    with one line, deleting the job that nothing would ever start."""
+    kind = any_kube.kind["kind"]
+    any_kube.kueue = {f for k, f in KUEUE_FRAMEWORKS.items() if k != kind}  # this one is off
+    args = queued_train(kind.lower(), "kubernetes.queue_pickup_seconds=2")
+    env = {**any_kube.env, "KUBETUNE_QUEUE_REPORT": "0.5", "KUBETUNE_PICKUP_POLL": "0.5"}
+    result = run_cli(*args, env=env)
+    framework = KUEUE_FRAMEWORKS[kind]
+    other = "distributed.backend=trainjob" if kind == "PyTorchJob" else "TrainJob integration"
+    assert_user_error(
+        result,
+        "Kueue made no Workload for it (kubernetes.queue_pickup_seconds=2)",
+        f"Add {framework} to integrations.frameworks",
+        other,
+        "was deleted",
+    )
+    assert any_kube.jobs == {} and any_kube.count("DELETE") == 1 and any_kube.workloads == {}
+    looks = [p for m, p, _ in any_kube.requests if m == "GET" and "/workloads?" in p]
+    assert len(looks) >= 2 and all("kueue.x-k8s.io%2Fjob-uid%3D" in p for p in looks), looks
+
+
+@pytest.fixture
+def queue_kube(tmp_path):
+    yield from fake_kube(tmp_path)
+
+
+@pytest.mark.integration
+def test_a_queue_without_kueue_fails_at_once(queue_kube):
+    kube = queue_kube
+    kube.kueue = None  # the API server has no kueue.x-k8s.io Workloads
+    result = run_cli(*queued_train("pytorchjob"), env=kube.env)
+    assert_user_error(
+        result, "no kueue.x-k8s.io/v1beta2 Workloads", "Kueue v0.17+ is not installed"
+    )
+    assert kube.jobs == {}
+
+
+@pytest.mark.integration
+def test_a_role_that_cannot_list_workloads_is_named(queue_kube):
+    """The fake API server answers as RBAC would for the Role it is given."""
+    kube = queue_kube
+    kube.rules = [r for r in kube.rules if "workloads" not in r["resources"]]
+    kube.expect_forbidden = True
+    result = run_cli(*queued_train("pytorchjob"), env=kube.env)
+    assert_user_error(
+        result,
+        "list Kueue workloads of",
+        "HTTP 403",
+        'cannot list resource "workloads" in API group "kueue.x-k8s.io"',
+        "manifests/base/rbac.yaml",
+    )
+    assert kube.forbidden == [("kueue.x-k8s.io", "workloads", "list")]
 
 
 @pytest.mark.integration

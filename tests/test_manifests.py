@@ -74,6 +74,7 @@ def test_rbac_is_least_privilege():
         ("", "pods"): ["get", "list", "watch"],
         ("", "pods/log"): ["get"],
         ("", "events"): ["list", "watch"],
+        ("kueue.x-k8s.io", "workloads"): ["list"],
     }
     text = yaml.safe_dump(role)
     assert "*" not in text and "secrets" not in text and "pods/exec" not in text

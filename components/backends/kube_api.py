@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 RETRYABLE = {429, 500, 502, 503, 504}
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"  # served from Kueue v0.15
+JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"  # on a Workload: its job's uid (Kueue's JobUIDLabel)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class JobKind:
     lead_selector: Callable[[dict], str]  # the job → label selector of rank 0's pod
     operator: str  # what must be installed for the API to know the kind
     suspend: tuple[str, ...]  # where the job's spec says it is suspended (Kueue's switch)
+    kueue_framework: str = ""  # Kueue's integration of the kind (integrations.frameworks)
 
     @property
     def terminal(self) -> tuple[str, str]:
@@ -185,6 +188,24 @@ class JobApi:
             timeout_seconds=max(1, min(timeout or _watch_timeout(), _watch_timeout())),
         )
         yield from stream
+
+    def workloads(self, uid: str) -> list[dict] | None:
+        """Kueue's Workloads of the job whose uid this is (Kueue labels each one with
+        kueue.x-k8s.io/job-uid); None where the API server has no kueue.x-k8s.io/v1beta2
+        Workloads (no Kueue v0.15+). A refusal (the Role) is a UserError, as for any call."""
+        try:
+            found = self.call(
+                f"list Kueue workloads of {uid}",
+                self.custom.list_namespaced_custom_object,
+                KUEUE_GROUP,
+                KUEUE_VERSION,
+                self.namespace,
+                "workloads",
+                label_selector=f"{JOB_UID_LABEL}={uid}",
+            )
+        except NotFound:
+            return None
+        return list(found.get("items") or [])
 
     def lead_pod(self, name: str, selector: str) -> dict | None:
         pods = self.call(

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from ..config import RunConfig, dump_config
@@ -63,6 +64,7 @@ PYTORCHJOB = JobKind(
     lead_selector=_pytorchjob_lead,
     operator="the Kubeflow Training Operator",
     suspend=("runPolicy", "suspend"),
+    kueue_framework="kubeflow.org/pytorchjob",
 )
 TRAINJOB = JobKind(
     kind=trainjob.KIND,
@@ -76,6 +78,7 @@ TRAINJOB = JobKind(
     lead_selector=lambda job: trainjob.lead_pod_selector(job["metadata"]["name"]),
     operator="Kubeflow Trainer v2",
     suspend=("suspend",),
+    kueue_framework="trainer.kubeflow.org/trainjob",
 )
 
 
@@ -166,8 +169,17 @@ def launch(
             )
         follower = LogFollower(api, name, kind.lead_selector(job))
         follower.start()
-        queue = Admission(where, cfg.kubernetes.queue_timeout_seconds, kind)
+        queue = Admission(
+            where,
+            cfg.kubernetes.queue_timeout_seconds,
+            kind,
+            pickup=cfg.kubernetes.queue_pickup_seconds,
+            workloads=api.workloads,
+        )
         state, reason, message = wait(api, name, where, queue)
+    except NotPickedUp:
+        api.delete(name)  # it would wait suspended forever
+        raise
     except Cancelled as exc:
         cancelled = True
         print(f"{exc}: deleting {where}", file=sys.stderr, flush=True)
@@ -201,13 +213,36 @@ def _minutes(seconds: float) -> str:
     return duration(seconds, seconds_unit=" s")
 
 
+class NotPickedUp(UserError):
+    """Kueue made no Workload for a queued job: nothing will ever admit it."""
+
+
+def pickup_poll() -> float:
+    """Seconds between looks for a queued job's Workload while it has none."""
+    return float(os.environ.get("KUBETUNE_PICKUP_POLL", "5"))
+
+
 class Admission:
     """Kueue's side of a job: queued (suspended, waiting for quota) → admitted → maybe
     preempted (suspended again) → admitted again. Reports each change, and how long the job
     has waited every `every` seconds; a wait longer than `timeout` is an error that leaves the
-    job in its queue."""
+    job in its queue.
 
-    def __init__(self, where: str, timeout: float, kind: JobKind, every: float | None = None):
+    A queued job is admitted only through the Workload Kueue makes for it, and Kueue makes one
+    only for the kinds whose integration its Configuration enables (`integrations.frameworks`;
+    from v0.19 `kubeflow.org/pytorchjob` is no longer on by default). So until the job's
+    Workload exists (`workloads(uid)`, looked up every few seconds) the wait is bounded by
+    `pickup`: past it the job is one that no Kueue will ever admit, and NotPickedUp says why."""
+
+    def __init__(
+        self,
+        where: str,
+        timeout: float,
+        kind: JobKind,
+        every: float | None = None,
+        pickup: float = float("inf"),
+        workloads: Callable[[str], list[dict] | None] | None = None,
+    ):
         self.where, self.timeout, self.kind = where, timeout, kind
         self.every = (
             every if every is not None else float(os.environ.get("KUBETUNE_QUEUE_REPORT", "60"))
@@ -215,6 +250,50 @@ class Admission:
         self.since: float | None = None  # when this launcher saw it suspended
         self.reported = 0.0
         self.ran = False  # seen admitted while this launcher watched
+        self.pickup, self.workloads = pickup, workloads
+        self.picked = workloads is None  # its Workload seen (or not looked for)
+        self.first: float | None = None  # when this launcher first saw it queued
+        self.looked = -math.inf  # when it last looked for the Workload
+
+    def check_pickup(self, job: dict, queue: str | None, now: float) -> None:
+        if self.picked or queue is None or self.workloads is None:
+            return
+        if self.first is None:
+            self.first = now
+        if now - self.looked < pickup_poll() and now - self.first <= self.pickup:
+            return
+        self.looked = now
+        meta = job.get("metadata") or {}
+        found = self.workloads(meta.get("uid", ""))
+        namespace = meta.get("namespace", "")
+        if found is None:
+            raise NotPickedUp(
+                f"{self.where} is in Kueue queue {queue}, but the API server has no "
+                "kueue.x-k8s.io/v1beta2 Workloads: Kueue v0.17+ is not installed, so nothing "
+                "would ever admit it. It was deleted; install Kueue or unset kubernetes.queue"
+            )
+        if found:
+            self.picked = True
+            print(
+                f"{self.where}: Kueue Workload {found[0]['metadata']['name']} made for it",
+                flush=True,
+            )
+            return
+        if now - self.first > self.pickup:
+            other = (
+                "distributed.backend=trainjob (Kueue v0.17+)"
+                if self.kind.kind != "TrainJob"
+                else "a Kueue with the TrainJob integration"
+            )
+            raise NotPickedUp(
+                f"{self.where} waited {_minutes(now - self.first)} in Kueue queue {queue} and "
+                f"Kueue made no Workload for it (kubernetes.queue_pickup_seconds="
+                f"{self.pickup:g}): Kueue does not manage {self.kind.kind}s here. Add "
+                f"{self.kind.kueue_framework} to integrations.frameworks in Kueue's "
+                f"Configuration (off by default from Kueue v0.19), or use {other}. The "
+                f"{self.kind.kind} was deleted (`kubectl get workloads -n {namespace}` lists "
+                "what Kueue does manage)"
+            )
 
     def suspended(self, job: dict) -> bool:
         node = job.get("spec") or {}
@@ -232,7 +311,7 @@ class Admission:
                     f"{self.where}: admitted after {_minutes(now - self.since)} ({where})",
                     flush=True,
                 )
-            self.since, self.ran = None, True
+            self.since, self.ran, self.picked = None, True, True  # admitted: Kueue has it
             return
         if self.since is None:
             self.since = self.reported = now
@@ -250,6 +329,7 @@ class Admission:
                 f"{_minutes(now - self.since)}",
                 flush=True,
             )
+        self.check_pickup(job, queue, now)
         if now - self.since > self.timeout:
             raise UserError(
                 f"{self.where} waited {_minutes(now - self.since)} in {where} without being "
@@ -268,6 +348,8 @@ class Admission:
         due = self.reported + self.every - now
         if self.timeout != float("inf"):
             due = min(due, self.since + self.timeout - now)
+        if not self.picked:
+            due = min(due, pickup_poll())
         return max(1, math.ceil(due))
 
 

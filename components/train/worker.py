@@ -341,6 +341,27 @@ def run(args) -> None:
     finish(cfg, model, tokenizer, world, output, evaluation, writer, metrics, flops_token)
     dist.barrier()
     dist.destroy_process_group()
+    KEPT.append(model)  # its process group is never destructed in-process: see end_process
+
+
+# The wrapped model holds the process group (DDP's Reducer, FSDP's mesh) after
+# destroy_process_group. Letting it go destructs a gloo group on the main thread with the GIL
+# held; that joins gloo's work threads, and one of them may at that instant be freeing the last
+# work of the final collective, whose tensors need the GIL: both wait forever (seen in CI: rank 1
+# hung in ~ProcessGroupGloo after it wrote its outputs). So the model is kept until the process
+# ends without destructors: end_process here, multiprocessing's os._exit for a forked worker.
+KEPT: list = []
+
+
+def end_process(code: int):
+    """Exit with `code` after flushing, without running destructors (see KEPT)."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def finish(
@@ -392,4 +413,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())
