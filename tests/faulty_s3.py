@@ -1,6 +1,8 @@
 """An HTTP proxy in front of the S3 test server that answers chosen requests with the errors
-real S3 throws: 503 SlowDown (throttling), 500 InternalError, 400 ExpiredToken. Everything else
-is forwarded unchanged; every request is logged with the status it got."""
+real S3 throws: 503 SlowDown (throttling), 500 InternalError, 400 ExpiredToken; with `landed`,
+after forwarding the request, so the write took effect and only its response was lost (what a
+connection cut on the way back, or S3's own 500 after a commit, looks like to the client).
+Everything else is forwarded unchanged; every request is logged with the status it got."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Fault:
     match: object
     times: int | None = 1
     after: int = 0
+    landed: bool = False  # forward it first: the write happens, the client sees the error
     seen: int = 0
     injected: int = 0
 
@@ -66,6 +69,8 @@ class FaultyS3:
                         (f for f in proxy.faults if f.fires(self.command, url.path, url.query)),
                         None,
                     )
+                if fault is not None and fault.landed:
+                    forward(self.command, self.path, body, dict(self.headers.items()))
                 if fault is not None:
                     status = STATUS[fault.code]
                     data = (
@@ -74,23 +79,11 @@ class FaultyS3:
                     ).encode()
                     headers = [("Content-Type", "application/xml")]
                 else:
-                    target = urlsplit(proxy.upstream)
-                    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
-                    sent = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-                    if not proxy.conditional:
-                        sent = {
-                            k: v
-                            for k, v in sent.items()
-                            if k.lower() not in ("if-match", "if-none-match")
-                        }
                     if proxy.upload_delay and uploads(self.command, url.path, url.query):
                         time.sleep(proxy.upload_delay)
-                    conn.request(self.command, self.path, body=body, headers=sent)
-                    answer = conn.getresponse()
-                    status, data = answer.status, answer.read()
-                    dropped = HOP_BY_HOP | ({"content-length"} if self.command != "HEAD" else set())
-                    headers = [(k, v) for k, v in answer.getheaders() if k.lower() not in dropped]
-                    conn.close()
+                    status, data, headers = forward(
+                        self.command, self.path, body, dict(self.headers.items())
+                    )
                 with proxy.lock:
                     proxy.log.append((self.command, url.path, url.query, status))
                 self.send_response(status)
@@ -103,6 +96,22 @@ class FaultyS3:
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        def forward(method: str, path: str, body: bytes, headers: dict):
+            target = urlsplit(proxy.upstream)
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+            sent = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+            if not proxy.conditional:
+                sent = {
+                    k: v for k, v in sent.items() if k.lower() not in ("if-match", "if-none-match")
+                }
+            conn.request(method, path, body=body, headers=sent)
+            answer = conn.getresponse()
+            status, data = answer.status, answer.read()
+            dropped = HOP_BY_HOP | ({"content-length"} if method != "HEAD" else set())
+            kept = [(k, v) for k, v in answer.getheaders() if k.lower() not in dropped]
+            conn.close()
+            return status, data, kept
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -1,7 +1,10 @@
 """A loopback Kubeflow Model Registry: the REST paths (api/model_registry/v1) the
 `model-registry` client calls to register a model, a version and its artifact, answered from
 memory as the registry's REST server answers them (ids as strings, times in ms since the epoch,
-404 for a lookup that finds nothing, 409 for a duplicate name)."""
+404 for a lookup that finds nothing, 409 for a duplicate name). It refuses what a deployed
+registry refuses: a request without a bearer token (401: Kubeflow's deployment puts the REST
+server behind kube-rbac-proxy / the mesh's authorization; `valid_tokens` narrows which tokens
+pass), and a version or artifact under a parent that does not exist (404, not an orphan)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ class RegistryServer(Loopback):
         self.requests: list[tuple[str, str, dict | None]] = []
         self.tokens: set[str | None] = set()  # the Authorization headers seen
         self.down = False  # answer every request with 503
+        self.valid_tokens: set[str] | None = None  # None: any bearer token passes
         self.next_id = 1
         self.start()
 
@@ -27,6 +31,11 @@ class RegistryServer(Loopback):
         return [o for o in self.objects.values() if o["_kind"] == kind]
 
     def _create(self, kind: str, body: dict, parent: str | None = None) -> dict | None:
+        parents = {"ModelVersion": "RegisteredModel", "ModelArtifact": "ModelVersion"}
+        if kind in parents and (
+            parent not in self.objects or self.objects[parent]["_kind"] != parents[kind]
+        ):
+            raise LookupError(f"no {parents[kind]} with id {parent}")
         for other in self.of_kind(kind):
             if other["name"] == body["name"] and other.get("_parent") == parent:
                 return None
@@ -66,12 +75,24 @@ class RegistryServer(Loopback):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
                 fake.requests.append((method, self.path, body))
-                fake.tokens.add(self.headers.get("Authorization"))
+                authorization = self.headers.get("Authorization")
+                fake.tokens.add(authorization)
                 if fake.down:
                     return self._error(503, "registry unavailable")
+                token = (authorization or "").removeprefix("Bearer ").strip()
+                if not (authorization or "").startswith("Bearer ") or not token:
+                    return self._error(401, "Unauthorized: no bearer token")
+                if fake.valid_tokens is not None and token not in fake.valid_tokens:
+                    return self._error(401, "Unauthorized: token not accepted")
                 if not url.path.startswith(BASE + "/"):
                     return self._error(404, "no such path")
                 parts = url.path[len(BASE) + 1 :].split("/")
+                try:
+                    self._answer(method, url, parts, body)
+                except LookupError as exc:
+                    self._error(404, str(exc))
+
+            def _answer(self, method: str, url, parts: list[str], body) -> None:
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 if method == "GET" and len(parts) == 1 and parts[0] in kinds:
                     return self._find(kinds[parts[0]], query)

@@ -213,8 +213,9 @@ def test_a_single_kv_head_spread_over_the_query_heads_gives_the_same_attention()
 
 
 def test_losses_land_without_a_host_sync_and_all_arrive_on_wait():
-    """LossLog on CUDA: a non-waiting flush returns only what has landed; a waiting one the
-    rest, in step order."""
+    """LossLog on CUDA: adding losses and a non-waiting flush never wait for the GPU (CUDA's
+    sync debug mode raises on any synchronizing call); a non-waiting flush returns only what
+    has landed, a waiting one the rest, in step order."""
     import os
 
     import torch.distributed as dist
@@ -227,10 +228,15 @@ def test_losses_land_without_a_host_sync_and_all_arrive_on_wait():
         os.environ.setdefault("MASTER_PORT", "29533")
         dist.init_process_group("nccl", rank=0, world_size=1)
     log = LossLog(World(0, 0, 1, CUDA), [], None)
-    for step in range(1, 6):
-        log.add(step, torch.tensor(float(step), device=CUDA), 1e-3, 10)
-        landed = log.flush(wait=False)
-        assert all(s <= step for s, _, _ in landed)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a host sync from here raises
+    try:
+        for step in range(1, 6):
+            log.add(step, torch.full((), float(step), device=CUDA), 1e-3, 10)
+            landed = log.flush(wait=False)
+            assert all(s <= step for s, _, _ in landed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     log.flush()
     assert [s for s, _ in log.losses] == [1, 2, 3, 4, 5]
     assert [loss for _, loss in log.losses] == [1.0, 2.0, 3.0, 4.0, 5.0]

@@ -38,11 +38,11 @@ def varied_rows(n: int, unusable: bool = True) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    """The same file prepared with num_proc 1 and 2."""
+    """The same file prepared with num_proc 1, 2 and 3 (3 does not divide the batches evenly)."""
     tmp = tmp_path_factory.mktemp("streaming")
     data = write_jsonl(tmp / "rows.jsonl", varied_rows(ROWS))
     results = {}
-    for num_proc in (1, 2):
+    for num_proc in (1, 2, 3):
         out = tmp / f"out{num_proc}"
         result = run_prepare(
             out,
@@ -71,7 +71,7 @@ def test_output_is_byte_identical_for_any_num_proc(outputs):
     one = files_of(outputs[1][0])
     assert "train/data-00000-of-00001.arrow" in one and "eval/state.json" in one
     assert not any(name.startswith(".") for name in one)  # no spill left behind
-    for num_proc in (2,):
+    for num_proc in (2, 3):
         other = files_of(outputs[num_proc][0])
         assert other.keys() == one.keys()
         for name in one:

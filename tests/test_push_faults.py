@@ -55,6 +55,30 @@ def test_throttling_and_server_errors_mid_push_are_retried(s3, proxy, tmp_path):
     assert_holds(s3, name, "run/", src)
 
 
+@pytest.mark.parametrize("what", ["lease", "part", "object", "manifest"])
+def test_a_write_that_landed_but_whose_response_was_lost_is_not_mistaken(s3, proxy, tmp_path, what):
+    """The request reached S3 and took effect; the answer never came back (500 after the
+    commit). The client's retry then meets its own write: a conditional create of the lease or
+    the manifest finds it already there. The push must recognize its own write and finish with
+    one whole model, not call its own lease someone else's or stop."""
+    name = bucket(s3, f"lost-{what}")
+    src = make_model(tmp_path / "model")
+    matches = {
+        "lease": lambda m, p, q: m == "PUT" and p.endswith(LOCK),
+        "part": parts,
+        "object": lambda m, p, q: uploads(m, p, q) and "partNumber=" not in q,
+        "manifest": lambda m, p, q: m == "PUT" and p.endswith("manifest.json"),
+    }
+    lost = proxy.add(Fault("InternalError", matches[what], times=1, landed=True))
+    dest = f"s3://{name}/run"
+    result = run_cli("push", src, dest, "--part-size-mb", "5", env=env_via(s3, proxy))
+    assert lost.injected == 1
+    assert result.code == 0, result
+    assert_holds(s3, name, "run/", src)
+    statuses = [s for p, _, s in proxy.requests("PUT") if matches[what]("PUT", p, "partNumber=1")]
+    assert 500 in [s for _, _, s in proxy.requests("PUT")], statuses
+
+
 def test_credentials_expire_half_way_then_the_rerun_sends_only_what_is_missing(s3, proxy, tmp_path):
     name = bucket(s3, "expiring")
     src = make_model(tmp_path / "model")  # 4 small files, then 3 parts of the big one

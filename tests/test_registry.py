@@ -131,3 +131,36 @@ def test_registry_settings_are_checked(tmp_path):
         'output.model_registry={"server": "http://r:8080", "model_name": "m", "author": "a"}',
     )
     assert_user_error(no_version, "--version")
+
+
+def test_a_push_without_a_token_is_refused_by_the_registry_and_says_so(servers, tmp_path):
+    """A deployed registry sits behind an authorizing proxy: no token, no registration. The
+    model is still pushed whole, and manifest.json records the refusal."""
+    s3, registry, env = servers
+    s3.client().create_bucket(Bucket="anon")
+    env = {k: v for k, v in env.items() if k != "KF_PIPELINES_SA_TOKEN_PATH"}
+    dest = "s3://anon/falcon-chat/run-3"
+    result = push(tmp_path, registry, env, dest, "--version", "run-3")
+    assert_user_error(result, f"the Model Registry at {registry.url}", "says it is not registered")
+    assert registry.objects == {} and registry.tokens <= {None, ""}
+    manifest = json.loads(read_bucket(s3, "anon", "falcon-chat/run-3/")["manifest.json"])
+    assert manifest["registry"]["registered"] is False and "401" in manifest["registry"]["error"]
+    # a token the registry does not accept is refused the same way
+    registry.valid_tokens = {"another-token"}
+    dest = "s3://anon/falcon-chat/run-4"
+    result = push(tmp_path, registry, servers[2], dest, "--version", "run-4")
+    assert_user_error(result, "says it is not registered")
+    assert registry.objects == {}
+
+
+def test_the_registry_refuses_a_version_of_a_model_that_does_not_exist(servers):
+    """The fake answers as the registry does: a version needs its registered model."""
+    from model_registry import ModelRegistry
+    from model_registry.types import ModelVersion
+
+    _, registry, _ = servers
+    client = ModelRegistry(registry.url, author="reader", user_token="t")
+    orphan = client._api.upsert_model_version(ModelVersion(name="v1", author="reader"), "9999")
+    with pytest.raises(Exception, match="(?i)not found|404|RegisteredModel") as refused:
+        client.async_runner(orphan)
+    assert registry.of_kind("ModelVersion") == [], refused.value

@@ -192,6 +192,13 @@ def test_lora_deepspeed_zero3_with_optimizer_offload(cli, dataset, tmp_path):
     )
     assert result.code == 0, result
     metrics = metrics_of(out)
+    # what DeepSpeed's engine and ZeRO optimizer ran, not what the recipe asked for
+    assert metrics["deepspeed"] == {
+        "zero_stage": 3,
+        "optimizer": "DeepSpeedZeroOptimizer_Stage3",
+        "offload_optimizer": True,
+        "offload_param": False,
+    }
     assert loss_fell(metrics)
     tuned = PeftModel.from_pretrained(base_model(), out)
     assert eval_loss(tuned, dataset) == pytest.approx(metrics["eval_loss"], rel=1e-4)
@@ -411,6 +418,17 @@ def test_more_combinations_train_and_load(cli, dataset, base_loss, tmp_path, set
     assert result.code == 0, result
     metrics = metrics_of(out)
     assert loss_fell(metrics)
+    if "distributed.strategy=deepspeed" in sets:  # the stage and offload that really ran
+        stage = 3 if "distributed.zero_stage=3" in sets else 2
+        assert metrics["deepspeed"]["zero_stage"] == stage
+        assert metrics["deepspeed"]["offload_param"] == (
+            "distributed.offload=optimizer+params" in sets
+        )
+        assert metrics["deepspeed"]["offload_optimizer"] == any(
+            "offload=optimizer" in x for x in sets
+        )
+    else:
+        assert metrics["deepspeed"] is None
     if full:
         tuned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     elif "method=adapter_v2" in sets:

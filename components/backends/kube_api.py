@@ -264,7 +264,7 @@ class LogFollower(threading.Thread):
         response = self.api.log_stream(pod["metadata"]["name"])
         buffer = b""
         try:
-            for chunk in response.stream(4096):
+            for chunk in available(response):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
@@ -273,3 +273,15 @@ class LogFollower(threading.Thread):
                 print(buffer.decode("utf-8", "replace"), flush=True)
         finally:
             response.release_conn()
+
+
+def available(response, size: int = 4096):
+    """A followed log's bytes as they arrive. `response.stream(n)` waits until it has n bytes
+    (or the end), so a line written every few seconds would reach the user kilobytes late;
+    read1 returns what one read of the socket has (urllib3 2.x). Without it, a byte at a time."""
+    read1 = getattr(response, "read1", None)
+    if read1 is None:
+        yield from response.stream(1)
+        return
+    while chunk := read1(size):
+        yield chunk

@@ -93,6 +93,15 @@ class LocalDestination:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def _stored(self, name: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            found = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+        except ClientError:
+            return None
+        return found["Body"].read()
+
     def write_manifest(self, data: bytes) -> None:
         write_file(self.root / MANIFEST, data)
 
@@ -312,6 +321,15 @@ class S3Destination:
             },
         )
 
+    def _stored(self, name: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            found = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+        except ClientError:
+            return None
+        return found["Body"].read()
+
     def write_manifest(self, data: bytes) -> None:
         """Write manifest.json only where none is (If-None-Match: the push removed the old one
         while holding the prefix, so one there now is another push's)."""
@@ -333,6 +351,10 @@ class S3Destination:
         except ClientError as exc:
             if not precondition_failed(exc):
                 raise
+            if self._stored(MANIFEST) == data:
+                # This push's own write: it landed, its answer was lost, and the client's
+                # retry met it (If-None-Match). The bytes are exactly what was sent.
+                return
             raise UserError(
                 f"{self.uri}/{MANIFEST}: another push wrote its manifest here while this one was "
                 "uploading; this push left it as it is"

@@ -57,6 +57,7 @@ class TrainMetrics:
     peak_memory_bytes: int | None = None
     mfu: float | None = None
     prediction: dict | None = None  # the speed model's, beside what the run measured
+    deepspeed: dict | None = None  # what DeepSpeed's engine ran (deepspeed_record)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +100,28 @@ def precision_record(model) -> dict:
         name = str(p.dtype).removeprefix("torch.")
         table[name] = table.get(name, 0) + p.numel()
     return {"frozen": frozen, "trainable": trained}
+
+
+def deepspeed_record(model) -> dict | None:
+    """What DeepSpeed ran, read from its engine and ZeRO optimizer rather than from the config
+    kubetune handed it: the ZeRO stage, the optimizer wrapper's class, and whether the fp32
+    optimizer state and (stage 3) the parameters were really offloaded to the CPU."""
+    if not hasattr(model, "zero_optimization_stage"):
+        return None
+    optimizer = getattr(model, "optimizer", None)
+    stage = int(model.zero_optimization_stage())
+    if stage == 3:
+        offload_optimizer = bool(getattr(optimizer, "offload_optimizer", False))
+        offload_param = bool(getattr(optimizer, "offload_param", False))
+    else:
+        offload_optimizer = bool(getattr(optimizer, "cpu_offload", False))
+        offload_param = False
+    return {
+        "zero_stage": stage,
+        "optimizer": type(optimizer).__name__,
+        "offload_optimizer": offload_optimizer,
+        "offload_param": offload_param,
+    }
 
 
 def fsdp_record(cfg: RunConfig, model) -> dict | None:

@@ -55,7 +55,8 @@ class LossLog:
     def _start(self) -> None:
         cuda = self.world.device.type == "cuda"
         device = self.world.device if cuda else "cpu"
-        tokens = torch.tensor(float(self.local_tokens), dtype=torch.float64, device=device)
+        # a fill kernel, not a copy from host memory: torch.tensor(x, device=cuda) waits
+        tokens = torch.full((), float(self.local_tokens), dtype=torch.float64, device=device)
         values = [loss.to(device, torch.float64) for _, loss, _ in self.pending] + [tokens]
         summed = torch.stack(values)
         dist.all_reduce(summed)

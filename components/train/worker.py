@@ -53,7 +53,14 @@ from .fit import resolved
 from .flops import mfu, train_flops_per_token
 from .forecast import compare
 from .measure import StepFlops, check_fits, start_profiler
-from .metrics import TrainMetrics, fsdp_record, peak_memory, precision_record, print_losses
+from .metrics import (
+    TrainMetrics,
+    deepspeed_record,
+    fsdp_record,
+    peak_memory,
+    precision_record,
+    print_losses,
+)
 from .modeling import (
     checkpointed_layers,
 )
@@ -319,6 +326,7 @@ def run(args) -> None:
         method=cfg.method,
         strategy=cfg.distributed.strategy,
         fsdp=fsdp_record(cfg, model),
+        deepspeed=deepspeed_record(model),
         world_size=world.size,
         device=str(world.device.type),
         attn_implementation=attn,
