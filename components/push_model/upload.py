@@ -93,15 +93,6 @@ class LocalDestination:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _stored(self, name: str) -> bytes | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            found = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
-        except ClientError:
-            return None
-        return found["Body"].read()
-
     def write_manifest(self, data: bytes) -> None:
         write_file(self.root / MANIFEST, data)
 
