@@ -312,6 +312,35 @@ def test_llama_adapter_on_fsdp_resumes_exactly_and_is_served_unmerged(cli, datas
     assert served["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
 
 
+def rank_processes(root: int) -> dict[str, int]:
+    """The training ranks under process `root` (the worker names itself kubetune-rankN), by
+    name; their own children (DataLoader workers) inherit the name and are left out."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        names[int(entry.name)] = name
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            name = names[child]
+            if name.startswith("kubetune-rank") and not names.get(pid, "").startswith(
+                "kubetune-rank"
+            ):
+                found[name] = child
+            todo.append(child)
+    return found
+
+
 def test_sigkill_a_worker_then_rerun_resumes_and_finishes(dataset, tmp_path):
     out = tmp_path / "killed"
     cmd = [
@@ -332,11 +361,9 @@ def test_sigkill_a_worker_then_rerun_resumes_and_finishes(dataset, tmp_path):
     while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list((out / "checkpoints").glob("step-*")), "no checkpoint appeared"
-    workers = subprocess.run(
-        ["pgrep", "-f", f"kubetune.components.train.worker.*{out}"], capture_output=True, text=True
-    ).stdout.split()
-    assert workers, "no worker process found"
-    os.kill(int(workers[-1]), signal.SIGKILL)
+    ranks = rank_processes(proc.pid)
+    assert set(ranks) == {"kubetune-rank0", "kubetune-rank1"}, ranks
+    os.kill(ranks["kubetune-rank1"], signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and not (out / "metrics.json").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

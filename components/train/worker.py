@@ -405,7 +405,20 @@ def finish(
         )
 
 
+def name_process(rank: str | None) -> None:
+    """Show the process as kubetune-rankN in ps, top and pgrep (Linux's PR_SET_NAME: the main
+    thread's 15-byte name): with workers forked from a fork server, every rank's command line
+    is the fork server's, and the name is what tells them apart."""
+    if rank is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, f"kubetune-rank{rank}".encode()[:15], 0, 0, 0)
+
+
 def main(argv=None) -> int:
+    name_process(os.environ.get("RANK"))
     args = parse_args(argv)
     quiet_progress_off_terminal()
     try:
