@@ -118,6 +118,14 @@ def allowed(rules: list[dict], group: str, resource: str, verb: str) -> bool:
     )
 
 
+def selected(objects, query: dict) -> list[dict]:
+    """The objects a list request's equality labelSelector (k=v,k=v) picks."""
+    wanted = dict(kv.split("=", 1) for kv in query.get("labelSelector", "").split(",") if kv)
+    return [
+        o for o in objects if all(o["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+    ]
+
+
 def shipped_runtime() -> dict:
     return yaml.safe_load(
         (REPO / "manifests" / "trainer-v2" / "clustertrainingruntime.yaml").read_text()
@@ -481,15 +489,8 @@ class FakeKube:
                 if url.path == WORKLOADS.format(ns=fake.ns):
                     if fake.kueue is None:  # no Kueue: the API has no such resource
                         return self._status(404, "NotFound", "the server could not find it")
-                    wanted = dict(
-                        kv.split("=", 1) for kv in query.get("labelSelector", "").split(",") if kv
-                    )
                     with fake.cond:
-                        items = [
-                            w
-                            for w in fake.workloads.values()
-                            if all(w["metadata"]["labels"].get(k) == v for k, v in wanted.items())
-                        ]
+                        items = selected(fake.workloads.values(), query)
                     return self._send(
                         200,
                         {
@@ -510,14 +511,7 @@ class FakeKube:
                     return self._send(200, job)
                 pods = f"/api/v1/namespaces/{fake.ns}/pods"
                 if url.path == pods:
-                    wanted = dict(
-                        kv.split("=", 1) for kv in query.get("labelSelector", "").split(",") if kv
-                    )
-                    items = [
-                        p
-                        for p in fake.pods.values()
-                        if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
-                    ]
+                    items = selected(fake.pods.values(), query)
                     return self._send(
                         200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items}
                     )

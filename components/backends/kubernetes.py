@@ -217,11 +217,6 @@ class NotPickedUp(UserError):
     """Kueue made no Workload for a queued job: nothing will ever admit it."""
 
 
-def pickup_poll() -> float:
-    """Seconds between looks for a queued job's Workload while it has none."""
-    return float(os.environ.get("KUBETUNE_PICKUP_POLL", "5"))
-
-
 class Admission:
     """Kueue's side of a job: queued (suspended, waiting for quota) → admitted → maybe
     preempted (suspended again) → admitted again. Reports each change, and how long the job
@@ -251,16 +246,17 @@ class Admission:
         self.reported = 0.0
         self.ran = False  # seen admitted while this launcher watched
         self.pickup, self.workloads = pickup, workloads
+        self.poll = float(os.environ.get("KUBETUNE_PICKUP_POLL", "5"))  # between looks
         self.picked = workloads is None  # its Workload seen (or not looked for)
-        self.first: float | None = None  # when this launcher first saw it queued
         self.looked = -math.inf  # when it last looked for the Workload
 
     def check_pickup(self, job: dict, queue: str | None, now: float) -> None:
-        if self.picked or queue is None or self.workloads is None:
+        """Called while the job is queued (self.since set). Until Kueue has the job, it was
+        never admitted, so self.since is when this launcher first saw it queued."""
+        if self.picked or queue is None or self.workloads is None or self.since is None:
             return
-        if self.first is None:
-            self.first = now
-        if now - self.looked < pickup_poll() and now - self.first <= self.pickup:
+        waited = now - self.since
+        if now - self.looked < self.poll and waited <= self.pickup:
             return
         self.looked = now
         meta = job.get("metadata") or {}
@@ -279,14 +275,14 @@ class Admission:
                 flush=True,
             )
             return
-        if now - self.first > self.pickup:
+        if waited > self.pickup:
             other = (
                 "distributed.backend=trainjob (Kueue v0.17+)"
                 if self.kind.kind != "TrainJob"
                 else "a Kueue with the TrainJob integration"
             )
             raise NotPickedUp(
-                f"{self.where} waited {_minutes(now - self.first)} in Kueue queue {queue} and "
+                f"{self.where} waited {_minutes(waited)} in Kueue queue {queue} and "
                 f"Kueue made no Workload for it (kubernetes.queue_pickup_seconds="
                 f"{self.pickup:g}): Kueue does not manage {self.kind.kind}s here. Add "
                 f"{self.kind.kueue_framework} to integrations.frameworks in Kueue's "
@@ -349,7 +345,7 @@ class Admission:
         if self.timeout != float("inf"):
             due = min(due, self.since + self.timeout - now)
         if not self.picked:
-            due = min(due, pickup_poll())
+            due = min(due, self.poll)
         return max(1, math.ceil(due))
 
 
