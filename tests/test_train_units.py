@@ -171,3 +171,33 @@ def test_flop_counter_and_profiler_are_refused_together_and_must_fit():
     check_fits(cfg, 6)
     with pytest.raises(UserError, match=r"train.profile needs 6 steps \(wait 1 \+ warmup 2"):
         check_fits(cfg, 5)
+
+
+def test_a_worker_error_is_kept_whole_or_not_at_all(tmp_path):
+    """Two ranks fail with a user error and the launcher terminates the slower one: the error
+    file holds the first rank's whole line, and a rank killed while writing leaves no empty file
+    for the launcher to show as the error (CI once printed a bare 'error: ')."""
+    import signal
+    import subprocess
+    import sys
+
+    from kubetune.components.train.entry import ERROR_FILE
+    from kubetune.components.train.worker import keep_error
+
+    killed = (
+        "import os, signal, pathlib\n"
+        "from kubetune.components.train.worker import keep_error\n"
+        "def dies_while_writing(self, text, *a, **k):\n"
+        "    open(self, 'w').close()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "pathlib.Path.write_text = dies_while_writing\n"
+        f"keep_error(pathlib.Path({str(tmp_path)!r}), 'never seen')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killed], timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert not (tmp_path / ERROR_FILE).exists()
+    keep_error(tmp_path, "rank 1: the first error")
+    keep_error(tmp_path, "rank 0: the second error")
+    assert (tmp_path / ERROR_FILE).read_text() == "rank 1: the first error\n"
+    leftover = {p.name for p in tmp_path.iterdir()} - {ERROR_FILE}
+    assert all(name.startswith(f"{ERROR_FILE}.") for name in leftover) and len(leftover) == 1

@@ -142,8 +142,11 @@ class LocalBackend:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         error = out / ERROR_FILE
-        if code != 0 and error.is_file():
-            raise UserError(error.read_text().strip())
+        for partial in out.glob(f"{ERROR_FILE}.*"):  # a rank killed while keeping its error
+            partial.unlink(missing_ok=True)
+        kept = error.read_text().strip() if code != 0 and error.is_file() else ""
+        if kept:
+            raise UserError(kept)
         if code != 0 and said is not None:  # the worker's user error, ERROR_FILE unwritable
             raise UserError(said)
         sys.stderr.write("".join(report))  # a real failure: torchrun's report is worth reading

@@ -417,6 +417,20 @@ def name_process(rank: str | None) -> None:
         ctypes.CDLL(None).prctl(15, f"kubetune-rank{rank}".encode()[:15], 0, 0, 0)
 
 
+def keep_error(output: Path, message: str) -> None:
+    """Leave the user error in ERROR_FILE for the launcher, whole or not at all: the first rank
+    to fail writes it under a name of its own and links it into place (the link either appears
+    complete or not), so a rank that the launcher terminates while another rank's error is being
+    written cannot leave the file truncated to nothing."""
+    mine = output / f"{ERROR_FILE}.{os.getpid()}"
+    with suppress(OSError):
+        try:
+            mine.write_text(message + "\n")
+            os.link(mine, output / ERROR_FILE)  # FileExistsError: another rank's error is kept
+        finally:
+            mine.unlink(missing_ok=True)
+
+
 def main(argv=None) -> int:
     name_process(os.environ.get("RANK"))
     args = parse_args(argv)
@@ -427,8 +441,7 @@ def main(argv=None) -> int:
     except UserError as exc:
         message = redact(str(exc))
         print(f"error: {message}", file=sys.stderr, flush=True)
-        with suppress(OSError):
-            Path(args.output, ERROR_FILE).write_text(message + "\n")
+        keep_error(Path(args.output), message)
         return 2
     return 0
 
