@@ -39,8 +39,8 @@ def make_model(folder: Path, smoke: bool) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from kubetune.components.models import resolve_model
+    from kubetune.components.planner.architecture import KNOWN_CONFIGS
     from kubetune.components.tiny_models import train_tiny_tokenizer
-    from kubetune.components.train.architecture import KNOWN_CONFIGS
 
     if smoke:
         return Path(resolve_model("tiny://llama"))

@@ -1,4 +1,4 @@
-"""Refit the speed model's efficiencies (components/train/speed.py) on measured points.
+"""Refit the speed model's efficiencies (components/planner/speed.py) on measured points.
 
     python benchmarks/fit_speed_model.py                  # refit, write, print the table
     python benchmarks/fit_speed_model.py --check          # exit 1 if the stored fit differs
@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from kubetune.components.train.calibration import (
+from kubetune.components.planner.calibration import (
     fit,
     leave_one_out,
     load_point,
@@ -29,7 +29,7 @@ from kubetune.components.train.calibration import (
     metrics_point,
     raw_points,
 )
-from kubetune.components.train.speed import CALIBRATION, Efficiency
+from kubetune.components.planner.speed import CALIBRATION, Efficiency
 
 POINTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "speed-calibration.json"
 

@@ -81,7 +81,7 @@ def make_model(name: str, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kubetune.components.models import resolve_model
-    from kubetune.components.train.architecture import model_config
+    from kubetune.components.planner.architecture import model_config
 
     folder.mkdir(parents=True, exist_ok=True)
     if name.startswith("tiny://"):
@@ -226,7 +226,8 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening,
                           Trainer, TrainerCallback, TrainingArguments)
 from transformers.models.falcon import modeling_falcon
-from kubetune.components.train.modeling import (AUTO_TARGETS, count_quantized, linear_layer_names,
+from kubetune.components.architectures import family
+from kubetune.components.train.modeling import (count_quantized, linear_layer_names,
                                                 parameter_counts)
 # transformers quantizes only modules of type nn.Linear: FalconLinear (the same x W^T + b)
 # becomes nn.Linear so every Falcon linear layer is 4-bit, as QLoRA means.
@@ -255,7 +256,7 @@ if method == "qlora":
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
 model = get_peft_model(model, LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
-                                         task_type="CAUSAL_LM", target_modules=AUTO_TARGETS[model.config.model_type]))
+                                         task_type="CAUSAL_LM", target_modules=list(family(model.config.model_type).lora_targets)))
 trainable, total = parameter_counts(model)
 # Tokens come from Trainer's own count (the collator runs in a DataLoader worker process on
 # GPU, so a counter there would never reach this process).

@@ -29,7 +29,6 @@ from .config_cluster import (
     ServeConfig,
 )
 from .config_sections import (
-    ADAPTER_METHODS,
     AdapterConfig,
     DataConfig,
     DistributedConfig,
@@ -47,9 +46,9 @@ from .config_sections import (
     TrainConfig,
 )
 from .errors import UserError
+from .methods import NAMES, method_of
 
 __all__ = [
-    "ADAPTER_METHODS",
     "DEFAULT_WORKSPACE",
     "KFP_WORKSPACE",
     "RECIPES_DIR",
@@ -84,7 +83,7 @@ class RunConfig(Section):
 
     model: ModelConfig
     data: DataConfig
-    method: Literal["qlora", "lora", "full", "adapter", "adapter_v2"] = Field(
+    method: Literal[NAMES] = Field(  # type: ignore[valid-type]  # components/methods/
         "lora",
         description="qlora, lora or full fine-tuning; adapter (LLaMA-Adapter) or adapter_v2 "
         "(LLaMA-Adapter v2: adds linear-layer bias/scale and trained norms).",
@@ -108,11 +107,11 @@ class RunConfig(Section):
     @field_validator("compare")
     @classmethod
     def _compare(cls, value: dict) -> dict:
-        from .compare_methods.settings import METHODS, check_key
+        from .compare_methods.settings import check_key
 
         for method, settings in value.items():
-            if method not in METHODS:
-                raise ValueError(f"compare.{method}: not a method ({', '.join(METHODS)})")
+            if method not in NAMES:
+                raise ValueError(f"compare.{method}: not a method ({', '.join(NAMES)})")
             for key in settings or {}:
                 try:
                     check_key(key, f"compare.{method}")
@@ -129,29 +128,16 @@ class RunConfig(Section):
                 f"distributed.nodes={self.distributed.nodes} needs "
                 "distributed.backend=pytorchjob or trainjob (local runs on one machine)"
             )
-        if self.method == "qlora" and self.distributed.strategy == "deepspeed":
-            raise ValueError(
-                "method=qlora runs with distributed.strategy=ddp (a 4-bit replica per GPU) "
-                "or fsdp (the 4-bit base sharded per decoder layer), not deepspeed"
-            )
+        method_of(self).validate(self)
         fsdp = self.distributed.fsdp
         if fsdp != FsdpConfig() and self.distributed.strategy != "fsdp":
             raise ValueError("distributed.fsdp.* needs distributed.strategy=fsdp")
-        if fsdp.cpu_offload and self.method == "qlora":
-            raise ValueError(
-                "distributed.fsdp.cpu_offload: a 4-bit base stays on the GPU (bitsandbytes "
-                "quantizes there); offload with method=lora or full"
-            )
-        if self.train.freeze_layers and self.method != "full":
-            raise ValueError(
-                "train.freeze_layers needs method=full (the other methods train adapters only)"
-            )
         if self.train.flop_counter is not None and self.train.profile is not None:
             raise ValueError(
                 "train.flop_counter and train.profile measure each other's overhead: use one "
                 "at a time (as llama-recipes does)"
             )
-        world = self.distributed.nodes * self.distributed.procs_per_node
+        world = self.distributed.world_size
         rows = self.train.global_batch_size
         micro = self.train.micro_batch_size
         if rows is not None and rows % world:

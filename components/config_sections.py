@@ -128,9 +128,6 @@ class LoraConfig(Section):
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
 
 
-ADAPTER_METHODS = ("adapter", "adapter_v2")  # LLaMA-Adapter and v2 (llama_adapter.py)
-
-
 class AdapterConfig(Section):
     """method=adapter / adapter_v2: LLaMA-Adapter's learned prompts (see llama_adapter.py)."""
 
@@ -282,6 +279,11 @@ class DistributedConfig(Section):
         "build on the meta device and receive their shards (llama-recipes' low_cpu_fsdp).",
     )
 
+    @property
+    def world_size(self) -> int:
+        """Training processes over every node: one per GPU."""
+        return self.nodes * self.procs_per_node
+
 
 class HardwareConfig(Section):
     gpu: str = Field(
@@ -295,10 +297,15 @@ class HardwareConfig(Section):
         "or one per GPU type ({A100-80GB: 1.8, H100-80GB: 3.2}).",
     )
 
+    @property
+    def uses_gpu(self) -> bool:
+        """Pods ask for GPUs (hardware.gpu is not none)."""
+        return self.gpu.lower() != "none"
+
     @field_validator("price_per_gpu_hour")
     @classmethod
     def _prices(cls, value: Any) -> Any:
-        from .train.gpus import GPU_TYPES, named
+        from .planner.gpus import GPU_TYPES, named
 
         prices = value if isinstance(value, dict) else {}
         unknown = sorted(k for k in prices if len(named(k)) != 1)

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .model_files import check_model_folder
 from .storage import is_s3, s3_cached
 from .tiny_models import cache_root, is_tiny, tiny_model_dir
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -131,17 +127,3 @@ def safetensors_files(source: str, revision: str | None) -> list[Path]:
             "checkpoints are not loaded)"
         )
     return files
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (FSDP's wrapping unit), found by the model's own
-    `_no_split_modules` class names."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    inner = model
-    while not names and hasattr(inner, "base_model") and inner.base_model is not inner:
-        inner = inner.base_model
-        names = set(getattr(inner, "_no_split_modules", None) or [])
-    if not names:
-        inner = getattr(getattr(model, "base_model", model), "model", model)
-        names = set(getattr(inner, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .architectures import TINY_BUILDERS
 from .errors import UserError
 
 SCHEME = "tiny://"
@@ -36,67 +37,9 @@ CHAT_TEMPLATE = (
 )
 
 
-# Shared scale of every tiny model: 2 layers, hidden 64, 4 heads.
-_SCALE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-# The Llama family's grouped-query layout at that scale.
-_GQA = {**_SCALE, "intermediate_size": 128, "num_key_value_heads": 2}
-
-
-def _falcon(**kw):
-    from transformers import FalconConfig
-
-    # Falcon-7B's layout: multi-query attention, parallel attention/MLP, no biases.
-    return FalconConfig(
-        **_SCALE,
-        multi_query=True,
-        parallel_attn=True,
-        new_decoder_architecture=False,
-        bias=False,
-        alibi=False,
-        **kw,
-    )
-
-
-def _falcon40b(**kw):
-    from transformers import FalconConfig
-
-    # Falcon-40B/180B's layout: the new decoder architecture with grouped KV heads.
-    return FalconConfig(
-        **_SCALE,
-        num_kv_heads=2,
-        new_decoder_architecture=True,
-        parallel_attn=True,
-        bias=False,
-        alibi=False,
-        **kw,
-    )
-
-
-def _llama(**kw):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**_GQA, tie_word_embeddings=False, **kw)
-
-
-def _mistral(**kw):
-    from transformers import MistralConfig
-
-    return MistralConfig(**_GQA, sliding_window=None, tie_word_embeddings=False, **kw)
-
-
-def _qwen2(**kw):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(**_GQA, tie_word_embeddings=True, **kw)
-
-
-ARCHITECTURES: dict[str, Callable] = {
-    "falcon": _falcon,
-    "falcon-40b": _falcon40b,
-    "llama": _llama,
-    "mistral": _mistral,
-    "qwen2": _qwen2,
-}
+# tiny://NAME -> its config builder, from the family records (components/architectures/):
+# 2 layers, hidden 64, 4 heads, each in its family's real layout.
+ARCHITECTURES: dict[str, Callable] = TINY_BUILDERS
 
 
 def is_tiny(name_or_path: str) -> bool:

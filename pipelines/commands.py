@@ -309,9 +309,9 @@ def cmd_submit(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from kubetune.components.train.forecast import options, render_options
-    from kubetune.components.train.plan import estimate, inference_plan, render
-    from kubetune.components.train.speed import Efficiency
+    from kubetune.components.planner.forecast import options, render_options
+    from kubetune.components.planner.plan import estimate, inference_plan, render
+    from kubetune.components.planner.speed import Efficiency
 
     cfg = load_recipe(args.recipe, args.overrides)
     plan = estimate(cfg)

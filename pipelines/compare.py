@@ -14,7 +14,6 @@ from typing import Optional
 
 from kfp import dsl
 
-from kubetune.components.backends.pytorchjob import uses_gpu
 from kubetune.components.compare_methods.component import compare_methods, method_branches
 from kubetune.components.compare_methods.settings import (
     branch_config,
@@ -58,7 +57,7 @@ def build_compare_pipeline(
     cfg = local_copy(cfg, workspace)
     recipe_text = recipe_parameter(cfg)
     fields = recipe_fields(cfg)  # the recipe's values: every branch sets its own method
-    gpu = uses_gpu(cfg)
+    gpu = cfg.hardware.uses_gpu
 
     @dsl.pipeline(
         name=PIPELINE_NAME,

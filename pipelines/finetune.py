@@ -22,7 +22,6 @@ from typing import Optional
 
 from kfp import dsl
 
-from kubetune.components.backends.pytorchjob import uses_gpu
 from kubetune.components.config import RunConfig
 from kubetune.components.evaluate.component import quality_gate
 from kubetune.components.outputs import staged_file
@@ -55,7 +54,7 @@ def build_pipeline(cfg: RunConfig, workspace: Optional[str] = None):  # noqa: UP
     recipe_yaml, overrides, workspace, then the recipe's PIPELINE_FIELDS."""
     cfg = local_copy(cfg, workspace)
     deploy = cfg.serve.enabled and workspace is None  # a local run has no cluster to serve on
-    gpu = uses_gpu(cfg)
+    gpu = cfg.hardware.uses_gpu
 
     def finetune(recipe_yaml, overrides, workspace, **fields):
         resolved = resolve_task(cfg, recipe_yaml, overrides, workspace, fields)

@@ -19,7 +19,7 @@ from kubetune.components.errors import UserError
 
 
 def check_gpu_type(cfg: RunConfig) -> None:
-    from kubetune.components.train.plan import gpu_memory_bytes
+    from kubetune.components.planner.plan import gpu_memory_bytes
 
     gpu_memory_bytes(cfg)
 
@@ -27,7 +27,7 @@ def check_gpu_type(cfg: RunConfig) -> None:
 def known_architecture(cfg: RunConfig):
     """The model's counted architecture, or None where this machine cannot read its config (a
     hub model offline, a model.local_dir that is a path inside the pods)."""
-    from kubetune.components.train.architecture import architecture
+    from kubetune.components.planner.architecture import architecture
 
     try:
         return architecture(cfg)
@@ -43,10 +43,9 @@ def check_kernels(cfg: RunConfig, arch) -> None:
         return
     import torch
 
-    from kubetune.components.backends.pytorchjob import uses_gpu
-    from kubetune.components.train.kernels import select_kernels
+    from kubetune.components.planner.kernel_choice import select_kernels
 
-    device = torch.device("cuda" if uses_gpu(cfg) else "cpu")
+    device = torch.device("cuda" if cfg.hardware.uses_gpu else "cpu")
     select_kernels(cfg, device, arch.model_type, cfg.data.packing, liger_available=True)
 
 
@@ -70,9 +69,7 @@ def check_training_job(cfg: RunConfig) -> None:
 
 
 def check_evaluation(cfg: RunConfig) -> None:
-    from kubetune.components.backends.pytorchjob import uses_gpu
-
-    if cfg.eval.engine == "vllm" and not uses_gpu(cfg):
+    if cfg.eval.engine == "vllm" and not cfg.hardware.uses_gpu:
         raise UserError(
             "eval.engine=vllm generates on the GPU nodes: set hardware.gpu (and the node pool), "
             "or use eval.engine=hf"

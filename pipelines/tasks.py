@@ -121,8 +121,8 @@ def eval_gpus(cfg: RunConfig) -> int:
     and the KV cache (generation spreads it over them with device_map="auto"), at most a
     node's worth; 1 when the model or the GPU is not known."""
     from kubetune.components.errors import UserError
-    from kubetune.components.train.architecture import architecture
-    from kubetune.components.train.plan import GPU_MEMORY_GB, gpus_needed
+    from kubetune.components.planner.architecture import architecture
+    from kubetune.components.planner.plan import GPU_MEMORY_GB, gpus_needed
 
     memory_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
     if not memory_gb:

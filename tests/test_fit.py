@@ -9,14 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kubetune.components.architectures import decoder_layers
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
-from kubetune.components.models import decoder_layers, resolve_model
-from kubetune.components.train.architecture import architecture
-from kubetune.components.train.fit import MARGIN
+from kubetune.components.models import resolve_model
+from kubetune.components.planner.architecture import architecture
+from kubetune.components.planner.fit import MARGIN
+from kubetune.components.planner.plan import estimate, plan_for
 from kubetune.components.train.kernels import compile_layers
 from kubetune.components.train.modeling import apply_checkpointing, checkpointed_layers
-from kubetune.components.train.plan import estimate, plan_for
 
 from .conftest import RECIPES, TINY_DEMO
 

@@ -11,11 +11,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from kubetune.components.config import load_recipe
+from kubetune.components.methods.lora import add_lora
 from kubetune.components.models import resolve_model
+from kubetune.components.planner.fit import as_set
 from kubetune.components.train.build import build_model
-from kubetune.components.train.fit import as_set
 from kubetune.components.train.fused_lora import fuse_lora, fused_lora_forward
-from kubetune.components.train.modeling import add_lora, load_base
+from kubetune.components.train.modeling import load_base
 from kubetune.components.train.parallel import World
 
 from .conftest import TINY_DEMO

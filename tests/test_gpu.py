@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from kubetune.components.config import load_recipe
 from kubetune.components.models import resolve_model
+from kubetune.components.planner.kernel_choice import select_kernels
 from kubetune.components.train.attention import transformers_attention, use_flex_attention
 from kubetune.components.train.data import COUNTS, collate, document_block_mask
-from kubetune.components.train.kernels import apply_kernels, select_kernels, use_chunked_loss
+from kubetune.components.train.kernels import apply_kernels, use_chunked_loss
 
 from .conftest import TINY_DEMO, run_prepare
 
@@ -166,8 +167,9 @@ def test_worker_on_gpu_trains_with_the_fast_paths(cli, dataset, tmp_path, sets):
 
 def test_fused_lora_on_a_4bit_base_matches_peft_on_gpu():
     """The fused forward in bf16 against peft's (fp32 LoRA math) on a CUDA 4-bit base."""
+    from kubetune.components.methods.lora import add_lora
     from kubetune.components.train.fused_lora import fuse_lora
-    from kubetune.components.train.modeling import add_lora, load_base
+    from kubetune.components.train.modeling import load_base
 
     cfg = load_recipe(TINY_DEMO, ["method=qlora", "model.name_or_path=tiny://llama"])
     reference = add_lora(cfg, load_base(cfg, CUDA)[0])
@@ -191,7 +193,8 @@ def test_fused_lora_on_a_4bit_base_matches_peft_on_gpu():
 def test_a_single_kv_head_spread_over_the_query_heads_gives_the_same_attention():
     """Falcon-7B's one KV head given to each query head (flex's fast backward) computes what
     flex's grouped-query path computes, gradients included."""
-    from kubetune.components.train.attention import compiled_flex_attention, spread_single_kv_head
+    from kubetune.components.architectures.falcon import spread_single_kv_head
+    from kubetune.components.train.attention import compiled_flex_attention
 
     generator = torch.Generator(device=CUDA).manual_seed(0)
     q = torch.randn(2, 8, 256, 64, device=CUDA, dtype=torch.bfloat16, generator=generator)

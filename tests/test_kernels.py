@@ -13,14 +13,10 @@ from transformers import AutoModelForCausalLM
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
 from kubetune.components.models import resolve_model
+from kubetune.components.planner.kernel_choice import chunk_rows, select_kernels
 from kubetune.components.tiny_models import ARCHITECTURES
 from kubetune.components.train.data import COUNTS, BatchPlan, batch_loader, collate
-from kubetune.components.train.kernels import (
-    chunk_rows,
-    linear_cross_entropy,
-    select_kernels,
-    use_chunked_loss,
-)
+from kubetune.components.train.kernels import linear_cross_entropy, use_chunked_loss
 
 from .conftest import TINY_DEMO
 
@@ -87,7 +83,7 @@ def test_chunk_rows_follows_the_vocab_to_hidden_ratio():
 
 
 def test_kernel_selection(monkeypatch):
-    import kubetune.components.train.kernels as kernels
+    import kubetune.components.planner.kernel_choice as kernels
 
     auto = cfg()
     on_cpu = select_kernels(auto, CPU, "llama")

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from kubetune.components.artifacts import ADAPTER_WEIGHTS_FILE
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
-from kubetune.components.llama_adapter import (
+from kubetune.components.methods.llama_adapter import (
     AdapterSpec,
     install,
     load_into,
@@ -27,7 +27,7 @@ from kubetune.components.llama_adapter import (
     trainable_count,
 )
 from kubetune.components.models import resolve_model
-from kubetune.components.train.architecture import architecture
+from kubetune.components.planner.architecture import architecture
 
 from .conftest import RECIPES, TINY_DEMO, assert_user_error
 
@@ -64,7 +64,7 @@ def test_trainable_counts_match_the_published_falcon_7b_figures(cli):
     from accelerate import init_empty_weights
     from peft import LoraConfig, get_peft_model
 
-    from kubetune.components.train.architecture import model_config
+    from kubetune.components.planner.architecture import model_config
 
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(model_config("tiiuae/falcon-7b"))
@@ -250,7 +250,7 @@ def test_merge_folds_adapter_v2_and_serves_the_rest_unmerged(cli, tmp_path, arch
 def test_bad_adapter_settings_are_refused(cli, tmp_path):
     from transformers import GPT2Config
 
-    from kubetune.components.llama_adapter import check_architecture
+    from kubetune.components.methods.llama_adapter import check_architecture
 
     result = cli("plan", TINY_DEMO, "--set", "method=adapter", "--set", "adapter.start_layer=2")
     assert_user_error(result, "adapter.start_layer=2: the model has 2 decoder layers")

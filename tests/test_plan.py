@@ -9,8 +9,9 @@ import torch
 
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
-from kubetune.components.train.modeling import add_lora, load_base
-from kubetune.components.train.plan import GB, estimate
+from kubetune.components.methods.lora import add_lora
+from kubetune.components.planner.plan import GB, estimate
+from kubetune.components.train.modeling import load_base
 
 from .conftest import RECIPES, TINY_DEMO
 
@@ -176,7 +177,7 @@ def test_plan_accounts_for_fsdp_sharding_and_offload():
 def test_plan_counts_match_a_real_model_with_frozen_layers():
     """method=full with train.freeze_layers=1: the planner's trainable state is the bytes of the
     real tiny model's trained parameters, their gradients and AdamW state after one step."""
-    from kubetune.components.train.modeling import freeze_bottom
+    from kubetune.components.methods.full import freeze_bottom
 
     cfg = load_recipe(
         TINY_DEMO, ["method=full", "train.freeze_layers=1", "train.gradient_checkpointing=false"]
@@ -200,7 +201,7 @@ def test_plan_counts_match_a_real_model_with_frozen_layers():
 def test_architecture_counts_are_cached_per_model_and_adapter_settings(tmp_path, monkeypatch):
     from dataclasses import asdict
 
-    from kubetune.components.train import architecture as plan
+    from kubetune.components.planner import architecture as plan
 
     monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
     cfg = load_recipe(RECIPES / "falcon-7b-qlora.yaml")

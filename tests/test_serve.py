@@ -24,7 +24,7 @@ def rendered(recipe, *sets: str) -> dict:
 @pytest.mark.parametrize("recipe", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
 def test_every_recipe_renders_a_valid_inference_service(recipe):
     from kubetune.components.config import load_recipe
-    from kubetune.components.train.plan import inference_plan
+    from kubetune.components.planner.plan import inference_plan
 
     cfg = load_recipe(recipe, [])
     isvc = rendered(recipe)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kubetune.components.config import load_recipe
-from kubetune.components.train.architecture import architecture
-from kubetune.components.train.speed import (
+from kubetune.components.planner.architecture import architecture
+from kubetune.components.planner.speed import (
     ADAMW_BYTES,
     LAYER_OPS,
     LORA_OPS,
@@ -51,7 +51,7 @@ def tiny_model(cfg, layers: int | None = None, attention: str = "sdpa"):
 def with_lora(model, cfg):
     from peft import LoraConfig, get_peft_model
 
-    from kubetune.components.train.modeling import lora_targets
+    from kubetune.components.methods.lora import lora_targets
 
     targets = lora_targets(cfg, model.config.model_type)
     return get_peft_model(
@@ -233,7 +233,7 @@ def test_time_terms_follow_the_gpu_tables():
     cfg = tiny_cfg("tiny://llama", "method=lora")
     arch = architecture(cfg)
     setup = setup_for(arch, "lora", 4, 512, 0)
-    from kubetune.components.train.gpus import GPU_TYPES
+    from kubetune.components.planner.gpus import GPU_TYPES
 
     gpu = GPU_TYPES["H100-80GB"]
     eff = Efficiency(matmul=0.5, memory=0.5, op_seconds=1e-5, overlap=1.0)
@@ -254,7 +254,7 @@ def test_time_terms_follow_the_gpu_tables():
 def test_calibration_lands_near_every_point_and_refits_to_the_stored_values():
     """The published points within 30%, kubetune's own fitted GPU runs within 20% (each
     point's `tolerance`), with the stored efficiencies; and the refit script reproduces them."""
-    from kubetune.components.train.calibration import load_points
+    from kubetune.components.planner.calibration import load_points
 
     eff = Efficiency.load()
     points = load_points(POINTS)
@@ -347,8 +347,8 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
     assert prediction["gpu"] == "A100-80GB" and prediction["measured_on"] == "cpu"
     # the plan's setup, with the kernels this CPU run chose (no compiled layers off CUDA)
     assert prediction["setup"] == {**a100["setup"], "compiled": False}
-    from kubetune.components.train.architecture import Architecture
-    from kubetune.components.train.gpus import GPU_TYPES
+    from kubetune.components.planner.architecture import Architecture
+    from kubetune.components.planner.gpus import GPU_TYPES
 
     recorded = step_time(
         Architecture(**prediction["architecture"]),
@@ -363,7 +363,7 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
     assert prediction["error"]["tokens_per_second"] == pytest.approx(
         prediction["tokens_per_second"] / metrics["padded_tokens_per_second"] - 1
     )
-    from kubetune.components.train.forecast import prediction_markdown
+    from kubetune.components.planner.forecast import prediction_markdown
 
     markdown = prediction_markdown(prediction)
     assert f"| tokens/s (job) | {prediction['tokens_per_second']:,.1f} |" in markdown
@@ -386,7 +386,7 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
     assert refit.returncode == 2 and "not a GPU run" in refit.stderr
     assert points.read_bytes() == POINTS.read_bytes()
     # a benchmark's committed raw output: its GPU case lines are points, a CPU one is not
-    from kubetune.components.train.calibration import load_point, raw_points
+    from kubetune.components.planner.calibration import load_point, raw_points
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -411,7 +411,7 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
 
 def test_plan_refuses_what_it_cannot_price(tmp_path):
     from kubetune.components.errors import UserError
-    from kubetune.components.train.forecast import options
+    from kubetune.components.planner.forecast import options
 
     bad_gpu = run_cli("plan", TINY_DEMO, "--gpus", "A100-80GB,B300")
     assert_user_error(bad_gpu, "--gpus: unknown GPU type 'B300'? known: A100-80GB, A100-40GB")

@@ -17,7 +17,7 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from kubetune.components.llama_adapter import load_into
+from kubetune.components.methods.llama_adapter import load_into
 from kubetune.components.models import resolve_model
 
 from .conftest import KUBETUNE, TINY_DEMO, assert_user_error, run_prepare

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from kubetune.components.config import load_recipe
-from kubetune.components.train.architecture import architecture
-from kubetune.components.train.fit import MARGIN
-from kubetune.components.train.plan import GB, plan_for
+from kubetune.components.planner.architecture import architecture
+from kubetune.components.planner.fit import MARGIN
+from kubetune.components.planner.plan import GB, plan_for
 
 from .conftest import TINY_DEMO
 

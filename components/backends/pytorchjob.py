@@ -47,10 +47,6 @@ def default_paths(cfg: RunConfig, name: str) -> tuple[str, str]:
     return str(root / "runs" / name / "dataset"), str(root / "runs" / name / "train")
 
 
-def uses_gpu(cfg: RunConfig) -> bool:
-    return cfg.hardware.gpu.lower() != "none"
-
-
 def _secret_env(name: str, secret: str, key: str) -> dict:
     return {
         "name": name,
@@ -72,7 +68,7 @@ def container_env(cfg: RunConfig, recipe_text: str, task: TaskConfig = NO_TASK) 
         {"name": "OMP_NUM_THREADS", "value": str(threads)},
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
     ]
-    if not uses_gpu(cfg):
+    if not cfg.hardware.uses_gpu:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
     if cfg.model.local_dir:  # the fetch step's copy on the workspace volume: no pod downloads
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
@@ -97,7 +93,7 @@ def resources(cfg: RunConfig, task: TaskConfig = NO_TASK) -> dict:
     k8s = cfg.kubernetes
     requests: dict[str, str | int] = {"cpu": k8s.cpu, "memory": k8s.memory}
     limits: dict[str, str | int] = {"memory": k8s.memory}
-    if uses_gpu(cfg):
+    if cfg.hardware.uses_gpu:
         requests[k8s.gpu_resource] = cfg.distributed.procs_per_node
         limits[k8s.gpu_resource] = cfg.distributed.procs_per_node
     return merge_resources({"requests": requests, "limits": limits}, task)

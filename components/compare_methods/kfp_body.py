@@ -19,7 +19,7 @@ def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: s
     import json
 
     from ..config import dump_config
-    from ..llama_adapter import check_recipe
+    from ..methods import method_of
     from .settings import branch_config, parse_methods
 
     names, extra = parse_methods(methods)
@@ -27,7 +27,7 @@ def method_branches(recipe_yaml: str, run_dir: str, dataset_dir: str, methods: s
     branches = []
     for method in names:
         cfg, settings = branch_config(recipe_yaml, base, method, extra.get(method))
-        check_recipe(cfg)
+        method_of(cfg).check_model(cfg)
         out = Path(run_dir) / "methods" / method
         out.mkdir(parents=True, exist_ok=True)
         record = {

@@ -19,24 +19,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
+from ..methods import NAMES, REGISTRY
 
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-# Published per-method hyper-parameters (Alpaca-scale instruction tuning of 7B models).
-METHOD_DEFAULTS: dict[str, dict[str, object]] = {
-    # lit-parrot / lit-llama finetune/lora.py
-    "lora": {"train.lr": 3e-4, "train.weight_decay": 0.0},
-    # the QLoRA paper (Dettmers et al. 2023), 7B and 13B models
-    "qlora": {"train.lr": 2e-4, "train.weight_decay": 0.0},
-    # lit-parrot / lit-llama finetune/adapter.py (the LLaMA-Adapter paper's 9e-3)
-    "adapter": {"train.lr": 9e-3, "train.weight_decay": 0.02},
-    # lit-parrot finetune/adapter_v2.py
-    "adapter_v2": {"train.lr": 9e-3, "train.weight_decay": 0.02},
-    # lit-llama finetune/full.py
-    "full": {"train.lr": 3e-5, "train.weight_decay": 0.0},
-}
-METHODS = tuple(METHOD_DEFAULTS)
+# Published per-method hyper-parameters (Alpaca-scale instruction tuning of 7B models): each
+# method's `published` settings (components/methods/).
+METHOD_DEFAULTS: dict[str, dict[str, object]] = {n: dict(m.published) for n, m in REGISTRY.items()}
+METHODS = NAMES
 BRANCH_SECTIONS = ("train", "lora", "adapter", "quant", "distributed")
 
 

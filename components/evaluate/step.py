@@ -86,7 +86,7 @@ def load_model(name: str, cfg: RunConfig, dtype: torch.dtype, device: torch.devi
     """The model `locate` finds, in transformers (and peft, or kubetune's LLaMA-Adapter)."""
     from transformers import AutoModelForCausalLM
 
-    from ..llama_adapter import load_into
+    from ..methods.llama_adapter import load_into
 
     where = locate(name, cfg)
     placement = {"device_map": "auto"} if device.type == "cuda" else {}

@@ -3,16 +3,16 @@ RUN_DIR/model (a full fine-tune's folder passes through)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import parse_recipe
+from ..methods import method_of
 from ..outputs import run_folder
 
 
 def merge(recipe_yaml: str, train_dir: str, run_dir: str) -> str:
-    from .step import merge as merge_step
-
     cfg = parse_recipe(recipe_yaml, "recipe")
-    if cfg.method == "full":  # full fine-tuning wrote the whole model already
-        return train_dir
     out = run_folder(run_dir) / "model"
-    merge_step(cfg, train_dir, out, overwrite=True)
+    if method_of(cfg).merge(cfg, Path(train_dir), out, overwrite=True) is None:
+        return train_dir  # full fine-tuning wrote the whole model already
     return str(out)

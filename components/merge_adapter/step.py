@@ -230,7 +230,7 @@ def merge_llama_adapter(cfg: RunConfig, adapter: Path, output: Path, overwrite: 
     input embeddings (no head tensor to fold into)."""
     from safetensors.torch import save_file
 
-    from ..llama_adapter import AdapterSpec
+    from ..methods.llama_adapter import AdapterSpec
 
     spec = AdapterSpec.read(adapter)
     if spec.merged:

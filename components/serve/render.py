@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from ..backends.pytorchjob import labels, uses_gpu
+from ..backends.pytorchjob import labels
 from ..config import RunConfig
 from ..errors import UserError
 from ..k8s_values import dns_1035_label, quantity_value
@@ -33,7 +33,7 @@ def default_name(cfg: RunConfig) -> str:
 def backend(cfg: RunConfig) -> str:
     if cfg.serve.backend != "auto":
         return cfg.serve.backend
-    return "vllm" if uses_gpu(cfg) else "huggingface"
+    return "vllm" if cfg.hardware.uses_gpu else "huggingface"
 
 
 def render_inference_service(
@@ -43,8 +43,8 @@ def render_inference_service(
     came from), as a dict. What would only fail once the predictor starts is refused here: a
     URI KServe cannot read, an unknown GPU type, too few GPUs or too little memory to hold the
     model, vLLM without GPUs."""
-    from ..train.architecture import architecture
-    from ..train.plan import GB, MAX_SERVE_GPUS, gpu_memory_bytes, gpus_needed, inference_plan
+    from ..planner.architecture import architecture
+    from ..planner.plan import GB, MAX_SERVE_GPUS, gpu_memory_bytes, gpus_needed, inference_plan
 
     if not STORAGE.match(uri):
         raise UserError(

@@ -11,23 +11,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ADAPTER_METHODS, RunConfig
+from ..architectures import decoder_layers
+from ..config import RunConfig
 from ..errors import UserError
-from ..llama_adapter import AdapterSpec
-from ..llama_adapter import install as install_adapter
-from ..models import decoder_layers
+from ..methods import method_of
+from ..planner.fit import Fit, as_set
+from ..planner.kernel_choice import Kernels, select_kernels
 from . import checkpoint as ckpt
 from .attention import FLEX, use_flex_attention
-from .fit import Fit, as_set
-from .fused_lora import fuse_lora
-from .kernels import Kernels, apply_kernels, compile_layers, select_kernels
+from .kernels import apply_kernels, compile_layers
 from .meta_load import materialize
 from .modeling import (
     DTYPES,
-    add_lora,
     apply_checkpointing,
     build_on_meta,
-    freeze_bottom,
     load_base,
     parameter_counts,
     weights_dtype,
@@ -62,7 +59,7 @@ def low_memory_fsdp(cfg: RunConfig) -> bool:
     return (
         cfg.distributed.strategy == "fsdp"
         and cfg.distributed.low_memory_load
-        and cfg.method != "qlora"
+        and not method_of(cfg).quantized_base
     )
 
 
@@ -82,7 +79,7 @@ def fit_run(cfg: RunConfig, world: World, rows: int, output: Path) -> Fit:
     """The micro batch and the checkpointed layers (fit.py), from the plan on this GPU. A
     resumed run keeps the micro batch and grad_accum its checkpoint was written with: the
     data order depends on them."""
-    from .plan import estimate
+    from ..planner.plan import estimate
 
     memory = None
     if world.device.type == "cuda":
@@ -151,14 +148,7 @@ def build_model(cfg: RunConfig, world: World, attn: str, fit: Fit, packed: bool)
         use_flex_attention(model)
     kernels = select_kernels(cfg, world.device, model.config.model_type, packed)
     apply_kernels(model, kernels)
-    if cfg.method in ("lora", "qlora"):
-        model = add_lora(cfg, model)
-        if kernels.lora == "fused":
-            fuse_lora(model)
-    elif cfg.method in ADAPTER_METHODS:
-        install_adapter(model, AdapterSpec.from_recipe(cfg))
-    else:
-        freeze_bottom(model, cfg.train.freeze_layers)
+    model = method_of(cfg).adapt(cfg, model, fused_lora=kernels.lora == "fused")
     layers = decoder_layers(model)
     apply_checkpointing(model, layers, fit.checkpointed_layers)
     model.config.use_cache = False
@@ -183,7 +173,8 @@ def wrap(cfg: RunConfig, model, world: World, dtype, ds_config, steps: int):
         return engine, optimizer, scheduler
     if strategy == "fsdp":
         # 4-bit weights are stored in the compute dtype: gather them in it, unconverted.
-        param_dtype = DTYPES[cfg.quant.compute_dtype] if cfg.method == "qlora" else dtype
+        quantized = method_of(cfg).quantized_base
+        param_dtype = DTYPES[cfg.quant.compute_dtype] if quantized else dtype
         dist_cfg = cfg.distributed
         model = wrap_fsdp(model, world, param_dtype, dist_cfg.fsdp, dist_cfg.procs_per_node)
         if low_memory_fsdp(cfg):

@@ -14,7 +14,7 @@ import torch
 from ..artifacts import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    pass
 
 
 class BatchPlan:
@@ -46,12 +46,6 @@ def check_rows(dataset, n_rows: int, world: int, micro: int) -> None:
             f"{dataset}: the train split has {n_rows} rows, fewer than {world} "
             f"processes x train.micro_batch_size {micro}"
         )
-
-
-def total_steps(cfg: RunConfig, per_epoch: int) -> int:
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
-    return max(1, int(cfg.train.epochs * per_epoch) // cfg.train.grad_accum)
 
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ def train_flops_per_token(model, total: int, trainable: int, seq: int) -> float:
 def gpu_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    from .gpus import gpu_type_of
+    from ..planner.gpus import gpu_type_of
 
     gpu = gpu_type_of(torch.cuda.get_device_name(device))
     return gpu.bf16_flops if gpu else None

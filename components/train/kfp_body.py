@@ -36,7 +36,7 @@ def train(
         for name, value in final_figures(out).metrics().items():
             metrics.log_metric(name, value)
     if summary_path is not None:
-        from .forecast import prediction_markdown
+        from ..planner.forecast import prediction_markdown
 
         record = json.loads((out / METRICS_FILE).read_text())
         Path(summary_path).write_text(prediction_markdown(record.get("prediction")))

@@ -16,22 +16,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..architectures import linear_layer_names
 from ..errors import UserError
+from ..methods import method_of
 from ..models import load_config, model_revision, model_source, safetensors_files
 from .attention import attention_implementation, transformers_attention
 
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-# lora.target_modules: auto — the attention and MLP projections of each architecture.
-AUTO_TARGETS = {
-    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -42,29 +35,6 @@ def weights_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-def lora_targets(cfg: RunConfig, model_type: str) -> list[str] | str:
-    targets = cfg.lora.target_modules
-    if targets == "auto":
-        if model_type not in AUTO_TARGETS:
-            raise UserError(
-                f"lora.target_modules: no automatic choice for model type "
-                f"{model_type!r}; set all-linear or a list of module names"
-            )
-        return AUTO_TARGETS[model_type]
-    return targets
-
-
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Every linear layer a 4-bit model should quantize: all nn.Linear (and subclasses such
-    as FalconLinear) except the output head."""
-    head = model.get_output_embeddings()
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head
-    ]
 
 
 def count_quantized(model: nn.Module) -> int:
@@ -206,7 +176,7 @@ def load_base(
 
     source = model_source(cfg.model)
     attn = attn or attention_implementation(cfg, device)
-    if cfg.method == "qlora":
+    if method_of(cfg).quantized_base:
         return load_quantized(cfg, source, device, attn)
     if attn == "flex_attention":
         attn = transformers_attention(attn, load_config(cfg.model).model_type)
@@ -225,39 +195,6 @@ def load_base(
     if not direct and not deepspeed_zero3:
         model.to(device)
     return model, 0
-
-
-def prepare_kbit(model: nn.Module) -> None:
-    """The 4-bit (or 8-bit) base ready for adapters: every weight frozen, and every weight that
-    is not quantized (embeddings, norms, the head) left in quant.compute_dtype.
-
-    This replaces peft's prepare_model_for_kbit_training, which upcasts those weights to fp32:
-    then the residual stream, attention, the output head's GEMM and the LoRA matmuls all run
-    in fp32. Here only the adapter's own weights (and their AdamW state) are fp32 master
-    weights; the forward runs in the compute dtype."""
-    model.requires_grad_(False)
-
-
-def add_lora(cfg: RunConfig, model: nn.Module) -> nn.Module:
-    """LoRA (peft) on the base; adapter weights in fp32, the base in its own dtype."""
-    from peft import LoraConfig, get_peft_model
-
-    if cfg.method == "qlora":
-        prepare_kbit(model)
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=lora_targets(cfg, model.config.model_type),
-        bias=cfg.lora.bias,
-        use_rslora=cfg.lora.use_rslora,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        # autocast_adapter_dtype: peft keeps the adapter's weights in fp32 (master weights)
-        return get_peft_model(model, lora, autocast_adapter_dtype=True)
-    except ValueError as exc:
-        raise UserError(f"lora.target_modules: {exc}") from None
 
 
 def transformers_model(model: nn.Module) -> nn.Module:
@@ -291,24 +228,6 @@ def apply_checkpointing(model: nn.Module, layers: list[nn.Module], count: int) -
 def checkpointed_layers(layers: list[nn.Module]) -> int:
     """How many decoder layers recompute their activations in backward."""
     return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
-
-
-def freeze_bottom(model, layers: int) -> None:
-    """Full fine-tuning of the top layers only: the input embeddings (and an output head tied
-    to them) and the first `layers` decoder layers stop training."""
-    if not layers:
-        return
-    from ..models import decoder_layers
-
-    blocks = decoder_layers(model)
-    if layers >= len(blocks):
-        raise UserError(
-            f"train.freeze_layers={layers}: the model has {len(blocks)} decoder layers; "
-            "at least one must train"
-        )
-    model.get_input_embeddings().requires_grad_(False)
-    for block in blocks[:layers]:
-        block.requires_grad_(False)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

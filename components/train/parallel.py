@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models import decoder_layers
+from ..architectures import decoder_layers
 
 if TYPE_CHECKING:
     from ..config import RunConfig

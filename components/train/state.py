@@ -11,10 +11,9 @@ import torch.distributed as dist
 from ..artifacts import (
     BaseModelRecord,
 )
-from ..config import ADAPTER_METHODS, RunConfig
+from ..config import RunConfig
 from ..errors import UserError
-from ..llama_adapter import AdapterSpec
-from ..llama_adapter import save as save_adapter
+from ..methods import method_of
 from . import checkpoint as ckpt
 from .build import is_zero3, trainable_named, unwrap
 from .metrics import fsdp_record
@@ -109,7 +108,7 @@ def save_outputs(
 ) -> None:
     """Adapter (LoRA/QLoRA, LLaMA-Adapter) or full weights as safetensors, on rank 0, plus the
     tokenizer."""
-    strategy = cfg.distributed.strategy
+    strategy, method = cfg.distributed.strategy, method_of(cfg)
     base = unwrap(model)
     state = None
     if strategy == "fsdp":
@@ -118,19 +117,14 @@ def save_outputs(
         state = get_model_state_dict(
             model,
             options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.method != "full"
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=not method.trains_base
             ),
         )
     elif is_zero3(cfg):
-        full = cfg.method == "full"
-        state = model._zero3_consolidated_16bit_state_dict() if full else gathered_trainable(model)
-    if world.main and cfg.method in ADAPTER_METHODS:
-        # only the trained tensors (FSDP's state dict also names a head tied to frozen inputs)
-        trained = trainable_named(base)
-        state = {k: v for k, v in state.items() if k in trained} if state else trained
-        save_adapter(output, AdapterSpec.from_recipe(cfg), state)
-    elif world.main:  # a PeftModel writes only the adapter; a full model all its weights
-        base.save_pretrained(output, state_dict=state, safe_serialization=True)
+        whole = method.trains_base
+        state = model._zero3_consolidated_16bit_state_dict() if whole else gathered_trainable(model)
+    if world.main:  # a PeftModel writes only the adapter; a full model all its weights
+        method.save(cfg, base, state, output)
     if world.main:
         tokenizer.save_pretrained(output)
         # Which base and data this model came from: merge checks the base, push records both.

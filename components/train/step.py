@@ -25,7 +25,7 @@ def check_dataset(cfg: RunConfig, dataset: Path) -> None:
             f"{DATASET_DICT_FILE})"
         )
     rows = json.loads((dataset / STATS_FILE).read_text())["splits"]["train"]
-    world = cfg.distributed.nodes * cfg.distributed.procs_per_node
+    world = cfg.distributed.world_size
     micro = cfg.train.micro_batch_size
     check_rows(dataset, rows, world, 1 if micro == "auto" else micro)
     check_data_matches_model(cfg.model, dataset)
@@ -39,7 +39,7 @@ def train(cfg: RunConfig, dataset: str | Path, output: str | Path, task=None) ->
     if backend.local or Path(dataset).is_dir():
         check_dataset(cfg, Path(dataset).resolve() if backend.local else Path(dataset))
     if backend.local:
-        from ..llama_adapter import check_recipe
+        from ..methods import method_of
 
-        check_recipe(cfg)
+        method_of(cfg).check_model(cfg)
     return backend.launch(cfg, str(dataset), str(output), task)

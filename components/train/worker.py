@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..architectures import decoder_layers
 from ..artifacts import (
     IGNORE_INDEX,
     METRICS_FILE,
@@ -33,8 +34,9 @@ from ..artifacts import (
 from ..config import RunConfig, load_recipe, parse_recipe, write_resolved
 from ..console import quiet_progress_off_terminal
 from ..errors import UserError
-from ..models import decoder_layers
 from ..outputs import disk_errors
+from ..planner.fit import resolved, total_steps
+from ..planner.forecast import compare
 from ..secrets import redact
 from .attention import FLEX, attention_implementation
 from .build import build_model, fit_run, unwrap, wrap
@@ -46,12 +48,9 @@ from .data import (
     collate,
     document_block_mask,
     pad_length,
-    total_steps,
 )
 from .entry import ERROR_FILE
-from .fit import resolved
 from .flops import mfu, train_flops_per_token
-from .forecast import compare
 from .measure import StepFlops, check_fits, start_profiler
 from .metrics import (
     TrainMetrics,
@@ -143,7 +142,7 @@ def dataset_stats(dataset: str) -> dict:
 def speed_prediction(cfg, fit, world: World, stats: dict, steps: int, kernels) -> dict | None:
     """The speed model's prediction for this run (forecast.run_prediction); a model it cannot
     predict costs one line, never the run."""
-    from .forecast import run_prediction
+    from ..planner.forecast import run_prediction
 
     device = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else None
     try:

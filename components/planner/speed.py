@@ -39,8 +39,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..methods import named
+from ..methods.lora import quantized_bytes
 from .gpus import GpuType
-from .plan import quantized_bytes, saved_bytes_per_token_layer
+from .plan import saved_bytes_per_token_layer
 
 CALIBRATION = Path(__file__).with_name("speed_calibration.json")
 CAUSAL = 0.5  # causal attention kernels compute half the score matrix
@@ -167,8 +169,9 @@ def work(arch, setup: Setup) -> Work:
     trained_layers = L - arch.frozen_layers
     head = arch.hidden * arch.vocab
     linear = arch.linear_params
-    adapter = arch.adapter_params if setup.method in ("lora", "qlora") else 0
-    full = setup.method == "full"
+    method = named(setup.method)
+    adapter = arch.adapter_params if method.lora_matmuls else 0
+    full = method.trains_base
     w = Work()
     w.flops["forward"] = 2 * T * (linear + head + adapter)
     below = trained_layers / L if full else 1.0  # input gradients stop at the lowest trained
@@ -197,7 +200,7 @@ def work(arch, setup: Setup) -> Work:
 def _step_work(arch, setup: Setup, w: Work) -> None:
     """The optimizer's traffic and the collectives, per optimizer step."""
     g = setup.gpus
-    full = setup.method == "full"
+    full = named(setup.method).trains_base
     trained = (arch.total_params - arch.frozen_params) if full else arch.adapter_params
     state_bytes = setup.weight_bytes if full else 4
     grad_bytes = trained * state_bytes

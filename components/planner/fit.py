@@ -32,6 +32,12 @@ MARGIN = 0.10  # share of the GPU's memory a run that "fits" leaves free
 MAX_AUTO_MICRO = 64  # rows per micro batch that `auto` goes up to
 
 
+def total_steps(cfg: RunConfig, per_epoch: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, int(cfg.train.epochs * per_epoch) // cfg.train.grad_accum)
+
+
 @dataclass(frozen=True)
 class Fit:
     """What the run uses, and why (metrics.json `gradient_checkpointing` and `micro_batch`)."""

@@ -32,21 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE
-from .errors import UserError
+from ..architectures import family, supporting
+from ..artifacts import ADAPTER_SPEC_FILE, ADAPTER_WEIGHTS_FILE
+from ..errors import UserError
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-
-# model type -> (module that computes the queries, output projection); Falcon's queries come
-# out of the fused query_key_value.
-ATTENTION = {
-    "falcon": ("query_key_value", "dense"),
-    "llama": ("q_proj", "o_proj"),
-    "mistral": ("q_proj", "o_proj"),
-    "mixtral": ("q_proj", "o_proj"),
-    "qwen2": ("q_proj", "o_proj"),
-}
+    from ..config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -77,7 +68,7 @@ class AdapterSpec:
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     """The decoder layers' attention modules, bottom to top."""
-    from .models import decoder_layers
+    from ..architectures import decoder_layers
 
     found = []
     for layer in decoder_layers(model):
@@ -185,7 +176,8 @@ class ScaleBias(nn.Module):
 
 
 def _install_prefix(attn: nn.Module, model_type: str, config, length: int, device) -> None:
-    query_name, out_name = ATTENTION[model_type]
+    # (module that computes the queries, output projection): the family record's
+    query_name, out_name = family(model_type).adapter_attention  # type: ignore[misc]
     heads = config.num_attention_heads
     head_dim = getattr(attn, "head_dim", None) or config.hidden_size // heads
     attn.adapter = Prefix(
@@ -236,9 +228,9 @@ def is_norm(module: nn.Module) -> bool:
 
 def check_architecture(method: str, config, start_layer: int) -> None:
     """The method runs on this architecture and adapter.start_layer names one of its layers."""
-    if config.model_type not in ATTENTION:
+    if family(config.model_type).adapter_attention is None:
         raise UserError(
-            f"method={method}: kubetune implements it for {', '.join(ATTENTION)}, "
+            f"method={method}: kubetune implements it for {', '.join(supporting(lambda r: r.adapter_attention))}, "
             f"not model type {config.model_type!r}"
         )
     if config.model_type == "falcon" and getattr(config, "alibi", False):
@@ -249,16 +241,6 @@ def check_architecture(method: str, config, start_layer: int) -> None:
             f"adapter.start_layer={start_layer}: the model has {layers} decoder layers "
             "(0-based; at least one must carry a prompt)"
         )
-
-
-def check_recipe(cfg: RunConfig) -> None:
-    """Before anything starts: method=adapter|adapter_v2 fits the recipe's model."""
-    from .config import ADAPTER_METHODS
-
-    if cfg.method in ADAPTER_METHODS:
-        from .models import load_config
-
-        check_architecture(cfg.method, load_config(cfg.model), cfg.adapter.start_layer)
 
 
 def install(

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..methods import method_of, named
 from .architecture import Architecture, architecture
 from .fit import Fit, choose
 from .gpus import GPU_TYPES
@@ -61,7 +62,7 @@ class Plan:
     @property
     def trainable_params(self) -> int:
         """Every parameter for full fine-tuning; the adapter's (LoRA, LLaMA-Adapter) otherwise."""
-        return self.arch.total_params if self.method == "full" else self.arch.adapter_params
+        return named(self.method).trained_params(self.arch)
 
     @property
     def total(self) -> float:
@@ -88,28 +89,13 @@ class Plan:
         }
 
 
-def quantized_bytes(bits: int, double_quant: bool = True) -> float:
-    """Bytes per weight stored in 8 bits, or in NF4/FP4 with its absmax constants (per 64
-    weights: fp32, or 8 bits with double quantization plus an fp32 constant per 256 blocks)."""
-    if bits == 8:
-        return 1.0
-    return 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
-
-
 def weight_bytes(cfg: RunConfig, arch: Architecture, dtype_bytes: int) -> float:
-    if cfg.method == "qlora":
-        other = arch.total_params - arch.linear_params
-        per = quantized_bytes(cfg.quant.bits, cfg.quant.double_quant)
-        return arch.linear_params * per + other * (4 if cfg.quant.compute_dtype == "float32" else 2)
-    return arch.total_params * dtype_bytes
+    return method_of(cfg).weight_bytes(cfg, arch, dtype_bytes)
 
 
 def trainable_bytes(cfg: RunConfig, arch: Architecture, dtype_bytes: int) -> tuple[float, float]:
     """(bytes that live with the weights: gradients, LoRA fp32 weights; AdamW moments)."""
-    if cfg.method == "full":
-        trained = arch.total_params - arch.frozen_params
-        return trained * dtype_bytes, trained * 2 * dtype_bytes
-    return arch.adapter_params * 8, arch.adapter_params * 8
+    return method_of(cfg).trainable_bytes(cfg, arch, dtype_bytes)
 
 
 def saved_bytes_per_token_layer(arch: Architecture) -> float:
@@ -132,9 +118,9 @@ def activation_bytes(arch: Architecture, tokens: int, seq: int, eager: bool, che
 
 
 def logits_bytes(cfg: RunConfig, arch: Architecture, tokens: int) -> float:
-    if cfg.train.kernels == "none" or cfg.method == "adapter_v2":  # the head's own forward
+    if cfg.train.kernels == "none" or method_of(cfg).head_forward:  # the head's own forward
         return float(tokens * arch.vocab * 10)
-    from .kernels import chunk_rows
+    from .kernel_choice import chunk_rows
 
     chunk = min(tokens, chunk_rows(tokens, arch.hidden, arch.vocab))
     return float(chunk * arch.vocab * 6 + tokens * arch.hidden * 2)
@@ -165,7 +151,7 @@ def estimate(
     batch when the data is known."""
     arch = architecture(cfg)
     dtype_bytes = dtype_bytes or (4 if cfg.model.dtype == "float32" else 2)
-    gpus = gpus or cfg.distributed.nodes * cfg.distributed.procs_per_node
+    gpus = gpus or cfg.distributed.world_size
     memory = gpu_memory_bytes(cfg) or device_memory
 
     def total(micro: int, checkpointed: int) -> float:
@@ -213,7 +199,7 @@ def plan_for(
         gathered = 2 * arch.layer_params * dtype_bytes
     if strategy == "deepspeed" and offload in ("optimizer", "optimizer+params"):
         moments = 0.0
-        if cfg.method != "full":
+        if not method_of(cfg).trains_base:
             with_weights /= 2  # fp32 master copy goes with the optimizer
     if strategy == "deepspeed" and offload == "optimizer+params":
         weights = 0.0
@@ -305,13 +291,11 @@ def inference_plan(cfg: RunConfig, arch: Architecture | None = None) -> Inferenc
     weights (their size, +10%, +8 GiB). Without a known GPU: 1 GPU; without GPUs: none. One
     replica is one pod: more than 8 GPUs is reported, and render-serve refuses it. `arch`: the
     model's, when the caller has it already."""
-    from ..backends.pytorchjob import uses_gpu
-
     arch = arch or architecture(cfg)
     weights = arch.total_params * 2
     memory = f"{max(16, math.ceil(weights * 1.1 / 2**30) + 8)}Gi"
     gpu_gb = cfg.hardware.gpu_memory_gb or GPU_MEMORY_GB.get(cfg.hardware.gpu)
-    if not uses_gpu(cfg):
+    if not cfg.hardware.uses_gpu:
         return Inference(0, "none", memory, "no GPU in the recipe")
     if not gpu_gb:
         why = f"hardware.gpu {cfg.hardware.gpu} has no known memory: 1 GPU"

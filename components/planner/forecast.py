@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..methods import method_of
 from .architecture import Architecture, architecture
 from .gpus import COMMON, GPU_TYPES, GpuType, named
 from .speed import (
@@ -69,7 +70,7 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
     (with liger-kernel) chooses them on CUDA (`kernels.select_kernels`)."""
     import torch
 
-    from .kernels import select_kernels
+    from .kernel_choice import select_kernels
 
     dist = cfg.distributed
     kernels = select_kernels(
@@ -86,7 +87,7 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
         gpus=gpus,
         procs_per_node=dist.procs_per_node,
         method=cfg.method,
-        quant_bits=cfg.quant.bits if cfg.method == "qlora" else 0,
+        quant_bits=cfg.quant.bits if method_of(cfg).quantized_base else 0,
         checkpointed=fit.checkpointed_layers,
         strategy=dist.strategy,
         zero_stage=dist.zero_stage,
@@ -241,7 +242,7 @@ class Option:
 def parse_gpus(text: str | None, cfg: RunConfig) -> list[tuple[str, int]]:
     """`--gpus A100-80GB,2xH100-80GB`: GPU types, each optionally with a count (else the
     recipe's nodes x procs_per_node). Default: the recipe's hardware.gpu, else COMMON."""
-    count = cfg.distributed.nodes * cfg.distributed.procs_per_node
+    count = cfg.distributed.world_size
     if text is None:
         if cfg.hardware.gpu in GPU_TYPES:
             return [(cfg.hardware.gpu, count)]
@@ -298,7 +299,7 @@ def on_gpus(cfg: RunConfig, gpu: str, count: int) -> RunConfig:
 def options(
     cfg: RunConfig, gpus: str | None = None, dataset: str | Path | None = None, eff=None
 ) -> tuple[list[Option], Data]:
-    from .data import total_steps
+    from .fit import total_steps
     from .plan import estimate
 
     eff = eff or Efficiency.load()
@@ -328,8 +329,7 @@ def options(
 
 
 def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) -> dict:
-    trained = arch.total_params if cfg.method == "full" else arch.adapter_params
-    checkpoint = trained * (2 + 8 if cfg.method == "full" else 4 + 8)  # weights + moments
+    checkpoint = method_of(cfg).checkpoint_bytes(arch)  # trained weights + AdamW moments
     saves = steps // cfg.train.save_steps
     evals = (steps // cfg.train.eval_steps if cfg.train.eval_steps else 0) + 1
     eval_rows = data.eval_rows / setup.gpus

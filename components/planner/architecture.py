@@ -12,86 +12,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import ADAPTER_METHODS, RunConfig
+from ..architectures import KNOWN_CONFIGS, family
+from ..config import RunConfig
 from ..errors import UserError
-
-# Falcon-40B and -180B: the new decoder architecture with 8 grouped KV heads.
-_FALCON_NEW_DECODER = {
-    "model_type": "falcon",
-    "num_kv_heads": 8,
-    "new_decoder_architecture": True,
-    "parallel_attn": True,
-    "bias": False,
-    "alibi": False,
-    "vocab_size": 65024,
-}
-# Public configs of the recipes' hub models (so planning needs no download).
-KNOWN_CONFIGS = {
-    "tiiuae/falcon-7b": {
-        "model_type": "falcon",
-        "hidden_size": 4544,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 71,
-        "multi_query": True,
-        "parallel_attn": True,
-        "new_decoder_architecture": False,
-        "bias": False,
-        "alibi": False,
-        "vocab_size": 65024,
-    },
-    "tiiuae/falcon-40b": {
-        **_FALCON_NEW_DECODER,
-        "hidden_size": 8192,
-        "num_hidden_layers": 60,
-        "num_attention_heads": 128,
-    },
-    "tiiuae/falcon-180B": {
-        **_FALCON_NEW_DECODER,
-        "hidden_size": 14848,
-        "num_hidden_layers": 80,
-        "num_attention_heads": 232,
-    },
-    "meta-llama/Meta-Llama-3-8B": {
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "tie_word_embeddings": False,
-    },
-    "meta-llama/Meta-Llama-3-70B": {
-        "model_type": "llama",
-        "hidden_size": 8192,
-        "intermediate_size": 28672,
-        "num_hidden_layers": 80,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "tie_word_embeddings": False,
-    },
-    "mistralai/Mistral-7B-v0.1": {
-        "model_type": "mistral",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 32000,
-        "tie_word_embeddings": False,
-    },
-    "Qwen/Qwen2-7B": {
-        "model_type": "qwen2",
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "vocab_size": 152064,
-        "tie_word_embeddings": False,
-    },
-}
 
 
 @dataclass
@@ -134,7 +57,14 @@ def model_config(name_or_path: str):
 
 
 # The files whose code decides the counts: a cached count is keyed by their bytes too.
-COUNTING_CODE = ("train/architecture.py", "train/modeling.py", "llama_adapter.py")  # components/
+COUNTING_CODE = (  # components/
+    "planner/architecture.py",
+    "architectures/base.py",
+    "methods/lora.py",
+    "methods/full.py",
+    "methods/adapter.py",
+    "methods/llama_adapter.py",
+)
 
 
 def _raw_config(cfg: RunConfig) -> dict | None:
@@ -210,7 +140,8 @@ def _count(config, cfg: RunConfig) -> Architecture:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .modeling import linear_layer_names, lora_targets
+    from ..architectures import linear_layer_names
+    from ..methods import method_of
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -222,15 +153,6 @@ def _count(config, cfg: RunConfig) -> Architecture:
             total += p.numel()
     linears = linear_layer_names(model)
     linear_params = sum(model.get_submodule(n).weight.numel() for n in linears)
-    targets = lora_targets(cfg, config.model_type) if cfg.method in ("lora", "qlora") else []
-    lora, adapted, features = 0, 0, 0
-    for name in linears:
-        leaf = name.rsplit(".", 1)[-1]
-        if targets == "all-linear" or leaf in targets:
-            module = model.get_submodule(name)
-            lora += cfg.lora.r * (module.in_features + module.out_features)
-            adapted += 1
-            features += module.in_features + module.out_features
     layers = config.num_hidden_layers
     hidden = config.hidden_size
     intermediate = (
@@ -239,32 +161,22 @@ def _count(config, cfg: RunConfig) -> Architecture:
         or 4 * hidden
     )
     layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
-    if cfg.method in ADAPTER_METHODS:  # installed on the meta model, counted
-        from ..llama_adapter import AdapterSpec, install, trainable_count
-
-        install(model, AdapterSpec.from_recipe(cfg))
-        lora = trainable_count(model)
-    frozen = 0
-    if cfg.method == "full" and cfg.train.freeze_layers:
-        from .modeling import freeze_bottom
-
-        freeze_bottom(model, cfg.train.freeze_layers)
-        frozen = sum({id(p): p.numel() for p in model.parameters() if not p.requires_grad}.values())
+    counts = method_of(cfg).count(cfg, model, linears)
     return Architecture(
         model_type=config.model_type,
         total_params=total,
         linear_params=linear_params,
-        adapter_params=lora,
+        adapter_params=counts.trainable,
         layers=layers,
         hidden=hidden,
         heads=config.num_attention_heads,
         intermediate=intermediate,
         vocab=config.vocab_size,
-        gated_mlp=config.model_type != "falcon",
+        gated_mlp=family(config.model_type).gated_mlp,
         layer_params=layer_params,
-        frozen_params=frozen,
+        frozen_params=counts.frozen,
         linear_modules=len(linears),
-        adapted_modules=adapted,
-        adapted_features=features,
-        frozen_layers=cfg.train.freeze_layers if cfg.method == "full" else 0,
+        adapted_modules=counts.adapted_modules,
+        adapted_features=counts.adapted_features,
+        frozen_layers=counts.frozen_layers,
     )

@@ -1,0 +1,54 @@
+"""Model families, one record each (base.py's `Family`): Falcon (falcon.py) and the Llama
+family (llama.py). `family(model_type)` gives a model's record, or the generic one that any
+`AutoModelForCausalLM` with plain linear layers trains with.
+
+A new family: a module with its `Family` record(s), added to FAMILIES below."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .base import GENERIC, Family, linear_layer_names
+from .falcon import FALCON
+from .llama import GEMMA, LLAMA, MISTRAL, MIXTRAL, QWEN2
+
+FAMILIES: tuple[Family, ...] = (FALCON, LLAMA, MISTRAL, MIXTRAL, QWEN2, GEMMA)
+
+__all__ = [
+    "FAMILIES",
+    "GENERIC",
+    "KNOWN_CONFIGS",
+    "TINY_BUILDERS",
+    "Family",
+    "decoder_layers",
+    "family",
+    "linear_layer_names",
+    "supporting",
+]
+
+
+def family(model_type: str) -> Family:
+    """The record for a config's model_type; the generic record for any other."""
+    for record in FAMILIES:
+        if model_type in record.model_types:
+            return record
+    return GENERIC
+
+
+def supporting(feature: Callable[[Family], object]) -> list[str]:
+    """The model types whose record has `feature` (for error messages: "it patches ...")."""
+    return [t for record in FAMILIES if feature(record) for t in record.model_types]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (FSDP's wrapping unit) of any model, by its family."""
+    config = getattr(model, "config", None)
+    return family(getattr(config, "model_type", "")).decoder_layers(model)
+
+
+# Public configs of the recipes' hub models (planning needs no download), by hub id.
+KNOWN_CONFIGS: dict[str, dict] = {k: v for r in FAMILIES for k, v in r.configs.items()}
+# tiny://NAME -> its config builder
+TINY_BUILDERS: dict[str, Callable] = {k: v for r in FAMILIES for k, v in r.tiny.items()}

@@ -1,0 +1,101 @@
+"""What kubetune knows about a model family, as one record (`Family`), and the generic record
+any `AutoModelForCausalLM` with plain linear layers gets.
+
+A record answers every question the worker, the planner and the methods ask of an
+architecture: where its decoder layers are, which linear layers `lora.target_modules: auto`
+adapts, which weights a 4-bit base keeps unquantized and why, which fused kernels and
+attention features it has, how LLaMA-Adapter reaches its queries, the shipped configs of the
+recipes' hub models (planning without a download) and its `tiny://` builders. A new family is
+one module beside this one plus its line in `__init__.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+# Every family: the output head stays in the compute dtype under QLoRA (it is not an adapter
+# target, and QLoRA's paper and bitsandbytes' integration keep it unquantized).
+HEAD_UNQUANTIZED = {
+    "the output head": "its logits feed the loss directly; QLoRA keeps it in the compute dtype"
+}
+
+
+def layers_by_no_split_modules(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (FSDP's wrapping unit), found by the model's own
+    `_no_split_modules` class names."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    inner = model
+    while not names and hasattr(inner, "base_model") and inner.base_model is not inner:
+        inner = inner.base_model
+        names = set(getattr(inner, "_no_split_modules", None) or [])
+    if not names:
+        inner = getattr(getattr(model, "base_model", model), "model", model)
+        names = set(getattr(inner, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Every linear layer a 4-bit model quantizes: all nn.Linear (and subclasses such as
+    FalconLinear) except what every record keeps unquantized (HEAD_UNQUANTIZED: the output
+    head)."""
+    head = model.get_output_embeddings()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    ]
+
+
+def transformers_flex(config) -> bool:
+    """transformers' own flex_attention path for the architecture."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return bool(getattr(model_class, "_supports_flex_attn", False))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (see the module docstring). `model_types`: the config.json model_type
+    values it covers, in the order error messages list them."""
+
+    name: str
+    model_types: tuple[str, ...]
+    # lora.target_modules: auto. None: no automatic choice (the generic record)
+    lora_targets: tuple[str, ...] | None = None
+    # which weights a 4-bit base keeps in the compute dtype, and why (every other linear layer
+    # is quantized, and a layer that should be and is not is an error)
+    unquantized: dict[str, str] = field(default_factory=lambda: dict(HEAD_UNQUANTIZED))
+    liger: bool = False  # Liger kernels patch this family
+    gated_mlp: bool = True  # SwiGLU-style gate and up projections (the planner's activations)
+    # LLaMA-Adapter: (module computing the queries, output projection) of its attention
+    adapter_attention: tuple[str, str] | None = None
+    # document masks for packed rows: flex_attention, where this says so for the config
+    flex_attention: Callable = transformers_flex
+    # what transformers builds the model with when the worker runs flex_attention
+    flex_build: str = "flex_attention"
+    # installs kubetune's own flex forward on a built model (None: transformers' is used)
+    install_flex: Callable[[nn.Module], None] | None = None
+    sliding_window: bool = False  # local attention layers (Mistral's window)
+    attention_sinks: bool = False  # learned sink logits (gpt-oss)
+    configs: dict[str, dict] = field(default_factory=dict)  # recipe hub ids -> config.json
+    tiny: dict[str, Callable] = field(default_factory=dict)  # tiny://NAME -> config builder
+    decoder_layers: Callable[[nn.Module], list[nn.Module]] = layers_by_no_split_modules
+
+    def lacks(self) -> list[str]:
+        """The fast paths and features this record does not give (for `kubetune plan` and the
+        generic record's note)."""
+        missing = []
+        if self.lora_targets is None:
+            missing.append("lora.target_modules: auto (set all-linear or names)")
+        if not self.liger:
+            missing.append("Liger's fused kernels")
+        if self.adapter_attention is None:
+            missing.append("LLaMA-Adapter")
+        return missing
+
+
+GENERIC = Family(name="generic", model_types=())
