@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    _step_commands(sub)
+    _pipeline_commands(sub)
+    _cluster_commands(sub)
+    _model_commands(sub)
+    _storage_commands(sub)
+    return parser
+
+
+def _step_commands(sub) -> None:
+    """version, recipes, config, and the steps before training: fetch-model, prepare, train."""
     p = sub.add_parser("version", help="print the kubetune version")
     p.set_defaults(func=cmd_version)
 
@@ -105,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _pipeline_commands(sub) -> None:
+    """The whole pipeline: compile, run, compare, submit."""
     p = sub.add_parser("compile", help="compile the recipe's KFP pipeline to IR YAML")
     _recipe_args(p)
     p.add_argument("--output", required=True, help="pipeline YAML to write (upload in the KFP UI)")
@@ -156,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", help="KFP namespace (multi-user Kubeflow)")
     p.set_defaults(func=cmd_submit)
 
+
+def _cluster_commands(sub) -> None:
+    """Kubernetes objects and the plan: render-job, render-serve, deploy, plan."""
     p = sub.add_parser(
         "render-job",
         help="print the PyTorchJob or TrainJob YAML of a recipe (pipe it to kubectl apply -f -)",
@@ -208,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_plan)
 
+
+def _model_commands(sub) -> None:
+    """After training: merge, evaluate."""
     p = sub.add_parser(
         "merge", help="fold a LoRA or LLaMA-Adapter adapter into the base weights, shard by shard"
     )
@@ -232,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _storage_commands(sub) -> None:
+    """push, pull and the tiny models."""
     p = sub.add_parser(
         "push", help="upload a model to s3://bucket/prefix or a folder; manifest.json last"
     )
@@ -277,7 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("arch", help="falcon, falcon-40b, llama, mistral or qwen2")
     p.add_argument("--output", help="copy it to this folder (default: print the cache folder)")
     p.set_defaults(func=cmd_tiny)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,10 +79,15 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from kubetune.components.backends.base import training_backend
+    from kubetune.components.backends.taskconfig import TaskConfig
     from kubetune.components.train.step import train
 
     cfg = load_recipe(args.recipe, args.overrides)
-    return train(cfg, args.dataset, args.output)
+    task, name = None, None
+    if not training_backend(cfg).local:  # a KFP task reproduced by hand (taskconfig.py)
+        task, name = TaskConfig.from_command_line()
+    return train(cfg, args.dataset, args.output, task, name)
 
 
 def cmd_merge(args) -> int:
@@ -210,7 +215,8 @@ def checked_job_name(name: str, where: str, nodes: int) -> str:
 
 def cmd_render_job(args) -> int:
     from kubetune.components.backends.kubernetes import check_paths, default_job_name
-    from kubetune.components.backends.pytorchjob import default_paths, render_job, to_yaml
+    from kubetune.components.backends.pod import default_paths, to_yaml
+    from kubetune.components.backends.pytorchjob import render_job
     from kubetune.components.backends.trainjob import render_runtime, render_trainjob
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -233,7 +239,7 @@ def cmd_render_job(args) -> int:
 
 
 def cmd_render_serve(args) -> int:
-    from kubetune.components.backends.pytorchjob import to_yaml
+    from kubetune.components.backends.pod import to_yaml
 
     cfg = load_recipe(args.recipe, args.overrides)
     preflight(cfg, cluster=False)

@@ -51,7 +51,8 @@ def check_kernels(cfg: RunConfig, arch) -> None:
 
 def check_training_job(cfg: RunConfig) -> None:
     """The PyTorchJob or TrainJob the train step creates, rendered as render-job renders it."""
-    from kubetune.components.backends.pytorchjob import default_paths, render_job
+    from kubetune.components.backends.pod import default_paths
+    from kubetune.components.backends.pytorchjob import render_job
     from kubetune.components.backends.trainjob import render_trainjob
 
     backend = cfg.distributed.backend

@@ -24,6 +24,7 @@ __all__ = [
     "Family",
     "decoder_layers",
     "family",
+    "family_note",
     "linear_layer_names",
     "supporting",
 ]
@@ -35,6 +36,18 @@ def family(model_type: str) -> Family:
         if model_type in record.model_types:
             return record
     return GENERIC
+
+
+def family_note(model_type: str) -> str | None:
+    """One line for a model type with no record of its own (None for a known family): it trains
+    through the generic record, without the fast paths that record lacks."""
+    record = family(model_type)
+    if record is not GENERIC:
+        return None
+    return (
+        f"model type {model_type!r} has no kubetune family record: it trains through the "
+        f"generic one, without {'; '.join(record.lacks())}"
+    )
 
 
 def supporting(feature: Callable[[Family], object]) -> list[str]:

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 # Every family: the output head stays in the compute dtype under QLoRA (it is not an adapter
-# target, and QLoRA's paper and bitsandbytes' integration keep it unquantized).
+# target, and QLoRA's paper and bitsandbytes' integration keep it unquantized). A family whose
+# record names more (a router, a norm kept as a linear layer) says why here; linear_layer_names
+# leaves out the head, and load_quantized's error names what the record allows.
 HEAD_UNQUANTIZED = {
     "the output head": "its logits feed the loss directly; QLoRA keeps it in the compute dtype"
 }
@@ -79,8 +81,6 @@ class Family:
     flex_build: str = "flex_attention"
     # installs kubetune's own flex forward on a built model (None: transformers' is used)
     install_flex: Callable[[nn.Module], None] | None = None
-    sliding_window: bool = False  # local attention layers (Mistral's window)
-    attention_sinks: bool = False  # learned sink logits (gpt-oss)
     configs: dict[str, dict] = field(default_factory=dict)  # recipe hub ids -> config.json
     tiny: dict[str, Callable] = field(default_factory=dict)  # tiny://NAME -> config builder
     decoder_layers: Callable[[nn.Module], list[nn.Module]] = layers_by_no_split_modules

@@ -68,7 +68,6 @@ MISTRAL = Family(
     lora_targets=PROJECTIONS + GATED_MLP,
     liger=True,
     adapter_attention=("q_proj", "o_proj"),
-    sliding_window=True,
     configs={
         "mistralai/Mistral-7B-v0.1": {
             "model_type": "mistral",
@@ -89,7 +88,6 @@ MIXTRAL = Family(
     model_types=("mixtral",),
     lora_targets=PROJECTIONS,
     adapter_attention=("q_proj", "o_proj"),
-    sliding_window=True,
 )
 QWEN2 = Family(
     name="qwen2",

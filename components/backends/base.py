@@ -22,9 +22,16 @@ class TrainingBackend(Protocol):
     local: bool
 
     def launch(
-        self, cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None = None
+        self,
+        cfg: RunConfig,
+        dataset: str,
+        output: str,
+        task: TaskConfig | None = None,
+        job_name: str | None = None,
     ) -> int:
-        """Train to completion (resuming from OUTPUT's checkpoints); the exit code."""
+        """Train to completion (resuming from OUTPUT's checkpoints); the exit code. `task`:
+        what a KFP train task passes through to the job; `job_name`: the job's name, the same
+        on every retry (a cluster backend then adopts the job it created)."""
         ...
 
 

@@ -39,8 +39,8 @@ from .kube_api import (
     api_backoff,
     job_state,
 )
-from .pytorchjob import QUEUE_LABEL, hashed_job_name
-from .taskconfig import TaskConfig
+from .pod import QUEUE_LABEL, hashed_job_name
+from .taskconfig import JOB_NAME_ENV, TaskConfig
 
 
 def _pytorchjob_lead(job: dict) -> str:
@@ -92,9 +92,14 @@ class KubernetesBackend:
         self.name = kind.kind.lower()
 
     def launch(
-        self, cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None = None
+        self,
+        cfg: RunConfig,
+        dataset: str,
+        output: str,
+        task: TaskConfig | None = None,
+        job_name: str | None = None,
     ) -> int:
-        return launch(cfg, dataset, output, task, self.kind)
+        return launch(cfg, dataset, output, task, self.kind, job_name)
 
 
 def job_kind(cfg: RunConfig) -> JobKind:
@@ -119,11 +124,12 @@ def check_paths(cfg: RunConfig, dataset: str, output: str) -> None:
             )
 
 
-def default_job_name(cfg: RunConfig, dataset: str, output: str) -> str:
-    explicit = os.environ.get("KUBETUNE_JOB_NAME")
-    if explicit:
+def default_job_name(cfg: RunConfig, dataset: str, output: str, given: str | None = None) -> str:
+    """`given` (the KFP task's, or KUBETUNE_JOB_NAME's on a command line), checked; else a
+    digest of the recipe and paths."""
+    if given:
         try:
-            return check_job_name(explicit, "KUBETUNE_JOB_NAME", cfg.distributed.nodes)
+            return check_job_name(given, JOB_NAME_ENV, cfg.distributed.nodes)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     model = cfg.model.name_or_path.rstrip("/").split("/")[-1]
@@ -131,16 +137,21 @@ def default_job_name(cfg: RunConfig, dataset: str, output: str) -> str:
 
 
 def launch(
-    cfg: RunConfig, dataset: str, output: str, task: TaskConfig | None, kind: JobKind
+    cfg: RunConfig,
+    dataset: str,
+    output: str,
+    task: TaskConfig | None,
+    kind: JobKind,
+    job_name: str | None = None,
 ) -> int:
     """Run training as a `kind` job (PyTorchJob or TrainJob) and wait for it; the exit code
     (0 when it succeeded, 1 when it failed). `task`: what the KFP train task passes through
-    (None: what KUBETUNE_TASK_CONFIG holds; nothing outside KFP)."""
+    (None: nothing)."""
     check_paths(cfg, dataset, output)
-    name = default_job_name(cfg, dataset, output)
+    name = default_job_name(cfg, dataset, output, job_name)
     namespace = cfg.kubernetes.namespace
     assert kind.render is not None, "a training job kind renders its job"
-    job = kind.render(cfg, name, dataset, output, task or TaskConfig.from_env())
+    job = kind.render(cfg, name, dataset, output, task or TaskConfig())
     api = JobApi(namespace, kind)
     where = f"{kind.kind} {namespace}/{name}"
 

@@ -113,7 +113,8 @@ class LocalBackend:
     name = "local"
     local = True
 
-    def launch(self, cfg: RunConfig, dataset: str, output: str, task=None) -> int:
+    def launch(self, cfg: RunConfig, dataset: str, output: str, task=None, job_name=None) -> int:
+        """torchrun here (a local run has no job: `task` and `job_name` are the cluster's)."""
         out = Path(output).resolve()
         if (out / METRICS_FILE).is_file():
             raise UserError(f"{out} holds a finished run ({METRICS_FILE}); choose another --output")

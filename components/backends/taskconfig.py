@@ -16,7 +16,10 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import UserError
 
-ENV = "KUBETUNE_TASK_CONFIG"  # the KFP train step hands the launcher its TaskConfig here
+# What `kubetune train` hands a cluster backend from its environment (the KFP train step passes
+# both as arguments): a TaskConfig as JSON, and the job's name (the same on every retry).
+ENV = "KUBETUNE_TASK_CONFIG"
+JOB_NAME_ENV = "KUBETUNE_JOB_NAME"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class TaskConfig:
         if unknown:
             raise UserError(f"{ENV}: unknown keys {sorted(unknown)}")
         return cls._of(given.get)
+
+    @classmethod
+    def from_command_line(cls) -> tuple[TaskConfig, str | None]:
+        """(the TaskConfig, the job name) a `kubetune train` command line was given through
+        KUBETUNE_TASK_CONFIG and KUBETUNE_JOB_NAME: how a KFP task is reproduced by hand."""
+        return cls.from_env(), os.environ.get(JOB_NAME_ENV) or None
 
     def to_json(self) -> str:
         return json.dumps(

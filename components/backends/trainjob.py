@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from ..config import RunConfig, dump_config
 from ..errors import UserError
-from .pytorchjob import (
+from .pod import (
     CONTAINER_SECURITY,
     NO_TASK,
     POD_ANNOTATIONS,

@@ -306,6 +306,24 @@ def find_training_metrics(model_dir: str, given: str | None) -> dict | None:
     return None
 
 
+def side_by_side(head, references: list, tuned: list, base: list | None) -> list[dict]:
+    """generations.jsonl: each prompt with its reference and the answers, scored."""
+    generations = []
+    for i, reference in enumerate(references):
+        item = {
+            "index": i,
+            "prompt": head[i]["prompt"],
+            "reference": reference,
+            "tuned": tuned[i],
+            "tuned_scores": per_example(tuned[i], reference),
+        }
+        if base is not None:
+            item["baseline"] = base[i]
+            item["baseline_scores"] = per_example(base[i], reference)
+        generations.append(item)
+    return generations
+
+
 def evaluate(
     cfg: RunConfig,
     model_dir: str,
@@ -365,20 +383,7 @@ def evaluate(
         }
         if tuned["eval_loss"] is not None and base["eval_loss"] is not None:
             metrics["improvement"]["eval_loss"] = base["eval_loss"] - tuned["eval_loss"]
-    generations = []
-    for i in range(n):
-        item = {
-            "index": i,
-            "prompt": head[i]["prompt"],
-            "reference": references[i],
-            "tuned": tuned_answers[i],
-            "tuned_scores": per_example(tuned_answers[i], references[i]),
-        }
-        if base_answers is not None:
-            item["baseline"] = base_answers[i]
-            item["baseline_scores"] = per_example(base_answers[i], references[i])
-        generations.append(item)
-
+    generations = side_by_side(head, references, tuned_answers, base_answers)
     with staged_output(output, overwrite) as staging:
         with open(staging / "generations.jsonl", "w", encoding="utf-8") as f:
             for item in generations:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -219,6 +220,45 @@ def copy_alongside(
     return BaseModelRecord.read(adapter)
 
 
+@dataclass
+class Folding:
+    """What merging a LLaMA-Adapter (v2) does with each trained tensor (merge_llama_adapter)."""
+
+    scales: dict[str, torch.Tensor]  # linear layer -> its trained scale
+    norms: dict[str, torch.Tensor]  # trained norm tensors, by their base names
+    prompts: dict[str, torch.Tensor]  # prompts and gates: served unmerged
+    residual: dict[str, torch.Tensor]  # everything served unmerged
+    scaled: set[str]  # linear layers whose weight takes the scale
+    summed: dict[str, torch.Tensor]  # base bias key -> the adapter's bias c
+
+    @classmethod
+    def of(cls, cfg: RunConfig, adapter: Path, tensors: dict, keys: set[str]) -> Folding:
+        def ending(suffix: str) -> dict[str, torch.Tensor]:
+            return {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
+
+        scales, biases = ending(".adapter_v2.scale"), ending(".adapter_v2.bias")
+        prompts = {k: v for k, v in tensors.items() if ".adapter." in k}
+        norms = {k: v for k, v in tensors.items() if k not in prompts and ".adapter_v2." not in k}
+        unknown = sorted(set(norms) - keys)
+        if unknown:
+            raise UserError(
+                f"{adapter}: trained tensor {unknown[0]} is not in the base model "
+                f"{cfg.model.name_or_path}"
+            )
+        fold = cls(scales, norms, prompts, dict(prompts), set(), {})
+        for layer, scale in scales.items():
+            if f"{layer}.weight" not in keys:  # a head tied to the embeddings
+                fold.residual[f"{layer}.adapter_v2.scale"] = scale
+                fold.residual[f"{layer}.adapter_v2.bias"] = biases[layer]
+                continue
+            fold.scaled.add(layer)
+            if f"{layer}.bias" in keys:
+                fold.summed[f"{layer}.bias"] = biases[layer].float()
+            else:
+                fold.residual[f"{layer}.adapter_v2.bias"] = scale.float() * biases[layer].float()
+        return fold
+
+
 def merge_llama_adapter(cfg: RunConfig, adapter: Path, output: Path, overwrite: bool) -> dict:
     """LLaMA-Adapter (v2): fold what is a function of one weight, keep the rest beside it.
 
@@ -245,37 +285,9 @@ def merge_llama_adapter(cfg: RunConfig, adapter: Path, output: Path, overwrite: 
     check_base(cfg, adapter, {}, source)
     shards = safetensors_files(source, model_revision(cfg.model))
     keys = base_keys(shards)
-    scales = {
-        k[: -len(".adapter_v2.scale")]: v
-        for k, v in tensors.items()
-        if k.endswith(".adapter_v2.scale")
-    }
-    biases = {
-        k[: -len(".adapter_v2.bias")]: v
-        for k, v in tensors.items()
-        if k.endswith(".adapter_v2.bias")
-    }
-    prompts = {k: v for k, v in tensors.items() if ".adapter." in k}
-    norms = {k: v for k, v in tensors.items() if k not in prompts and ".adapter_v2." not in k}
-    unknown = sorted(set(norms) - keys)
-    if unknown:
-        raise UserError(
-            f"{adapter}: trained tensor {unknown[0]} is not in the base model "
-            f"{cfg.model.name_or_path}"
-        )
-    residual = dict(prompts)
-    scaled: set[str] = set()  # linear layers whose weight takes the scale
-    summed: dict[str, torch.Tensor] = {}  # base bias key -> the adapter's bias c
-    for layer, scale in scales.items():
-        if f"{layer}.weight" not in keys:  # a head tied to the embeddings
-            residual[f"{layer}.adapter_v2.scale"] = scale
-            residual[f"{layer}.adapter_v2.bias"] = biases[layer]
-            continue
-        scaled.add(layer)
-        if f"{layer}.bias" in keys:
-            summed[f"{layer}.bias"] = biases[layer].float()
-        else:
-            residual[f"{layer}.adapter_v2.bias"] = scale.float() * biases[layer].float()
+    fold = Folding.of(cfg, adapter, tensors, keys)
+    scales, norms, prompts, residual = fold.scales, fold.norms, fold.prompts, fold.residual
+    scaled, summed = fold.scaled, fold.summed
 
     def update(key: str, tensor: torch.Tensor) -> torch.Tensor | None:
         if key in norms:

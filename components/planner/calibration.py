@@ -48,8 +48,9 @@ def recipe_point(raw: dict):
     """Architecture and Setup of a point written as recipe sections."""
     from ..config import RunConfig
     from .architecture import architecture
+    from .data_figures import Data
     from .fit import as_set
-    from .forecast import Data, planned_setup
+    from .forecast import planned_setup
 
     sections = {k: dict(v) if isinstance(v, dict) else v for k, v in raw["recipe"].items()}
     sections["data"] = {**DEFAULT_DATA, **sections.get("data", {})}

@@ -15,7 +15,6 @@ price, or one per GPU type)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +23,7 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..methods import method_of
 from .architecture import Architecture, architecture
+from .data_figures import Data, data_figures, row_shape
 from .gpus import COMMON, GPU_TYPES, GpuType, named
 from .speed import (
     COMPILE_SECONDS,
@@ -40,29 +40,7 @@ if TYPE_CHECKING:
     from .fit import Fit
     from .plan import Plan
 
-# Published train-split sizes of hub datasets the recipes use (no download to plan).
-KNOWN_DATASET_ROWS = {
-    "databricks/databricks-dolly-15k": 15011,
-    "knkarthick/samsum": 14732,
-    "samsum": 14732,
-    "tatsu-lab/alpaca": 52002,
-    "yahma/alpaca-cleaned": 51760,
-    "timdettmers/openassistant-guanaco": 9846,
-    "knkarthick/dialogsum": 12460,
-}
 EVAL_FORWARD_SHARE = 1 / 3  # a forward-only row costs a third of a training row
-
-
-@dataclass(frozen=True)
-class Data:
-    """What the wall time needs of the data: rows to train on and how long they are."""
-
-    train_rows: int | None
-    eval_rows: int
-    row_len: int  # computed tokens per row
-    span: int  # attention span per token
-    train_tokens: int | None  # real (unpadded) tokens of the train split, when known
-    source: str  # where the figures come from
 
 
 def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus: int) -> Setup:
@@ -107,71 +85,6 @@ def kernel_fields(kernels) -> dict:
         "compiled": kernels.compile,
         "lora": "peft" if kernels.lora == "peft" else "fused",
     }
-
-
-def row_shape(seq: int, packed: bool, lengths: dict) -> tuple[int, int]:
-    """(computed tokens of a row, attention span per token): packed rows are `seq` long and a
-    token attends within its example (the mean one); an unpacked row is padded to the longest
-    example and attends over it."""
-    longest = min(seq, int(lengths["max"]))
-    mean = max(1, min(seq, round(float(lengths["mean"]))))
-    return (seq, mean) if packed else (longest, longest)
-
-
-def data_figures(cfg: RunConfig, dataset: str | Path | None) -> Data:
-    seq = cfg.data.max_seq_len
-    if dataset is not None:
-        stats_file = Path(dataset) / "stats.json"
-        try:
-            stats = json.loads(stats_file.read_text())
-            rows = int(stats["splits"]["train"])
-            eval_rows = int(stats["splits"].get("eval", 0))
-            packed = bool(stats["packing"]["enabled"])
-            row_len, span = row_shape(seq, packed, stats["example_length"])
-            tokens = int(stats["tokens"]["train"])
-        except OSError as exc:
-            raise UserError(f"--dataset {dataset}: no prepared dataset ({exc.strerror})") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{stats_file}: not a kubetune stats.json ({exc!r})") from None
-        return Data(rows, eval_rows, row_len, span, tokens, f"{stats_file}")
-    examples, where = source_rows(cfg)
-    if examples is None:
-        return Data(None, 0, seq, seq, None, where)
-    eval_rows = int(examples * cfg.data.eval_fraction)
-    return Data(
-        examples - eval_rows,
-        eval_rows,
-        seq,
-        seq,
-        None,
-        f"{where}: {examples} examples, each taken as one row of {seq} tokens "
-        "(pass --dataset for the prepared rows)",
-    )
-
-
-def source_rows(cfg: RunConfig) -> tuple[int | None, str]:
-    """Records of the data source: counted in a local file, or a hub dataset's known size."""
-    path = cfg.data.path
-    if path in KNOWN_DATASET_ROWS:
-        return KNOWN_DATASET_ROWS[path], f"{path} (its published train split)"
-    local = Path(path)
-    if path.startswith("sample://"):
-        from ..prepare_dataset.readers import SAMPLES_DIR
-
-        local = SAMPLES_DIR / f"{path[len('sample://') :]}.jsonl"
-    if local.is_file():
-        with open(local, "rb") as f:
-            if local.suffix in (".jsonl", ".csv"):
-                lines = sum(1 for line in f if line.strip())
-                return lines - (local.suffix == ".csv"), str(local)
-            if local.suffix == ".json":
-                try:
-                    records = json.load(f)
-                except ValueError:
-                    return None, f"{local}: not JSON"
-                if isinstance(records, list):
-                    return len(records), str(local)
-    return None, f"{path}: rows unknown without a download"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from ..backends.pytorchjob import labels
+from ..backends.pod import labels
 from ..config import RunConfig
 from ..errors import UserError
 from ..k8s_values import dns_1035_label, quantity_value
@@ -36,27 +36,21 @@ def backend(cfg: RunConfig) -> str:
     return "vllm" if cfg.hardware.uses_gpu else "huggingface"
 
 
-def render_inference_service(
-    cfg: RunConfig, uri: str, name: str | None = None, where: str = "--uri"
-) -> dict:
-    """The InferenceService for the model pushed to `uri` (`where`: the flag or recipe key it
-    came from), as a dict. What would only fail once the predictor starts is refused here: a
-    URI KServe cannot read, an unknown GPU type, too few GPUs or too little memory to hold the
-    model, vLLM without GPUs."""
-    from ..planner.architecture import architecture
-    from ..planner.plan import GB, MAX_SERVE_GPUS, gpu_memory_bytes, gpus_needed, inference_plan
-
+def check_uri(uri: str, where: str) -> None:
     if not STORAGE.match(uri):
         raise UserError(
             f"{where} {uri}: KServe's storage initializer reads s3://, gs://, pvc://, hf:// or "
             "http(s):// URIs; give the pushed prefix, e.g. s3://bucket/models/NAME"
         )
-    serve, k8s = cfg.serve, cfg.kubernetes
-    name = name or serve.name or default_name(cfg)
-    try:
-        dns_1035_label(name, "--name")
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+
+
+def served_resources(cfg: RunConfig) -> tuple[int, str, str]:
+    """(GPUs, memory, the plan's reason) of one replica: kubetune plan's inference estimate
+    unless the recipe sets them, refused where the model would not fit or vLLM has no GPU."""
+    from ..planner.architecture import architecture
+    from ..planner.plan import GB, MAX_SERVE_GPUS, gpu_memory_bytes, gpus_needed, inference_plan
+
+    serve = cfg.serve
     gpu_bytes = gpu_memory_bytes(cfg)  # an unknown GPU type is refused, as `plan` does
     arch = architecture(cfg)
     plan = inference_plan(cfg, arch)
@@ -73,8 +67,7 @@ def render_inference_service(
             f"and its KV cache need at least {need} x {cfg.hardware.gpu}; leave serve.gpus "
             f"unset (kubetune plan's choice: {plan.gpus}) or give more"
         )
-    engine = backend(cfg)
-    if engine == "vllm" and gpus == 0:
+    if backend(cfg) == "vllm" and gpus == 0:
         raise UserError(
             "serve.backend=vllm needs GPUs: set hardware.gpu (or serve.gpus), or "
             "serve.backend=huggingface"
@@ -86,6 +79,12 @@ def render_inference_service(
             f"{weights_gb:.1f} GB of bf16 weights in memory; leave serve.memory unset "
             f"({plan.memory}) or give more"
         )
+    return gpus, memory, plan.reason
+
+
+def predictor_spec(cfg: RunConfig, uri: str, name: str, gpus: int, memory: str) -> dict:
+    """The predictor: the Hugging Face runtime's model with its resources, on the GPU pool."""
+    serve, k8s, engine = cfg.serve, cfg.kubernetes, backend(cfg)
     # every limit set, each equal to its request: KServe merges the predictor's resources with
     # the ServingRuntime's key by key, and the stock runtime's limits.cpu "1" would otherwise
     # stay below serve.cpu (a pod the API server refuses)
@@ -117,6 +116,23 @@ def render_inference_service(
         predictor["nodeSelector"] = dict(k8s.node_selector)
     if gpus and k8s.tolerations:
         predictor["tolerations"] = [dict(t) for t in k8s.tolerations]
+    return predictor
+
+
+def render_inference_service(
+    cfg: RunConfig, uri: str, name: str | None = None, where: str = "--uri"
+) -> dict:
+    """The InferenceService for the model pushed to `uri` (`where`: the flag or recipe key it
+    came from), as a dict. What would only fail once the predictor starts is refused here: a
+    URI KServe cannot read, an unknown GPU type, too few GPUs or too little memory to hold the
+    model, vLLM without GPUs."""
+    check_uri(uri, where)
+    name = name or cfg.serve.name or default_name(cfg)
+    try:
+        dns_1035_label(name, "--name")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    gpus, memory, reason = served_resources(cfg)
     meta_labels = labels(name)
     meta_labels["app.kubernetes.io/component"] = "server"
     return {
@@ -124,13 +140,13 @@ def render_inference_service(
         "kind": KIND,
         "metadata": {
             "name": name,
-            "namespace": k8s.namespace,
+            "namespace": cfg.kubernetes.namespace,
             "labels": meta_labels,
             "annotations": {
                 "kubetune.io/base-model": cfg.model.name_or_path,
                 "kubetune.io/method": cfg.method,
-                "kubetune.io/plan": plan.reason,
+                "kubetune.io/plan": reason,
             },
         },
-        "spec": {"predictor": predictor},
+        "spec": {"predictor": predictor_spec(cfg, uri, name, gpus, memory)},
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..architectures import decoder_layers
+from ..architectures import decoder_layers, family_note
 from ..config import RunConfig
 from ..errors import UserError
 from ..methods import method_of
@@ -144,6 +144,9 @@ def build_model(cfg: RunConfig, world: World, attn: str, fit: Fit, packed: bool)
         model, quantized = build_on_meta(cfg, dtype, attn), 0
     else:
         model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
+    note = family_note(model.config.model_type)
+    if note and world.main:
+        print(note, flush=True)
     if attn == FLEX:
         use_flex_attention(model)
     kernels = select_kernels(cfg, world.device, model.config.model_type, packed)

@@ -128,16 +128,28 @@ class MicroBatches(torch.utils.data.Dataset):
     builds ahead of the training loop, in the plan's order."""
 
     def __init__(
-        self, split, plan: BatchPlan, pad_id: int, attn: str, dtype: torch.dtype, pad_to: int = 0
+        self,
+        split,
+        plan: BatchPlan,
+        pad_id: int,
+        attn: str,
+        dtype: torch.dtype,
+        pad_to: int = 0,
+        objective=None,
     ):
         self.split, self.plan, self.pad_id, self.attn, self.dtype = split, plan, pad_id, attn, dtype
         self.pad_to = pad_to
+        if objective is None:
+            from ..objectives import REGISTRY
+
+            objective = REGISTRY["sft"]
+        self.objective = objective  # its columns and its batch format
 
     def __getitem__(self, k: int) -> dict:
         columns = self.split[[int(i) for i in self.plan.rows(k)]]
-        keys = ("input_ids", "labels", "position_ids")
-        rows = [{c: columns[c][i] for c in keys} for i in range(len(columns["input_ids"]))]
-        return collate(rows, self.pad_id, self.attn, self.dtype, self.pad_to)
+        keys = self.objective.columns
+        rows = [{c: columns[c][i] for c in keys} for i in range(len(columns[keys[0]]))]
+        return self.objective.collate(rows, self.pad_id, self.attn, self.dtype, self.pad_to)
 
 
 def batch_loader(
@@ -150,11 +162,13 @@ def batch_loader(
     dtype,
     pin: bool,
     pad_to: int = 0,
+    objective=None,
 ):
     """Micro batches first..end-1, built by one worker process ahead of the loop (pinned
-    memory on a GPU), in exactly BatchPlan's order: a resumed run starts at its step."""
+    memory on a GPU), in exactly BatchPlan's order: a resumed run starts at its step. The
+    objective (default: sft) says what a batch is."""
     return torch.utils.data.DataLoader(
-        MicroBatches(split, plan, pad_id, attn, dtype, pad_to),
+        MicroBatches(split, plan, pad_id, attn, dtype, pad_to, objective),
         batch_size=None,
         sampler=range(first, end),
         num_workers=1,

@@ -4,7 +4,6 @@ here or through the job the recipe's backend names; log the last step's figures 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..artifacts import METRICS_FILE
@@ -20,16 +19,16 @@ def train(
     task_config=None,
     summary_path: str | None = None,
 ) -> str:
-    from ..backends.pytorchjob import hashed_job_name
-    from ..backends.taskconfig import ENV, TaskConfig
+    from ..backends.pod import hashed_job_name
+    from ..backends.taskconfig import TaskConfig
     from .step import train as launch
 
-    # the same name on every retry of this task: the launcher adopts the job it created
-    os.environ.setdefault("KUBETUNE_JOB_NAME", hashed_job_name("kfp", run_dir))
-    if task_config is not None:  # what the task passes through to the training job
-        os.environ[ENV] = TaskConfig.from_kfp(task_config).to_json()
+    # what the task passes through to the training job, and the same job name on every retry
+    # of this task: the launcher adopts the job it created
+    task = TaskConfig.from_kfp(task_config) if task_config is not None else None
+    name = hashed_job_name("kfp", run_dir)
     out = run_folder(run_dir) / "train"
-    code = launch(parse_recipe(recipe_yaml, "recipe"), dataset_dir, out)
+    code = launch(parse_recipe(recipe_yaml, "recipe"), dataset_dir, out, task, name)
     if code != 0:
         raise RuntimeError(f"training failed (exit code {code}); see the log above")
     if metrics is not None:

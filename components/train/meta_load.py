@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError
-from ..llama_adapter import initial_value as adapter_init
-from ..llama_adapter import is_added
+from ..methods.llama_adapter import initial_value as adapter_init
+from ..methods.llama_adapter import is_added
 from ..models import model_revision, model_source, safetensors_files
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..architectures import linear_layer_names
+from ..architectures import family, linear_layer_names
 from ..errors import UserError
 from ..methods import method_of
 from ..models import load_config, model_revision, model_source, safetensors_files
@@ -157,10 +157,11 @@ def load_quantized(
             model.get_submodule(module_name)._buffers[attr] = buf.to(device)
     quantized = count_quantized(model)
     if quantized == 0 or quantized < len(targets):
+        kept = family(model.config.model_type).unquantized
         raise UserError(
             f"method=qlora: only {quantized} of {len(targets)} linear layers were "
             f"quantized to {cfg.quant.bits}-bit; refusing to train a model that is "
-            "not what the recipe asks for"
+            f"not what the recipe asks for (only {', '.join(kept)} may stay unquantized)"
         )
     # peft picks its bitsandbytes LoRA layers from these flags.
     model.is_loaded_in_4bit = cfg.quant.bits == 4

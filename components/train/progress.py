@@ -25,15 +25,24 @@ def synchronize(world) -> None:
 class LossLog:
     """Pending per-step losses on the device; `losses` gets `[step, mean loss]` as they land."""
 
-    def __init__(self, world, losses: list, writer):
+    def __init__(self, world, losses: list, writer, metrics: tuple[str, ...] = ()):
         self.world, self.losses, self.writer = world, losses, writer
-        self.pending: list[tuple[int, torch.Tensor, float]] = []
+        # the objective's own metrics, by name: [[step, mean over ranks], ...]
+        self.names = metrics
+        self.metrics: dict[str, list] = {name: [] for name in metrics}
+        self.pending: list[tuple[int, list[torch.Tensor], float]] = []
         self.in_flight: list[tuple[list, torch.Tensor, Any]] = []  # (steps, host copy, event)
         self.tokens = 0.0  # all ranks' tokens, as of the last landed flush
         self.local_tokens = 0
 
-    def add(self, step: int, loss: torch.Tensor, lr: float, tokens: int) -> None:
-        self.pending.append((step, loss, lr))
+    def add(
+        self, step: int, loss: torch.Tensor, lr: float, tokens: int, metrics: dict | None = None
+    ) -> None:
+        """A step's loss and the objective's metrics (each named in `metrics` at creation)."""
+        given = metrics or {}
+        if set(given) != set(self.names):
+            raise ValueError(f"step {step}: metrics {sorted(given)}, expected {list(self.names)}")
+        self.pending.append((step, [loss, *(given[name] for name in self.names)], lr))
         self.local_tokens += tokens
 
     def flush(self, wait: bool = True) -> list[tuple[int, float, float]]:
@@ -57,7 +66,8 @@ class LossLog:
         device = self.world.device if cuda else "cpu"
         # a fill kernel, not a copy from host memory: torch.tensor(x, device=cuda) waits
         tokens = torch.full((), float(self.local_tokens), dtype=torch.float64, device=device)
-        values = [loss.to(device, torch.float64) for _, loss, _ in self.pending] + [tokens]
+        values = [v.to(device, torch.float64) for _, step, _ in self.pending for v in step]
+        values.append(tokens)
         summed = torch.stack(values)
         dist.all_reduce(summed)
         event = None
@@ -75,12 +85,17 @@ class LossLog:
     def _record(self, steps: list, values: list[float]) -> list[tuple[int, float, float]]:
         *totals, all_tokens = values
         self.tokens += all_tokens
+        width = 1 + len(self.names)  # the loss, then each metric
         landed = []
-        for (step, lr), total in zip(steps, totals, strict=True):
-            mean = total / self.world.size
-            self.losses.append([step, round(mean, 6)])
-            landed.append((step, mean, lr))
+        for n, (step, lr) in enumerate(steps):
+            loss, *metrics = (v / self.world.size for v in totals[n * width : (n + 1) * width])
+            self.losses.append([step, round(loss, 6)])
+            landed.append((step, loss, lr))
+            for name, value in zip(self.names, metrics, strict=True):
+                self.metrics[name].append([step, round(value, 6)])
             if self.writer is not None:
-                self.writer.add_scalar("train/loss", mean, step)
+                self.writer.add_scalar("train/loss", loss, step)
                 self.writer.add_scalar("train/lr", lr, step)
+                for name, value in zip(self.names, metrics, strict=True):
+                    self.writer.add_scalar(f"train/{name}", value, step)
         return landed

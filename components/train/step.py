@@ -31,8 +31,15 @@ def check_dataset(cfg: RunConfig, dataset: Path) -> None:
     check_data_matches_model(cfg.model, dataset)
 
 
-def train(cfg: RunConfig, dataset: str | Path, output: str | Path, task=None) -> int:
-    """Run training to completion (resuming if OUTPUT holds checkpoints); the exit code."""
+def train(
+    cfg: RunConfig,
+    dataset: str | Path,
+    output: str | Path,
+    task=None,
+    job_name: str | None = None,
+) -> int:
+    """Run training to completion (resuming if OUTPUT holds checkpoints); the exit code. `task`
+    and `job_name`: what a KFP train task hands a cluster backend (base.py)."""
     backend = training_backend(cfg)
     # a cluster backend's paths are inside the pods: checked here only when this machine sees
     # the same volume
@@ -42,4 +49,4 @@ def train(cfg: RunConfig, dataset: str | Path, output: str | Path, task=None) ->
         from ..methods import method_of
 
         method_of(cfg).check_model(cfg)
-    return backend.launch(cfg, str(dataset), str(output), task)
+    return backend.launch(cfg, str(dataset), str(output), task, job_name)

@@ -1,0 +1,25 @@
+"""Training objectives (`train.objective`), one module each behind base.py's `Objective`:
+`sft`, the next-token loss (sft.py). `objective_of(cfg)` is the recipe's.
+
+A new objective: a module with its `Objective` subclass, its line in REGISTRY below (the
+recipe's `train.objective` accepts the registered names) and, if its rows differ, what
+prepare_dataset writes for it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Loss, Objective
+from .sft import NextToken
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+REGISTRY: dict[str, Objective] = {o.name: o for o in (NextToken(),)}
+NAMES = tuple(REGISTRY)
+
+__all__ = ["NAMES", "REGISTRY", "Loss", "Objective", "objective_of"]
+
+
+def objective_of(cfg: RunConfig) -> Objective:
+    return REGISTRY[cfg.train.objective]

@@ -1,0 +1,41 @@
+"""The interface of a training objective (`Objective`): what a batch is, the loss, and the
+metrics logged beside it. The training loop and the evaluation loop call only this, so an
+objective that trains on pairs of sequences or with a reference model's log-probabilities
+plugs in here without touching either loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Loss:
+    """One micro batch's loss (what backward runs on) and the objective's own metrics, each a
+    0-dim tensor on the device (no host sync in the loop): logged as `train/NAME`."""
+
+    value: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    name: str = ""
+    columns: tuple[str, ...] = ()  # what a prepared row holds for it
+    metrics: tuple[str, ...] = ()  # the names its Loss.metrics carries, in log order
+
+    def collate(
+        self, rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to: int = 0
+    ) -> dict:
+        """A batch of rows for `loss`, with the host-side counts train/data.py's COUNTS names
+        (real tokens, computed tokens, examples)."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict, device: torch.device, attn: str) -> Loss:
+        raise NotImplementedError
+
+    def weight(self, batch: dict) -> int:
+        """What the evaluation's mean loss is weighted by (tokens the loss is averaged over)."""
+        raise NotImplementedError

@@ -1,0 +1,36 @@
+"""`sft`: supervised fine-tuning, the next-token cross-entropy over the completion's tokens
+(prompt tokens are -100 in labels, set by prepare_dataset), on packed or padded rows."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..artifacts import IGNORE_INDEX
+from .base import Loss, Objective
+
+if TYPE_CHECKING:
+    import torch
+
+
+class NextToken(Objective):
+    name = "sft"
+    columns = ("input_ids", "labels", "position_ids")
+
+    def collate(
+        self, rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to: int = 0
+    ) -> dict:
+        from ..train.data import collate
+
+        return collate(rows, pad_id, attn, dtype, pad_to)
+
+    def loss(self, model, batch: dict, device: torch.device, attn: str) -> Loss:
+        from ..train.attention import FLEX
+        from ..train.data import COUNTS, document_block_mask
+
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in COUNTS}
+        if attn == FLEX:  # packed rows: a sparse document mask, built on the device
+            inputs["attention_mask"] = document_block_mask(inputs["position_ids"])
+        return Loss(model(**inputs).loss)
+
+    def weight(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
