@@ -7,12 +7,14 @@ A new family: a module with its `Family` record(s), added to FAMILIES below."""
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .base import GENERIC, Family, linear_layer_names
 from .falcon import FALCON
 from .llama import GEMMA, LLAMA, MISTRAL, MIXTRAL, QWEN2
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FAMILIES: tuple[Family, ...] = (FALCON, LLAMA, MISTRAL, MIXTRAL, QWEN2, GEMMA)
 

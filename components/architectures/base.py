@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
+
 
 # Every family: the output head stays in the compute dtype under QLoRA (it is not an adapter
 # target, and QLoRA's paper and bitsandbytes' integration keep it unquantized). A family whose
@@ -43,6 +46,8 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     """Every linear layer a 4-bit model quantizes: all nn.Linear (and subclasses such as
     FalconLinear) except what every record keeps unquantized (HEAD_UNQUANTIZED: the output
     head)."""
+    from torch import nn
+
     head = model.get_output_embeddings()
     return [
         name

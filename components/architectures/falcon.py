@@ -6,9 +6,12 @@ built on transformers' SDPA model."""
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .base import Family
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _SCALE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 

@@ -37,15 +37,18 @@ def tiny_qwen2(**kw):
     return Qwen2Config(**_GQA, tie_word_embeddings=True, **kw)
 
 
-def _llama3(hidden: int, intermediate: int, layers: int, heads: int) -> dict:
+def _config(
+    model_type: str, hidden: int, intermediate: int, layers: int, heads: int, kv: int, vocab: int
+) -> dict:
+    """A published config.json's shape fields (grouped-query attention, untied head)."""
     return {
-        "model_type": "llama",
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": intermediate,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
         "tie_word_embeddings": False,
     }
 
@@ -57,8 +60,8 @@ LLAMA = Family(
     liger=True,
     adapter_attention=("q_proj", "o_proj"),
     configs={
-        "meta-llama/Meta-Llama-3-8B": _llama3(4096, 14336, 32, 32),
-        "meta-llama/Meta-Llama-3-70B": _llama3(8192, 28672, 80, 64),
+        "meta-llama/Meta-Llama-3-8B": _config("llama", 4096, 14336, 32, 32, 8, 128256),
+        "meta-llama/Meta-Llama-3-70B": _config("llama", 8192, 28672, 80, 64, 8, 128256),
     },
     tiny={"llama": tiny_llama},
 )
@@ -69,16 +72,7 @@ MISTRAL = Family(
     liger=True,
     adapter_attention=("q_proj", "o_proj"),
     configs={
-        "mistralai/Mistral-7B-v0.1": {
-            "model_type": "mistral",
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "vocab_size": 32000,
-            "tie_word_embeddings": False,
-        }
+        "mistralai/Mistral-7B-v0.1": _config("mistral", 4096, 14336, 32, 32, 8, 32000),
     },
     tiny={"mistral": tiny_mistral},
 )
@@ -96,16 +90,7 @@ QWEN2 = Family(
     liger=True,
     adapter_attention=("q_proj", "o_proj"),
     configs={
-        "Qwen/Qwen2-7B": {
-            "model_type": "qwen2",
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-            "vocab_size": 152064,
-            "tie_word_embeddings": False,
-        }
+        "Qwen/Qwen2-7B": _config("qwen2", 3584, 18944, 28, 28, 4, 152064),
     },
     tiny={"qwen2": tiny_qwen2},
 )
