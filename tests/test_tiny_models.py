@@ -26,6 +26,9 @@ GOLDEN_TENSORS = {
     "llama": "884506c4d23a5abd5de6d43adbe40f05dee7fa0380b29b349c5c4165f3d1ccd7",
     "mistral": "52ea8c21965616ee9be3be17d536a6ca359c715faa7986d4d275e19938bcf4e4",
     "qwen2": "bb1b1193b5a384e55ec9d47df98b0634a7eee19f69253d1c7f2ac3cb352c7f1f",
+    "qwen3": "f11be1437dee74fae902fdad6918f5a8c200797c5d8ecf9c63e92f3426371cc0",
+    "qwen3-moe": "a5735467c01c2ba757ba958ddc1bbda41e0e1e8123f32b6a02512bcebfffbbe3",
+    "mixtral": "36e485eae23e2bf8feb68812b59ed7a2cf229334401c5741beef1d09d286089f",
 }
 GOLDEN_VOCAB = "ead00ce75f05807c1ac7d9495a385c2fb1220b881936a5fde3c8aef550e5af5f"
 EXPECTED_MODEL_TYPE = {
@@ -34,7 +37,34 @@ EXPECTED_MODEL_TYPE = {
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3-moe": "qwen3_moe",
+    "mixtral": "mixtral",
 }
+# transformers v5 holds a MoE layer's experts fused (experts.gate_up_proj, experts.down_proj:
+# one 3-D tensor each) and saves them one expert at a time, as the hub's checkpoints are:
+# (prefix on disk, gate, up, down) per model type
+PER_EXPERT = {
+    "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+}
+
+
+def fused_from_disk(name: str, on_disk: dict, model_type: str) -> torch.Tensor:
+    """A fused expert tensor of the loaded model, rebuilt from the per-expert tensors on disk."""
+    prefix, gate, up, down = PER_EXPERT[model_type]
+    layer, _, fused = name.rpartition(".experts.")
+    layer = layer.rsplit(".mlp", 1)[0] + f".{prefix}"
+    count = sum(
+        1 for k in on_disk if k.startswith(f"{layer}.experts.") and k.endswith(f".{down}.weight")
+    )
+    experts = [f"{layer}.experts.{e}" for e in range(count)]
+    if fused == "down_proj":
+        return torch.stack([on_disk[f"{e}.{down}.weight"] for e in experts])
+    assert fused == "gate_up_proj", name
+    return torch.stack(
+        [torch.cat([on_disk[f"{e}.{gate}.weight"], on_disk[f"{e}.{up}.weight"]]) for e in experts]
+    )
 
 
 def tensor_digest(folder) -> str:
@@ -64,15 +94,21 @@ def test_tiny_model_loads_through_from_pretrained(arch):
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     assert size < 5_000_000, "a tiny model is a few MB at most"
     # Real architecture class, and it runs: loss of a forward pass over real text is finite.
-    assert type(model).__name__.lower().startswith(config.model_type)
+    assert type(model).__name__.lower().startswith(config.model_type.replace("_", ""))
     batch = tokenizer(["Anna: Lunch at 1 pm?\nTom: Yes."], return_tensors="pt")
     out = model(**batch, labels=batch["input_ids"])
     assert torch.isfinite(out.loss)
     # Weights on disk are exactly what from_pretrained loaded (nothing re-initialised).
     on_disk = load_file(os.path.join(folder, "model.safetensors"))
     state = model.state_dict()
-    for name, tensor in on_disk.items():
-        assert torch.equal(state[name], tensor), name
+    for name, tensor in state.items():
+        if name in on_disk:
+            assert torch.equal(on_disk[name], tensor), name
+        elif ".experts." in name:
+            assert torch.equal(fused_from_disk(name, on_disk, config.model_type), tensor), name
+        elif name != "lm_head.weight" or not config.tie_word_embeddings:  # a renamed router
+            prefix = PER_EXPERT[config.model_type][0]
+            assert torch.equal(on_disk[name.replace(".mlp.", f".{prefix}.")], tensor), name
     assert tokenizer.eos_token_id == config.eos_token_id
     assert tokenizer.chat_template
 

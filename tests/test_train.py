@@ -622,3 +622,24 @@ def test_data_and_model_must_belong_together(cli, dataset, tmp_path):
     result = train(cli, dataset, out, f"model.name_or_path={small}")
     assert_user_error(result, f"holds token id {largest}", f"has {largest} embeddings")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3-moe"])
+def test_todays_qwen3_families_train_with_lora_and_refuse_qlora(cli, tmp_path, arch):
+    """Qwen3 and Qwen3-MoE (4 routed experts, top-2) through the real CLI on 2 gloo workers:
+    LoRA (attention projections: `auto` of their records) trains and lowers the eval loss below
+    the base model's; QLoRA on the MoE model stops before training, naming the experts a 4-bit
+    base would have left in full precision, with nothing written as a finished run."""
+    name = f"model.name_or_path=tiny://{arch}"
+    data = tmp_path / "data"
+    assert run_prepare(data, name).code == 0
+    out = tmp_path / "lora"
+    result = train(cli, data, out, name, "train.max_steps=12", "train.lr=0.003")
+    assert result.code == 0, result
+    metrics = metrics_of(out)
+    assert metrics["eval_loss"] < eval_loss(base_model(arch), data)
+    assert metrics["trainable_params"] > 0 and metrics["world_size"] == 2
+    if arch == "qwen3-moe":
+        refused = train(cli, data, tmp_path / "qlora", name, "method=qlora")
+        assert_user_error(refused, "weights of model type 'qwen3_moe'", "mlp.experts.")
+        assert not (tmp_path / "qlora" / "metrics.json").exists()

@@ -1,5 +1,5 @@
-"""Model families, one record each (base.py's `Family`): Falcon (falcon.py) and the Llama
-family (llama.py). `family(model_type)` gives a model's record, or the generic one that any
+"""Model families, one record each (base.py's `Family`): Falcon (falcon.py), the Llama
+family (llama.py), Qwen3 and Qwen3-MoE (qwen3.py). `family(model_type)` gives a model's record, or the generic one that any
 `AutoModelForCausalLM` with plain linear layers trains with.
 
 A new family: a module with its `Family` record(s), added to FAMILIES below."""
@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 from .base import GENERIC, Family, linear_layer_names
 from .falcon import FALCON
 from .llama import GEMMA, LLAMA, MISTRAL, MIXTRAL, QWEN2
+from .qwen3 import QWEN3, QWEN3_MOE
 
 if TYPE_CHECKING:
     from torch import nn
 
-FAMILIES: tuple[Family, ...] = (FALCON, LLAMA, MISTRAL, MIXTRAL, QWEN2, GEMMA)
+FAMILIES: tuple[Family, ...] = (FALCON, LLAMA, MISTRAL, MIXTRAL, QWEN2, GEMMA, QWEN3, QWEN3_MOE)
 
 __all__ = [
     "FAMILIES",

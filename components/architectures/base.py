@@ -19,13 +19,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-# Every family: the output head stays in the compute dtype under QLoRA (it is not an adapter
-# target, and QLoRA's paper and bitsandbytes' integration keep it unquantized). A family whose
-# record names more (a router, a norm kept as a linear layer) says why here; linear_layer_names
-# leaves out the head, and load_quantized's error names what the record allows.
-HEAD_UNQUANTIZED = {
-    "the output head": "its logits feed the loss directly; QLoRA keeps it in the compute dtype"
-}
+# What a 4-bit base keeps in the compute dtype in every family, as QLoRA's paper and
+# bitsandbytes' integration do: the output head (its logits feed the loss directly), the
+# embedding tables, and every 1-D weight (norms, biases). A record's `unquantized` names what
+# else its family keeps and why (a router); any other weight left unquantized fails the run.
+ALWAYS_UNQUANTIZED = "the output head, embedding tables, norms and biases"
 
 
 def layers_by_no_split_modules(model: nn.Module) -> list[nn.Module]:
@@ -44,8 +42,7 @@ def layers_by_no_split_modules(model: nn.Module) -> list[nn.Module]:
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Every linear layer a 4-bit model quantizes: all nn.Linear (and subclasses such as
-    FalconLinear) except what every record keeps unquantized (HEAD_UNQUANTIZED: the output
-    head)."""
+    FalconLinear) except the output head (ALWAYS_UNQUANTIZED)."""
     from torch import nn
 
     head = model.get_output_embeddings()
@@ -73,9 +70,9 @@ class Family:
     model_types: tuple[str, ...]
     # lora.target_modules: auto. None: no automatic choice (the generic record)
     lora_targets: tuple[str, ...] | None = None
-    # which weights a 4-bit base keeps in the compute dtype, and why (every other linear layer
-    # is quantized, and a layer that should be and is not is an error)
-    unquantized: dict[str, str] = field(default_factory=lambda: dict(HEAD_UNQUANTIZED))
+    # beyond ALWAYS_UNQUANTIZED: parameter-name suffix -> why a 4-bit base keeps it in the
+    # compute dtype (every other weight is quantized, or the run fails)
+    unquantized: dict[str, str] = field(default_factory=dict)
     liger: bool = False  # Liger kernels patch this family
     gated_mlp: bool = True  # SwiGLU-style gate and up projections (the planner's activations)
     # LLaMA-Adapter: (module computing the queries, output projection) of its attention

@@ -76,12 +76,36 @@ MISTRAL = Family(
     },
     tiny={"mistral": tiny_mistral},
 )
-# Mixtral's experts are not adapted by `auto` (attention only, as before issue 37).
+
+
+def tiny_mixtral(**kw):
+    from transformers import MixtralConfig
+
+    # what makes it Mixtral: routed experts (4 here, top-2), no shared expert
+    return MixtralConfig(
+        **_GQA, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False, **kw
+    )
+
+
+# Mixtral's experts are fused 3-D parameters on transformers v5 (as Qwen3-MoE's: qwen3.py):
+# `auto` adapts attention only, and a 4-bit base refuses them until they can be quantized.
 MIXTRAL = Family(
     name="mixtral",
     model_types=("mixtral",),
     lora_targets=PROJECTIONS,
     adapter_attention=("q_proj", "o_proj"),
+    unquantized={
+        "mlp.gate.weight": "the router: experts x hidden, a sliver of the weights, and its "
+        "logits choose each token's experts"
+    },
+    configs={
+        "mistralai/Mixtral-8x7B-v0.1": {
+            **_config("mixtral", 4096, 14336, 32, 32, 8, 32000),
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        }
+    },
+    tiny={"mixtral": tiny_mixtral},
 )
 QWEN2 = Family(
     name="qwen2",

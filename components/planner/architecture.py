@@ -35,6 +35,26 @@ class Architecture:
     adapted_modules: int = 0  # of them, the ones LoRA adapts
     adapted_features: int = 0  # their in + out features, summed
     frozen_layers: int = 0  # method=full: train.freeze_layers
+    # mixture-of-experts: what one token passes through (every routed expert counted at
+    # top-k / experts, the embedding table and the head included); total_params for dense models
+    active_params: int | None = None
+    embedding_params: int = 0  # the input embedding table (OpenAI counts active without it)
+
+    @property
+    def active(self) -> int:
+        return self.total_params if self.active_params is None else self.active_params
+
+    def params_record(self) -> dict:
+        """`kubetune plan --json`'s parameter figures, each with the convention it uses."""
+        return {
+            "total": self.total_params,
+            "active": self.active,
+            "active_without_embeddings": self.active - self.embedding_params,
+            "convention": "total: every parameter once (a tied head counted once); active: what "
+            "one token passes through, each routed expert counted at top-k / experts, embeddings "
+            "and head included; active_without_embeddings: the same less the input embedding "
+            "table (OpenAI's gpt-oss figures)",
+        }
 
 
 def model_config(name_or_path: str):
@@ -135,6 +155,20 @@ def architecture(cfg: RunConfig) -> Architecture:
     return arch
 
 
+def active_params(model, config, total: int) -> int | None:
+    """What one token passes through of a mixture-of-experts model: the routed experts'
+    parameters (under `.experts.`, fused 3-D or one module each) count at top-k / experts. None
+    for a dense model."""
+    experts = sum(
+        {id(p): p.numel() for n, p in model.named_parameters() if ".experts." in n}.values()
+    )
+    routed = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not experts or not routed or not top_k:
+        return None
+    return total - experts + round(experts * top_k / routed)
+
+
 def _count(config, cfg: RunConfig) -> Architecture:
     import torch
     from accelerate import init_empty_weights
@@ -162,6 +196,7 @@ def _count(config, cfg: RunConfig) -> Architecture:
     )
     layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
     counts = method_of(cfg).count(cfg, model, linears)
+    embeddings = model.get_input_embeddings().weight.numel()
     return Architecture(
         model_type=config.model_type,
         total_params=total,
@@ -179,4 +214,6 @@ def _count(config, cfg: RunConfig) -> Architecture:
         adapted_modules=counts.adapted_modules,
         adapted_features=counts.adapted_features,
         frozen_layers=counts.frozen_layers,
+        active_params=active_params(model, config, total),
+        embedding_params=embeddings,
     )

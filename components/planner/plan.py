@@ -80,6 +80,7 @@ class Plan:
             "seq_len": self.seq_len,
             "micro_batch": self.micro_batch,
             "total_params": self.arch.total_params,
+            "params": self.arch.params_record(),
             "trainable_params": self.trainable_params,
             "parts_gb": {k: round(v / GB, 2) for k, v in self.parts.items()},
             "total_gb": round(self.total / GB, 2),
@@ -226,7 +227,9 @@ def plan_for(
 def render(plan: Plan, cfg: RunConfig) -> str:
     a = plan.arch
     lines = [
-        f"{cfg.model.name_or_path}: {a.total_params / 1e9:.2f}B params ({a.model_type}), "
+        f"{cfg.model.name_or_path}: {a.total_params / 1e9:.2f}B params"
+        + (f", {a.active / 1e9:.2f}B active" if a.active != a.total_params else "")
+        + f" ({a.model_type}), "
         f"method {cfg.method}, strategy {cfg.distributed.strategy}, {plan.gpus} GPU(s), "
         f"seq {plan.seq_len} x micro batch {plan.micro_batch}, gradient checkpointing "
         f"{checkpointing_words(plan.fit)}",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..architectures import family, linear_layer_names
+from ..architectures.base import ALWAYS_UNQUANTIZED
 from ..errors import UserError
 from ..methods import method_of
 from ..models import load_config, model_revision, model_source, safetensors_files
@@ -96,6 +97,48 @@ def replace_linear_layers(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def unquantized_weights(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, elements) of every weight outside the linear layers that a 4-bit base would keep in
+    full precision though nothing allows it: not the output head or an embedding table, not 1-D
+    (norms, biases), not named by the family record's `unquantized` (a router)."""
+    import bitsandbytes as bnb
+
+    kept = tuple(family(model.config.model_type).unquantized)
+    head = model.get_output_embeddings()
+    allowed = {id(p) for p in head.parameters()} if head is not None else set()
+    left, seen = [], set()
+    for module_name, module in model.named_modules():
+        # linear layers are counted by load_quantized's own check
+        packed = isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt | nn.Linear)
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if id(param) in seen or packed or param.ndim < 2 or id(param) in allowed:
+                continue
+            seen.add(id(param))
+            if isinstance(module, nn.Embedding) or full.endswith(kept):
+                continue
+            left.append((full, param.numel()))
+    return left
+
+
+def check_all_quantized(model: nn.Module, bits: int) -> None:
+    """Refuse a 4-bit (8-bit) base that would keep a large weight in full precision: what
+    bitsandbytes' layer swap does, without a word, to weights that are not nn.Linear modules
+    (the fused 3-D experts of transformers v5's MoE models)."""
+    left = unquantized_weights(model)
+    if not left:
+        return
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    share = sum(n for _, n in left) / total
+    names = ", ".join(name for name, _ in left[:3]) + (" ..." if len(left) > 3 else "")
+    raise UserError(
+        f"method=qlora: {len(left)} weights of model type {model.config.model_type!r} "
+        f"({names}: {share:.0%} of its parameters) are not linear layers kubetune can quantize "
+        f"to {bits}-bit, and would train in full precision; only {ALWAYS_UNQUANTIZED} and what "
+        "the family record names may stay so. Train this model with method=lora"
+    )
+
+
 def build_on_meta(cfg: RunConfig, dtype: torch.dtype, attn: str) -> nn.Module:
     """The architecture with its parameters on the meta device (buffers real, on the CPU)."""
     from accelerate import init_empty_weights
@@ -124,6 +167,7 @@ def load_quantized(
     model = build_on_meta(cfg, compute, attn)
     targets = linear_layer_names(model)
     replace_linear_layers(model, targets, cfg, compute)
+    check_all_quantized(model, cfg.quant.bits)
 
     def make(module, attr, tensor):
         if attr == "weight" and isinstance(module, bnb.nn.Linear4bit):
@@ -157,11 +201,10 @@ def load_quantized(
             model.get_submodule(module_name)._buffers[attr] = buf.to(device)
     quantized = count_quantized(model)
     if quantized == 0 or quantized < len(targets):
-        kept = family(model.config.model_type).unquantized
         raise UserError(
             f"method=qlora: only {quantized} of {len(targets)} linear layers were "
             f"quantized to {cfg.quant.bits}-bit; refusing to train a model that is "
-            f"not what the recipe asks for (only {', '.join(kept)} may stay unquantized)"
+            "not what the recipe asks for"
         )
     # peft picks its bitsandbytes LoRA layers from these flags.
     model.is_loaded_in_4bit = cfg.quant.bits == 4

@@ -1,0 +1,90 @@
+"""Qwen3 (dense) and Qwen3-MoE. Qwen3's attention normalises queries and keys per head
+(q_norm, k_norm) after their projections. Qwen3-MoE replaces every MLP with 128 routed experts
+(8 per token, no shared expert), which transformers v5 stores fused as 3-D parameters
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) beside a linear router (`mlp.gate`): not
+nn.Linear modules, so neither bitsandbytes' layer swap nor LoRA on linear layers reaches them."""
+
+from __future__ import annotations
+
+from .base import Family
+from .llama import GATED_MLP, PROJECTIONS
+
+ROUTER = {
+    "mlp.gate.weight": "the router: experts x hidden, a sliver of the weights, and its logits "
+    "choose each token's experts (QLoRA keeps it in the compute dtype)"
+}
+
+# The tiny models' scale; the MoE one keeps what makes the family different: 4 experts, top-2.
+_SMALL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+}
+
+
+def tiny_qwen3(**kw):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_SMALL, tie_word_embeddings=True, **kw)
+
+
+def tiny_qwen3_moe(**kw):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        **_SMALL,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+        **kw,
+    )
+
+
+QWEN3 = Family(
+    name="qwen3",
+    model_types=("qwen3",),
+    lora_targets=PROJECTIONS + GATED_MLP,
+    configs={
+        "Qwen/Qwen3-8B": {
+            "model_type": "qwen3",
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "vocab_size": 151936,
+            "tie_word_embeddings": False,
+        }
+    },
+    tiny={"qwen3": tiny_qwen3},
+)
+# `auto` adapts attention only: LoRA on the fused experts is issue 37's item 3.
+QWEN3_MOE = Family(
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    lora_targets=PROJECTIONS,
+    unquantized=ROUTER,
+    configs={
+        "Qwen/Qwen3-30B-A3B": {
+            "model_type": "qwen3_moe",
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "moe_intermediate_size": 768,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "vocab_size": 151936,
+            "tie_word_embeddings": False,
+        }
+    },
+    tiny={"qwen3-moe": tiny_qwen3_moe},
+)
