@@ -219,3 +219,51 @@ def test_architecture_counts_are_cached_per_model_and_adapter_settings(tmp_path,
     cached.write_text("{")
     assert plan.architecture(cfg) == counted
     assert json.loads(cached.read_text()) == asdict(counted)
+
+
+# Published sizes (billions; the model cards'): total, active, and which active convention
+PUBLISHED_SIZES = [
+    ("Qwen/Qwen3-30B-A3B", 30.5, 3.3, "active"),  # Qwen3 report: 30.5B total, 3.3B activated
+    ("mistralai/Mixtral-8x7B-v0.1", 46.7, 12.9, "active"),  # Mistral: 46.7B, 12.9B per token
+    ("openai/gpt-oss-20b", 20.9, 3.6, "active_without_embeddings"),  # OpenAI's model card
+    ("Qwen/Qwen3-8B", 8.2, 8.2, "active"),
+    ("meta-llama/Llama-3.1-8B", 8.0, 8.0, "active"),
+    ("google/gemma-3-1b-pt", 1.0, 1.0, "active"),  # 302M embedding + 698M non-embedding
+]
+
+
+@pytest.mark.parametrize(("hub_id", "total", "active", "convention"), PUBLISHED_SIZES)
+def test_plan_counts_todays_models_as_published(hub_id, total, active, convention):
+    """Counted on the meta device from the real config (no download): total and active
+    parameters as the model card states them, each figure saying its convention."""
+    from kubetune.components.planner.architecture import architecture
+
+    cfg = load_recipe(TINY_DEMO, [f"model.name_or_path={hub_id}", "method=lora"])
+    params = architecture(cfg).params_record()
+    # the cards give one decimal, rounded or cut (Qwen3-30B-A3B's 3.35B active reads "3.3B")
+    assert params["total"] / 1e9 == pytest.approx(total, abs=0.06)
+    assert params[convention] / 1e9 == pytest.approx(active, abs=0.06)
+    assert "top-k / experts" in params["convention"]
+    plan = json.loads(run_plan(hub_id).out)  # the same figures reach `kubetune plan --json`
+    assert params.items() <= find_params(plan).items()
+
+
+def run_plan(hub_id: str):
+    from .conftest import run_cli
+
+    result = run_cli("plan", TINY_DEMO, "--set", f"model.name_or_path={hub_id}", "--json")
+    assert result.code == 0, result
+    return result
+
+
+def find_params(node):
+    """The `params` record anywhere in plan --json's output."""
+    if isinstance(node, dict):
+        if "params" in node:
+            return node["params"]
+        node = list(node.values())
+    for child in node if isinstance(node, list) else []:
+        found = find_params(child)
+        if found:
+            return found
+    return {}

@@ -1,5 +1,6 @@
 """Model families, one record each (base.py's `Family`): Falcon (falcon.py), the Llama
-family (llama.py), Qwen3 and Qwen3-MoE (qwen3.py). `family(model_type)` gives a model's record, or the generic one that any
+family (llama.py), Qwen3 and Qwen3-MoE (qwen3.py), Gemma and Gemma 3 (gemma.py), gpt-oss
+(gpt_oss.py). `family(model_type)` gives a model's record, or the generic one that any
 `AutoModelForCausalLM` with plain linear layers trains with.
 
 A new family: a module with its `Family` record(s), added to FAMILIES below."""
@@ -11,13 +12,26 @@ from typing import TYPE_CHECKING
 
 from .base import GENERIC, Family, linear_layer_names
 from .falcon import FALCON
-from .llama import GEMMA, LLAMA, MISTRAL, MIXTRAL, QWEN2
+from .gemma import GEMMA, GEMMA3
+from .gpt_oss import GPT_OSS
+from .llama import LLAMA, MISTRAL, MIXTRAL, QWEN2
 from .qwen3 import QWEN3, QWEN3_MOE
 
 if TYPE_CHECKING:
     from torch import nn
 
-FAMILIES: tuple[Family, ...] = (FALCON, LLAMA, MISTRAL, MIXTRAL, QWEN2, GEMMA, QWEN3, QWEN3_MOE)
+FAMILIES: tuple[Family, ...] = (
+    FALCON,
+    LLAMA,
+    MISTRAL,
+    MIXTRAL,
+    QWEN2,
+    GEMMA,
+    QWEN3,
+    QWEN3_MOE,
+    GEMMA3,
+    GPT_OSS,
+)
 
 __all__ = [
     "FAMILIES",

@@ -1,4 +1,4 @@
-"""The Llama family: Llama, Mistral, Mixtral, Qwen2 and Gemma share the q/k/v/o attention
+"""The Llama family: Llama, Mistral, Mixtral and Qwen2 share the q/k/v/o attention
 projections and a gated MLP (gate/up/down). Llama, Mistral and Qwen2 have Liger kernels and
 transformers' flex_attention path."""
 
@@ -62,6 +62,18 @@ LLAMA = Family(
     configs={
         "meta-llama/Meta-Llama-3-8B": _config("llama", 4096, 14336, 32, 32, 8, 128256),
         "meta-llama/Meta-Llama-3-70B": _config("llama", 8192, 28672, 80, 64, 8, 128256),
+        # Llama 3.1: the same shapes, 128K positions through its RoPE scaling
+        "meta-llama/Llama-3.1-8B": {
+            **_config("llama", 4096, 14336, 32, 32, 8, 128256),
+            "max_position_embeddings": 131072,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        },
     },
     tiny={"llama": tiny_llama},
 )
@@ -118,4 +130,3 @@ QWEN2 = Family(
     },
     tiny={"qwen2": tiny_qwen2},
 )
-GEMMA = Family(name="gemma", model_types=("gemma",), lora_targets=PROJECTIONS + GATED_MLP)
