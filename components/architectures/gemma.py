@@ -5,7 +5,7 @@ one) with 262K-token vocabularies."""
 from __future__ import annotations
 
 from .base import Family
-from .llama import GATED_MLP, PROJECTIONS
+from .llama import GATED_MLP, PROJECTIONS, published_config
 
 GEMMA = Family(name="gemma", model_types=("gemma",), lora_targets=PROJECTIONS + GATED_MLP)
 GEMMA3 = Family(
@@ -14,14 +14,8 @@ GEMMA3 = Family(
     lora_targets=PROJECTIONS + GATED_MLP,
     configs={
         "google/gemma-3-1b-pt": {
-            "model_type": "gemma3_text",
-            "hidden_size": 1152,
-            "intermediate_size": 6912,
-            "num_hidden_layers": 26,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
+            **published_config("gemma3_text", 1152, 6912, 26, 4, 1, 262144),
             "head_dim": 256,
-            "vocab_size": 262144,
             "sliding_window": 512,
             "tie_word_embeddings": True,
         }

@@ -7,7 +7,7 @@ MXFP4, which kubetune does not load yet: planning only."""
 from __future__ import annotations
 
 from .base import Family
-from .llama import PROJECTIONS
+from .llama import PROJECTIONS, published_config
 
 GPT_OSS = Family(
     name="gpt_oss",
@@ -19,18 +19,11 @@ GPT_OSS = Family(
     },
     configs={
         "openai/gpt-oss-20b": {
-            "model_type": "gpt_oss",
-            "hidden_size": 2880,
-            "intermediate_size": 2880,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 64,
-            "num_key_value_heads": 8,
+            **published_config("gpt_oss", 2880, 2880, 24, 64, 8, 201088),
             "head_dim": 64,
             "num_local_experts": 32,
             "num_experts_per_tok": 4,
-            "vocab_size": 201088,
             "sliding_window": 128,
-            "tie_word_embeddings": False,
         }
     },
 )

@@ -37,7 +37,7 @@ def tiny_qwen2(**kw):
     return Qwen2Config(**_GQA, tie_word_embeddings=True, **kw)
 
 
-def _config(
+def published_config(
     model_type: str, hidden: int, intermediate: int, layers: int, heads: int, kv: int, vocab: int
 ) -> dict:
     """A published config.json's shape fields (grouped-query attention, untied head)."""
@@ -60,11 +60,11 @@ LLAMA = Family(
     liger=True,
     adapter_attention=("q_proj", "o_proj"),
     configs={
-        "meta-llama/Meta-Llama-3-8B": _config("llama", 4096, 14336, 32, 32, 8, 128256),
-        "meta-llama/Meta-Llama-3-70B": _config("llama", 8192, 28672, 80, 64, 8, 128256),
+        "meta-llama/Meta-Llama-3-8B": published_config("llama", 4096, 14336, 32, 32, 8, 128256),
+        "meta-llama/Meta-Llama-3-70B": published_config("llama", 8192, 28672, 80, 64, 8, 128256),
         # Llama 3.1: the same shapes, 128K positions through its RoPE scaling
         "meta-llama/Llama-3.1-8B": {
-            **_config("llama", 4096, 14336, 32, 32, 8, 128256),
+            **published_config("llama", 4096, 14336, 32, 32, 8, 128256),
             "max_position_embeddings": 131072,
             "rope_scaling": {
                 "rope_type": "llama3",
@@ -84,7 +84,7 @@ MISTRAL = Family(
     liger=True,
     adapter_attention=("q_proj", "o_proj"),
     configs={
-        "mistralai/Mistral-7B-v0.1": _config("mistral", 4096, 14336, 32, 32, 8, 32000),
+        "mistralai/Mistral-7B-v0.1": published_config("mistral", 4096, 14336, 32, 32, 8, 32000),
     },
     tiny={"mistral": tiny_mistral},
 )
@@ -112,7 +112,7 @@ MIXTRAL = Family(
     },
     configs={
         "mistralai/Mixtral-8x7B-v0.1": {
-            **_config("mixtral", 4096, 14336, 32, 32, 8, 32000),
+            **published_config("mixtral", 4096, 14336, 32, 32, 8, 32000),
             "num_local_experts": 8,
             "num_experts_per_tok": 2,
         }
@@ -126,7 +126,7 @@ QWEN2 = Family(
     liger=True,
     adapter_attention=("q_proj", "o_proj"),
     configs={
-        "Qwen/Qwen2-7B": _config("qwen2", 3584, 18944, 28, 28, 4, 152064),
+        "Qwen/Qwen2-7B": published_config("qwen2", 3584, 18944, 28, 28, 4, 152064),
     },
     tiny={"qwen2": tiny_qwen2},
 )

@@ -7,7 +7,7 @@ nn.Linear modules, so neither bitsandbytes' layer swap nor LoRA on linear layers
 from __future__ import annotations
 
 from .base import Family
-from .llama import GATED_MLP, PROJECTIONS
+from .llama import GATED_MLP, PROJECTIONS, published_config
 
 ROUTER = {
     "mlp.gate.weight": "the router: experts x hidden, a sliver of the weights, and its logits "
@@ -51,15 +51,8 @@ QWEN3 = Family(
     lora_targets=PROJECTIONS + GATED_MLP,
     configs={
         "Qwen/Qwen3-8B": {
-            "model_type": "qwen3",
-            "hidden_size": 4096,
-            "intermediate_size": 12288,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
+            **published_config("qwen3", 4096, 12288, 36, 32, 8, 151936),
             "head_dim": 128,
-            "vocab_size": 151936,
-            "tie_word_embeddings": False,
         }
     },
     tiny={"qwen3": tiny_qwen3},
@@ -72,18 +65,11 @@ QWEN3_MOE = Family(
     unquantized=ROUTER,
     configs={
         "Qwen/Qwen3-30B-A3B": {
-            "model_type": "qwen3_moe",
-            "hidden_size": 2048,
-            "intermediate_size": 6144,
+            **published_config("qwen3_moe", 2048, 6144, 48, 32, 4, 151936),
+            "head_dim": 128,
             "moe_intermediate_size": 768,
             "num_experts": 128,
             "num_experts_per_tok": 8,
-            "num_hidden_layers": 48,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 4,
-            "head_dim": 128,
-            "vocab_size": 151936,
-            "tie_word_embeddings": False,
         }
     },
     tiny={"qwen3-moe": tiny_qwen3_moe},
