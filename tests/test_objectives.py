@@ -138,3 +138,45 @@ def test_the_objectives_metrics_are_logged_beside_the_loss(one_rank):
     assert ("train/doubled", 2.0, 1) in written and ("train/loss", 0.25, 2) in written
     with pytest.raises(ValueError, match="expected \\['doubled'\\]"):
         log.add(3, torch.tensor(0.1), 1e-3, 10)
+
+
+def test_a_moe_models_load_balancing_loss_is_transformers_and_joins_the_sft_loss():
+    """tiny://qwen3-moe (4 experts, top-2) in training: the router watch's load-balancing loss
+    over the real tokens equals transformers' own (its load_balancing_loss_func with the 2-D
+    padding mask), sft adds it times router_aux_loss_coef and reports it with the experts'
+    load; in evaluation the loss is the next-token loss alone."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.components.models import resolve_model
+    from kubetune.components.train.moe import install
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model("tiny://qwen3-moe"), dtype=torch.float32
+    )
+    watch = install(model)
+    assert watch is not None and (watch.experts, watch.top_k) == (4, 2)
+    assert SFT.metrics_for(model) == ("router_aux_loss", "expert_load_max", "expert_load_min")
+    unpacked = [dict(r, position_ids=list(range(len(r["input_ids"])))) for r in rows()]
+    batch = SFT.collate(unpacked, 0, "sdpa", torch.float32)  # one row padded: 6 + 3 tokens
+    assert batch["lengths"] == [6, 3]
+    model.train()
+    torch.manual_seed(0)
+    out = SFT.loss(model, batch, CPU, "sdpa")
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    torch.manual_seed(0)
+    reference = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        labels=batch["labels"],
+        output_router_logits=True,
+    )
+    torch.testing.assert_close(out.metrics["router_aux_loss"], reference.aux_loss)
+    lm_loss = reference.loss - model.config.router_aux_loss_coef * reference.aux_loss
+    torch.testing.assert_close(out.value, lm_loss + watch.coef * out.metrics["router_aux_loss"])
+    picks = out.metrics["expert_load_max"], out.metrics["expert_load_min"]
+    assert picks[0] >= 1.0 >= picks[1] >= 0.0  # relative to an even share of the 9 x 2 x 2 picks
+    model.eval()
+    assert SFT.loss(model, batch, CPU, "sdpa").metrics == {}
+    assert (
+        SFT.metrics_for(AutoModelForCausalLM.from_pretrained(resolve_model("tiny://qwen3"))) == ()
+    )

@@ -628,8 +628,9 @@ def test_data_and_model_must_belong_together(cli, dataset, tmp_path):
 def test_todays_qwen3_families_train_with_lora_and_refuse_qlora(cli, tmp_path, arch):
     """Qwen3 and Qwen3-MoE (4 routed experts, top-2) through the real CLI on 2 gloo workers:
     LoRA (attention projections: `auto` of their records) trains and lowers the eval loss below
-    the base model's; QLoRA on the MoE model stops before training, naming the experts a 4-bit
-    base would have left in full precision, with nothing written as a finished run."""
+    the base model's, the MoE model's router terms logged in metrics.json; QLoRA on the MoE
+    model stops before training, naming the experts a 4-bit base would have left in full
+    precision, with nothing written as a finished run."""
     name = f"model.name_or_path=tiny://{arch}"
     data = tmp_path / "data"
     assert run_prepare(data, name).code == 0
@@ -639,7 +640,14 @@ def test_todays_qwen3_families_train_with_lora_and_refuse_qlora(cli, tmp_path, a
     metrics = metrics_of(out)
     assert metrics["eval_loss"] < eval_loss(base_model(arch), data)
     assert metrics["trainable_params"] > 0 and metrics["world_size"] == 2
-    if arch == "qwen3-moe":
+    if arch == "qwen3":
+        assert metrics["objective_metrics"] is None
+    if arch == "qwen3-moe":  # the routers' load-balancing loss and load, every logged step
+        logged = metrics["objective_metrics"]
+        assert set(logged) == {"router_aux_loss", "expert_load_max", "expert_load_min"}
+        assert [step for step, _ in logged["router_aux_loss"]] == [s for s, _ in metrics["loss"]]
+        assert all(aux > 0 for _, aux in logged["router_aux_loss"])  # top-k = 2: even routing
+        assert all(high >= 1.0 for _, high in logged["expert_load_max"])
         refused = train(cli, data, tmp_path / "qlora", name, "method=qlora")
         assert_user_error(refused, "weights of model type 'qwen3_moe'", "mlp.experts.")
         assert not (tmp_path / "qlora" / "metrics.json").exists()

@@ -75,6 +75,9 @@ class Family:
     unquantized: dict[str, str] = field(default_factory=dict)
     liger: bool = False  # Liger kernels patch this family
     gated_mlp: bool = True  # SwiGLU-style gate and up projections (the planner's activations)
+    # mixture-of-experts: the router modules' name suffix (their logits: the load-balancing
+    # loss and the experts' load, train/moe.py); None for a dense family
+    router: str | None = None
     # LLaMA-Adapter: (module computing the queries, output projection) of its attention
     adapter_attention: tuple[str, str] | None = None
     # document masks for packed rows: flex_attention, where this says so for the config

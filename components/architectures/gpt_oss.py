@@ -13,6 +13,7 @@ GPT_OSS = Family(
     name="gpt_oss",
     model_types=("gpt_oss",),
     lora_targets=PROJECTIONS,  # attention: LoRA on the fused experts is not there yet
+    router="mlp.router",
     unquantized={
         "mlp.router.weight": "the router: experts x hidden, a sliver of the weights, and its "
         "logits choose each token's experts"

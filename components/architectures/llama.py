@@ -106,6 +106,7 @@ MIXTRAL = Family(
     model_types=("mixtral",),
     lora_targets=PROJECTIONS,
     adapter_attention=("q_proj", "o_proj"),
+    router="mlp.gate",
     unquantized={
         "mlp.gate.weight": "the router: experts x hidden, a sliver of the weights, and its "
         "logits choose each token's experts"

@@ -63,6 +63,7 @@ QWEN3_MOE = Family(
     model_types=("qwen3_moe",),
     lora_targets=PROJECTIONS,
     unquantized=ROUTER,
+    router="mlp.gate",
     configs={
         "Qwen/Qwen3-30B-A3B": {
             **published_config("qwen3_moe", 2048, 6144, 48, 32, 4, 151936),

@@ -26,6 +26,10 @@ class Objective:
     columns: tuple[str, ...] = ()  # what a prepared row holds for it
     metrics: tuple[str, ...] = ()  # the names its Loss.metrics carries, in log order
 
+    def metrics_for(self, model) -> tuple[str, ...]:
+        """The metrics its Loss carries when training `model` (some depend on the model)."""
+        return self.metrics
+
     def collate(
         self, rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to: int = 0
     ) -> dict:

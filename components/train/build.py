@@ -29,6 +29,7 @@ from .modeling import (
     parameter_counts,
     weights_dtype,
 )
+from .moe import install as install_router_watch
 from .parallel import (
     World,
     deepspeed_config,
@@ -144,6 +145,7 @@ def build_model(cfg: RunConfig, world: World, attn: str, fit: Fit, packed: bool)
         model, quantized = build_on_meta(cfg, dtype, attn), 0
     else:
         model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
+    install_router_watch(model)  # a MoE model: its routers' load-balancing loss and load
     note = family_note(model.config.model_type)
     if note and world.main:
         print(note, flush=True)

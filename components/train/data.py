@@ -117,10 +117,19 @@ def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to
     batch["tokens"] = sum(len(r["input_ids"]) for r in rows)  # real tokens
     batch["padded_tokens"] = ids.numel()  # what the GPU computes
     batch["examples"] = sum(sum(1 for p in r["position_ids"] if p == 0) for r in rows)
+    batch["lengths"] = [len(r["input_ids"]) for r in rows]  # each row's real tokens, then pads
     return batch
 
 
-COUNTS = ("tokens", "padded_tokens", "examples")  # host-side numbers of a batch, not inputs
+# host-side numbers of a batch, not inputs
+COUNTS = ("tokens", "padded_tokens", "examples", "lengths")
+
+
+def real_tokens(batch: dict, device) -> torch.Tensor:
+    """(rows, length) float mask: 1.0 for each real token, 0.0 for the pads after it."""
+    width = batch["input_ids"].shape[1]
+    lengths = torch.tensor(batch["lengths"], device=device)
+    return (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
 
 
 class MicroBatches(torch.utils.data.Dataset):

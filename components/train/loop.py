@@ -87,7 +87,8 @@ class Loop:
         self.is_ds = cfg.distributed.strategy == "deepspeed"
         self.ddp_accum = not self.is_ds and world.size > 1 and cfg.distributed.strategy == "ddp"
         self.trainable = [p for p in run.model.parameters() if p.requires_grad]
-        self.log = LossLog(world, run.losses, run.writer, run.objective.metrics)
+        metrics = run.objective.metrics_for(run.model)
+        self.log = LossLog(world, run.losses, run.writer, metrics)
         self.status = TrainerStatus.from_env(world.rank)
         self.rows_done, self.paused, self.padded, self.examples = 0.0, 0.0, 0, 0
         self.began = 0.0
@@ -252,4 +253,5 @@ def run_metrics(run: Session, loop: Loop, seconds: float, flops_token: float) ->
         train_seconds=round(seconds, 3),
         dataset_fingerprint=run.stats.get("fingerprint"),
         prediction=compare(run.predicted, per_second(loop.padded * world.size), round(seconds, 3)),
+        objective_metrics=loop.log.metrics or None,
     )

@@ -58,6 +58,9 @@ class TrainMetrics:
     mfu: float | None = None
     prediction: dict | None = None  # the speed model's, beside what the run measured
     deepspeed: dict | None = None  # what DeepSpeed's engine ran (deepspeed_record)
+    # the objective's own metrics, {name: [[step, mean over ranks], ...]} (a MoE model's
+    # router_aux_loss and expert load); None when it logs none
+    objective_metrics: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
