@@ -27,7 +27,7 @@ GOLDEN_TENSORS = {
     "mistral": "52ea8c21965616ee9be3be17d536a6ca359c715faa7986d4d275e19938bcf4e4",
     "qwen2": "bb1b1193b5a384e55ec9d47df98b0634a7eee19f69253d1c7f2ac3cb352c7f1f",
     "qwen3": "f11be1437dee74fae902fdad6918f5a8c200797c5d8ecf9c63e92f3426371cc0",
-    "qwen3-moe": "a5735467c01c2ba757ba958ddc1bbda41e0e1e8123f32b6a02512bcebfffbbe3",
+    "qwen3-moe": "2bffc5223f147e322841f2e954e2b3fff842821c91ebbe7fb7f617f9179620c1",
     "mixtral": "36e485eae23e2bf8feb68812b59ed7a2cf229334401c5741beef1d09d286089f",
 }
 GOLDEN_VOCAB = "ead00ce75f05807c1ac7d9495a385c2fb1220b881936a5fde3c8aef550e5af5f"

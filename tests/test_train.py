@@ -625,12 +625,11 @@ def test_data_and_model_must_belong_together(cli, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3-moe"])
-def test_todays_qwen3_families_train_with_lora_and_refuse_qlora(cli, tmp_path, arch):
+def test_todays_qwen3_families_train_with_lora_and_qlora(cli, tmp_path, arch):
     """Qwen3 and Qwen3-MoE (4 routed experts, top-2) through the real CLI on 2 gloo workers:
     LoRA (attention projections: `auto` of their records) trains and lowers the eval loss below
     the base model's, the MoE model's router terms logged in metrics.json; QLoRA on the MoE
-    model stops before training, naming the experts a 4-bit base would have left in full
-    precision, with nothing written as a finished run."""
+    model quantizes every expert and trains too."""
     name = f"model.name_or_path=tiny://{arch}"
     data = tmp_path / "data"
     assert run_prepare(data, name).code == 0
@@ -648,6 +647,11 @@ def test_todays_qwen3_families_train_with_lora_and_refuse_qlora(cli, tmp_path, a
         assert [step for step, _ in logged["router_aux_loss"]] == [s for s, _ in metrics["loss"]]
         assert all(aux > 0 for _, aux in logged["router_aux_loss"])  # top-k = 2: even routing
         assert all(high >= 1.0 for _, high in logged["expert_load_max"])
-        refused = train(cli, data, tmp_path / "qlora", name, "method=qlora")
-        assert_user_error(refused, "weights of model type 'qwen3_moe'", "mlp.experts.")
-        assert not (tmp_path / "qlora" / "metrics.json").exists()
+        qlora = tmp_path / "qlora"  # every expert 4-bit: 8 attention + 2 x 2 x 4 expert layers
+        result = train(
+            cli, data, qlora, name, "method=qlora", "train.max_steps=12", "train.lr=0.003"
+        )
+        assert result.code == 0, result
+        quantized = metrics_of(qlora)
+        assert quantized["quantized_linear_modules"] == 8 + 2 * 2 * 4
+        assert quantized["eval_loss"] < eval_loss(base_model(arch), data)

@@ -32,7 +32,7 @@ def qlora_cfg(arch: str, bits: int = 4):
     )
 
 
-# transformers v5 fuses these families' experts into 3-D parameters kubetune cannot quantize yet
+# transformers v5 fuses these families' experts into 3-D parameters (train/experts4bit.py)
 FUSED_EXPERTS = {"mixtral", "qwen3-moe"}
 
 
@@ -91,14 +91,55 @@ def test_qlora_refuses_a_model_left_unquantized(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", sorted(FUSED_EXPERTS))
+def test_qlora_quantizes_every_expert(arch):
+    """A MoE model's fused 3-D experts (most of its weights) become one 4-bit layer per expert
+    and projection, each the checkpoint's expert within NF4 error; what stays in the compute
+    dtype is the router, embeddings, head, norms and biases only: the 4-bit elements are every
+    quantizable element. The quantized model computes the reference's loss."""
+    from transformers import AutoModelForCausalLM
+
+    model, quantized = load_base(qlora_cfg(arch), torch.device("cpu"))
+    reference = AutoModelForCausalLM.from_pretrained(resolve_model(f"tiny://{arch}"))
+    layers = reference.model.layers
+    experts = (
+        reference.config.num_local_experts if arch == "mixtral" else reference.config.num_experts
+    )
+    assert quantized == len(linear_layer_names(reference)) + len(layers) * experts * 2
+    packed = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+    )
+    head = reference.get_output_embeddings().weight
+    router = sum(
+        p.numel() for n, p in reference.named_parameters() if n.endswith("mlp.gate.weight")
+    )
+    other = reference.get_input_embeddings().weight.numel() + head.numel() + router
+    small = sum(p.numel() for p in reference.parameters() if p.ndim < 2)
+    assert packed == sum(p.numel() for p in reference.parameters()) - other - small
+    for index, layer in enumerate(layers):
+        ours = model.model.layers[index].mlp.experts
+        for e in range(experts):
+            for mine, fused in ((ours.gate_up[e], layer.mlp.experts.gate_up_proj[e]),
+                                (ours.down[e], layer.mlp.experts.down_proj[e])):  # fmt: skip
+                assert isinstance(mine, bnb.nn.Linear4bit) and mine.weight.dtype == torch.uint8
+                restored = bnbf.dequantize_4bit(mine.weight.data, mine.weight.quant_state)
+                error = ((restored.float() - fused).norm() / fused.norm()).item()
+                assert error < 0.15, (index, e, error)
+    x = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    ours, theirs = model(input_ids=x, labels=x).loss, reference(input_ids=x, labels=x).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=0.01)
+
+
+@pytest.mark.parametrize("arch", sorted(FUSED_EXPERTS))
 def test_qlora_refuses_experts_it_would_leave_in_full_precision(arch, monkeypatch):
-    """The fused 3-D experts of a MoE model are not linear layers: bitsandbytes' layer swap
-    would leave them (most of the weights) in full precision without a word. The run stops
-    before any weight is read, naming them and their share; the router, embeddings, norms and
-    head are allowed to stay as they are."""
+    """With the expert path switched off, the fused 3-D experts are what bitsandbytes' layer
+    swap leaves (most of the weights) in full precision without a word: the run stops before
+    any weight is read, naming them and their share; the router, embeddings, norms and head are
+    allowed to stay as they are."""
     from transformers import AutoModelForCausalLM
 
     import kubetune.components.train.modeling as modeling
+
+    monkeypatch.setattr(modeling, "replace_fused_experts", lambda *a: 0)
 
     reference = AutoModelForCausalLM.from_pretrained(resolve_model(f"tiny://{arch}"))
     experts = {n: p.numel() for n, p in reference.named_parameters() if ".experts." in n}

@@ -78,6 +78,11 @@ class Family:
     # mixture-of-experts: the router modules' name suffix (their logits: the load-balancing
     # loss and the experts' load, train/moe.py); None for a dense family
     router: str | None = None
+    # a MoE family whose fused experts are SwiGLU (gate_up, down): QLoRA quantizes each expert
+    # (train/experts4bit.py); the checkpoint's names of an expert's gate, up and down weights
+    experts_4bit: tuple[str, str, str] | None = None
+    # checkpoint key fragment -> the model's (a hub checkpoint's older module names)
+    checkpoint_renames: dict[str, str] = field(default_factory=dict)
     # LLaMA-Adapter: (module computing the queries, output projection) of its attention
     adapter_attention: tuple[str, str] | None = None
     # document masks for packed rows: flex_attention, where this says so for the config

@@ -107,6 +107,8 @@ MIXTRAL = Family(
     lora_targets=PROJECTIONS,
     adapter_attention=("q_proj", "o_proj"),
     router="mlp.gate",
+    experts_4bit=("w1", "w3", "w2"),
+    checkpoint_renames={".block_sparse_moe.": ".mlp."},
     unquantized={
         "mlp.gate.weight": "the router: experts x hidden, a sliver of the weights, and its "
         "logits choose each token's experts"

@@ -36,7 +36,7 @@ def tiny_qwen3_moe(**kw):
 
     return Qwen3MoeConfig(
         **_SMALL,
-        moe_intermediate_size=32,
+        moe_intermediate_size=64,  # bitsandbytes' CPU inference path needs >= its block (64)
         num_experts=4,
         num_experts_per_tok=2,
         norm_topk_prob=True,
@@ -64,6 +64,7 @@ QWEN3_MOE = Family(
     lora_targets=PROJECTIONS,
     unquantized=ROUTER,
     router="mlp.gate",
+    experts_4bit=("gate_proj", "up_proj", "down_proj"),
     configs={
         "Qwen/Qwen3-30B-A3B": {
             **published_config("qwen3_moe", 2048, 6144, 48, 32, 4, 151936),

@@ -21,7 +21,7 @@ from ..errors import UserError
 class Architecture:
     model_type: str
     total_params: int
-    linear_params: int  # in quantizable linear layers (not the output head)
+    linear_params: int  # in quantizable linear layers (not the output head) and experts
     adapter_params: int  # trainable parameters of LoRA (targets, rank) or LLaMA-Adapter (v2)
     layers: int
     hidden: int
@@ -79,6 +79,7 @@ def model_config(name_or_path: str):
 # The files whose code decides the counts: a cached count is keyed by their bytes too.
 COUNTING_CODE = (  # components/
     "planner/architecture.py",
+    "architectures/__init__.py",
     "architectures/base.py",
     "methods/lora.py",
     "methods/full.py",
@@ -187,6 +188,10 @@ def _count(config, cfg: RunConfig) -> Architecture:
             total += p.numel()
     linears = linear_layer_names(model)
     linear_params = sum(model.get_submodule(n).weight.numel() for n in linears)
+    if family(config.model_type).experts_4bit is not None:  # QLoRA quantizes them too
+        linear_params += sum(
+            {id(p): p.numel() for n, p in model.named_parameters() if ".experts." in n}.values()
+        )
     layers = config.num_hidden_layers
     hidden = config.hidden_size
     intermediate = (

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..methods import method_of
 from ..models import load_config, model_revision, model_source, safetensors_files
 from .attention import attention_implementation, transformers_attention
+from .experts4bit import ExpertTensors, replace_fused_experts
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -69,32 +70,35 @@ def replace_linear_layers(
     model: nn.Module, names: list[str], cfg: RunConfig, compute: torch.dtype
 ) -> None:
     """Swap the named (meta) linear layers for empty bitsandbytes 4-bit or 8-bit layers."""
-    import bitsandbytes as bnb
-
     for name in names:
         old = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
-        if cfg.quant.bits == 4:
-            new = bnb.nn.Linear4bit(
-                old.in_features,
-                old.out_features,
-                bias=old.bias is not None,
-                compute_dtype=compute,
-                compress_statistics=cfg.quant.double_quant,
-                quant_type=cfg.quant.quant_type,
-                quant_storage=quant_storage(cfg, compute),
-                device="meta",
-            )
-        else:
-            new = bnb.nn.Linear8bitLt(
-                old.in_features,
-                old.out_features,
-                bias=old.bias is not None,
-                has_fp16_weights=False,
-                threshold=6.0,
-                device="meta",
-            )
+        new = quantized_linear(
+            old.in_features, old.out_features, old.bias is not None, cfg, compute
+        )
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantized_linear(
+    fan_in: int, fan_out: int, bias: bool, cfg: RunConfig, compute: torch.dtype
+) -> nn.Module:
+    """An empty (meta) bitsandbytes 4-bit or 8-bit linear layer, as the recipe's quant says."""
+    import bitsandbytes as bnb
+
+    if cfg.quant.bits == 4:
+        return bnb.nn.Linear4bit(
+            fan_in,
+            fan_out,
+            bias=bias,
+            compute_dtype=compute,
+            compress_statistics=cfg.quant.double_quant,
+            quant_type=cfg.quant.quant_type,
+            quant_storage=quant_storage(cfg, compute),
+            device="meta",
+        )
+    return bnb.nn.Linear8bitLt(
+        fan_in, fan_out, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta"
+    )
 
 
 def unquantized_weights(model: nn.Module) -> list[tuple[str, int]]:
@@ -167,6 +171,9 @@ def load_quantized(
     model = build_on_meta(cfg, compute, attn)
     targets = linear_layer_names(model)
     replace_linear_layers(model, targets, cfg, compute)
+    record = family(model.config.model_type)
+    if record.experts_4bit is not None:  # its fused experts: one quantized layer each
+        replace_fused_experts(model, lambda i, o: quantized_linear(i, o, False, cfg, compute))
     check_all_quantized(model, cfg.quant.bits)
 
     def make(module, attr, tensor):
@@ -185,10 +192,17 @@ def load_quantized(
             ).to(device)
         return nn.Parameter(tensor.to(device=device, dtype=compute), requires_grad=False)
 
+    def quantize(layer: nn.Module, weight: torch.Tensor) -> None:
+        layer._parameters["weight"] = make(layer, "weight", weight)
+
+    names = record.experts_4bit or ("", "", "")
+    experts = ExpertTensors(model, names, record.checkpoint_renames, quantize)
     for file in safetensors_files(source, model_revision(cfg.model)):
         with safe_open(str(file), framework="pt") as shard:
             for key in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
-                _set_tensor(model, key, shard.get_tensor(key), make)
+                tensor = shard.get_tensor(key)
+                if not (record.experts_4bit and experts.take(key, tensor)):
+                    _set_tensor(model, experts.rename(key), tensor, make)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
