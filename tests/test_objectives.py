@@ -107,12 +107,11 @@ def test_the_eval_loop_takes_its_loss_from_the_objective(one_rank, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny://llama"), dtype=torch.float32)
     split = Dataset.from_list(rows())
     sft = evaluate(cfg, model, split, one_rank, 0, "sdpa", torch.float32)
-    single = [
-        float(
-            REGISTRY["sft"].loss(model, collate([row], 0, "sdpa", torch.float32), CPU, "sdpa").value
-        )
-        for row in rows()
-    ]
+    with torch.no_grad():
+        single = [
+            float(SFT.loss(model, collate([row], 0, "sdpa", torch.float32), CPU, "sdpa").value)
+            for row in rows()
+        ]
     assert sft == pytest.approx((single[0] * 4 + single[1] * 2) / 6)  # token-weighted
     monkeypatch.setitem(REGISTRY, "sft", Halved())
     halved = evaluate(cfg, model, split, one_rank, 0, "sdpa", torch.float32)
