@@ -156,13 +156,9 @@ def architecture(cfg: RunConfig) -> Architecture:
     return arch
 
 
-def active_params(model, config, total: int) -> int | None:
+def active_params(config, total: int, experts: int) -> int | None:
     """What one token passes through of a mixture-of-experts model: the routed experts'
-    parameters (under `.experts.`, fused 3-D or one module each) count at top-k / experts. None
-    for a dense model."""
-    experts = sum(
-        {id(p): p.numel() for n, p in model.named_parameters() if ".experts." in n}.values()
-    )
+    parameters (`experts`) count at top-k / experts. None for a dense model."""
     routed = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None)
     if not experts or not routed or not top_k:
@@ -181,17 +177,16 @@ def _count(config, cfg: RunConfig) -> Architecture:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.tie_weights()  # from_config on meta leaves tied heads as separate tensors
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    params = {id(p): (n, p.numel()) for n, p in model.named_parameters()}  # a tied head once
+    total = sum(size for _, size in params.values())
+    # the routed experts (under `.experts.`, fused 3-D or one module each)
+    experts = sum(size for name, size in params.values() if ".experts." in name)
+    record = family(config.model_type)
     linears = linear_layer_names(model)
     linear_params = sum(model.get_submodule(n).weight.numel() for n in linears)
-    if family(config.model_type).experts_4bit is not None:  # QLoRA quantizes them too
-        linear_params += sum(
-            {id(p): p.numel() for n, p in model.named_parameters() if ".experts." in n}.values()
-        )
+    if record.experts_4bit is not None:  # QLoRA quantizes them too
+        linear_params += experts
+    embeddings = model.get_input_embeddings().weight.numel()
     layers = config.num_hidden_layers
     hidden = config.hidden_size
     intermediate = (
@@ -199,9 +194,8 @@ def _count(config, cfg: RunConfig) -> Architecture:
         or getattr(config, "ffn_hidden_size", None)
         or 4 * hidden
     )
-    layer_params = (total - model.get_input_embeddings().weight.numel()) // max(layers, 1)
+    layer_params = (total - embeddings) // max(layers, 1)
     counts = method_of(cfg).count(cfg, model, linears)
-    embeddings = model.get_input_embeddings().weight.numel()
     return Architecture(
         model_type=config.model_type,
         total_params=total,
@@ -212,13 +206,13 @@ def _count(config, cfg: RunConfig) -> Architecture:
         heads=config.num_attention_heads,
         intermediate=intermediate,
         vocab=config.vocab_size,
-        gated_mlp=family(config.model_type).gated_mlp,
+        gated_mlp=record.gated_mlp,
         layer_params=layer_params,
         frozen_params=counts.frozen,
         linear_modules=len(linears),
         adapted_modules=counts.adapted_modules,
         adapted_features=counts.adapted_features,
         frozen_layers=counts.frozen_layers,
-        active_params=active_params(model, config, total),
+        active_params=active_params(config, total, experts),
         embedding_params=embeddings,
     )

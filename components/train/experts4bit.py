@@ -56,8 +56,8 @@ class Experts4bit(nn.Module):
         return final
 
 
-def replace_fused_experts(model: nn.Module, make_linear: Callable[[int, int], nn.Module]) -> int:
-    """Swap every fused experts module of a (meta) model for an Experts4bit; how many."""
+def replace_fused_experts(model: nn.Module, make_linear: Callable[[int, int], nn.Module]) -> None:
+    """Swap every fused experts module of a (meta) model for an Experts4bit."""
     fused = [
         name
         for name, module in model.named_modules()
@@ -69,18 +69,19 @@ def replace_fused_experts(model: nn.Module, make_linear: Callable[[int, int], nn
         setattr(
             model.get_submodule(parent), child, Experts4bit(model.get_submodule(name), make_linear)
         )
-    return len(fused)
 
 
 class ExpertTensors:
-    """Routes the checkpoint's expert tensors into the Experts4bit layers: `take(key, tensor)`
-    is True when the tensor was an expert's (quantized with `quantize(layer, weight)` as soon
-    as a projection is whole: gate and up are one layer, joined as transformers joins them)."""
+    """Routes the checkpoint's expert tensors into the Experts4bit layers: `take(name, tensor)`
+    (`name`: the key after `rename`) is True when the tensor was an expert's, quantized with
+    `quantize(layer, weight)` as soon as a projection is whole (gate and up are one layer,
+    joined as transformers joins them). `names`: the family record's `experts_4bit`; None for a
+    family whose experts are not quantized this way (nothing is taken, keys are only renamed)."""
 
-    def __init__(self, model: nn.Module, names: tuple[str, str, str], renames: dict[str, str],
-                 quantize: Callable[[nn.Module, torch.Tensor], None]):  # fmt: skip
-        self.model, self.quantize = model, quantize
-        self.gate, self.up, self.down = names
+    def __init__(self, model: nn.Module, names: tuple[str, str, str] | None,
+                 renames: dict[str, str], quantize: Callable[[nn.Module, torch.Tensor], None]):  # fmt: skip
+        self.model, self.quantize, self.names = model, quantize, names
+        self.gate, self.up, self.down = names or ("", "", "")
         self.renames = renames
         self.waiting: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
@@ -90,7 +91,8 @@ class ExpertTensors:
         return key
 
     def take(self, key: str, tensor: torch.Tensor) -> bool:
-        key = self.rename(key)
+        if self.names is None:
+            return False
         if found := FUSED.match(key):
             experts = self._experts(found["layer"])
             if experts is None:

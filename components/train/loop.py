@@ -78,7 +78,7 @@ def evaluate(
 class Loop:
     """The training loop over a session's steps: accumulation, clipping, the optimizer and
     schedule, losses logged without a host sync per micro batch, evaluation and checkpoints
-    every so many steps. `run()` trains; then the counters say what it did."""
+    every so many steps. `train()` trains; then the counters say what it did."""
 
     def __init__(self, run: Session):
         self.run = run

@@ -105,18 +105,16 @@ def unquantized_weights(model: nn.Module) -> list[tuple[str, int]]:
     """(name, elements) of every weight outside the linear layers that a 4-bit base would keep in
     full precision though nothing allows it: not the output head or an embedding table, not 1-D
     (norms, biases), not named by the family record's `unquantized` (a router)."""
-    import bitsandbytes as bnb
-
     kept = tuple(family(model.config.model_type).unquantized)
     head = model.get_output_embeddings()
     allowed = {id(p) for p in head.parameters()} if head is not None else set()
     left, seen = [], set()
     for module_name, module in model.named_modules():
-        # linear layers are counted by load_quantized's own check
-        packed = isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt | nn.Linear)
+        # linear layers (bitsandbytes' subclass nn.Linear) are counted by load_quantized's check
+        linear = isinstance(module, nn.Linear)
         for name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{name}" if module_name else name
-            if id(param) in seen or packed or param.ndim < 2 or id(param) in allowed:
+            if id(param) in seen or linear or param.ndim < 2 or id(param) in allowed:
                 continue
             seen.add(id(param))
             if isinstance(module, nn.Embedding) or full.endswith(kept):
@@ -195,14 +193,13 @@ def load_quantized(
     def quantize(layer: nn.Module, weight: torch.Tensor) -> None:
         layer._parameters["weight"] = make(layer, "weight", weight)
 
-    names = record.experts_4bit or ("", "", "")
-    experts = ExpertTensors(model, names, record.checkpoint_renames, quantize)
+    experts = ExpertTensors(model, record.experts_4bit, record.checkpoint_renames, quantize)
     for file in safetensors_files(source, model_revision(cfg.model)):
         with safe_open(str(file), framework="pt") as shard:
             for key in shard.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensor = shard.get_tensor(key)
-                if not (record.experts_4bit and experts.take(key, tensor)):
-                    _set_tensor(model, experts.rename(key), tensor, make)
+                name, tensor = experts.rename(key), shard.get_tensor(key)
+                if not experts.take(name, tensor):
+                    _set_tensor(model, name, tensor, make)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 ATTRIBUTE = "_kubetune_router_watch"
+FOUND = "_kubetune_router_watch_found"  # watch_of's answer, kept on the model it was asked of
 
 
 class RouterWatch:
@@ -86,9 +87,12 @@ def install(model: nn.Module) -> RouterWatch | None:
 
 
 def watch_of(model: nn.Module) -> RouterWatch | None:
-    """The model's RouterWatch, through any wrapper (DDP, FSDP, peft)."""
-    for module in model.modules():
-        watch = getattr(module, ATTRIBUTE, None)
-        if watch is not None:
-            return watch
-    return None
+    """The model's RouterWatch, through any wrapper (DDP, FSDP, peft). The objective asks at
+    every micro batch: the walk over the modules is done once per model, after `install`."""
+    if FOUND in model.__dict__:
+        return model.__dict__[FOUND]
+    found = next(
+        (w for m in model.modules() if (w := getattr(m, ATTRIBUTE, None)) is not None), None
+    )
+    model.__dict__[FOUND] = found
+    return found

@@ -27,8 +27,7 @@ class LossLog:
 
     def __init__(self, world, losses: list, writer, metrics: tuple[str, ...] = ()):
         self.world, self.losses, self.writer = world, losses, writer
-        # the objective's own metrics, by name: [[step, mean over ranks], ...]
-        self.names = metrics
+        # the objective's own metrics, by name (in log order): [[step, mean over ranks], ...]
         self.metrics: dict[str, list] = {name: [] for name in metrics}
         self.pending: list[tuple[int, list[torch.Tensor], float]] = []
         self.in_flight: list[tuple[list, torch.Tensor, Any]] = []  # (steps, host copy, event)
@@ -40,9 +39,9 @@ class LossLog:
     ) -> None:
         """A step's loss and the objective's metrics (each named in `metrics` at creation)."""
         given = metrics or {}
-        if set(given) != set(self.names):
-            raise ValueError(f"step {step}: metrics {sorted(given)}, expected {list(self.names)}")
-        self.pending.append((step, [loss, *(given[name] for name in self.names)], lr))
+        if set(given) != set(self.metrics):
+            raise ValueError(f"step {step}: metrics {sorted(given)}, expected {list(self.metrics)}")
+        self.pending.append((step, [loss, *(given[name] for name in self.metrics)], lr))
         self.local_tokens += tokens
 
     def flush(self, wait: bool = True) -> list[tuple[int, float, float]]:
@@ -85,17 +84,17 @@ class LossLog:
     def _record(self, steps: list, values: list[float]) -> list[tuple[int, float, float]]:
         *totals, all_tokens = values
         self.tokens += all_tokens
-        width = 1 + len(self.names)  # the loss, then each metric
+        width = 1 + len(self.metrics)  # the loss, then each metric
         landed = []
         for n, (step, lr) in enumerate(steps):
             loss, *metrics = (v / self.world.size for v in totals[n * width : (n + 1) * width])
             self.losses.append([step, round(loss, 6)])
             landed.append((step, loss, lr))
-            for name, value in zip(self.names, metrics, strict=True):
-                self.metrics[name].append([step, round(value, 6)])
             if self.writer is not None:
                 self.writer.add_scalar("train/loss", loss, step)
                 self.writer.add_scalar("train/lr", lr, step)
-                for name, value in zip(self.names, metrics, strict=True):
+            for name, value in zip(self.metrics, metrics, strict=True):
+                self.metrics[name].append([step, round(value, 6)])
+                if self.writer is not None:
                     self.writer.add_scalar(f"train/{name}", value, step)
         return landed

@@ -125,7 +125,6 @@ def save_outputs(
         state = model._zero3_consolidated_16bit_state_dict() if whole else gathered_trainable(model)
     if world.main:  # a PeftModel writes only the adapter; a full model all its weights
         method.save(cfg, base, state, output)
-    if world.main:
         tokenizer.save_pretrained(output)
         # Which base and data this model came from: merge checks the base, push records both.
         BaseModelRecord(
