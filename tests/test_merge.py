@@ -4,6 +4,7 @@ merge_and_unload (atol 1e-4, fp32), across architectures and LoRA variants."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,90 @@ def test_merge_refuses_an_adapter_targeting_missing_weights(cli, tmp_path):
     result = merge(cli, adapter, tmp_path / "m")
     assert_user_error(result, "targets transformer.h.1.mlp.ghost.weight, which the base model")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def fused_copy(arch: str, folder):
+    """tiny://ARCH with its experts saved fused (transformers v5's 3-D tensors, fp32), where
+    the tiny model on disk, as the hub's checkpoints, has one tensor per expert."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = resolve_model(f"tiny://{arch}")
+    shutil.copytree(source, folder)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize(
+    "arch, layout",
+    [("qwen3-moe", "per-expert"), ("qwen3-moe", "fused"), ("mixtral", "per-expert")],
+)
+def test_merge_folds_lora_on_the_experts_exactly(cli, tmp_path, arch, layout):
+    """An adapter made by peft itself on a MoE model (attention modules and the fused experts
+    as parameters: target_parameters), merged by `kubetune merge` into a base stored one
+    tensor per expert (the hub's layout; Mixtral's block_sparse_moe w1/w3/w2) or fused: the
+    merged model, loaded by transformers, gives peft's logits with the adapter and after
+    peft's own merge_and_unload."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors import safe_open
+
+    source = resolve_model(f"tiny://{arch}")
+    if layout == "fused":
+        source = str(fused_copy(arch, tmp_path / "base"))
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"],
+                        target_parameters=EXPERTS)  # fmt: skip
+    model = get_peft_model(base(), config)
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    out = tmp_path / "merged"
+    result = cli("merge", TINY_DEMO, "--adapter", adapter, "--output", out,
+                 "--set", f"model.name_or_path={source}")  # fmt: skip
+    assert result.code == 0, result
+    summary = json.loads((out / "merge.json").read_text())
+    assert summary["merged_expert_weights"] == 2 * 2 and summary["merged_weights"] == 2 * 2
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base(), adapter)
+    peft_merged = PeftModel.from_pretrained(base(), adapter).merge_and_unload()
+    torch.testing.assert_close(logits(merged), logits(with_adapter), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(merged), logits(peft_merged), atol=1e-4, rtol=0)
+    assert (logits(merged) - logits(base())).abs().max() > 1e-2
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())  # noqa: SIM118
+    with safe_open(str(Path(source) / "model.safetensors"), "pt") as f:
+        assert keys == set(f.keys())  # noqa: SIM118 (the base's names, in its layout)
+
+
+def test_merge_refuses_expert_lora_a_base_lacks(cli, tmp_path):
+    """An expert adapter of Qwen3-MoE merged into a dense base: refused, naming the tensor."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny://qwen3-moe"))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
+                                            target_parameters=EXPERTS))  # fmt: skip
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    result = merge(cli, adapter, out, "qwen3")
+    assert_user_error(result, "model.layers.0.mlp.experts.", "does not have")
+    assert not out.exists()

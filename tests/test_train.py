@@ -564,6 +564,31 @@ def test_low_memory_fsdp_load_equals_every_rank_loading(cli, dataset, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_low_memory_fsdp_assembles_a_moe_models_per_expert_checkpoint(cli, tmp_path):
+    """Qwen3-MoE's checkpoint stores one tensor per expert (the hub's layout); rank 0 streaming
+    it into the fused experts' FSDP shards gives the losses every rank loading it whole gives,
+    and with LoRA the experts' pairs are trained."""
+    name = "model.name_or_path=tiny://qwen3-moe"
+    data = tmp_path / "data"
+    assert run_prepare(data, name).code == 0
+    losses = {}
+    for low in ("true", "false"):
+        out = tmp_path / f"low-{low}"
+        sets = (name, "method=full", "distributed.strategy=fsdp", "train.max_steps=4",
+                f"distributed.low_memory_load={low}", "train.lr=1e-3")  # fmt: skip
+        result = train(cli, data, out, *sets)
+        assert result.code == 0, result
+        losses[low] = metrics_of(out)["loss"]
+    for (step, a), (_, b) in zip(losses["true"], losses["false"], strict=True):
+        assert a == pytest.approx(b, abs=1e-5), step
+    out = tmp_path / "lora"
+    sets = (name, "distributed.strategy=fsdp", "train.max_steps=6", "train.lr=0.003",
+            "lora.dropout=0")  # fmt: skip
+    result = train(cli, data, out, *sets)
+    assert result.code == 0, result
+    assert_expert_lora(out, "qwen3-moe")
+
+
 def test_compiled_decoder_layers_train_like_eager_ones(cli, dataset, tmp_path):
     """train.compile=true: torch.compile'd decoder layers (inductor on the CPU here) give the
     eager run's losses."""
@@ -627,31 +652,61 @@ def test_data_and_model_must_belong_together(cli, dataset, tmp_path):
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3-moe"])
 def test_todays_qwen3_families_train_with_lora_and_qlora(cli, tmp_path, arch):
     """Qwen3 and Qwen3-MoE (4 routed experts, top-2) through the real CLI on 2 gloo workers:
-    LoRA (attention projections: `auto` of their records) trains and lowers the eval loss below
-    the base model's, the MoE model's router terms logged in metrics.json; QLoRA on the MoE
-    model quantizes every expert and trains too."""
+    LoRA (`auto` of their records: on the MoE model attention and the routed experts, as
+    peft's parameter LoRA) trains and lowers the eval loss below the base model's, the MoE
+    model's router terms logged in metrics.json; QLoRA on the MoE model quantizes every expert
+    and trains its expert LoRA too. Both adapters load in peft on the stock transformers model,
+    every expert's pair trained (B moved off its zero init), the router not adapted."""
     name = f"model.name_or_path=tiny://{arch}"
     data = tmp_path / "data"
     assert run_prepare(data, name).code == 0
     out = tmp_path / "lora"
-    result = train(cli, data, out, name, "train.max_steps=12", "train.lr=0.003")
+    result = train(cli, data, out, name, "train.max_steps=12", "train.lr=0.003", "lora.dropout=0")
     assert result.code == 0, result
     metrics = metrics_of(out)
     assert metrics["eval_loss"] < eval_loss(base_model(arch), data)
     assert metrics["trainable_params"] > 0 and metrics["world_size"] == 2
     if arch == "qwen3":
-        assert metrics["objective_metrics"] is None
-    if arch == "qwen3-moe":  # the routers' load-balancing loss and load, every logged step
-        logged = metrics["objective_metrics"]
-        assert set(logged) == {"router_aux_loss", "expert_load_max", "expert_load_min"}
-        assert [step for step, _ in logged["router_aux_loss"]] == [s for s, _ in metrics["loss"]]
-        assert all(aux > 0 for _, aux in logged["router_aux_loss"])  # top-k = 2: even routing
-        assert all(high >= 1.0 for _, high in logged["expert_load_max"])
-        qlora = tmp_path / "qlora"  # every expert 4-bit: 8 attention + 2 x 2 x 4 expert layers
-        result = train(
-            cli, data, qlora, name, "method=qlora", "train.max_steps=12", "train.lr=0.003"
-        )
-        assert result.code == 0, result
-        quantized = metrics_of(qlora)
-        assert quantized["quantized_linear_modules"] == 8 + 2 * 2 * 4
-        assert quantized["eval_loss"] < eval_loss(base_model(arch), data)
+        assert metrics["objective_metrics"] is None and metrics["expert_tokens"] is None
+        return
+    logged = metrics["objective_metrics"]  # the routers' load-balancing loss and load
+    assert {"router_aux_loss", "expert_load_max", "expert_load_min"} <= set(logged)
+    assert [step for step, _ in logged["router_aux_loss"]] == [s for s, _ in metrics["loss"]]
+    assert all(aux > 0 for _, aux in logged["router_aux_loss"])  # top-k = 2: even routing
+    assert all(high >= 1.0 for _, high in logged["expert_load_max"])
+    tokens = metrics["expert_tokens"]  # per MoE layer, per expert: the run's routed tokens
+    assert len(tokens) == 2 and all(len(row) == 4 for row in tokens)
+    assert len({sum(row) for row in tokens}) == 1 and sum(tokens[0]) > 0  # top-2 of each token
+    assert_expert_lora(out, arch)
+    qlora = tmp_path / "qlora"  # every expert 4-bit: 8 attention + 2 x 2 x 4 expert layers
+    result = train(
+        cli, data, qlora, name, "method=qlora", "train.max_steps=12", "train.lr=0.003",
+        "lora.dropout=0",
+    )  # fmt: skip
+    assert result.code == 0, result
+    quantized = metrics_of(qlora)
+    assert quantized["quantized_linear_modules"] == 8 + 2 * 2 * 4
+    assert quantized["eval_loss"] < eval_loss(base_model(arch), data)
+    assert quantized["trainable_params"] == metrics["trainable_params"]
+    assert_expert_lora(qlora, arch)
+
+
+def assert_expert_lora(adapter: Path, arch: str) -> None:
+    """The adapter's expert pairs, read back by peft on the stock model: both fused expert
+    parameters of every MoE layer adapted, every expert's B trained; the router left alone."""
+    from peft import PeftModel
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == [
+        "mlp.experts.down_proj",
+        "mlp.experts.gate_up_proj",
+    ]
+    model = PeftModel.from_pretrained(base_model(arch), adapter)
+    wrapped = [m for n, m in model.named_modules() if hasattr(m, "parameter_name")]
+    assert sorted(m.parameter_name for m in wrapped) == ["down_proj"] * 2 + ["gate_up_proj"] * 2
+    for module in wrapped:
+        b = module.lora_B["default"].weight
+        experts = module.num_experts
+        per_expert = b.reshape(b.shape[0], -1, experts).abs().sum(dim=(0, 1))
+        assert per_expert.shape == (experts,) and bool((per_expert > 0).all()), module
+    assert not any(".mlp.gate." in n for n, _ in model.named_parameters() if "lora_" in n)

@@ -4,6 +4,7 @@ GPU nodes, and (on a CUDA machine with vLLM) the same greedy answers as the hf e
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -89,3 +90,13 @@ def test_vllm_and_hf_give_the_same_greedy_answers(tiny_dataset, monkeypatch):
     from_hf = generate(model, tokenizer, prompts, cfg)
     assert from_vllm == from_hf
     assert any(from_hf)
+
+
+def test_an_adapter_on_the_experts_is_refused_before_vllm_starts(tmp_path):
+    """peft's parameter LoRA on a MoE model's fused experts: vLLM cannot load it, one line."""
+    cfg = load_recipe(TINY_DEMO)
+    config = {"r": 4, "target_parameters": ["mlp.experts.gate_up_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    where = ModelLocation("base", None, tmp_path, "lora")
+    with pytest.raises(UserError, match="fused experts .*evaluate the merged model"):
+        generate_vllm(where, cfg, [[1, 2]], load_tokenizer(cfg.model), torch.bfloat16)

@@ -81,6 +81,11 @@ class Family:
     # a MoE family whose fused experts are SwiGLU (gate_up, down): QLoRA quantizes each expert
     # (train/experts4bit.py); the checkpoint's names of an expert's gate, up and down weights
     experts_4bit: tuple[str, str, str] | None = None
+    # a MoE family: its fused expert parameters that LoRA adapts under `auto` and `all-linear`
+    # (peft's target_parameters; methods/expert_lora.py), as suffixes of their names
+    expert_lora: tuple[str, ...] = ()
+    # its fused experts are stored experts x in x out (gpt-oss), not experts x out x in
+    experts_transposed: bool = False
     # checkpoint key fragment -> the model's (a hub checkpoint's older module names)
     checkpoint_renames: dict[str, str] = field(default_factory=dict)
     # LLaMA-Adapter: (module computing the queries, output projection) of its attention

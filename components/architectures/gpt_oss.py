@@ -7,12 +7,14 @@ MXFP4, which kubetune does not load yet: planning only."""
 from __future__ import annotations
 
 from .base import Family
-from .llama import PROJECTIONS, published_config
+from .llama import EXPERTS, PROJECTIONS, published_config
 
 GPT_OSS = Family(
     name="gpt_oss",
     model_types=("gpt_oss",),
-    lora_targets=PROJECTIONS,  # attention: LoRA on the fused experts is not there yet
+    lora_targets=PROJECTIONS,
+    expert_lora=EXPERTS,
+    experts_transposed=True,
     router="mlp.router",
     unquantized={
         "mlp.router.weight": "the router: experts x hidden, a sliver of the weights, and its "

@@ -8,6 +8,8 @@ from .base import Family
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+# transformers v5's fused experts of a MoE layer: LoRA adapts them as parameters
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 # The Llama family's grouped-query layout at the tiny models' scale: 2 layers, hidden 64.
 _GQA = {
@@ -100,7 +102,7 @@ def tiny_mixtral(**kw):
 
 
 # Mixtral's experts are fused 3-D parameters on transformers v5 (as Qwen3-MoE's: qwen3.py):
-# `auto` adapts attention only, and a 4-bit base refuses them until they can be quantized.
+# `auto` adapts attention and the experts (as parameters), and a 4-bit base quantizes each.
 MIXTRAL = Family(
     name="mixtral",
     model_types=("mixtral",),
@@ -108,6 +110,7 @@ MIXTRAL = Family(
     adapter_attention=("q_proj", "o_proj"),
     router="mlp.gate",
     experts_4bit=("w1", "w3", "w2"),
+    expert_lora=EXPERTS,
     checkpoint_renames={".block_sparse_moe.": ".mlp."},
     unquantized={
         "mlp.gate.weight": "the router: experts x hidden, a sliver of the weights, and its "

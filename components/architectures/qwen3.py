@@ -7,7 +7,7 @@ nn.Linear modules, so neither bitsandbytes' layer swap nor LoRA on linear layers
 from __future__ import annotations
 
 from .base import Family
-from .llama import GATED_MLP, PROJECTIONS, published_config
+from .llama import EXPERTS, GATED_MLP, PROJECTIONS, published_config
 
 ROUTER = {
     "mlp.gate.weight": "the router: experts x hidden, a sliver of the weights, and its logits "
@@ -57,7 +57,8 @@ QWEN3 = Family(
     },
     tiny={"qwen3": tiny_qwen3},
 )
-# `auto` adapts attention only: LoRA on the fused experts is issue 37's item 3.
+# `auto` adapts attention and the routed experts (their fused parameters); the router stays
+# frozen.
 QWEN3_MOE = Family(
     name="qwen3_moe",
     model_types=("qwen3_moe",),
@@ -65,6 +66,7 @@ QWEN3_MOE = Family(
     unquantized=ROUTER,
     router="mlp.gate",
     experts_4bit=("gate_proj", "up_proj", "down_proj"),
+    expert_lora=EXPERTS,
     configs={
         "Qwen/Qwen3-30B-A3B": {
             **published_config("qwen3_moe", 2048, 6144, 48, 32, 4, 151936),

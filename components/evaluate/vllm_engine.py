@@ -9,8 +9,9 @@ the two engines differ only in how they compute the tokens.
 
 - A merged or full model folder, or a model id, is served as it is; a LoRA adapter folder is
   served on its base through vLLM's LoRA support (`enable_lora`, a `LoRARequest`). vLLM has no
-  LLaMA-Adapter: such a folder is refused with exit 2 (evaluate it with eval.engine=hf, or
-  evaluate the merged model the pipeline's merge step writes).
+  LLaMA-Adapter, nor a loader for peft's LoRA on a MoE model's fused experts
+  (`target_parameters`): such a folder is refused with exit 2 (evaluate it with
+  eval.engine=hf, or evaluate the merged model the pipeline's merge step writes).
 - Greedy unless eval.do_sample (then eval.temperature with the run's seed); at most
   eval.max_new_tokens, stopping at the tokenizer's EOS.
 - Tensor parallel over every GPU the process sees, cut to the largest count that divides the
@@ -61,6 +62,15 @@ def generate_vllm(
             f"{where.adapter}: a LLaMA-Adapter folder cannot be served by vLLM; use "
             "eval.engine=hf for it (the pipeline evaluates the merged model)"
         )
+    if where.kind == "lora":
+        targets = json.loads((Path(where.adapter) / PEFT_CONFIG_FILE).read_text())
+        if targets.get("target_parameters"):
+            raise UserError(
+                f"{where.adapter}: its LoRA adapts a MoE model's fused experts "
+                f"({', '.join(targets['target_parameters'])}), which vLLM's LoRA loader does "
+                "not read from peft's layout; evaluate the merged model (the pipeline's merge "
+                "step writes it) or use eval.engine=hf"
+            )
     request = {
         "model": where.source,
         "revision": where.revision,

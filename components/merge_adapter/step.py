@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..architectures import family
 from ..artifacts import (
     ADAPTER_SPEC_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -36,13 +37,15 @@ from ..config import RunConfig, write_resolved
 from ..errors import UserError
 from ..models import model_revision, model_source, safetensors_files
 from ..outputs import check_output, staged_output
+from .experts import ExpertMerge, split_expert_pairs
 
 PEFT_PREFIX = "base_model.model."
 COPIED = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
-def read_adapter(adapter: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict]:
-    """(adapter_config, {base weight key: {"A", "B"}}, {base bias key: tensor})."""
+def read_adapter(adapter: Path) -> tuple[dict, dict, dict, dict]:
+    """(adapter_config, {base weight key: {"A", "B"}}, {base bias key: tensor}, {a MoE model's
+    fused expert parameter: {"A", "B"}} (merge_adapter/experts.py))."""
     config_file, weights = adapter / PEFT_CONFIG_FILE, adapter / PEFT_WEIGHTS_FILE
     if not config_file.is_file() or not weights.is_file():
         raise UserError(
@@ -55,10 +58,17 @@ def read_adapter(adapter: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
             f"{adapter}: only plain LoRA adapters can be merged "
             f"(peft_type {config.get('peft_type')}, use_dora {config.get('use_dora')})"
         )
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UserError(
+            f"{adapter}: adapter_config.json sets rank_pattern or alpha_pattern; merge folds "
+            "adapters with one rank and alpha (lora.r, lora.alpha) for every weight"
+        )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor] = {}
-    for key, tensor in load_file(str(weights)).items():
-        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
+    experts = split_expert_pairs(config, tensors)
+    for name, tensor in tensors.items():
+        key = name
         name = name.replace(".base_layer.", ".")  # peft's name for a wrapped layer's own bias
         for part in ("lora_A", "lora_B"):
             marker = f".{part}.weight"
@@ -72,10 +82,10 @@ def read_adapter(adapter: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
                 raise UserError(
                     f"{adapter}: unexpected tensor {key} (modules_to_save adapters are not merged)"
                 )
-    incomplete = [k for k, v in pairs.items() if set(v) != {"A", "B"}]
+    incomplete = [k for k, v in {**pairs, **experts}.items() if set(v) != {"A", "B"}]
     if incomplete:
         raise UserError(f"{adapter}: {incomplete[0]} has lora_A or lora_B missing")
-    return config, pairs, biases
+    return config, pairs, biases, experts
 
 
 def check_base(cfg: RunConfig, adapter: Path, config: dict, source: str) -> None:
@@ -166,8 +176,10 @@ def merge_shard(shard: Path, target: Path, update) -> list[str]:
     return changed
 
 
-def lora_update(pairs: dict, biases: dict, scale: float, fan_in_fan_out: bool, adapter: Path):
-    """merge_shard's update for a LoRA adapter: W + scale * B @ A, and trained biases."""
+def lora_update(pairs: dict, biases: dict, scale: float, fan_in_fan_out: bool, adapter: Path,
+                experts: ExpertMerge | None = None):  # fmt: skip
+    """merge_shard's update for a LoRA adapter: W + scale * B @ A, trained biases, and the
+    experts' pairs (`experts`)."""
 
     def update(key: str, tensor: torch.Tensor) -> torch.Tensor | None:
         if key in pairs:
@@ -185,7 +197,7 @@ def lora_update(pairs: dict, biases: dict, scale: float, fan_in_fan_out: bool, a
                     f"the base's {tuple(tensor.shape)}"
                 )
             return biases[key]
-        return None
+        return experts.update(key, tensor) if experts is not None else None
 
     return update
 
@@ -352,18 +364,24 @@ def merge(
     check_output(output, overwrite)
     if model_folder(adapter).has_prompts:  # LLaMA-Adapter (merged already: refused there)
         return merge_llama_adapter(cfg, adapter, output, overwrite)
-    config, pairs, biases = read_adapter(adapter)
+    config, pairs, biases, experts = read_adapter(adapter)
     source = model_source(cfg.model)
     check_base(cfg, adapter, config, source)
     scale, fan_in_fan_out = scaling(config), bool(config.get("fan_in_fan_out"))
     shards = safetensors_files(source, model_revision(cfg.model))
-    missing = sorted((set(pairs) | set(biases)) - base_keys(shards))
+    keys = base_keys(shards)
+    expert_merge = None
+    if experts:
+        model_type = json.loads((shards[0].parent / "config.json").read_text())["model_type"]
+        expert_merge = ExpertMerge(experts, family(model_type), config["r"], scale, adapter)
+    missing = sorted((set(pairs) | set(biases)) - keys)
+    missing += expert_merge.missing(keys) if expert_merge else []
     if missing:
         raise UserError(
             f"{adapter}: targets {missing[0]}, which the base model "
             f"{cfg.model.name_or_path} does not have"
         )
-    update = lora_update(pairs, biases, scale, fan_in_fan_out, adapter)
+    update = lora_update(pairs, biases, scale, fan_in_fan_out, adapter, expert_merge)
     with staged_output(output, overwrite) as staging:
         for shard in shards:
             merge_shard(shard, staging / shard.name, update)
@@ -371,6 +389,7 @@ def merge(
         summary = {
             **merge_record(cfg, adapter, trained, len(shards)),
             "merged_weights": len(pairs),
+            "merged_expert_weights": len(experts),
             "replaced_biases": len(biases),
             "scale": scale,
             "message": f"merged {len(pairs)} weights in {len(shards)} shard(s) (scale "

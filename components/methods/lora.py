@@ -52,27 +52,43 @@ def prepare_kbit(model: nn.Module) -> None:
 
 
 def add_lora(cfg: RunConfig, model: nn.Module) -> nn.Module:
-    """LoRA (peft) on the base; adapter weights in fp32, the base in its own dtype."""
+    """LoRA (peft) on the base; adapter weights in fp32, the base in its own dtype. On a MoE
+    family, `auto` and `all-linear` reach the routed experts too (methods/expert_lora.py)."""
     from peft import LoraConfig, get_peft_model
 
-    from . import method_of
+    from ..architectures import family
+    from . import expert_lora, method_of
 
-    if method_of(cfg).quantized_base:
+    quantized = method_of(cfg).quantized_base
+    if quantized:
         prepare_kbit(model)
+    record = family(model.config.model_type)
+    experts = expert_lora.expert_targets(cfg, record)
+    expert_lora.check_dropout(cfg, experts)
+    targets = lora_targets(cfg, model.config.model_type)
+    if experts and targets == "all-linear":
+        targets = expert_lora.linear_targets(model, record)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=lora_targets(cfg, model.config.model_type),
+        target_modules=targets,
+        # a 4-bit base's experts are bitsandbytes layers peft cannot wrap: their pairs are
+        # added below, in the same layout, and named in adapter_config.json afterwards
+        target_parameters=None if quantized else experts or None,
         bias=cfg.lora.bias,
         use_rslora=cfg.lora.use_rslora,
         task_type="CAUSAL_LM",
     )
     try:
         # autocast_adapter_dtype: peft keeps the adapter's weights in fp32 (master weights)
-        return get_peft_model(model, lora, autocast_adapter_dtype=True)
+        peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {exc}") from None
+    if quantized and experts:
+        expert_lora.adapt_quantized_experts(cfg, peft_model, experts)
+        peft_model.peft_config["default"].target_parameters = experts
+    return peft_model
 
 
 class LoRA(Method):
@@ -90,6 +106,19 @@ class LoRA(Method):
             fuse_lora(model)
         return model
 
+    def save(self, cfg: RunConfig, model: nn.Module, state: dict | None, output) -> None:
+        """peft's adapter files; a 4-bit base's expert pairs (which peft does not see: they are
+        not its layers) added to them under the names peft gives them on the stock model, so
+        the adapter loads there."""
+        from . import expert_lora
+
+        super().save(cfg, model, state, output)
+        targets = model.peft_config["default"].target_parameters or ()
+        if self.quantized_base and targets:
+            expert_lora.add_to_adapter(
+                output, model.state_dict() if state is None else state, list(targets)
+            )
+
     def count(self, cfg: RunConfig, model: nn.Module, linears: list[str]) -> Counts:
         targets = lora_targets(cfg, model.config.model_type)
         counts = Counts()
@@ -100,6 +129,14 @@ class LoRA(Method):
                 counts.trainable += cfg.lora.r * features
                 counts.adapted_modules += 1
                 counts.adapted_features += features
+        from ..architectures import family
+        from . import expert_lora
+
+        experts = expert_lora.expert_targets(cfg, family(model.config.model_type))
+        elements, adapted, features = expert_lora.count(model, experts)
+        counts.trainable += cfg.lora.r * elements
+        counts.adapted_modules += adapted
+        counts.adapted_features += features
         return counts
 
 

@@ -15,12 +15,15 @@ or the fused 3-D tensors.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+# an Experts4bit's LoRA pair in a state dict: `...experts.lora_<leaf>_<A|B>`
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<leaf>gate_up_proj|down_proj)_(?P<part>[AB])$")
 PER_EXPERT = re.compile(r"^(?P<layer>.+)\.experts\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
 FUSED = re.compile(r"^(?P<layer>.+)\.experts\.(?P<part>gate_up_proj|down_proj)$")
 
@@ -37,6 +40,34 @@ class Experts4bit(nn.Module):
         self.act_fn = fused.act_fn
         self.gate_up = nn.ModuleList(make_linear(hidden, two_inter) for _ in range(experts))
         self.down = nn.ModuleList(make_linear(two_inter // 2, hidden) for _ in range(experts))
+        self.lora_scaling = 0.0
+        self.lora_leaves: set[str] = set()
+
+    def add_lora(self, r: int, scaling: float, leaves: set[str]) -> None:
+        """LoRA on the experts (methods/expert_lora.py): per projection `leaf` (gate_up_proj,
+        down_proj) an fp32 pair in peft's stacked layout, A Kaiming-uniform, B zero."""
+        for leaf, layers in (("gate_up_proj", self.gate_up), ("down_proj", self.down)):
+            if leaf not in leaves:
+                continue
+            first = layers[0]
+            device = first.weight.device
+            lora_a = torch.empty(r * self.num_experts, first.in_features, device=device)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            lora_b = torch.zeros(first.out_features, r * self.num_experts, device=device)
+            self.register_parameter(f"lora_{leaf}_A", nn.Parameter(lora_a))
+            self.register_parameter(f"lora_{leaf}_B", nn.Parameter(lora_b))
+        self.lora_scaling, self.lora_leaves = scaling, set(leaves)
+
+    def _project(self, leaf: str, layers: nn.ModuleList, expert: int, x: torch.Tensor):
+        out = layers[expert](x)
+        if leaf not in self.lora_leaves:
+            return out
+        lora_a, lora_b = getattr(self, f"lora_{leaf}_A"), getattr(self, f"lora_{leaf}_B")
+        rank = lora_a.shape[0] // self.num_experts
+        a = lora_a.view(self.num_experts, rank, -1)[expert]
+        b = lora_b.view(lora_b.shape[0], rank, self.num_experts)[:, :, expert]
+        low = (x.to(a.dtype) @ a.T) @ b.T
+        return out + (low * self.lora_scaling).to(out.dtype)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         final = torch.zeros_like(hidden_states)
@@ -49,8 +80,9 @@ class Experts4bit(nn.Module):
             if expert == self.num_experts:
                 continue
             top_k_pos, token_idx = torch.where(mask[expert])
-            gate, up = self.gate_up[expert](hidden_states[token_idx]).chunk(2, dim=-1)
-            out = self.down[expert](self.act_fn(gate) * up)
+            x = hidden_states[token_idx]
+            gate, up = self._project("gate_up_proj", self.gate_up, expert, x).chunk(2, dim=-1)
+            out = self._project("down_proj", self.down, expert, self.act_fn(gate) * up)
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
@@ -124,3 +156,49 @@ class ExpertTensors:
         except AttributeError:
             return None
         return module if isinstance(module, Experts4bit) else None
+
+
+class ExpertStacks:
+    """Fused expert tensors (experts x out x in, gate and up joined) assembled from a
+    checkpoint's per-expert tensors, for a model that keeps its experts fused (bf16 LoRA or
+    full fine-tuning streamed into FSDP shards, train/meta_load.py). `wanted`: each fused
+    tensor's name (as the model names it) -> its experts; `names` and `renames`: the family
+    record's `experts_4bit` and `checkpoint_renames`. `take(key, tensor)` returns the fused
+    tensors this one completes."""
+
+    def __init__(self, wanted: dict[str, int], names: tuple[str, str, str] | None,
+                 renames: dict[str, str]) -> None:  # fmt: skip
+        self.wanted, self.renames = wanted, renames
+        gate, up, down = names or ("", "", "")
+        self.parts = {gate: ("gate_up_proj", 0), up: ("gate_up_proj", 1), down: ("down_proj", 0)}
+        self.parts.pop("", None)
+        self.waiting: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+
+    def needs(self, key: str) -> bool:
+        return self._target(key) is not None
+
+    def _target(self, key: str) -> tuple[str, int, int] | None:
+        for old, new in self.renames.items():
+            key = key.replace(old, new)
+        found = PER_EXPERT.match(key)
+        if not found or found["part"] not in self.parts:
+            return None
+        leaf, part = self.parts[found["part"]]
+        name = f"{found['layer']}.experts.{leaf}"
+        return (name, int(found["expert"]), part) if name in self.wanted else None
+
+    def take(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        target = self._target(key)
+        if target is None:
+            return []
+        name, expert, part = target
+        pieces = self.waiting.setdefault(name, {})
+        pieces[(expert, part)] = tensor
+        parts = 2 if name.endswith("gate_up_proj") else 1
+        if len(pieces) < self.wanted[name] * parts:
+            return []
+        del self.waiting[name]
+        stacked = [
+            torch.cat([pieces[(e, p)] for p in range(parts)]) for e in range(self.wanted[name])
+        ]
+        return [(name, torch.stack(stacked))]

@@ -30,6 +30,7 @@ from .metrics import (
 from .modeling import (
     checkpointed_layers,
 )
+from .moe import expert_tokens
 from .parallel import (
     World,
     all_reduce_sum,
@@ -254,4 +255,5 @@ def run_metrics(run: Session, loop: Loop, seconds: float, flops_token: float) ->
         dataset_fingerprint=run.stats.get("fingerprint"),
         prediction=compare(run.predicted, per_second(loop.padded * world.size), round(seconds, 3)),
         objective_metrics=loop.log.metrics or None,
+        expert_tokens=expert_tokens(model, world),
     )

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..methods.llama_adapter import initial_value as adapter_init
 from ..methods.llama_adapter import is_added
 from ..models import model_revision, model_source, safetensors_files
+from .experts4bit import ExpertStacks
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
 def checkpoint_name(name: str) -> str:
     """A (peft-wrapped) model parameter's name as the base checkpoint stores it."""
     name = name.removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".")
+    while ".base_layer." in name:  # peft nests its parameter LoRA wrappers
+        name = name.replace(".base_layer.", ".")
+    return name
 
 
 def _broadcast(obj):
@@ -80,16 +83,23 @@ def materialize(model: nn.Module, cfg: RunConfig, world) -> None:
     files = (
         safetensors_files(model_source(cfg.model), model_revision(cfg.model)) if world.main else []
     )
+    stacks = expert_stacks(model, by_checkpoint)
     loaded: set[str] = set()
     for index in range(_broadcast(len(files))):
         from safetensors import safe_open
 
+        ready: list[tuple[str, object]] = []  # (checkpoint name, its key or its tensor)
         handle = safe_open(str(files[index]), framework="pt") if world.main else None
-        names = list(handle.keys()) if handle else []  # noqa: SIM118 (safe_open is not a dict)
-        keys = _broadcast([k for k in names if k in by_checkpoint] if handle else None)
-        for key in keys:
+        for key in list(handle.keys()) if handle else []:  # noqa: SIM118 (not a dict)
+            if key in by_checkpoint:
+                ready.append((key, key))
+            elif stacks.needs(key):  # a per-expert tensor of a fused parameter
+                ready += stacks.take(key, handle.get_tensor(key))
+        for key in _broadcast([k for k, _ in ready] if handle else None):
             name = by_checkpoint[key]
-            _scatter_into(params[name], handle.get_tensor(key) if handle else None, world.device)
+            value = dict(ready).get(key) if handle else None
+            tensor = handle.get_tensor(value) if isinstance(value, str) else value
+            _scatter_into(params[name], tensor, world.device)
             loaded.add(name)
     missing = [n for n in by_checkpoint.values() if n not in loaded]
     if missing:
@@ -108,6 +118,21 @@ def materialize(model: nn.Module, cfg: RunConfig, world) -> None:
                 else adapter_init(name, shape, generator)
             )
         _scatter_into(params[name], init, world.device)
+
+
+def expert_stacks(model: nn.Module, by_checkpoint: dict[str, str]) -> ExpertStacks:
+    """The assembler of the model's fused experts from a checkpoint that stores them one tensor
+    per expert (the hub's layout)."""
+    from ..architectures import family
+
+    record = family(model.config.model_type)
+    params = dict(model.named_parameters())
+    wanted = {
+        key: params[name].shape[0]
+        for key, name in by_checkpoint.items()
+        if key.endswith((".experts.gate_up_proj", ".experts.down_proj"))
+    }
+    return ExpertStacks(wanted, record.experts_4bit, record.checkpoint_renames)
 
 
 def added(name: str) -> bool:

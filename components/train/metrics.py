@@ -61,6 +61,8 @@ class TrainMetrics:
     # the objective's own metrics, {name: [[step, mean over ranks], ...]} (a MoE model's
     # router_aux_loss and expert load); None when it logs none
     objective_metrics: dict | None = None
+    # a MoE model: every expert's token count per MoE layer over the run, all ranks (train/moe.py)
+    expert_tokens: list | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

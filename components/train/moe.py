@@ -9,7 +9,10 @@
   adds to its loss with the model's `router_aux_loss_coef`;
 - the experts' load: the busiest and the idlest expert's share of the top-k picks over all
   layers, relative to an even share (1.0 each when routing is balanced; a collapsed router
-  shows a large max and a min near 0).
+  shows a large max and a min near 0);
+- every expert's token count, per MoE layer, summed over the run's training forwards
+  (`tokens`; metrics.json's `expert_tokens`, summed over ranks), where a collapsed layer shows
+  which experts starve.
 
 Only a forward the objective opens (`with watch.recording():`) is kept: activation
 checkpointing re-runs the forward inside backward, and the evaluation loop runs its own.
@@ -31,6 +34,7 @@ class RouterWatch:
         self.experts, self.top_k, self.coef = experts, top_k, coef
         self.logits: list[torch.Tensor] = []
         self.open = False
+        self.tokens: torch.Tensor | None = None  # layers x experts, this rank's picks so far
         for router in routers:
             router.register_forward_hook(self._keep)
 
@@ -53,17 +57,44 @@ class RouterWatch:
         picks = torch.zeros(self.experts, dtype=torch.float32, device=mask.device)
         probs = torch.zeros(self.experts, dtype=torch.float32, device=mask.device)
         rows = mask.new_zeros(())
+        per_layer = []
         for logits in self.logits:
             weights = torch.softmax(logits.float(), dim=-1)
             _, chosen = torch.topk(weights, self.top_k, dim=-1)
-            picks = picks.scatter_add(0, chosen.reshape(-1), mask.repeat_interleave(self.top_k))
+            layer = torch.zeros_like(picks).scatter_add(
+                0, chosen.reshape(-1), mask.repeat_interleave(self.top_k)
+            )
+            per_layer.append(layer.detach())
+            picks = picks + layer
             probs = probs + (weights * mask.unsqueeze(-1)).sum(dim=0)
             rows = rows + mask.sum()
         self.logits = []
+        if per_layer:
+            counted = torch.stack(per_layer)
+            self.tokens = counted if self.tokens is None else self.tokens + counted
         aux = torch.sum((picks / rows) * (probs / rows)) * self.experts
         even = picks.sum() / self.experts
         load = {"expert_load_max": picks.max() / even, "expert_load_min": picks.min() / even}
         return aux, load
+
+
+def expert_tokens(model: nn.Module, world) -> list[list[int]] | None:
+    """Every expert's token count per MoE layer over the run, summed over the ranks (None for
+    a dense model). Every rank calls it (an all-reduce)."""
+    import torch.distributed as dist
+
+    watch = watch_of(model)
+    if watch is None:
+        return None
+    tokens = watch.tokens
+    if tokens is None:
+        tokens = torch.zeros(0, watch.experts, device=world.device)
+    layers = torch.tensor([tokens.shape[0]], device=tokens.device)
+    dist.all_reduce(layers, op=dist.ReduceOp.MAX)
+    if tokens.shape[0] < int(layers):  # a rank that ran no training forward (resumed at the end)
+        tokens = torch.zeros(int(layers), watch.experts, device=tokens.device)
+    dist.all_reduce(tokens)
+    return [[round(float(v)) for v in row] for row in tokens.tolist()]
 
 
 def install(model: nn.Module) -> RouterWatch | None:
