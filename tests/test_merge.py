@@ -146,7 +146,12 @@ def fused_copy(arch: str, folder):
 
 @pytest.mark.parametrize(
     "arch, layout",
-    [("qwen3-moe", "per-expert"), ("qwen3-moe", "fused"), ("mixtral", "per-expert")],
+    [
+        ("qwen3-moe", "as-saved"),  # one tensor per expert, as the hub stores them
+        ("qwen3-moe", "fused"),
+        ("mixtral", "as-saved"),  # block_sparse_moe.experts.E.w1/w3/w2
+        ("gpt-oss", "as-saved"),  # fused and transposed (experts x in x out), with biases
+    ],
 )
 def test_merge_folds_lora_on_the_experts_exactly(cli, tmp_path, arch, layout):
     """An adapter made by peft itself on a MoE model (attention modules and the fused experts

@@ -86,6 +86,9 @@ class Family:
     expert_lora: tuple[str, ...] = ()
     # its fused experts are stored experts x in x out (gpt-oss), not experts x out x in
     experts_transposed: bool = False
+    # the attention without flash or flex kernels (SDPA; eager where transformers has no SDPA
+    # path for the family: gpt-oss's sinks)
+    attention_fallback: str = "sdpa"
     # checkpoint key fragment -> the model's (a hub checkpoint's older module names)
     checkpoint_renames: dict[str, str] = field(default_factory=dict)
     # LLaMA-Adapter: (module computing the queries, output projection) of its attention

@@ -7,6 +7,27 @@ from __future__ import annotations
 from .base import Family
 from .llama import GATED_MLP, PROJECTIONS, published_config
 
+
+def tiny_gemma3(**kw):
+    """What makes it Gemma 3: local sliding-window layers (a window of 8 tokens here, so a
+    packed row's examples outgrow it) beside a global one, tied embeddings."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        tie_word_embeddings=True,
+        **kw,
+    )
+
+
 GEMMA = Family(name="gemma", model_types=("gemma",), lora_targets=PROJECTIONS + GATED_MLP)
 GEMMA3 = Family(
     name="gemma3",
@@ -20,4 +41,5 @@ GEMMA3 = Family(
             "tie_word_embeddings": True,
         }
     },
+    tiny={"gemma3": tiny_gemma3},
 )

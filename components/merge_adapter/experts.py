@@ -17,17 +17,18 @@ import torch
 
 from ..architectures.base import Family
 from ..errors import UserError
-from ..methods.expert_lora import expert_deltas, pair_of, peft_nesting
+from ..methods.expert_lora import expert_deltas, model_order, pair_of, peft_nesting
 from ..train.experts4bit import PER_EXPERT
 
 
-def split_expert_pairs(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+def split_expert_pairs(config: dict, tensors: dict[str, torch.Tensor], record) -> dict[str, dict]:
     """Take the expert pairs out of `tensors` (adapter names without peft's prefix): {the fused
-    parameter's name: {"A", "B"}}."""
+    parameter's name: {"A", "B"}}. `record()`: the base's family record (the order its experts
+    module registers the parameters decides peft's names)."""
     targets = list(config.get("target_parameters") or [])
     if not targets:
         return {}
-    nesting = peft_nesting(tuple(t.rsplit(".", 1)[-1] for t in targets))
+    nesting = peft_nesting(model_order(targets, record()))
     patterns = [
         (t, re.compile(rf"^(?P<layer>.+)\.{re.escape(t.rsplit('.', 1)[0])}\."
                        rf"{re.escape(nesting[t.rsplit('.', 1)[-1]])}lora_(?P<part>[AB])\.weight$"))

@@ -35,7 +35,7 @@ from ..artifacts import (
 )
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
-from ..models import model_revision, model_source, safetensors_files
+from ..models import load_config, model_revision, model_source, safetensors_files
 from ..outputs import check_output, staged_output
 from .experts import ExpertMerge, split_expert_pairs
 
@@ -43,9 +43,10 @@ PEFT_PREFIX = "base_model.model."
 COPIED = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
-def read_adapter(adapter: Path) -> tuple[dict, dict, dict, dict]:
+def read_adapter(adapter: Path, base_family) -> tuple[dict, dict, dict, dict]:
     """(adapter_config, {base weight key: {"A", "B"}}, {base bias key: tensor}, {a MoE model's
-    fused expert parameter: {"A", "B"}} (merge_adapter/experts.py))."""
+    fused expert parameter: {"A", "B"}} (merge_adapter/experts.py)). `base_family()`: the
+    base model's family record, asked only for an adapter on the experts."""
     config_file, weights = adapter / PEFT_CONFIG_FILE, adapter / PEFT_WEIGHTS_FILE
     if not config_file.is_file() or not weights.is_file():
         raise UserError(
@@ -66,7 +67,9 @@ def read_adapter(adapter: Path) -> tuple[dict, dict, dict, dict]:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor] = {}
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
-    experts = split_expert_pairs(config, tensors)
+    experts = (
+        split_expert_pairs(config, tensors, base_family) if config.get("target_parameters") else {}
+    )
     for name, tensor in tensors.items():
         key = name
         name = name.replace(".base_layer.", ".")  # peft's name for a wrapped layer's own bias
@@ -86,6 +89,11 @@ def read_adapter(adapter: Path) -> tuple[dict, dict, dict, dict]:
     if incomplete:
         raise UserError(f"{adapter}: {incomplete[0]} has lora_A or lora_B missing")
     return config, pairs, biases, experts
+
+
+def base_record(cfg: RunConfig):
+    """The base model's family record (from its config.json)."""
+    return family(load_config(cfg.model).model_type)
 
 
 def check_base(cfg: RunConfig, adapter: Path, config: dict, source: str) -> None:
@@ -364,7 +372,7 @@ def merge(
     check_output(output, overwrite)
     if model_folder(adapter).has_prompts:  # LLaMA-Adapter (merged already: refused there)
         return merge_llama_adapter(cfg, adapter, output, overwrite)
-    config, pairs, biases, experts = read_adapter(adapter)
+    config, pairs, biases, experts = read_adapter(adapter, lambda: base_record(cfg))
     source = model_source(cfg.model)
     check_base(cfg, adapter, config, source)
     scale, fan_in_fan_out = scaling(config), bool(config.get("fan_in_fan_out"))
@@ -372,8 +380,7 @@ def merge(
     keys = base_keys(shards)
     expert_merge = None
     if experts:
-        model_type = json.loads((shards[0].parent / "config.json").read_text())["model_type"]
-        expert_merge = ExpertMerge(experts, family(model_type), config["r"], scale, adapter)
+        expert_merge = ExpertMerge(experts, base_record(cfg), config["r"], scale, adapter)
     missing = sorted((set(pairs) | set(biases)) - keys)
     missing += expert_merge.missing(keys) if expert_merge else []
     if missing:

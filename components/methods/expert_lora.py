@@ -96,6 +96,15 @@ def peft_nesting(leaves: tuple[str, ...]) -> dict[str, str]:
     return nesting
 
 
+def model_order(targets, record: Family) -> tuple[str, ...]:
+    """The leaf names of `targets` in the order the experts module registers them (the family
+    record's `expert_lora` order; peft nests its wrappers in that order, and may write
+    target_parameters to adapter_config.json in any order: it keeps them as a set)."""
+    known = list(record.expert_lora)
+    ordered = sorted(targets, key=lambda t: known.index(t) if t in known else len(known))
+    return tuple(t.rsplit(".", 1)[-1] for t in ordered)
+
+
 def pair_of(lora_a: torch.Tensor, lora_b: torch.Tensor, experts: int, expert: int):
     """Expert `expert`'s (A_e: r x in, B_e: out x r) from peft's stacked layout."""
     rank = lora_a.shape[0] // experts
@@ -133,7 +142,7 @@ def adapt_quantized_experts(cfg: RunConfig, model: nn.Module, targets: list[str]
     return count
 
 
-def add_to_adapter(output, state: dict[str, torch.Tensor], targets: list[str]) -> int:
+def add_to_adapter(output, state: dict[str, torch.Tensor], leaves: tuple[str, ...]) -> int:
     """Write the Experts4bit pairs of a model state dict (`experts.lora_<leaf>_A`) into the
     adapter peft saved in `output`, under the names peft gives the same pairs on the stock
     model; returns how many tensors were added."""
@@ -146,7 +155,7 @@ def add_to_adapter(output, state: dict[str, torch.Tensor], targets: list[str]) -
 
     found = [(key, LORA_KEY.match(key.removeprefix(PEFT_PREFIX))) for key in state]
     found = [(key, match) for key, match in found if match]
-    nesting = peft_nesting(tuple(t.rsplit(".", 1)[-1] for t in targets))
+    nesting = peft_nesting(leaves)
     file = Path(output) / PEFT_WEIGHTS_FILE
     tensors = load_file(str(file))
     for key, match in found:

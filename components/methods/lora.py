@@ -106,6 +106,15 @@ class LoRA(Method):
             fuse_lora(model)
         return model
 
+    def check_model(self, cfg: RunConfig) -> None:
+        """A MoE model's experts are adapted without dropout (peft's parameter LoRA)."""
+        from ..architectures import family
+        from ..models import load_config
+        from . import expert_lora
+
+        record = family(load_config(cfg.model).model_type)
+        expert_lora.check_dropout(cfg, expert_lora.expert_targets(cfg, record))
+
     def save(self, cfg: RunConfig, model: nn.Module, state: dict | None, output) -> None:
         """peft's adapter files; a 4-bit base's expert pairs (which peft does not see: they are
         not its layers) added to them under the names peft gives them on the stock model, so
@@ -115,8 +124,11 @@ class LoRA(Method):
         super().save(cfg, model, state, output)
         targets = model.peft_config["default"].target_parameters or ()
         if self.quantized_base and targets:
+            from ..architectures import family
+
+            leaves = expert_lora.model_order(targets, family(model.config.model_type))
             expert_lora.add_to_adapter(
-                output, model.state_dict() if state is None else state, list(targets)
+                output, model.state_dict() if state is None else state, leaves
             )
 
     def count(self, cfg: RunConfig, model: nn.Module, linears: list[str]) -> Counts:

@@ -11,7 +11,9 @@
   Falcon-7B's single key/value head to every query head before the kernel: flex's GQA
   backward accumulates dK/dV for one KV head over all 71 query heads in one program per
   block, the slowest kernel of the step, where 71 independent heads run in parallel;
-- else SDPA, with a dense block-diagonal mask for packed rows: the CPU fallback.
+- else SDPA (eager for a family transformers gives no SDPA path: gpt-oss), with a dense
+  block-diagonal mask for packed rows: the CPU fallback. A sliding-window layer gets that mask
+  narrowed to its window (`windowed_masks`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def attention_implementation(cfg: RunConfig, device: torch.device, packed: bool 
             return "flash_attention_2"
         if packed and supports_flex_attention(load_config(cfg.model)):
             return FLEX
-    return "sdpa"
+    return family(load_config(cfg.model).model_type).attention_fallback
 
 
 def transformers_attention(attn: str, model_type: str) -> str:
@@ -86,3 +88,61 @@ def use_flex_attention(model: nn.Module) -> None:
     install = family(model.config.model_type).install_flex
     if install is not None:
         install(model)
+
+
+def attention_windows(config) -> dict[str, int | None] | int | None:
+    """The sliding windows of a model's attention, as transformers applies them: {layer type:
+    its window, or None} for a config with `layer_types` that has sliding layers (Gemma 3,
+    gpt-oss: transformers then takes the masks as a dict by layer type); one window for every
+    layer (Mistral with its sliding_window set); None where no layer has one."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        if not window or "sliding_attention" not in types:
+            return None
+        return {kind: window if kind == "sliding_attention" else None for kind in set(types)}
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return window
+    return None
+
+
+def narrowed(mask, window: int, position_ids: torch.Tensor):
+    """A packed row's 4-D mask (bool or additive, or flex's BlockMask) with every query seeing
+    only the last `window` keys of its example (transformers' rule: q - kv < window)."""
+    from .data import document_block_mask
+
+    if not isinstance(mask, torch.Tensor):  # a BlockMask: rebuilt with the window
+        return document_block_mask(position_ids, window)
+    length = mask.shape[-1]
+    index = torch.arange(length, device=mask.device)
+    band = (index[:, None] - index[None, :]) < window
+    if mask.dtype == torch.bool:
+        return mask & band
+    return mask.masked_fill(~band, torch.finfo(mask.dtype).min)
+
+
+def windowed_masks(model: nn.Module) -> bool:
+    """Keep a sliding-window family's windows on packed rows. A packed row comes with a 4-D
+    mask (the dense block-diagonal one, or flex_attention's BlockMask), which transformers
+    passes to every layer as given, so a sliding layer would attend over the whole example.
+    A pre-hook on the decoder stack narrows that mask to each layer type's window (the
+    varlen flash kernels need none: transformers gives them the layer's window). Returns
+    whether the model has windows."""
+    windows = attention_windows(model.config)
+    if windows is None:
+        return False
+
+    def hook(_module, args, kwargs):
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if mask is None or isinstance(mask, dict) or len(mask.shape) != 4 or positions is None:
+            return None
+        if isinstance(windows, int):
+            kwargs["attention_mask"] = narrowed(mask, windows, positions)
+        else:
+            kwargs["attention_mask"] = {
+                kind: narrowed(mask, w, positions) if w else mask for kind, w in windows.items()
+            }
+        return args, kwargs
+
+    model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return True

@@ -18,7 +18,7 @@ from ..methods import method_of
 from ..planner.fit import Fit, as_set
 from ..planner.kernel_choice import Kernels, select_kernels
 from . import checkpoint as ckpt
-from .attention import FLEX, use_flex_attention
+from .attention import FLEX, use_flex_attention, windowed_masks
 from .kernels import apply_kernels, compile_layers
 from .meta_load import materialize
 from .modeling import (
@@ -146,6 +146,7 @@ def build_model(cfg: RunConfig, world: World, attn: str, fit: Fit, packed: bool)
     else:
         model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
     install_router_watch(model)  # a MoE model: its routers' load-balancing loss and load
+    windowed_masks(model)  # a sliding-window family: packed rows keep its windows
     note = family_note(model.config.model_type)
     if note and world.main:
         print(note, flush=True)

@@ -57,15 +57,22 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
 
 
-def document_block_mask(position_ids: torch.Tensor):
-    """flex_attention's sparse BlockMask for packed rows: causal within each example (built on
-    position_ids' device, never as a dense L x L tensor on the GPU's attention path)."""
+def document_block_mask(position_ids: torch.Tensor, window: int | None = None):
+    """flex_attention's sparse BlockMask for packed rows: causal within each example, and within
+    the last `window` keys where given (a sliding-window layer); built on position_ids'
+    device, never as a dense L x L tensor on the GPU's attention path."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     segment = torch.cumsum((position_ids == 0).long(), dim=1)
 
     def same_example_causal(b, h, q, kv):
         return (segment[b, q] == segment[b, kv]) & (q >= kv)
+
+    if window is not None:
+        document = same_example_causal
+
+        def same_example_causal(b, h, q, kv):  # noqa: F811 (the windowed version)
+            return document(b, h, q, kv) & (q - kv < window)
 
     batch, length = position_ids.shape
     return create_block_mask(
