@@ -14,6 +14,7 @@ from kubetune.components.architectures import family
 from kubetune.components.models import resolve_model
 from kubetune.components.train.attention import attention_windows, windowed_masks
 from kubetune.components.train.data import COUNTS, collate
+from kubetune.components.train.linear_attention import split_by_document
 
 
 def model_of(arch: str, **config):
@@ -22,6 +23,7 @@ def model_of(arch: str, **config):
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, attn_implementation=attn, **config
     )
+    model.config.use_cache = False  # as the worker trains (no cache to carry state)
     return model.eval(), attn
 
 
@@ -48,6 +50,20 @@ def test_a_packed_row_equals_its_examples_alone_with_sliding_windows_and_sinks(a
     window = model.config.sliding_window
     examples = [list(range(5, 5 + 3 * window)), list(range(40, 40 + 2 * window + 3)), [7, 8, 9]]
     assert windowed_masks(model)
+    packed, alone = packed_and_alone(model, attn, examples)
+    torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)
+
+
+def test_a_packed_row_equals_its_examples_alone_through_linear_attention():
+    """Qwen3.5-MoE's Gated DeltaNet layers (convolution and recurrence along the row) beside a
+    full-attention layer: each example of a packed row runs through them on its own, so the row
+    gives what each example alone gives; without that, the second example starts from the
+    first's state (the control)."""
+    model, attn = model_of("qwen3.5-moe")
+    examples = [list(range(5, 40)), list(range(40, 61)), [7, 8, 9]]
+    packed, alone = packed_and_alone(model, attn, examples)
+    assert (packed - alone).abs().max() > 1e-3  # transformers' torch path, as it is
+    assert split_by_document(model) == 3
     packed, alone = packed_and_alone(model, attn, examples)
     torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)
 

@@ -88,11 +88,14 @@ def test_plan_is_near_the_published_points(name, recipe, sets, part, published):
     assert abs(predicted / GB - published) / published < 0.2, (name, predicted / GB, published)
 
 
-def test_plan_counts_match_the_real_tiny_model_and_optimizer():
+@pytest.mark.parametrize("arch", ["falcon", "qwen3-moe"])
+def test_plan_counts_match_the_real_tiny_model_and_optimizer(arch):
     """Weights and trainable state as the planner counts them equal the bytes of a real tiny
-    LoRA model and its AdamW state after one step (fp32 on CPU)."""
+    LoRA model and its AdamW state after one step (fp32 on CPU); on a MoE model the LoRA pairs
+    of every routed expert (peft's parameter LoRA) are counted too."""
 
-    cfg = load_recipe(TINY_DEMO, ["train.gradient_checkpointing=false"])
+    sets = ["train.gradient_checkpointing=false", f"model.name_or_path=tiny://{arch}"]
+    cfg = load_recipe(TINY_DEMO, sets)
     plan = estimate(cfg, gpus=1, dtype_bytes=4)
     model, _ = load_base(cfg, torch.device("cpu"))
     model = add_lora(cfg, model)
@@ -230,6 +233,19 @@ PUBLISHED_SIZES = [
     ("meta-llama/Llama-3.1-8B", 8.0, 8.0, "active"),
     ("google/gemma-3-1b-pt", 1.0, 1.0, "active"),  # 302M embedding + 698M non-embedding
 ]
+
+
+def test_the_qwen3_moe_qlora_recipe_plans_within_24_gib_with_every_expert_adapted():
+    """pipelines/recipes/qwen3-30b-a3b-qlora.yaml: one 24 GiB GPU, experts 4-bit, LoRA (r=8) on
+    attention and on all 128 experts of its 48 layers, counted from the published shapes."""
+    from kubetune.components.planner.architecture import architecture
+
+    cfg = load_recipe(RECIPES / "qwen3-30b-a3b-qlora.yaml")
+    attention = (2048 + 4096) * 2 + (2048 + 512) * 2  # q, o; k, v (32 and 4 heads of 128)
+    experts = 128 * ((2048 + 2 * 768) + (768 + 2048))  # gate_up_proj, down_proj per expert
+    assert architecture(cfg).adapter_params == 8 * 48 * (attention + experts)
+    plan = estimate(cfg, gpus=1)
+    assert plan.total <= 24 * 2**30, plan.total / 2**30
 
 
 @pytest.mark.parametrize(("hub_id", "total", "active", "convention"), PUBLISHED_SIZES)

@@ -649,9 +649,15 @@ def test_data_and_model_must_belong_together(cli, dataset, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3-moe"])
+# quantized linear layers of a 4-bit tiny MoE model: attention (and linear attention) and
+# shared-expert layers, then every routed expert's gate_up and down (MoE layers x 4 x 2)
+QUANTIZED = {"qwen3-moe": 8 + 2 * 4 * 2, "qwen3.5-moe": 4 + 3 * 3 + 4 * 3 + 4 * 4 * 2}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3-moe", "qwen3.5-moe"])
 def test_todays_qwen3_families_train_with_lora_and_qlora(cli, tmp_path, arch):
-    """Qwen3 and Qwen3-MoE (4 routed experts, top-2) through the real CLI on 2 gloo workers:
+    """Qwen3, Qwen3-MoE (4 routed experts, top-2) and Qwen3.5-MoE (hybrid: Gated DeltaNet
+    layers beside full attention, a shared expert) through the real CLI on 2 gloo workers:
     LoRA (`auto` of their records: on the MoE model attention and the routed experts, as
     peft's parameter LoRA) trains and lowers the eval loss below the base model's, the MoE
     model's router terms logged in metrics.json; QLoRA on the MoE model quantizes every expert
@@ -675,17 +681,18 @@ def test_todays_qwen3_families_train_with_lora_and_qlora(cli, tmp_path, arch):
     assert all(aux > 0 for _, aux in logged["router_aux_loss"])  # top-k = 2: even routing
     assert all(high >= 1.0 for _, high in logged["expert_load_max"])
     tokens = metrics["expert_tokens"]  # per MoE layer, per expert: the run's routed tokens
-    assert len(tokens) == 2 and all(len(row) == 4 for row in tokens)
+    layers = {"qwen3-moe": 2, "qwen3.5-moe": 4}[arch]
+    assert len(tokens) == layers and all(len(row) == 4 for row in tokens)
     assert len({sum(row) for row in tokens}) == 1 and sum(tokens[0]) > 0  # top-2 of each token
     assert_expert_lora(out, arch)
-    qlora = tmp_path / "qlora"  # every expert 4-bit: 8 attention + 2 x 2 x 4 expert layers
+    qlora = tmp_path / "qlora"  # every expert 4-bit
     result = train(
         cli, data, qlora, name, "method=qlora", "train.max_steps=12", "train.lr=0.003",
         "lora.dropout=0",
     )  # fmt: skip
     assert result.code == 0, result
     quantized = metrics_of(qlora)
-    assert quantized["quantized_linear_modules"] == 8 + 2 * 2 * 4
+    assert quantized["quantized_linear_modules"] == QUANTIZED[arch]
     assert quantized["eval_loss"] < eval_loss(base_model(arch), data)
     assert quantized["trainable_params"] == metrics["trainable_params"]
     assert_expert_lora(qlora, arch)
@@ -703,7 +710,10 @@ def assert_expert_lora(adapter: Path, arch: str) -> None:
     ]
     model = PeftModel.from_pretrained(base_model(arch), adapter)
     wrapped = [m for n, m in model.named_modules() if hasattr(m, "parameter_name")]
-    assert sorted(m.parameter_name for m in wrapped) == ["down_proj"] * 2 + ["gate_up_proj"] * 2
+    layers = model.config.num_hidden_layers  # every layer a MoE layer
+    assert sorted(m.parameter_name for m in wrapped) == (
+        ["down_proj"] * layers + ["gate_up_proj"] * layers
+    )
     for module in wrapped:
         b = module.lora_B["default"].weight
         experts = module.num_experts

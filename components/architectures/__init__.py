@@ -1,5 +1,5 @@
 """Model families, one record each (base.py's `Family`): Falcon (falcon.py), the Llama
-family (llama.py), Qwen3 and Qwen3-MoE (qwen3.py), Gemma and Gemma 3 (gemma.py), gpt-oss
+family (llama.py), Qwen3, Qwen3-MoE and Qwen3.5-MoE (qwen3.py), Gemma and Gemma 3 (gemma.py), gpt-oss
 (gpt_oss.py). `family(model_type)` gives a model's record, or the generic one that any
 `AutoModelForCausalLM` with plain linear layers trains with.
 
@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .base import GENERIC, Family, linear_layer_names
+from .base import GENERIC, Family, linear_layer_names, quantized_linear_names
 from .falcon import FALCON
 from .gemma import GEMMA, GEMMA3
 from .gpt_oss import GPT_OSS
 from .llama import LLAMA, MISTRAL, MIXTRAL, QWEN2
-from .qwen3 import QWEN3, QWEN3_MOE
+from .qwen3 import QWEN3, QWEN3_5_MOE, QWEN3_MOE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,6 +31,7 @@ FAMILIES: tuple[Family, ...] = (
     QWEN3_MOE,
     GEMMA3,
     GPT_OSS,
+    QWEN3_5_MOE,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "family",
     "family_note",
     "linear_layer_names",
+    "quantized_linear_names",
     "supporting",
 ]
 

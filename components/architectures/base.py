@@ -53,6 +53,19 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     ]
 
 
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """The linear layers a 4-bit base quantizes: linear_layer_names, less those the family
+    record keeps in the compute dtype (`unquantized`, by their weight's name)."""
+    from . import family
+
+    kept = tuple(
+        key.removesuffix(".weight")
+        for key in family(model.config.model_type).unquantized
+        if key.endswith(".weight")
+    )
+    return [name for name in linear_layer_names(model) if not (kept and name.endswith(kept))]
+
+
 def transformers_flex(config) -> bool:
     """transformers' own flex_attention path for the architecture."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING

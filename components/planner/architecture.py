@@ -171,7 +171,7 @@ def _count(config, cfg: RunConfig) -> Architecture:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from ..architectures import linear_layer_names
+    from ..architectures import linear_layer_names, quantized_linear_names
     from ..methods import method_of
 
     with init_empty_weights():
@@ -183,7 +183,8 @@ def _count(config, cfg: RunConfig) -> Architecture:
     experts = sum(size for name, size in params.values() if ".experts." in name)
     record = family(config.model_type)
     linears = linear_layer_names(model)
-    linear_params = sum(model.get_submodule(n).weight.numel() for n in linears)
+    quantized = quantized_linear_names(model)
+    linear_params = sum(model.get_submodule(n).weight.numel() for n in quantized)
     if record.experts_4bit is not None:  # QLoRA quantizes them too
         linear_params += experts
     embeddings = model.get_input_embeddings().weight.numel()

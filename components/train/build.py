@@ -20,6 +20,7 @@ from ..planner.kernel_choice import Kernels, select_kernels
 from . import checkpoint as ckpt
 from .attention import FLEX, use_flex_attention, windowed_masks
 from .kernels import apply_kernels, compile_layers
+from .linear_attention import split_by_document
 from .meta_load import materialize
 from .modeling import (
     DTYPES,
@@ -147,6 +148,7 @@ def build_model(cfg: RunConfig, world: World, attn: str, fit: Fit, packed: bool)
         model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
     install_router_watch(model)  # a MoE model: its routers' load-balancing loss and load
     windowed_masks(model)  # a sliding-window family: packed rows keep its windows
+    split_by_document(model)  # linear-attention layers: a packed row's examples run apart
     note = family_note(model.config.model_type)
     if note and world.main:
         print(note, flush=True)

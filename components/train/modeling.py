@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..architectures import family, linear_layer_names
+from ..architectures import family, quantized_linear_names
 from ..architectures.base import ALWAYS_UNQUANTIZED
 from ..errors import UserError
 from ..methods import method_of
@@ -167,7 +167,7 @@ def load_quantized(
 
     compute = DTYPES[cfg.quant.compute_dtype]
     model = build_on_meta(cfg, compute, attn)
-    targets = linear_layer_names(model)
+    targets = quantized_linear_names(model)
     replace_linear_layers(model, targets, cfg, compute)
     record = family(model.config.model_type)
     if record.experts_4bit is not None:  # its fused experts: one quantized layer each
