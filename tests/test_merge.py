@@ -213,3 +213,26 @@ def test_merge_refuses_expert_lora_a_base_lacks(cli, tmp_path):
     result = merge(cli, adapter, out, "qwen3")
     assert_user_error(result, "model.layers.0.mlp.experts.", "does not have")
     assert not out.exists()
+
+
+def test_merge_refuses_an_mxfp4_base_with_one_line(cli, tmp_path):
+    """An adapter on gpt-oss's experts merged into the MXFP4 checkpoint (tests/mxfp4.py):
+    refused, naming the packed tensor, nothing written."""
+    from peft import LoraConfig, get_peft_model
+
+    from .mxfp4 import mxfp4_copy
+
+    folder = mxfp4_copy(resolve_model("tiny://gpt-oss"), tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny://gpt-oss"))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
+                                            target_parameters=EXPERTS))  # fmt: skip
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(folder)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    result = cli("merge", TINY_DEMO, "--adapter", adapter, "--output", out,
+                 "--set", f"model.name_or_path={folder}")  # fmt: skip
+    assert_user_error(result, "stores its experts in MXFP4", "_proj_blocks")
+    assert not out.exists()

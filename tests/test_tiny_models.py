@@ -30,7 +30,7 @@ GOLDEN_TENSORS = {
     "qwen3-moe": "2bffc5223f147e322841f2e954e2b3fff842821c91ebbe7fb7f617f9179620c1",
     "mixtral": "36e485eae23e2bf8feb68812b59ed7a2cf229334401c5741beef1d09d286089f",
     "gemma3": "6df753e4c7ac8f62b51865a847d8731415d9641bc81a8e85b67b5852dcb445cd",
-    "gpt-oss": "bc3ab1e1ef3e2a14e90590d96f1678719842ab56e3f8d471ce53b3bbfda5c045",
+    "gpt-oss": "b983acd95710aeeae0d72120c38f4d3ba18acc33bdb22083b57a903b4c5c40a1",
     "qwen3.5-moe": "f046aff58da8ea9dec8542f75413b856a4569eeebdbded00f377a7b2b5287bb3",
 }
 GOLDEN_VOCAB = "ead00ce75f05807c1ac7d9495a385c2fb1220b881936a5fde3c8aef550e5af5f"

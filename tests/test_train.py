@@ -589,6 +589,30 @@ def test_low_memory_fsdp_assembles_a_moe_models_per_expert_checkpoint(cli, tmp_p
     assert_expert_lora(out, "qwen3-moe")
 
 
+def test_an_mxfp4_gpt_oss_checkpoint_trains_with_lora_loaded_either_way(cli, tmp_path):
+    """gpt-oss with its experts in MXFP4 (tests/mxfp4.py): LoRA trains on the dequantized
+    experts whether every rank loads the checkpoint (DDP: transformers dequantizes) or rank 0
+    streams it into FSDP shards (kubetune dequantizes the blocks itself): the same base forward
+    (step 1, before the adapter moves) both ways, and the experts' pairs trained."""
+    from .mxfp4 import mxfp4_copy
+
+    folder = mxfp4_copy(resolve_model("tiny://gpt-oss"), tmp_path / "gpt-oss-mxfp4")
+    name = f"model.name_or_path={folder}"
+    data = tmp_path / "data"
+    assert run_prepare(data, name).code == 0
+    first = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        sets = (name, f"distributed.strategy={strategy}", "train.max_steps=4", "train.lr=0.003")
+        result = train(cli, data, out, *sets)
+        assert result.code == 0, result
+        assert "experts are MXFP4; they are dequantized" in result.out or strategy == "fsdp"
+        first[strategy] = metrics_of(out)["loss"][0][1]
+        lora = load_file(out / "adapter_model.safetensors")
+        assert any(".mlp.experts.lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())
+    assert first["ddp"] == pytest.approx(first["fsdp"], rel=1e-4)  # bf16 vs the model's dtype
+
+
 def test_compiled_decoder_layers_train_like_eager_ones(cli, dataset, tmp_path):
     """train.compile=true: torch.compile'd decoder layers (inductor on the CPU here) give the
     eager run's losses."""

@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kubetune.components.architectures import linear_layer_names
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
 from kubetune.components.models import resolve_model
 from kubetune.components.tiny_models import ARCHITECTURES
 from kubetune.components.train import checkpoint as ckpt
 from kubetune.components.train.data import BatchPlan, collate
-from kubetune.components.train.modeling import linear_layer_names, load_base
+from kubetune.components.train.modeling import load_base
 
 from .conftest import TINY_DEMO
 
@@ -270,3 +271,31 @@ def test_a_worker_error_is_kept_whole_or_not_at_all(tmp_path):
     assert (tmp_path / ERROR_FILE).read_text() == "rank 1: the first error\n"
     leftover = {p.name for p in tmp_path.iterdir()} - {ERROR_FILE}
     assert all(name.startswith(f"{ERROR_FILE}.") for name in leftover) and len(leftover) == 1
+
+
+def test_an_mxfp4_gpt_oss_checkpoint_loads_dequantized_for_training(tmp_path):
+    """gpt-oss as OpenAI publishes it (experts MXFP4: tests/mxfp4.py): the base LoRA trains on
+    holds every expert weight as transformers' own dequantization of the checkpoint's blocks,
+    as an ordinary trainable-shaped tensor (not transformers' MXFP4 layer, which has no
+    backward)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from kubetune.components.models import load_config
+    from kubetune.components.train.modeling import dequantized_for_training
+
+    from .mxfp4 import mxfp4_copy
+
+    folder = mxfp4_copy(resolve_model("tiny://gpt-oss"), tmp_path / "gpt-oss-mxfp4")
+    cfg = load_recipe(TINY_DEMO, [f"model.name_or_path={folder}"])
+    # transformers dequantizes on a CPU by itself; on a GPU it would keep its MXFP4 layers
+    assert dequantized_for_training(load_config(cfg.model))["quantization_config"].dequantize
+    assert dequantized_for_training(load_config(load_recipe(TINY_DEMO).model)) == {}
+    model, _ = load_base(cfg, torch.device("cpu"))
+    on_disk = load_file(str(folder / "model.safetensors"))
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        assert type(experts).__name__ == "GptOssExperts"
+        for part in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{i}.mlp.experts.{part}"
+            want = convert_moe_packed_tensors(on_disk[f"{key}_blocks"], on_disk[f"{key}_scales"])
+            torch.testing.assert_close(getattr(experts, part).float(), want.float())

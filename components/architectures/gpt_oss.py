@@ -13,7 +13,7 @@ from .llama import EXPERTS, PROJECTIONS, published_config
 
 def tiny_gpt_oss(**kw):
     """What makes it gpt-oss: 4 routed experts (top-2) with biases, stored transposed (experts x
-    in x out) and not square here (intermediate 48), attention sinks, a sliding-window layer
+    in x out) and not square here (intermediate 96), attention sinks, a sliding-window layer
     (8 tokens) beside a full one, YaRN RoPE."""
     from transformers import GptOssConfig
 
@@ -23,7 +23,7 @@ def tiny_gpt_oss(**kw):
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        intermediate_size=48,
+        intermediate_size=96,  # MXFP4 packs 32 weights a block
         num_local_experts=4,
         num_experts_per_tok=2,
         sliding_window=8,

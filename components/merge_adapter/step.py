@@ -383,6 +383,14 @@ def merge(
         expert_merge = ExpertMerge(experts, base_record(cfg), config["r"], scale, adapter)
     missing = sorted((set(pairs) | set(biases)) - keys)
     missing += expert_merge.missing(keys) if expert_merge else []
+    packed = [name for name in missing if f"{name}_blocks" in keys]
+    if packed:
+        raise UserError(
+            f"{adapter}: the base model {cfg.model.name_or_path} stores its experts in MXFP4 "
+            f"({packed[0]}_blocks), which cannot take a LoRA update in place; merge into a "
+            "bf16 copy of the base (its experts dequantized), or evaluate the adapter on its base "
+            "(eval.engine=hf)"
+        )
     if missing:
         raise UserError(
             f"{adapter}: targets {missing[0]}, which the base model "

@@ -202,3 +202,32 @@ class ExpertStacks:
             torch.cat([pieces[(e, p)] for p in range(parts)]) for e in range(self.wanted[name])
         ]
         return [(name, torch.stack(stacked))]
+
+
+class Mxfp4Experts:
+    """Fused expert tensors dequantized from a checkpoint that stores them in MXFP4 (gpt-oss:
+    `experts.gate_up_proj_blocks` and `_scales` per fused tensor), for a model built without
+    transformers' loader (train/meta_load.py): transformers' own dequantization, to the layout
+    the model holds (experts x in x out). `wanted`: the fused tensors' names."""
+
+    SUFFIXES = ("_blocks", "_scales")
+
+    def __init__(self, wanted) -> None:
+        self.wanted = set(wanted)
+        self.waiting: dict[str, dict[str, torch.Tensor]] = {}
+
+    def needs(self, key: str) -> bool:
+        return key.endswith(self.SUFFIXES) and key.rsplit("_", 1)[0] in self.wanted
+
+    def take(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if not self.needs(key):
+            return []
+        name, part = key.rsplit("_", 1)
+        parts = self.waiting.setdefault(name, {})
+        parts[part] = tensor
+        if len(parts) < 2:
+            return []
+        del self.waiting[name]
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        return [(name, convert_moe_packed_tensors(parts["blocks"], parts["scales"]))]

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..methods.llama_adapter import initial_value as adapter_init
 from ..methods.llama_adapter import is_added
 from ..models import model_revision, model_source, safetensors_files
-from .experts4bit import ExpertStacks
+from .experts4bit import ExpertStacks, Mxfp4Experts
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -83,7 +83,7 @@ def materialize(model: nn.Module, cfg: RunConfig, world) -> None:
     files = (
         safetensors_files(model_source(cfg.model), model_revision(cfg.model)) if world.main else []
     )
-    stacks = expert_stacks(model, by_checkpoint)
+    assemblers = (expert_stacks(model, by_checkpoint), Mxfp4Experts(by_checkpoint))
     loaded: set[str] = set()
     for index in range(_broadcast(len(files))):
         from safetensors import safe_open
@@ -93,8 +93,10 @@ def materialize(model: nn.Module, cfg: RunConfig, world) -> None:
         for key in list(handle.keys()) if handle else []:  # noqa: SIM118 (not a dict)
             if key in by_checkpoint:
                 ready.append((key, key))
-            elif stacks.needs(key):  # a per-expert tensor of a fused parameter
-                ready += stacks.take(key, handle.get_tensor(key))
+            else:  # a per-expert or MXFP4 tensor of a fused parameter
+                for assembler in assemblers:
+                    if assembler.needs(key):
+                        ready += assembler.take(key, handle.get_tensor(key))
         for key in _broadcast([k for k, _ in ready] if handle else None):
             name = by_checkpoint[key]
             value = dict(ready).get(key) if handle else None

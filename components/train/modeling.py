@@ -223,6 +223,30 @@ def load_quantized(
     return model, quantized
 
 
+def checkpoint_quantization(config) -> str | None:
+    """The quantization a checkpoint's config.json declares (`quant_method`), if any."""
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict):
+        return quant.get("quant_method")
+    return getattr(quant, "quant_method", None)
+
+
+def dequantized_for_training(config) -> dict:
+    """from_pretrained's arguments for a checkpoint whose experts are MXFP4 (gpt-oss): they are
+    dequantized to the compute dtype as they load, with one line saying so (transformers' MXFP4
+    kernels have no backward, and LoRA trains on the experts)."""
+    if checkpoint_quantization(config) != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    print(
+        "model.name_or_path: the checkpoint's experts are MXFP4; they are dequantized to the "
+        "compute dtype for training",
+        flush=True,
+    )
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
 def load_base(
     cfg, device: torch.device, deepspeed_zero3: bool = False, attn: str | None = None
 ) -> tuple[nn.Module, int]:
@@ -238,6 +262,7 @@ def load_base(
     # On a GPU, load straight onto it (not a full host-RAM copy per process); ZeRO-3
     # partitions the weights itself while loading.
     direct = device.type == "cuda" and not deepspeed_zero3
+    config = load_config(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         revision=model_revision(cfg.model),
@@ -246,6 +271,7 @@ def load_base(
         attn_implementation=attn,
         use_safetensors=True,
         device_map={"": device} if direct else None,
+        **dequantized_for_training(config),
     )
     if not direct and not deepspeed_zero3:
         model.to(device)
