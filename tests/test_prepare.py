@@ -233,6 +233,65 @@ def test_chat_format_trains_on_every_assistant_turn(cli, tmp_path, tokenizer):
     assert "Be brief" not in trained and "Bye" not in trained.replace("Goodbye", "")
 
 
+# A chat template shaped like gpt-oss's harmony format (written here, for the test): channels,
+# the assistant's reasoning rendered as the analysis channel of the last turn only, the last
+# turn ending with <|return|> and earlier ones with <|end|>.
+HARMONY_LIKE = (
+    "{{- '<|start|>system<|message|>A tiny test model.<|end|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'assistant' -%}"
+    "{%- if loop.last and not add_generation_prompt -%}"
+    "{%- if message.thinking is defined -%}"
+    "{{- '<|start|>assistant<|channel|>analysis<|message|>' + message.thinking + '<|end|>' -}}"
+    "{%- endif -%}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + message.content + '<|return|>' -}}"
+    "{%- else -%}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + message.content + '<|end|>' -}}"
+    "{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|start|>' + message.role + '<|message|>' + message.content + '<|end|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
+)
+
+
+def test_chat_format_renders_reasoning_through_a_harmony_like_template(cli, tmp_path):
+    """A gpt-oss-style template: a single assistant turn trains on its reasoning (`thinking`,
+    the analysis channel) and its final answer through <|return|>; a multi-turn row, which
+    such a template renders differently once a turn is followed, is dropped with its reason."""
+    import shutil
+
+    model = tmp_path / "gpt-oss-like"
+    shutil.copytree(resolve_model("tiny://gpt-oss"), model)
+    chat = AutoTokenizer.from_pretrained(model)
+    chat.chat_template = HARMONY_LIKE
+    chat.save_pretrained(model)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i}?"},
+                {"role": "assistant", "content": f"{2 * i}", "thinking": f"Add {i} twice."},
+            ]
+        }
+        for i in range(10)
+    ]
+    rows.append({"messages": [rows[0]["messages"][0], {"role": "assistant", "content": "0"},
+                              {"role": "user", "content": "Sure?"},
+                              {"role": "assistant", "content": "Yes."}]})  # fmt: skip
+    ds, stats = prepare(
+        cli, tmp_path, write_jsonl(tmp_path / "c.jsonl", rows), "chat",
+        f"model.name_or_path={model}", "data.packing=false", "data.eval_fraction=0.2",
+        "data.on_bad_row=drop",
+    )  # fmt: skip
+    assert stats["rows_dropped"] == {"chat_template": 1}
+    row = next(r for r in ds["train"] if "What is 3 + 3?" in chat.decode(r["input_ids"]))
+    trained = chat.decode([t for t in row["labels"] if t != -100])
+    assert trained.startswith("<|channel|>analysis<|message|>Add 3 twice.<|end|>")
+    assert "<|start|>assistant<|channel|>final<|message|>6<|return|>" in trained
+    assert "What is" not in trained and "A tiny test model" not in trained
+
+
 @pytest.mark.integration
 def test_overlength_policies(cli, tmp_path):
     rows = alpaca_rows(10) + [

@@ -105,8 +105,21 @@ def make_template(template: str, response_field: str) -> Callable[[dict], Segmen
     return render
 
 
+# an assistant message's reasoning, by the names chat templates read it: `thinking` (gpt-oss's
+# harmony renders it as the analysis channel of the last assistant turn), `reasoning_content`
+# (Qwen3's template)
+REASONING = ("thinking", "reasoning_content")
+NOT_INCREMENTAL = (
+    "the chat template does not render conversations incrementally (an assistant turn renders "
+    "differently once later turns follow it, as gpt-oss's harmony ends the last one with "
+    "<|return|> and earlier ones with <|end|>): give each assistant turn a row of its own, the "
+    "conversation up to it"
+)
+
+
 def make_chat(tokenizer) -> Callable[[dict], Segments]:
-    """Render `messages` with the tokenizer's chat template; every assistant turn is trainable.
+    """Render `messages` with the tokenizer's chat template; every assistant turn is trainable,
+    with its reasoning (`thinking` or `reasoning_content`) where the template renders it.
 
     The template is rendered for growing prefixes of the conversation; each assistant turn's
     text is what its render adds after the generation prompt. Templates whose renders are not
@@ -138,7 +151,11 @@ def make_chat(tokenizer) -> Callable[[dict], Segments]:
                     f"messages[{i}].role must be system, user or assistant, got {role!r}",
                     "bad_role",
                 )
-            clean.append({"role": role, "content": normalize(text_field(message, "content"))})
+            turn = {"role": role, "content": normalize(text_field(message, "content"))}
+            for key in REASONING:  # an assistant turn's reasoning, for templates that render it
+                if role == "assistant" and message.get(key) is not None:
+                    turn[key] = normalize(text_field(message, key))
+            clean.append(turn)
         if not any(m["role"] == "assistant" for m in clean):
             raise RowError("no assistant message to learn from", "no_assistant_turn")
         segments: Segments = []
@@ -147,17 +164,12 @@ def make_chat(tokenizer) -> Callable[[dict], Segments]:
             if message["role"] == "assistant":
                 prompt = render(clean[:i], add_generation_prompt=True)
                 if not prompt.startswith(done):
-                    raise RowError(
-                        "the chat template does not render conversations incrementally",
-                        "chat_template",
-                    )
+                    raise RowError(NOT_INCREMENTAL, "chat_template")
                 segments.append((prompt[len(done) :], False))
                 done = prompt
             full = render(clean[: i + 1])
             if not full.startswith(done):
-                raise RowError(
-                    "the chat template does not render conversations incrementally", "chat_template"
-                )
+                raise RowError(NOT_INCREMENTAL, "chat_template")
             segments.append((full[len(done) :], message["role"] == "assistant"))
             done = full
         return [s for s in segments if s[0]]
