@@ -16,6 +16,7 @@ from kubetune.components.config import load_recipe
 from kubetune.components.planner.architecture import architecture
 from kubetune.components.planner.speed import (
     ADAMW_BYTES,
+    EXPERT_OPS,
     LAYER_OPS,
     LORA_OPS,
     Efficiency,
@@ -166,6 +167,56 @@ def test_ops_per_layer_match_the_dispatched_ops():
         adapted = architecture(cfg).adapted_modules / architecture(cfg).layers
         assert (lora_f - forward) / adapted == pytest.approx(LORA_OPS["peft"][0], rel=0.15)
         assert (lora_b - backward) / adapted == pytest.approx(LORA_OPS["peft"][1], rel=0.15)
+
+
+def test_expert_ops_match_the_dispatched_ops():
+    """EXPERT_OPS is what each routed expert's call in transformers' eager experts loop (the
+    one a 4-bit base's Experts4bit runs) dispatches (forward, backward): the difference between
+    8 and 4 experts per layer, every expert getting tokens, recounted on tiny://qwen3-moe."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.components.models import load_config
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(experts: int) -> tuple[int, int]:
+        config = load_config(tiny_cfg("tiny://qwen3-moe").model)
+        config.num_experts = experts
+        config._experts_implementation = "eager"
+        torch.manual_seed(0)
+        net = AutoModelForCausalLM.from_config(config)
+        ids = torch.randint(0, 100, (2, 64))
+        mode = Count()
+        with mode:
+            loss = net(input_ids=ids, labels=ids).loss
+        forward = mode.n
+        with mode:
+            loss.backward()
+        return forward, mode.n - forward
+
+    (f4, b4), (f8, b8) = ops(4), ops(8)
+    layers = 2
+    assert (f8 - f4) / (4 * layers) == pytest.approx(EXPERT_OPS[0], rel=0.1)
+    assert (b8 - b4) / (4 * layers) == pytest.approx(EXPERT_OPS[1], rel=0.1)
+
+
+def test_a_moe_models_matmuls_are_its_active_ones():
+    """The speed model multiplies what one token passes through: Qwen3-30B-A3B's attention and
+    8 of its 128 experts per layer (from the published shapes), and LoRA's pairs likewise."""
+    cfg = load_recipe(REPO / "pipelines/recipes/qwen3-30b-a3b-qlora.yaml")
+    arch = architecture(cfg)
+    attention = 2 * 2048 * 4096 + 2 * 2048 * 512  # q, o; k, v
+    expert = 3 * 2048 * 768  # gate, up, down
+    assert arch.matmul_params == 48 * (attention + 8 * expert)
+    pairs = 8 * ((2048 + 2 * 768) + (768 + 2048))  # r=8 on gate_up and down, per expert
+    assert arch.adapter_matmul_params == arch.adapter_params - 48 * 120 * pairs
+    assert (arch.experts, arch.moe_layers) == (128, 48)
 
 
 def test_bytes_match_the_tensors():

@@ -29,6 +29,7 @@ class Counts:
     adapted_features: int = 0  # their in + out features, summed
     frozen: int = 0  # method=full with train.freeze_layers: parameters that stay frozen
     frozen_layers: int = 0
+    routed_trainable: int = 0  # of `trainable`, the LoRA pairs of every routed expert
 
 
 class Method:

@@ -147,6 +147,7 @@ class LoRA(Method):
         experts = expert_lora.expert_targets(cfg, family(model.config.model_type))
         elements, adapted, features = expert_lora.count(model, experts)
         counts.trainable += cfg.lora.r * elements
+        counts.routed_trainable += cfg.lora.r * elements
         counts.adapted_modules += adapted
         counts.adapted_features += features
         return counts

@@ -39,6 +39,14 @@ class Architecture:
     # top-k / experts, the embedding table and the head included); total_params for dense models
     active_params: int | None = None
     embedding_params: int = 0  # the input embedding table (OpenAI counts active without it)
+    # mixture-of-experts, for the speed model: routed experts per MoE layer, MoE layers, and
+    # the matmul weights (base, and adapter) one token passes through, each routed expert's
+    # counted at top-k / experts (None: a dense model, where linear_params and adapter_params
+    # are those)
+    experts: int = 0
+    moe_layers: int = 0
+    matmul_params: int | None = None
+    adapter_matmul_params: int | None = None
 
     @property
     def active(self) -> int:
@@ -197,6 +205,20 @@ def _count(config, cfg: RunConfig) -> Architecture:
     )
     layer_params = (total - embeddings) // max(layers, 1)
     counts = method_of(cfg).count(cfg, model, linears)
+    routed = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    moe = {}
+    if experts and routed and top_k:
+        share = top_k / routed
+        dense = sum(model.get_submodule(n).weight.numel() for n in linears)
+        moe = {
+            "experts": routed,
+            "moe_layers": sum(1 for n, _ in model.named_modules() if n.endswith(".experts")),
+            "matmul_params": round(dense + experts * share),
+            "adapter_matmul_params": round(
+                counts.trainable - counts.routed_trainable * (1 - share)
+            ),
+        }
     return Architecture(
         model_type=config.model_type,
         total_params=total,
@@ -216,4 +238,5 @@ def _count(config, cfg: RunConfig) -> Architecture:
         frozen_layers=counts.frozen_layers,
         active_params=active_params(config, total, experts),
         embedding_params=embeddings,
+        **moe,
     )

@@ -50,6 +50,12 @@ CAUSAL = 0.5  # causal attention kernels compute half the score matrix
 # mode with SDPA (transformers 5.17); per adapted linear layer for peft's LoRA forward and for
 # kubetune's fused one
 LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
+# transformers' eager experts loop, per routed expert that gets tokens (forward, backward):
+# index, gate_up, chunk, act, mul, down, weight, index_add and their views (counted on
+# tiny://qwen3-moe; a test recounts them). A 4-bit base runs that loop over its bitsandbytes
+# experts (train/experts4bit.py; QUANT_OPS for each of an expert's two layers); a bf16 one runs
+# transformers' grouped_mm, a few ops a layer whatever the experts.
+EXPERT_OPS = (23, 32)
 LORA_OPS = {"peft": (14, 15), "fused": (12, 20)}
 QUANT_OPS = (3, 4)  # assumed: bitsandbytes' dequantization of absmax and weight, a transpose
 LIGER_SAVES = 27  # assumed: the eager RMSNorm x2, rotary and SiLU x mul ops Liger replaces
@@ -156,9 +162,13 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     base_f, base_b = LAYER_OPS["falcon" if arch.model_type == "falcon" else "llama"]
     if setup.fused_norms and arch.model_type != "falcon":
         base_f, base_b = base_f - LIGER_SAVES, base_b - LIGER_SAVES
+    # the routing cost of a 4-bit base: every expert that gets tokens is its own MLP call
+    experts = arch.experts * arch.moe_layers / arch.layers if setup.quant_bits else 0
+    expert_f = experts * (EXPERT_OPS[0] + 2 * quant_f)
+    expert_b = experts * (EXPERT_OPS[1] + 2 * quant_b)
     return (
-        base_f + adapted * lora_f + linears * quant_f,
-        base_b + adapted * lora_b + linears * quant_b,
+        base_f + adapted * lora_f + linears * quant_f + expert_f,
+        base_b + adapted * lora_b + linears * quant_b + expert_b,
     )
 
 
@@ -168,9 +178,13 @@ def work(arch, setup: Setup) -> Work:
     recompute = setup.checkpointed / L
     trained_layers = L - arch.frozen_layers
     head = arch.hidden * arch.vocab
-    linear = arch.linear_params
+    # what one token multiplies (a MoE model: its top-k experts of every layer)
+    linear = arch.linear_params if arch.matmul_params is None else arch.matmul_params
     method = named(setup.method)
-    adapter = arch.adapter_params if method.lora_matmuls else 0
+    adapter = (
+        arch.adapter_params if arch.adapter_matmul_params is None else arch.adapter_matmul_params
+    )
+    adapter = adapter if method.lora_matmuls else 0
     full = method.trains_base
     w = Work()
     w.flops["forward"] = 2 * T * (linear + head + adapter)
@@ -186,7 +200,10 @@ def work(arch, setup: Setup) -> Work:
     w.attention_flops = 4 * T * setup.span * arch.hidden * L * (1 + 2 + recompute)
     passes = 2 + recompute  # weights dequantized: forward, backward, recomputation
     if setup.quant_bits:  # double quantization assumed (the recipes' and QLoRA's setting)
-        w.bytes["dequantize"] = linear * (quantized_bytes(setup.quant_bits) + 2) * passes
+        # every quantized weight, the experts' too (with a few thousand tokens a micro batch,
+        # every expert gets some)
+        stored = arch.linear_params
+        w.bytes["dequantize"] = stored * (quantized_bytes(setup.quant_bits) + 2) * passes
     w.bytes["activations"] = T * L * saved_bytes_per_token_layer(arch) * (4 + recompute)
     if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
         w.bytes["lora"] = T * arch.adapted_features * 2 * 3
