@@ -1,6 +1,7 @@
 """A packed row trains exactly as its examples would alone, for the families whose attention is
 not plain causal: sliding-window layers beside global ones (Gemma 3), attention sinks with
-sliding windows (gpt-oss, eager attention). On the CPU the row carries the dense
+sliding windows (gpt-oss, eager attention), linear attention (Qwen3.5-MoE), and Llama 3.1's
+scaled RoPE. On the CPU the row carries the dense
 block-diagonal mask collate builds; the worker's pre-hook narrows it to each layer type's
 window (train/attention.py)."""
 
@@ -43,13 +44,18 @@ def packed_and_alone(model, attn: str, examples: list[list[int]]):
 
 @pytest.mark.parametrize(
     "arch, config",
-    [("gemma3", {}), ("gpt-oss", {}), ("mistral", {"sliding_window": 8})],  # every layer's
+    [
+        ("gemma3", {}),
+        ("gpt-oss", {}),  # sinks, YaRN
+        ("mistral", {"sliding_window": 8}),  # every layer's
+        ("llama3.1", {}),  # no window: its RoPE scaling, positions restarting per example
+    ],
 )
 def test_a_packed_row_equals_its_examples_alone_with_sliding_windows_and_sinks(arch, config):
     model, attn = model_of(arch, **config)
-    window = model.config.sliding_window
+    window = getattr(model.config, "sliding_window", None) or 8
     examples = [list(range(5, 5 + 3 * window)), list(range(40, 40 + 2 * window + 3)), [7, 8, 9]]
-    assert windowed_masks(model)
+    assert windowed_masks(model) == (arch != "llama3.1")
     packed, alone = packed_and_alone(model, attn, examples)
     torch.testing.assert_close(packed, alone, atol=2e-5, rtol=1e-4)
 

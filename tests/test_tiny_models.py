@@ -32,6 +32,7 @@ GOLDEN_TENSORS = {
     "gemma3": "6df753e4c7ac8f62b51865a847d8731415d9641bc81a8e85b67b5852dcb445cd",
     "gpt-oss": "b983acd95710aeeae0d72120c38f4d3ba18acc33bdb22083b57a903b4c5c40a1",
     "qwen3.5-moe": "f046aff58da8ea9dec8542f75413b856a4569eeebdbded00f377a7b2b5287bb3",
+    "llama3.1": "c2da699751bb105d23e8a72ba8a8481e1c0ace7a273da56994801d854f084602",
 }
 GOLDEN_VOCAB = "ead00ce75f05807c1ac7d9495a385c2fb1220b881936a5fde3c8aef550e5af5f"
 EXPECTED_MODEL_TYPE = {
@@ -46,6 +47,7 @@ EXPECTED_MODEL_TYPE = {
     "gemma3": "gemma3_text",
     "gpt-oss": "gpt_oss",
     "qwen3.5-moe": "qwen3_5_moe_text",
+    "llama3.1": "llama",
 }
 # transformers v5 holds a MoE layer's experts fused (experts.gate_up_proj, experts.down_proj:
 # one 3-D tensor each) and saves them one expert at a time, as the hub's checkpoints are:

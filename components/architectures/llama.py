@@ -27,6 +27,17 @@ def tiny_llama(**kw):
     return LlamaConfig(**_GQA, tie_word_embeddings=False, **kw)
 
 
+def tiny_llama3_1(**kw):
+    """What makes it Llama 3.1: its RoPE scaling (rope_type llama3: long wavelengths stretched
+    by the factor, short ones kept), scaled to the tiny context (2,048 = 8 x 256)."""
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+            "rope_theta": 500000.0}  # fmt: skip
+    return LlamaConfig(**_GQA, tie_word_embeddings=False, rope_parameters=rope, **kw)
+
+
 def tiny_mistral(**kw):
     from transformers import MistralConfig
 
@@ -77,7 +88,7 @@ LLAMA = Family(
             },
         },
     },
-    tiny={"llama": tiny_llama},
+    tiny={"llama": tiny_llama, "llama3.1": tiny_llama3_1},
 )
 MISTRAL = Family(
     name="mistral",
