@@ -47,6 +47,7 @@ from kubetune.components.artifacts import METRICS_FILE
 REPO = Path(__file__).resolve().parent.parent
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 LLAMA3_8B, FALCON_7B = "meta-llama/Meta-Llama-3-8B", "tiiuae/falcon-7b"
+QWEN3_MOE = "Qwen/Qwen3-30B-A3B"
 LAMBDA_H100_SAMPLES_PER_S = 6.7  # Falcon-7B QLoRA, micro batch 4, seq 512, one H100
 
 
@@ -61,6 +62,7 @@ class Case:
     seq: int
     micro: int
     targets: str = "auto"  # the architecture's attention and MLP projections
+    layers: int | None = None  # fewer decoder layers than the model (each layer as published)
 
 
 CASES = [
@@ -69,14 +71,33 @@ CASES = [
     Case("falcon-7b-qlora-r64", FALCON_7B, "qlora", 64, 16, 0.1, 2048, 2),
     Case("falcon-7b-qlora-mb4-s512", FALCON_7B, "qlora", 64, 16, 0.1, 512, 4),
 ]
+# `--cases` picks these too (not in the default run): Qwen3-30B-A3B's layers (128 experts,
+# top-8), 12 of its 48, QLoRA on attention: the Trainer side's bitsandbytes leaves every expert
+# in bf16 (transformers v5's fused experts are not nn.Linear), kubetune's quantizes them, so the
+# peak memories differ by the experts; both adapt the same attention projections.
+MOE_CASES = [
+    Case(
+        "qwen3-30b-a3b-12-layers-qlora-r8",
+        QWEN3_MOE,
+        "qlora",
+        8,
+        16,
+        0.0,
+        2048,
+        1,
+        targets="[q_proj,k_proj,v_proj,o_proj]",
+        layers=12,
+    ),  # fmt: skip
+]
 SMOKE_CASES = [
     Case("tiny-llama-lora", "tiny://llama", "lora", 16, 32, 0.05, 256, 2),
     Case("tiny-falcon-qlora", "tiny://falcon", "qlora", 64, 16, 0.1, 256, 2),
 ]
 
 
-def make_model(name: str, folder: Path) -> Path:
-    """Random-initialised weights of the architecture, saved as safetensors + the tiny tokenizer."""
+def make_model(name: str, folder: Path, layers: int | None = None) -> Path:
+    """Random-initialised weights of the architecture (`layers` of its decoder layers, where
+    given), saved as safetensors + the tiny tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,6 +108,8 @@ def make_model(name: str, folder: Path) -> Path:
     if name.startswith("tiny://"):
         return Path(resolve_model(name))
     config = model_config(name)
+    if layers is not None:
+        config.num_hidden_layers = layers
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
@@ -200,7 +223,7 @@ def linear_layer_count(model: Path) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kubetune.components.train.modeling import linear_layer_names
+    from kubetune.components.architectures import linear_layer_names
 
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(
@@ -226,9 +249,8 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorWithFlattening,
                           Trainer, TrainerCallback, TrainingArguments)
 from transformers.models.falcon import modeling_falcon
-from kubetune.components.architectures import family
-from kubetune.components.train.modeling import (count_quantized, linear_layer_names,
-                                                parameter_counts)
+from kubetune.components.architectures import family, linear_layer_names
+from kubetune.components.train.modeling import count_quantized, parameter_counts
 # transformers quantizes only modules of type nn.Linear: FalconLinear (the same x W^T + b)
 # becomes nn.Linear so every Falcon linear layer is 4-bit, as QLoRA means.
 modeling_falcon.FalconLinear = torch.nn.Linear
@@ -442,6 +464,7 @@ def main(argv=None) -> int:
         cases = CASES
     if args.cases:
         wanted = args.cases.split(",")
+        cases = cases + ([] if args.smoke else MOE_CASES)
         unknown = sorted(set(wanted) - {c.label for c in cases})
         if unknown:
             print(f"--cases: unknown {', '.join(unknown)}", file=sys.stderr)
@@ -454,13 +477,14 @@ def main(argv=None) -> int:
         work = Path(tmp)
         models, datasets = {}, {}
         for case in cases:
-            if case.model not in models:
-                models[case.model] = make_model(case.model, work / f"model-{len(models)}")
+            key = (case.model, case.layers)
+            if key not in models:
+                models[key] = make_model(case.model, work / f"model-{len(models)}", case.layers)
             if case.seq not in datasets:
                 # examples average ~150 tokens: enough of them for every step's packed rows
                 examples = args.steps * case.micro * max(1, case.seq // 128) + 200
                 datasets[case.seq] = make_dataset(work / f"data-{case.seq}", case.seq, examples)
-            model, dataset = models[case.model], datasets[case.seq]
+            model, dataset = models[(case.model, case.layers)], datasets[case.seq]
             ours = kubetune_side(model, dataset, case, args, work)
             theirs = baseline_side(model, dataset, case, args, work)
             auto = kubetune_side(model, dataset, case, args, work, micro="auto")
