@@ -106,9 +106,11 @@ def test_every_recipe_is_admitted_on_its_own_pool(objects, backend):
         "falcon-180b-lora-zero3": "h100-80gb",
         "falcon-40b-qlora": "a100-80gb",
         "falcon-7b-qlora": "a100-80gb",
+        "gpt-oss-20b-lora": "h100-80gb",
         "llama3-70b-full-fsdp": "h100-80gb",
         "llama3-70b-qlora-fsdp": "h100-80gb",
         "llama3-8b-lora-fsdp": "a100-80gb",
+        "qwen3-30b-a3b-qlora": "l4-24gb",
         "tiny-demo": "cpu",
     }
     # one node fewer of quota on the H100 pool and the largest recipe never runs

@@ -197,18 +197,23 @@ def test_merge_folds_lora_on_the_experts_exactly(cli, tmp_path, arch, layout):
         assert keys == set(f.keys())  # noqa: SIM118 (the base's names, in its layout)
 
 
-def test_merge_refuses_expert_lora_a_base_lacks(cli, tmp_path):
-    """An expert adapter of Qwen3-MoE merged into a dense base: refused, naming the tensor."""
+def expert_adapter(arch: str, folder, base_name: str | None):
+    """A peft adapter (zero-initialised B) on tiny://ARCH's q_proj and fused experts, its
+    adapter_config.json naming `base_name` as its base."""
     from peft import LoraConfig, get_peft_model
 
-    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny://qwen3-moe"))
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
-                                            target_parameters=EXPERTS))  # fmt: skip
-    adapter = tmp_path / "adapter"
-    model.save_pretrained(adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = None
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(f"tiny://{arch}"))
+    config = LoraConfig(r=4, target_modules=["q_proj"], target_parameters=EXPERTS)
+    get_peft_model(base, config).save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_merge_refuses_expert_lora_a_base_lacks(cli, tmp_path):
+    """An expert adapter of Qwen3-MoE merged into a dense base: refused, naming the tensor."""
+    adapter = expert_adapter("qwen3-moe", tmp_path / "adapter", None)
     out = tmp_path / "merged"
     result = merge(cli, adapter, out, "qwen3")
     assert_user_error(result, "model.layers.0.mlp.experts.", "does not have")
@@ -218,19 +223,10 @@ def test_merge_refuses_expert_lora_a_base_lacks(cli, tmp_path):
 def test_merge_refuses_an_mxfp4_base_with_one_line(cli, tmp_path):
     """An adapter on gpt-oss's experts merged into the MXFP4 checkpoint (tests/mxfp4.py):
     refused, naming the packed tensor, nothing written."""
-    from peft import LoraConfig, get_peft_model
-
     from .mxfp4 import mxfp4_copy
 
     folder = mxfp4_copy(resolve_model("tiny://gpt-oss"), tmp_path / "base")
-    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny://gpt-oss"))
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"],
-                                            target_parameters=EXPERTS))  # fmt: skip
-    adapter = tmp_path / "adapter"
-    model.save_pretrained(adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(folder)
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    adapter = expert_adapter("gpt-oss", tmp_path / "adapter", str(folder))
     out = tmp_path / "merged"
     result = cli("merge", TINY_DEMO, "--adapter", adapter, "--output", out,
                  "--set", f"model.name_or_path={folder}")  # fmt: skip

@@ -118,9 +118,8 @@ def pinned_version(name: str) -> str:
     raise KeyError(name)
 
 
-def test_ops_per_layer_match_the_dispatched_ops():
-    """LAYER_OPS and LORA_OPS are the aten ops a decoder layer dispatches (forward, backward),
-    recounted here: the difference between a 4-layer and a 2-layer model."""
+def dispatched_ops(net, ids) -> tuple[int, int]:
+    """The aten ops a forward and a backward of `net` on `ids` dispatch."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -130,20 +129,26 @@ def test_ops_per_layer_match_the_dispatched_ops():
             self.n += 1
             return func(*args, **(kwargs or {}))
 
+    mode = Count()
+    with mode:
+        loss = net(input_ids=ids, labels=ids).loss
+    forward = mode.n
+    with mode:
+        loss.backward()
+    return forward, mode.n - forward
+
+
+def test_ops_per_layer_match_the_dispatched_ops():
+    """LAYER_OPS and LORA_OPS are the aten ops a decoder layer dispatches (forward, backward),
+    recounted here: the difference between a 4-layer and a 2-layer model."""
+
     def per_layer(cfg, lora: bool):
         counts = []
         for layers in (2, 4):
             net = tiny_model(cfg, layers)
             if lora:
                 net = with_lora(net, cfg)
-            ids = torch.randint(0, 100, (2, 32))
-            mode = Count()
-            with mode:
-                loss = net(input_ids=ids, labels=ids).loss
-            forward = mode.n
-            with mode:
-                loss.backward()
-            counts.append((forward, mode.n - forward))
+            counts.append(dispatched_ops(net, torch.randint(0, 100, (2, 32))))
         (f2, b2), (f4, b4) = counts
         return (f4 - f2) / 2, (b4 - b2) / 2
 
@@ -191,14 +196,7 @@ def test_expert_ops_match_the_dispatched_ops():
         config._experts_implementation = "eager"
         torch.manual_seed(0)
         net = AutoModelForCausalLM.from_config(config)
-        ids = torch.randint(0, 100, (2, 64))
-        mode = Count()
-        with mode:
-            loss = net(input_ids=ids, labels=ids).loss
-        forward = mode.n
-        with mode:
-            loss.backward()
-        return forward, mode.n - forward
+        return dispatched_ops(net, torch.randint(0, 100, (2, 64)))
 
     (f4, b4), (f8, b8) = ops(4), ops(8)
     layers = 2

@@ -673,6 +673,20 @@ def test_data_and_model_must_belong_together(cli, dataset, tmp_path):
     assert not out.exists()
 
 
+def trained_with_lora(cli, tmp_path, arch: str):
+    """tiny://ARCH prepared and trained with LoRA (12 steps, 2 gloo workers), its eval loss
+    below the base model's: (the recipe's model setting, dataset, output, metrics)."""
+    name = f"model.name_or_path=tiny://{arch}"
+    data = tmp_path / "data"
+    assert run_prepare(data, name).code == 0
+    out = tmp_path / "lora"
+    result = train(cli, data, out, name, "train.max_steps=12", "train.lr=0.003", "lora.dropout=0")
+    assert result.code == 0, result
+    metrics = metrics_of(out)
+    assert metrics["eval_loss"] < eval_loss(base_model(arch), data)
+    return name, data, out, metrics
+
+
 # quantized linear layers of a 4-bit tiny MoE model: attention (and linear attention) and
 # shared-expert layers, then every routed expert's gate_up and down (MoE layers x 4 x 2)
 QUANTIZED = {"qwen3-moe": 8 + 2 * 4 * 2, "qwen3.5-moe": 4 + 3 * 3 + 4 * 3 + 4 * 4 * 2}
@@ -687,14 +701,7 @@ def test_todays_qwen3_families_train_with_lora_and_qlora(cli, tmp_path, arch):
     model's router terms logged in metrics.json; QLoRA on the MoE model quantizes every expert
     and trains its expert LoRA too. Both adapters load in peft on the stock transformers model,
     every expert's pair trained (B moved off its zero init), the router not adapted."""
-    name = f"model.name_or_path=tiny://{arch}"
-    data = tmp_path / "data"
-    assert run_prepare(data, name).code == 0
-    out = tmp_path / "lora"
-    result = train(cli, data, out, name, "train.max_steps=12", "train.lr=0.003", "lora.dropout=0")
-    assert result.code == 0, result
-    metrics = metrics_of(out)
-    assert metrics["eval_loss"] < eval_loss(base_model(arch), data)
+    name, data, out, metrics = trained_with_lora(cli, tmp_path, arch)
     assert metrics["trainable_params"] > 0 and metrics["world_size"] == 2
     if arch == "qwen3":
         assert metrics["objective_metrics"] is None and metrics["expert_tokens"] is None
@@ -754,14 +761,7 @@ def test_sliding_window_families_train_with_lora(cli, tmp_path, arch):
     the real CLI on 2 gloo workers, packed rows: LoRA lowers the eval loss below the base
     model's; gpt-oss's experts are adapted and its router is not. QLoRA on gpt-oss is refused:
     its experts are not the SwiGLU kind kubetune quantizes."""
-    name = f"model.name_or_path=tiny://{arch}"
-    data = tmp_path / "data"
-    assert run_prepare(data, name).code == 0
-    out = tmp_path / "lora"
-    result = train(cli, data, out, name, "train.max_steps=12", "train.lr=0.003", "lora.dropout=0")
-    assert result.code == 0, result
-    metrics = metrics_of(out)
-    assert metrics["eval_loss"] < eval_loss(base_model(arch), data)
+    name, data, out, metrics = trained_with_lora(cli, tmp_path, arch)
     assert metrics["attn_implementation"] == ("eager" if arch == "gpt-oss" else "sdpa")
     if arch == "gpt-oss":
         assert_expert_lora(out, arch)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kubetune.components.architectures import linear_layer_names
+from kubetune.components.architectures import family, linear_layer_names, quantized_linear_names
 from kubetune.components.config import load_recipe
 from kubetune.components.errors import UserError
 from kubetune.components.models import resolve_model
@@ -34,10 +34,13 @@ def qlora_cfg(arch: str, bits: int = 4):
 
 
 # transformers v5 fuses these families' experts into 3-D parameters (train/experts4bit.py)
-FUSED_EXPERTS = {"mixtral", "qwen3-moe"}
+FUSED_EXPERTS = {"mixtral", "qwen3-moe", "qwen3.5-moe"}
+# QLoRA refuses gpt-oss: its experts (with biases) are not the SwiGLU kind kubetune quantizes
+# (tests/test_train.py's test_sliding_window_families_train_with_lora)
+QLORA_REFUSED = {"gpt-oss"}
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - FUSED_EXPERTS))
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - FUSED_EXPERTS - QLORA_REFUSED))
 def test_qlora_quantizes_every_linear_layer(arch):
     """Every linear layer (Falcon's FalconLinear too) is a real bitsandbytes 4-bit layer whose
     dequantized weight is the checkpoint's weight within NF4 error."""
@@ -105,15 +108,14 @@ def test_qlora_quantizes_every_expert(arch):
     experts = (
         reference.config.num_local_experts if arch == "mixtral" else reference.config.num_experts
     )
-    assert quantized == len(linear_layer_names(reference)) + len(layers) * experts * 2
+    assert quantized == len(quantized_linear_names(reference)) + len(layers) * experts * 2
     packed = sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
     )
     head = reference.get_output_embeddings().weight
-    router = sum(
-        p.numel() for n, p in reference.named_parameters() if n.endswith("mlp.gate.weight")
-    )
-    other = reference.get_input_embeddings().weight.numel() + head.numel() + router
+    kept = tuple(family(reference.config.model_type).unquantized)  # the router, slivers
+    named = sum(p.numel() for n, p in reference.named_parameters() if n.endswith(kept))
+    other = reference.get_input_embeddings().weight.numel() + head.numel() + named
     small = sum(p.numel() for p in reference.parameters() if p.ndim < 2)
     assert packed == sum(p.numel() for p in reference.parameters()) - other - small
     for index, layer in enumerate(layers):

@@ -26,6 +26,18 @@ if TYPE_CHECKING:
 ALWAYS_UNQUANTIZED = "the output head, embedding tables, norms and biases"
 
 
+# The tiny models' scale (tiny://): 2 layers, hidden 64, 4 query heads of 16 over 2 key/value
+# heads, MLP 128; each family's builder keeps what makes it different.
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+}
+
+
 def layers_by_no_split_modules(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (FSDP's wrapping unit), found by the model's own
     `_no_split_modules` class names."""

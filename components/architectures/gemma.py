@@ -4,7 +4,7 @@ one) with 262K-token vocabularies."""
 
 from __future__ import annotations
 
-from .base import Family
+from .base import TINY_SHAPE, Family
 from .llama import GATED_MLP, PROJECTIONS, published_config
 
 
@@ -14,12 +14,7 @@ def tiny_gemma3(**kw):
     from transformers import Gemma3TextConfig
 
     return Gemma3TextConfig(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
+        **{**TINY_SHAPE, "num_hidden_layers": 3},
         query_pre_attn_scalar=16,
         sliding_window=8,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],

@@ -7,7 +7,7 @@ experts in MXFP4."""
 
 from __future__ import annotations
 
-from .base import Family
+from .base import TINY_SHAPE, Family
 from .llama import EXPERTS, PROJECTIONS, published_config
 
 
@@ -18,12 +18,7 @@ def tiny_gpt_oss(**kw):
     from transformers import GptOssConfig
 
     return GptOssConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=96,  # MXFP4 packs 32 weights a block
+        **{**TINY_SHAPE, "intermediate_size": 96},  # MXFP4 packs 32 weights a block
         num_local_experts=4,
         num_experts_per_tok=2,
         sliding_window=8,

@@ -9,7 +9,7 @@ its linear-attention layers one example at a time (train/linear_attention.py).""
 
 from __future__ import annotations
 
-from .base import Family
+from .base import TINY_SHAPE, Family
 from .llama import EXPERTS, GATED_MLP, PROJECTIONS, published_config
 
 ROUTER = {
@@ -17,28 +17,18 @@ ROUTER = {
     "choose each token's experts (QLoRA keeps it in the compute dtype)"
 }
 
-# The tiny models' scale; the MoE one keeps what makes the family different: 4 experts, top-2.
-_SMALL = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "intermediate_size": 128,
-}
-
 
 def tiny_qwen3(**kw):
     from transformers import Qwen3Config
 
-    return Qwen3Config(**_SMALL, tie_word_embeddings=True, **kw)
+    return Qwen3Config(**TINY_SHAPE, tie_word_embeddings=True, **kw)
 
 
 def tiny_qwen3_moe(**kw):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        **_SMALL,
+        **TINY_SHAPE,
         moe_intermediate_size=64,  # bitsandbytes' CPU inference path needs >= its block (64)
         num_experts=4,
         num_experts_per_tok=2,
@@ -54,11 +44,7 @@ def tiny_qwen3_5_moe(**kw):
     from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
 
     return Qwen3_5MoeTextConfig(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **{**TINY_SHAPE, "num_hidden_layers": 4},
         linear_key_head_dim=16,
         linear_value_head_dim=16,
         linear_num_key_heads=2,
