@@ -283,3 +283,20 @@ def find_params(node):
         if found:
             return found
     return {}
+
+
+def test_lora_on_a_bf16_moe_models_experts_plans_their_materialized_weights():
+    """peft's parameter LoRA makes each MoE layer's W + B A at every forward and keeps it for the
+    backward: gpt-oss-20b's recipe plans one more copy of every kept layer's experts (bf16) than
+    the same run with LoRA on attention only; a 4-bit base's pairs (Experts4bit) make none."""
+    from kubetune.components.planner.architecture import architecture
+
+    off = ["train.gradient_checkpointing=false"]
+    recipe = RECIPES / "gpt-oss-20b-lora.yaml"
+    experts = estimate(load_recipe(recipe, off), gpus=1).parts["activations"]
+    attention = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]
+    plain = estimate(load_recipe(recipe, off + attention), gpus=1).parts["activations"]
+    per_layer = 32 * (2880 * 2 * 2880 + 2880 * 2880)  # gate_up and down of 32 experts
+    assert experts - plain == 24 * per_layer * 2
+    qlora = load_recipe(RECIPES / "qwen3-30b-a3b-qlora.yaml")
+    assert not architecture(qlora).materialized_experts

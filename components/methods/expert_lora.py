@@ -153,8 +153,9 @@ def add_to_adapter(output, state: dict[str, torch.Tensor], leaves: tuple[str, ..
     from ..artifacts import PEFT_WEIGHTS_FILE
     from ..train.experts4bit import LORA_KEY
 
-    found = [(key, LORA_KEY.match(key.removeprefix(PEFT_PREFIX))) for key in state]
-    found = [(key, match) for key, match in found if match]
+    found = [
+        (key, match) for key in state if (match := LORA_KEY.match(key.removeprefix(PEFT_PREFIX)))
+    ]
     nesting = peft_nesting(leaves)
     file = Path(output) / PEFT_WEIGHTS_FILE
     tensors = load_file(str(file))

@@ -45,6 +45,10 @@ class Architecture:
     # are those)
     experts: int = 0
     moe_layers: int = 0
+    expert_params: int = 0  # every routed expert's weights (the fused 3-D tensors)
+    # LoRA adapts the routed experts of a bf16 base through peft's parameter LoRA, which makes
+    # each layer's W + B A anew at every forward and keeps it for the backward
+    materialized_experts: bool = False
     matmul_params: int | None = None
     adapter_matmul_params: int | None = None
 
@@ -214,6 +218,11 @@ def _count(config, cfg: RunConfig) -> Architecture:
         moe = {
             "experts": routed,
             "moe_layers": sum(1 for n, _ in model.named_modules() if n.endswith(".experts")),
+            "expert_params": sum(
+                p.numel() for n, p in model.named_parameters() if ".experts." in n and p.ndim == 3
+            ),
+            "materialized_experts": counts.routed_trainable > 0
+            and not method_of(cfg).quantized_base,
             "matmul_params": round(dense + experts * share),
             "adapter_matmul_params": round(
                 counts.trainable - counts.routed_trainable * (1 - share)

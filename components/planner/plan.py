@@ -10,7 +10,9 @@ shapes are exact. Memory per GPU is the sum of:
 - trainable state: LoRA weights fp32 + gradient fp32 + AdamW moments fp32 = 16 bytes/param;
   full fine-tuning: gradient in the weights' dtype + AdamW moments in the weights' dtype
   (what the worker runs: no fp32 master copy);
-- activations (Korthikanti et al. 2022, bf16): per layer and token (11 + 4 + MLP) * hidden
+- activations (Korthikanti et al. 2022, bf16): per layer and token (11 + 4 + MLP) * hidden;
+  with LoRA on a bf16 MoE model's experts, each kept layer's experts once more (peft makes
+  W + B A at each forward and keeps it for the backward)
   bytes, MLP = 2 + 8*i/h for gated MLPs or 2 + 4*i/h; a checkpointed layer keeps only its
   input (2*hidden bytes per token); with every layer checkpointed, one layer being recomputed
   adds its activations (with some, the bottom ones, the layers above have freed theirs); eager
@@ -115,7 +117,11 @@ def activation_bytes(arch: Architecture, tokens: int, seq: int, eager: bool, che
     # have freed their activations, so rebuilding one adds to the peak only when every layer
     # is checkpointed.
     recomputing = per_layer_token if checkpointed == arch.layers else 0
-    return tokens * (kept + recomputing)
+    saved = tokens * (kept + recomputing)
+    if arch.materialized_experts:  # each kept layer's W + B A (bf16), saved for its backward
+        per_layer = arch.expert_params / max(arch.moe_layers, 1) * 2
+        saved += per_layer * max(arch.layers - checkpointed, 1)
+    return saved
 
 
 def logits_bytes(cfg: RunConfig, arch: Architecture, tokens: int) -> float:

@@ -207,6 +207,11 @@ def work(arch, setup: Setup) -> Work:
     w.bytes["activations"] = T * L * saved_bytes_per_token_layer(arch) * (4 + recompute)
     if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
         w.bytes["lora"] = T * arch.adapted_features * 2 * 3
+    if adapter and arch.materialized_experts:
+        # assumed: peft's parameter LoRA makes every expert weight W + B_e A_e anew at each
+        # forward (read W, write and read the sum: 3 bf16 passes over the experts) and its
+        # backward writes and reads the gradient of that whole tensor before A and B get theirs
+        w.bytes["expert lora"] = arch.expert_params * 2 * (3 * (1 + recompute) + 3)
     w.bytes["logits"] = T * arch.vocab * LOGIT_BYTES[setup.loss]
     forward, backward = layer_ops(arch, setup)
     w.ops = L * (forward * (1 + recompute) + backward) + HEAD_OPS

@@ -88,19 +88,12 @@ def materialize(model: nn.Module, cfg: RunConfig, world) -> None:
     for index in range(_broadcast(len(files))):
         from safetensors import safe_open
 
-        ready: list[tuple[str, object]] = []  # (checkpoint name, its key or its tensor)
         handle = safe_open(str(files[index]), framework="pt") if world.main else None
-        for key in list(handle.keys()) if handle else []:  # noqa: SIM118 (not a dict)
-            if key in by_checkpoint:
-                ready.append((key, key))
-            else:  # a per-expert or MXFP4 tensor of a fused parameter
-                for assembler in assemblers:
-                    if assembler.needs(key):
-                        ready += assembler.take(key, handle.get_tensor(key))
-        for key in _broadcast([k for k, _ in ready] if handle else None):
+        ready = dict(shard_tensors(handle, by_checkpoint, assemblers)) if handle else {}
+        for key in _broadcast(list(ready) if handle else None):
             name = by_checkpoint[key]
-            value = dict(ready).get(key) if handle else None
-            tensor = handle.get_tensor(value) if isinstance(value, str) else value
+            value = ready.get(key)
+            tensor = handle.get_tensor(value) if handle and isinstance(value, str) else value
             _scatter_into(params[name], tensor, world.device)
             loaded.add(name)
     missing = [n for n in by_checkpoint.values() if n not in loaded]
@@ -120,6 +113,19 @@ def materialize(model: nn.Module, cfg: RunConfig, world) -> None:
                 else adapter_init(name, shape, generator)
             )
         _scatter_into(params[name], init, world.device)
+
+
+def shard_tensors(handle, by_checkpoint: dict[str, str], assemblers):
+    """(checkpoint name, its key in the shard or the tensor assembled) for every tensor of one
+    shard the model takes: its own, or a fused expert tensor the shard completes (per-expert
+    tensors stacked, MXFP4 blocks dequantized)."""
+    for key in list(handle.keys()):  # noqa: SIM118 (safe_open is not a dict)
+        if key in by_checkpoint:
+            yield key, key
+            continue
+        for assembler in assemblers:
+            if assembler.needs(key):
+                yield from assembler.take(key, handle.get_tensor(key))
 
 
 def expert_stacks(model: nn.Module, by_checkpoint: dict[str, str]) -> ExpertStacks:
