@@ -144,6 +144,7 @@ def fused_copy(arch: str, folder):
     return folder
 
 
+@pytest.mark.integration  # a merge end to end per layout: ~9 s each on 2 cores
 @pytest.mark.parametrize(
     "arch, layout",
     [
@@ -220,6 +221,7 @@ def test_merge_refuses_expert_lora_a_base_lacks(cli, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_merge_refuses_an_mxfp4_base_with_one_line(cli, tmp_path):
     """An adapter on gpt-oss's experts merged into the MXFP4 checkpoint (tests/mxfp4.py):
     refused, naming the packed tensor, nothing written."""
