@@ -18,7 +18,7 @@ import torch
 from ..architectures.base import Family
 from ..errors import UserError
 from ..methods.expert_lora import expert_deltas, model_order, pair_of, peft_nesting
-from ..train.experts4bit import PER_EXPERT
+from ..train.experts4bit import ExpertKeys
 
 
 def split_expert_pairs(config: dict, tensors: dict[str, torch.Tensor], record) -> dict[str, dict]:
@@ -50,25 +50,15 @@ class ExpertMerge:
                  adapter) -> None:  # fmt: skip
         self.pairs, self.record, self.rank, self.scale = pairs, record, rank, scale
         self.adapter = adapter
-        gate, up, down = record.experts_4bit or ("", "", "")
-        self.parts = {gate: ("gate_up_proj", 0), up: ("gate_up_proj", 1), down: ("down_proj", 0)}
+        self.keys = ExpertKeys(record.experts_4bit, record.checkpoint_renames)
 
     def experts(self, name: str) -> int:
         return self.pairs[name]["A"].shape[0] // self.rank
 
-    def rename(self, key: str) -> str:
-        for old, new in self.record.checkpoint_renames.items():
-            key = key.replace(old, new)
-        return key
-
     def per_expert(self, key: str) -> tuple[str, int, int] | None:
         """(fused parameter, expert, part: 0 gate or down, 1 up) of a per-expert base key."""
-        found = PER_EXPERT.match(self.rename(key))
-        if not found or found["part"] not in self.parts or self.record.experts_4bit is None:
-            return None
-        leaf, part = self.parts[found["part"]]
-        name = f"{found['layer']}.experts.{leaf}"
-        return (name, int(found["expert"]), part) if name in self.pairs else None
+        found = self.keys.fused(key)
+        return found if found and found[0] in self.pairs else None
 
     def missing(self, keys: set[str]) -> list[str]:
         """The adapted fused parameters the base has in neither layout."""

@@ -10,6 +10,7 @@ was trained on another base, targets a tensor the base lacks, or its shapes do n
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -67,9 +68,7 @@ def read_adapter(adapter: Path, base_family) -> tuple[dict, dict, dict, dict]:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor] = {}
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
-    experts = (
-        split_expert_pairs(config, tensors, base_family) if config.get("target_parameters") else {}
-    )
+    experts = split_expert_pairs(config, tensors, base_family)
     for name, tensor in tensors.items():
         key = name
         name = name.replace(".base_layer.", ".")  # peft's name for a wrapped layer's own bias
@@ -372,7 +371,8 @@ def merge(
     check_output(output, overwrite)
     if model_folder(adapter).has_prompts:  # LLaMA-Adapter (merged already: refused there)
         return merge_llama_adapter(cfg, adapter, output, overwrite)
-    config, pairs, biases, experts = read_adapter(adapter, lambda: base_record(cfg))
+    record = functools.cache(lambda: base_record(cfg))  # read once, only when asked
+    config, pairs, biases, experts = read_adapter(adapter, record)
     source = model_source(cfg.model)
     check_base(cfg, adapter, config, source)
     scale, fan_in_fan_out = scaling(config), bool(config.get("fan_in_fan_out"))
@@ -380,7 +380,7 @@ def merge(
     keys = base_keys(shards)
     expert_merge = None
     if experts:
-        expert_merge = ExpertMerge(experts, base_record(cfg), config["r"], scale, adapter)
+        expert_merge = ExpertMerge(experts, record(), config["r"], scale, adapter)
     missing = sorted((set(pairs) | set(biases)) - keys)
     missing += expert_merge.missing(keys) if expert_merge else []
     packed = [name for name in missing if f"{name}_blocks" in keys]

@@ -189,10 +189,11 @@ def _count(config, cfg: RunConfig) -> Architecture:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.tie_weights()  # from_config on meta leaves tied heads as separate tensors
-    params = {id(p): (n, p.numel()) for n, p in model.named_parameters()}  # a tied head once
-    total = sum(size for _, size in params.values())
+    # a tied head once: (name, elements, dimensions) by identity
+    params = {id(p): (n, p.numel(), p.ndim) for n, p in model.named_parameters()}
+    total = sum(size for _, size, _ in params.values())
     # the routed experts (under `.experts.`, fused 3-D or one module each)
-    experts = sum(size for name, size in params.values() if ".experts." in name)
+    experts = sum(size for name, size, _ in params.values() if ".experts." in name)
     record = family(config.model_type)
     linears = linear_layer_names(model)
     quantized = quantized_linear_names(model)
@@ -219,7 +220,7 @@ def _count(config, cfg: RunConfig) -> Architecture:
             "experts": routed,
             "moe_layers": sum(1 for n, _ in model.named_modules() if n.endswith(".experts")),
             "expert_params": sum(
-                p.numel() for n, p in model.named_parameters() if ".experts." in n and p.ndim == 3
+                size for name, size, dims in params.values() if ".experts." in name and dims == 3
             ),
             "materialized_experts": counts.routed_trainable > 0
             and not method_of(cfg).quantized_base,

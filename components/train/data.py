@@ -68,16 +68,12 @@ def document_block_mask(position_ids: torch.Tensor, window: int | None = None):
     def same_example_causal(b, h, q, kv):
         return (segment[b, q] == segment[b, kv]) & (q >= kv)
 
-    if window is not None:
-        document = same_example_causal
+    def within_window(b, h, q, kv):
+        return same_example_causal(b, h, q, kv) & (q - kv < window)
 
-        def same_example_causal(b, h, q, kv):  # noqa: F811 (the windowed version)
-            return document(b, h, q, kv) & (q - kv < window)
-
+    mask_mod = same_example_causal if window is None else within_window
     batch, length = position_ids.shape
-    return create_block_mask(
-        same_example_causal, batch, None, length, length, device=position_ids.device
-    )
+    return create_block_mask(mask_mod, batch, None, length, length, device=position_ids.device)
 
 
 FLEX_BLOCK = 128  # flex_attention's sparse block size

@@ -28,6 +28,41 @@ PER_EXPERT = re.compile(r"^(?P<layer>.+)\.experts\.(?P<expert>\d+)\.(?P<part>\w+
 FUSED = re.compile(r"^(?P<layer>.+)\.experts\.(?P<part>gate_up_proj|down_proj)$")
 
 
+class ExpertKeys:
+    """A family's checkpoint names for its experts' tensors, one per expert and projection
+    (`names`: the record's `experts_4bit`, the gate's, up's and down's; None: the family has no
+    such tensors; `renames`: its `checkpoint_renames`). `locate(key)`, on a renamed key, gives
+    (the layer, the fused tensor's leaf, the expert, the part: 0 gate or down, 1 up)."""
+
+    def __init__(self, names: tuple[str, str, str] | None, renames: dict[str, str]) -> None:
+        self.renames = renames
+        self.parts: dict[str, tuple[str, int]] = {}
+        if names is not None:
+            gate, up, down = names
+            self.parts = {gate: ("gate_up_proj", 0), up: ("gate_up_proj", 1),
+                          down: ("down_proj", 0)}  # fmt: skip
+
+    def rename(self, key: str) -> str:
+        for old, new in self.renames.items():
+            key = key.replace(old, new)
+        return key
+
+    def locate(self, key: str) -> tuple[str, str, int, int] | None:
+        found = PER_EXPERT.match(key)
+        if not found or found["part"] not in self.parts:
+            return None
+        leaf, part = self.parts[found["part"]]
+        return found["layer"], leaf, int(found["expert"]), part
+
+    def fused(self, key: str) -> tuple[str, int, int] | None:
+        """(the fused tensor's name, the expert, the part) of a checkpoint key as stored."""
+        located = self.locate(self.rename(key))
+        if located is None:
+            return None
+        layer, leaf, expert, part = located
+        return f"{layer}.experts.{leaf}", expert, part
+
+
 class Experts4bit(nn.Module):
     """A MoE layer's experts, each projection one quantized linear layer (`gate_up[e]`,
     `down[e]`); the forward is transformers' eager experts loop (Qwen3-MoE's and Mixtral's are
@@ -113,14 +148,9 @@ class ExpertTensors:
     def __init__(self, model: nn.Module, names: tuple[str, str, str] | None,
                  renames: dict[str, str], quantize: Callable[[nn.Module, torch.Tensor], None]):  # fmt: skip
         self.model, self.quantize, self.names = model, quantize, names
-        self.gate, self.up, self.down = names or ("", "", "")
-        self.renames = renames
-        self.waiting: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-
-    def rename(self, key: str) -> str:
-        for old, new in self.renames.items():
-            key = key.replace(old, new)
-        return key
+        self.keys = ExpertKeys(names, renames)
+        self.rename = self.keys.rename
+        self.waiting: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
 
     def take(self, key: str, tensor: torch.Tensor) -> bool:
         if self.names is None:
@@ -133,21 +163,19 @@ class ExpertTensors:
             for expert, weight in enumerate(tensor):
                 self.quantize(target[expert], weight)
             return True
-        found = PER_EXPERT.match(key)
-        if not found or found["part"] not in (self.gate, self.up, self.down):
+        located = self.keys.locate(key)
+        experts = self._experts(located[0]) if located else None
+        if located is None or experts is None:
             return False
-        experts = self._experts(found["layer"])
-        if experts is None:
-            return False
-        expert = int(found["expert"])
-        if found["part"] == self.down:
+        layer, leaf, expert, part = located
+        if leaf == "down_proj":
             self.quantize(experts.down[expert], tensor)
             return True
-        parts = self.waiting.setdefault((found["layer"], expert), {})
-        parts[found["part"]] = tensor
+        parts = self.waiting.setdefault((layer, expert), {})
+        parts[part] = tensor
         if len(parts) == 2:  # transformers' gate_up_proj is [gate; up]
-            del self.waiting[(found["layer"], expert)]
-            self.quantize(experts.gate_up[expert], torch.cat([parts[self.gate], parts[self.up]]))
+            del self.waiting[(layer, expert)]
+            self.quantize(experts.gate_up[expert], torch.cat([parts[0], parts[1]]))
         return True
 
     def _experts(self, layer: str) -> Experts4bit | None:
@@ -168,24 +196,16 @@ class ExpertStacks:
 
     def __init__(self, wanted: dict[str, int], names: tuple[str, str, str] | None,
                  renames: dict[str, str]) -> None:  # fmt: skip
-        self.wanted, self.renames = wanted, renames
-        gate, up, down = names or ("", "", "")
-        self.parts = {gate: ("gate_up_proj", 0), up: ("gate_up_proj", 1), down: ("down_proj", 0)}
-        self.parts.pop("", None)
+        self.wanted = wanted
+        self.keys = ExpertKeys(names, renames)
         self.waiting: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
 
     def needs(self, key: str) -> bool:
         return self._target(key) is not None
 
     def _target(self, key: str) -> tuple[str, int, int] | None:
-        for old, new in self.renames.items():
-            key = key.replace(old, new)
-        found = PER_EXPERT.match(key)
-        if not found or found["part"] not in self.parts:
-            return None
-        leaf, part = self.parts[found["part"]]
-        name = f"{found['layer']}.experts.{leaf}"
-        return (name, int(found["expert"]), part) if name in self.wanted else None
+        found = self.keys.fused(key)
+        return found if found and found[0] in self.wanted else None
 
     def take(self, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         target = self._target(key)

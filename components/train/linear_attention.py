@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MARK = "_kubetune_split_by_document"
-
 
 def is_linear_attention(module: nn.Module) -> bool:
     """transformers' Gated DeltaNet layers (Qwen3.5, Qwen3.5-MoE, Qwen3-Next)."""
@@ -37,12 +35,14 @@ def split_by_document(model: nn.Module) -> int:
     layers = [m for m in model.modules() if is_linear_attention(m)]
     if not layers:
         return 0
-    row: dict[str, torch.Tensor | None] = {"positions": None}
+    # each row's example bounds, for the forward under way (None: no row holds two examples)
+    row: dict[str, list[list[int]] | None] = {"bounds": None}
 
     def keep_positions(_module, args, kwargs):
         positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
-        packed = positions is not None and any(len(starts(p)) > 2 for p in positions)
-        row["positions"] = positions if packed else None
+        bounds = [starts(p) for p in positions] if positions is not None else []
+        packed = any(len(b) > 2 for b in bounds)
+        row["bounds"] = bounds if packed else None
         if packed and mask is not None and not isinstance(mask, dict) and len(mask.shape) == 4:
             # the row's mask is for the attention layers; the linear ones need no padding mask
             # once each example runs alone
@@ -53,23 +53,22 @@ def split_by_document(model: nn.Module) -> int:
     model.base_model.register_forward_pre_hook(keep_positions, with_kwargs=True)
     for layer in layers:
         layer.forward = _per_document(layer.forward, row)
-        setattr(layer, MARK, True)
     return len(layers)
 
 
 def _per_document(forward, row: dict):
     def run(hidden_states, cache_params=None, attention_mask=None, **kwargs):
-        positions = row["positions"]
-        if positions is None or cache_params is not None:
+        bounds = row["bounds"]
+        if bounds is None or cache_params is not None:
             return forward(hidden_states, cache_params=cache_params,
                            attention_mask=attention_mask, **kwargs)  # fmt: skip
         kwargs.pop("cu_seq_lens_q", None)  # each piece is one example
         outputs = []
         for b in range(hidden_states.shape[0]):
-            bounds = starts(positions[b] if positions.shape[0] > 1 else positions[0])
+            edges = bounds[b] if len(bounds) > 1 else bounds[0]
             pieces = [
                 forward(hidden_states[b : b + 1, begin:end], **kwargs)
-                for begin, end in zip(bounds, bounds[1:], strict=False)
+                for begin, end in zip(edges, edges[1:], strict=False)
             ]
             outputs.append(torch.cat(pieces, dim=1))
         return torch.cat(outputs, dim=0)

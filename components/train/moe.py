@@ -54,23 +54,21 @@ class RouterWatch:
         """(load-balancing loss, the experts' load) of the recorded forward; `mask`: 1.0 for
         each real token, in the routers' (batch x sequence) row order."""
         mask = mask.reshape(-1).float()
-        picks = torch.zeros(self.experts, dtype=torch.float32, device=mask.device)
-        probs = torch.zeros(self.experts, dtype=torch.float32, device=mask.device)
-        rows = mask.new_zeros(())
-        per_layer = []
+        empty = torch.zeros(self.experts, dtype=torch.float32, device=mask.device)
+        probs = empty
+        per_layer = []  # each layer's top-k picks per expert, over the real tokens
         for logits in self.logits:
             weights = torch.softmax(logits.float(), dim=-1)
             _, chosen = torch.topk(weights, self.top_k, dim=-1)
-            layer = torch.zeros_like(picks).scatter_add(
-                0, chosen.reshape(-1), mask.repeat_interleave(self.top_k)
+            per_layer.append(
+                empty.scatter_add(0, chosen.reshape(-1), mask.repeat_interleave(self.top_k))
             )
-            per_layer.append(layer.detach())
-            picks = picks + layer
             probs = probs + (weights * mask.unsqueeze(-1)).sum(dim=0)
-            rows = rows + mask.sum()
+        rows = mask.sum() * len(self.logits)
         self.logits = []
+        counted = torch.stack(per_layer) if per_layer else empty[None]
+        picks = counted.sum(dim=0)
         if per_layer:
-            counted = torch.stack(per_layer)
             self.tokens = counted if self.tokens is None else self.tokens + counted
         aux = torch.sum((picks / rows) * (probs / rows)) * self.experts
         even = picks.sum() / self.experts
