@@ -61,9 +61,12 @@ class DataConfig(Section):
         description="JSON/JSONL/CSV/Parquet file or folder, saved HF dataset folder, "
         "s3:// URI, hub dataset id, or sample://NAME for data shipped with kubetune."
     )
-    format: Literal["alpaca", "dolly", "samsum", "chat", "template"] = Field(
+    format: Literal["alpaca", "dolly", "samsum", "chat", "template", "preference"] = Field(
         description="alpaca: instruction/input/output; dolly: instruction/context/response; "
-        "samsum: dialogue/summary; chat: messages[{role, content}]; template: data.template."
+        "samsum: dialogue/summary; chat: messages[{role, content}]; template: data.template; "
+        "preference: prompt/chosen/rejected pairs (text or chat messages), the Anthropic HH "
+        "layout (chosen/rejected dialogues sharing a prompt) or UltraFeedback's message lists, "
+        "for the preference objectives (train.objective dpo, ipo, simpo, orpo)."
     )
     template: str | None = Field(
         None, description="format=template: the prompt, with {field} names."
@@ -75,7 +78,21 @@ class DataConfig(Section):
         "train", description="Split to read from a hub dataset or a saved DatasetDict."
     )
     max_seq_len: int = Field(
-        512, gt=0, description="Tokens per training row (prompt + response + EOS)."
+        512,
+        gt=0,
+        description="Tokens per training row (prompt + response + EOS). data.format=preference: "
+        "tokens per sequence (prompt + chosen or rejected answer + EOS); a row holds a pair, "
+        "or packed pairs, in up to 2 x max_seq_len tokens.",
+    )
+    max_prompt_len: int | None = Field(
+        None,
+        gt=0,
+        description="data.format=preference: a longer prompt keeps its last max_prompt_len "
+        "tokens (the turn the answers reply to; a BOS the tokenizer adds stays); then an answer "
+        "that still does not fit max_seq_len loses its tail. Default: max_seq_len / 2.",
+        # left out of a dumped recipe while unset: recipes and compiled pipelines from before
+        # preference data read the same
+        exclude_if=lambda value: value is None,
     )
     overlength: Literal["truncate", "drop"] = Field(
         "truncate",
@@ -244,7 +261,9 @@ class TrainConfig(Section):
     )
     objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]  # components/objectives/
         "sft",
-        description="What the loss is: sft, the next-token cross-entropy over the completion.",
+        description="What the loss is: sft, the next-token cross-entropy over the completion; "
+        "dpo, ipo (against a reference model), simpo, orpo (reference-free) on preference "
+        "pairs (data.format=preference; their parameters in `preference`).",
         # left out of a dumped recipe while it is the default: recipes and compiled pipelines
         # from before objectives read the same
         exclude_if=lambda value: value == "sft",

@@ -126,6 +126,14 @@ def cmd_evaluate(args) -> int:
             f"{name:6} {loss:>10} {ppl:>11} {m['rouge1']:8.4f} {m['rouge2']:8.4f} "
             f"{m['rougeL']:8.4f} {m['exact_match']:6.3f}"
         )
+    if metrics["tuned"].get("preference_accuracy") is not None:  # held-out pairs
+        for name, m in sides:
+            reward = m.get("reward_accuracy")
+            print(
+                f"{name:6} preference accuracy {m['preference_accuracy']:.4f} on {m['pairs']} "
+                "held-out pairs"
+                + (f", reward accuracy {reward:.4f} (base as reference)" if reward else "")
+            )
     rows = (metrics.get("lm_eval") or {}).get("tasks", [])
     if rows:
         width = max(len(f"{r['task']} {r['metric']}") for r in rows)

@@ -112,6 +112,7 @@ def test_every_recipe_is_admitted_on_its_own_pool(objects, backend):
         "llama3-8b-lora-fsdp": "a100-80gb",
         "qwen3-30b-a3b-qlora": "l4-24gb",
         "tiny-demo": "cpu",
+        "tiny-dpo": "cpu",
     }
     # one node fewer of quota on the H100 pool and the largest recipe never runs
     smaller = copy.deepcopy(queue)

@@ -72,7 +72,9 @@ def test_sft_is_transformers_next_token_loss():
 def test_train_objective_takes_the_registered_names_and_dumps_as_before():
     cfg = load_recipe(TINY_DEMO)
     assert "objective" not in dump_config(cfg)  # recipes and compiled pipelines are unchanged
-    with pytest.raises(UserError, match="train.objective must be one of 'sft', got 'dpo'"):
+    with pytest.raises(UserError, match="train.objective must be one of 'sft', 'dpo', 'ipo', "):
+        load_recipe(TINY_DEMO, ["train.objective=kto"])
+    with pytest.raises(UserError, match="train.objective=dpo trains on pairs: it needs data.fo"):
         load_recipe(TINY_DEMO, ["train.objective=dpo"])
 
 
@@ -86,7 +88,7 @@ class Halved(Objective):
     def collate(self, rows, pad_id, attn, dtype, pad_to=0):
         return SFT.collate(rows, pad_id, attn, dtype, pad_to)
 
-    def loss(self, model, batch, device, attn):
+    def loss(self, model, batch, device, attn, reference=None):
         value = SFT.loss(model, batch, device, attn).value / 2
         return Loss(value, {"doubled": value.detach() * 4})
 
@@ -106,7 +108,8 @@ def test_the_eval_loop_takes_its_loss_from_the_objective(one_rank, monkeypatch):
     cfg = load_recipe(TINY_DEMO, ["model.name_or_path=tiny://llama", "train.micro_batch_size=1"])
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny://llama"), dtype=torch.float32)
     split = Dataset.from_list(rows())
-    sft = evaluate(cfg, model, split, one_rank, 0, "sdpa", torch.float32)
+    sft, metrics = evaluate(cfg, model, split, one_rank, 0, "sdpa", torch.float32)
+    assert metrics == {}
     with torch.no_grad():
         single = [
             float(SFT.loss(model, collate([row], 0, "sdpa", torch.float32), CPU, "sdpa").value)
@@ -114,8 +117,10 @@ def test_the_eval_loop_takes_its_loss_from_the_objective(one_rank, monkeypatch):
         ]
     assert sft == pytest.approx((single[0] * 4 + single[1] * 2) / 6)  # token-weighted
     monkeypatch.setitem(REGISTRY, "sft", Halved())
-    halved = evaluate(cfg, model, split, one_rank, 0, "sdpa", torch.float32)
+    halved, metrics = evaluate(cfg, model, split, one_rank, 0, "sdpa", torch.float32)
     assert halved == pytest.approx(sum(single) / 2 / 2)  # each batch weighs 1
+    # its metric, weighted as its loss: the mean of 4 x each batch's halved loss
+    assert metrics == {"doubled": pytest.approx(sum(single) / 2 * 4 / 2)}
 
 
 def test_the_objectives_metrics_are_logged_beside_the_loss(one_rank):

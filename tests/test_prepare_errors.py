@@ -104,7 +104,7 @@ def test_unknown_format(cli, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", dolly_rows(3))
     assert_user_error(
         run(cli, tmp_path, path, "sharegpt"),
-        "data.format must be one of 'alpaca', 'dolly', 'samsum', 'chat' or 'template', got 'sharegpt'",
+        "data.format must be one of 'alpaca', 'dolly', 'samsum', 'chat', 'template' or 'preference', got 'sharegpt'",
     )
 
 

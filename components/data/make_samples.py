@@ -5,6 +5,10 @@
 `samples/dialogsum.jsonl` is a samsum-format task (``dialogue`` with CRLF line breaks,
 ``summary``) built from templates, so that a tiny model can learn it on a CPU in minutes:
 the summary copies names, the activity, the place, the day and the time out of the dialogue.
+`samples/preference.jsonl` is a preference set (``prompt``, ``chosen``, ``rejected``) over the
+same dialogues: the chosen answer is the right summary; the rejected one a refusal, an answer
+about something else, a summary with a wrong fact (a name, place, day or time the dialogue
+does not have), or a summary that stops half way.
 `corpus.txt` is the fixed text the ``tiny://`` tokenizers are trained on.
 """
 
@@ -132,6 +136,51 @@ def make_dialogsum(n: int, seed: int = 1234) -> list[dict[str, str]]:
     return rows
 
 
+SAMSUM_PROMPT = "Summarize this dialog:\n{dialogue}\n---\nSummary:\n"
+REFUSALS = [
+    "I can't summarize this dialog.",
+    "Sorry, I don't know.",
+    "Summarize it yourself.",
+    "This dialog is too long to read.",
+]
+OFF_TOPIC = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France.",
+    "Hello! How can I help you today?",
+    "0 1 2 3 4 5 6 7 8 9 10.",
+]
+
+
+def wrong_fact(summary: str, dialogue: str, rng: random.Random) -> str | None:
+    """The summary with one name, place, day or time the dialogue does not have."""
+    for values in rng.sample([NAMES, PLACES, DAYS, TIMES], 4):
+        present = [v for v in values if v in summary]
+        absent = [v for v in values if v not in dialogue]
+        if present and absent:
+            return summary.replace(rng.choice(present), rng.choice(absent))
+    return None
+
+
+def make_preference(n: int, seed: int = 4321) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for row in make_dialogsum(n, seed):
+        dialogue = row["dialogue"].replace("\r\n", "\n")
+        summary = row["summary"]
+        kind = rng.randrange(4)
+        rejected = None
+        if kind == 2:
+            rejected = wrong_fact(summary, dialogue, rng)
+        if kind == 3:
+            words = summary.split()
+            rejected = " ".join(words[: max(2, len(words) // 3)])
+        if rejected is None:
+            rejected = rng.choice(REFUSALS if kind == 0 else OFF_TOPIC)
+        prompt = SAMSUM_PROMPT.format(dialogue=dialogue)
+        rows.append({"prompt": prompt, "chosen": summary, "rejected": rejected})
+    return rows
+
+
 def make_corpus(rows: list[dict[str, str]]) -> str:
     prose = (
         "Below is an instruction that describes a task, paired with an input that provides "
@@ -150,5 +199,8 @@ if __name__ == "__main__":
     (HERE / "samples").mkdir(exist_ok=True)
     with open(HERE / "samples" / "dialogsum.jsonl", "w", encoding="utf-8", newline="\n") as f:
         for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with open(HERE / "samples" / "preference.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        for row in make_preference(600):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     (HERE / "corpus.txt").write_text(make_corpus(make_dialogsum(300, seed=99)), encoding="utf-8")

@@ -19,7 +19,11 @@ ROWS = (
     ("rouge2", "ROUGE-2", "higher"),
     ("rougeL", "ROUGE-L", "higher"),
     ("exact_match", "exact match", "higher"),
+    # preference data only (rows left out when neither model has them)
+    ("preference_accuracy", "preference accuracy (held-out pairs)", "higher"),
+    ("reward_accuracy", "reward accuracy (base as reference)", "higher"),
 )
+OPTIONAL = {"preference_accuracy", "reward_accuracy"}
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -91,6 +95,8 @@ def _metrics_table(metrics: dict) -> str:
     head = "<tr><th>metric</th>" + ("<th>base</th>" if base else "") + "<th>tuned</th></tr>"
     rows = [head]
     for key, label, better in ROWS:
+        if key in OPTIONAL and tuned.get(key) is None and not (base and base.get(key) is not None):
+            continue
         cells = f"<td>{label}</td>"
         css = ""
         if base and tuned.get(key) is not None and base.get(key) is not None:
@@ -171,6 +177,15 @@ def render_report(
     ]
     if training:
         body += ["<h2>Training loss</h2>", loss_curve_svg(training)]
+    if training and training.get("eval_metrics"):  # a preference objective's last evaluation
+        cells = "".join(
+            f'<tr><td>{escape(k)}</td><td class="num">{_num(v)}</td></tr>'
+            for k, v in training["eval_metrics"].items()
+        )
+        body += [
+            f"<h2>Training's last evaluation ({escape(str(training.get('objective')))})</h2>",
+            f"<table><tr><th>metric</th><th>eval split</th></tr>{cells}</table>",
+        ]
     body.append("<h2>Generations</h2>")
     head = "<tr><th>#</th><th>prompt</th><th>reference</th>"
     head += ("<th>base</th>" if base else "") + "<th>tuned</th></tr>"

@@ -2,6 +2,12 @@
 tuned model and (optionally) the base model side by side; metrics.json, generations.jsonl and
 a report.html a person reads.
 
+Preference data (pairs): the eval loss is the chosen answers' mean loss per token, and each
+model's `preference_accuracy` the share of held-out pairs whose chosen answer it gives the
+higher mean log-probability per token; the tuned model's `reward_accuracy` is DPO's implicit
+reward accuracy with the base as the reference. Generations answer each pair's prompt, scored
+against its chosen answer.
+
 Prompts are the eval split's own prompt tokens (exactly what training conditioned on), the
 first `eval.num_prompts` rows, generated in batches of `eval.batch_size` with left padding and
 greedy decoding unless `eval.do_sample`. Eval loss is the token-weighted mean cross entropy over
@@ -35,6 +41,7 @@ from ..errors import UserError
 from ..models import load_tokenizer, model_source, resolve_model
 from ..outputs import check_output, staged_output
 from . import harness
+from .pairs import answer_logps, documents, preference_scores, reward_accuracy
 from .report import render_report
 from .scores import per_example, score_texts
 
@@ -219,7 +226,15 @@ def score_model(
         generate_seconds = time.monotonic() - started
     model = load_model(name, cfg, dtype, device)
     started = time.monotonic()
-    loss, tokens = eval_loss(model, split, cfg.eval.batch_size, tokenizer.pad_token_id)
+    pairs: dict = {}
+    if cfg.data.format == "preference":  # held-out pairs: each document scored on its own
+        docs = documents(split)
+        logps, counts = answer_logps(model, docs, cfg.eval.batch_size, tokenizer.pad_token_id)
+        pairs = preference_scores(logps, counts)
+        loss, tokens = pairs.pop("eval_loss"), pairs.pop("eval_tokens")
+        pairs["_logps"] = logps
+    else:
+        loss, tokens = eval_loss(model, split, cfg.eval.batch_size, tokenizer.pad_token_id)
     loss_seconds = time.monotonic() - started
     if answers is None:
         started = time.monotonic()
@@ -233,6 +248,7 @@ def score_model(
         "loss_seconds": round(loss_seconds, 3),
         "generate_seconds": round(generate_seconds, 3),
         "engine": cfg.eval.engine,
+        **pairs,
     }
     if tasks is not None:
         started = time.monotonic()
@@ -357,10 +373,14 @@ def evaluate(
 
     tuned, tuned_answers = score_model(model_dir, cfg, split, prompts, tokenizer, tasks)
     tuned.update(score_texts(tuned_answers, references))
+    tuned_logps = tuned.pop("_logps", None)
     base, base_answers = None, None
     if baseline is not None:
         base, base_answers = score_model(baseline, cfg, split, prompts, tokenizer, tasks)
         base.update(score_texts(base_answers, references))
+        base_logps = base.pop("_logps", None)
+        if tuned_logps is not None and base_logps is not None:
+            tuned["reward_accuracy"] = reward_accuracy(tuned_logps, base_logps)
     rows = harness.side_by_side(base["lm_eval"], tuned["lm_eval"]) if base and tasks else []
     metrics: dict = {
         "num_prompts": n,
@@ -381,6 +401,10 @@ def evaluate(
         metrics["improvement"] = {
             k: tuned[k] - base[k] for k in ("rouge1", "rouge2", "rougeL", "exact_match")
         }
+        if tuned.get("preference_accuracy") is not None:
+            metrics["improvement"]["preference_accuracy"] = (
+                tuned["preference_accuracy"] - base["preference_accuracy"]
+            )
         if tuned["eval_loss"] is not None and base["eval_loss"] is not None:
             metrics["improvement"]["eval_loss"] = base["eval_loss"] - tuned["eval_loss"]
     generations = side_by_side(head, references, tuned_answers, base_answers)
@@ -401,7 +425,10 @@ def kfp_metrics(metrics: dict) -> dict[str, float]:
     flat = {}
     for side in ("tuned", "baseline"):
         if metrics.get(side):
-            for key in ("eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "exact_match"):
+            for key in (
+                "eval_loss", "perplexity", "rouge1", "rouge2", "rougeL", "exact_match",
+                "preference_accuracy", "reward_accuracy",
+            ):  # fmt: skip
                 if metrics[side].get(key) is not None:
                     flat[f"{side}_{key}"] = float(metrics[side][key])
     for row in (metrics.get("lm_eval") or {}).get("tasks", []):

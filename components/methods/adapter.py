@@ -4,6 +4,7 @@ and trained norms. The output is `adapter.safetensors` with `kubetune_adapter.js
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 class Adapter(Method):
     name = "adapter"
     kind = ModelKind.PROMPTS
+    switches_off = True
     # lit-parrot / lit-llama finetune/adapter.py (the LLaMA-Adapter paper's 9e-3)
     published: ClassVar[dict[str, Any]] = {"train.lr": 9e-3, "train.weight_decay": 0.02}
 
@@ -27,6 +29,20 @@ class Adapter(Method):
         from .llama_adapter import check_architecture
 
         check_architecture(cfg.method, load_config(cfg.model), cfg.adapter.start_layer)
+
+    @contextmanager
+    def reference(self, model: nn.Module):
+        """Every layer's learned prompt off (LLaMA-Adapter v1 changes nothing else)."""
+        from .llama_adapter import Prefix
+
+        prefixes = [m for m in model.modules() if isinstance(m, Prefix)]
+        for prefix in prefixes:
+            prefix.off = True
+        try:
+            yield
+        finally:
+            for prefix in prefixes:
+                prefix.off = False
 
     def adapt(self, cfg: RunConfig, model: nn.Module, fused_lora: bool) -> nn.Module:
         from .llama_adapter import AdapterSpec, install
@@ -53,5 +69,6 @@ class AdapterV2(Adapter):
     name = "adapter_v2"
     # its head has its own bias and scale, which only the head's own forward applies
     head_forward = True
+    switches_off = False  # it trains the base's norms: switched off is not the base
     # lit-parrot finetune/adapter_v2.py
     published: ClassVar[dict[str, Any]] = {"train.lr": 9e-3, "train.weight_decay": 0.02}

@@ -42,6 +42,9 @@ class Method:
     trains_base: bool = False  # the base's own weights train (the whole model is saved)
     lora_matmuls: bool = False  # adds LoRA's A/B matmuls beside targeted linear layers
     head_forward: bool = False  # its output head must run its own forward (not a fused loss)
+    # what it adds can be switched off, leaving the base model (`reference`): the reference
+    # of dpo/ipo then needs no second copy of the model
+    switches_off: bool = False
     # published settings for `kubetune compare` (dotted keys, as for --set)
     published: ClassVar[dict[str, Any]] = {}
 
@@ -65,6 +68,12 @@ class Method:
         """Write the trained result (rank 0). `state`: the full state dict a sharded run
         gathered (FSDP, ZeRO-3), else None (the model's own tensors)."""
         model.save_pretrained(output, state_dict=state, safe_serialization=True)
+
+    def reference(self, model: nn.Module):
+        """A context manager inside which `model` (this method's adapted model, unwrapped)
+        computes the base model's outputs: what it added switched off. Only for methods
+        with `switches_off`."""
+        raise NotImplementedError(f"method {self.name} cannot switch its training off")
 
     # --- the planner --------------------------------------------------------------------------
     def count(self, cfg: RunConfig, model: nn.Module, linears: list[str]) -> Counts:

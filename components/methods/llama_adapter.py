@@ -118,6 +118,7 @@ class Prefix(nn.Module):
         self.query: torch.Tensor | None = None  # set by the hooks during one forward
         self.rope = None
         self.busy = False  # projecting the prefix: the query hook must not record it
+        self.off = False  # the base's attention alone (a preference objective's reference)
 
     def split(self, attn: nn.Module, projected: torch.Tensor, part: int) -> torch.Tensor:
         """(batch, seq, heads, head_dim) of the query (0), key (1) or value (2); keys and values
@@ -145,6 +146,8 @@ class Prefix(nn.Module):
         """attended: the attention output before its projection, (batch, seq, heads*head_dim)."""
         projected, rope = self.query, self.rope
         self.query = self.rope = None
+        if self.off:
+            return attended
         if projected is None:
             raise RuntimeError("adapter: the query hook did not run before the output projection")
         batch, seq, _ = attended.shape

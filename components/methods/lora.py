@@ -4,6 +4,7 @@ train/modeling.py's load_quantized). The adapter's weights are fp32 master weigh
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..artifacts import ModelKind
@@ -95,8 +96,24 @@ class LoRA(Method):
     name = "lora"
     kind = ModelKind.LORA
     lora_matmuls = True
+    switches_off = True
     # lit-parrot / lit-llama finetune/lora.py
     published: ClassVar[dict[str, Any]] = {"train.lr": 3e-4, "train.weight_decay": 0.0}
+
+    @contextmanager
+    def reference(self, model: nn.Module):
+        """peft's adapters off, and the 4-bit experts' own pairs (train/experts4bit.py)."""
+        from ..train.experts4bit import Experts4bit
+
+        experts = [m for m in model.modules() if isinstance(m, Experts4bit)]
+        with model.disable_adapter():
+            for module in experts:
+                module.lora_off = True
+            try:
+                yield
+            finally:
+                for module in experts:
+                    module.lora_off = False
 
     def adapt(self, cfg: RunConfig, model: nn.Module, fused_lora: bool) -> nn.Module:
         model = add_lora(cfg, model)

@@ -1,5 +1,6 @@
 """Training objectives (`train.objective`), one module each behind base.py's `Objective`:
-`sft`, the next-token loss (sft.py). `objective_of(cfg)` is the recipe's.
+`sft`, the next-token loss (sft.py); `dpo`, `ipo`, `simpo`, `orpo` on preference pairs
+(preference.py). `objective_of(cfg)` is the recipe's, with its parameters.
 
 A new objective: a module with its `Objective` subclass, its line in REGISTRY below (the
 recipe's `train.objective` accepts the registered names) and, if its rows differ, what
@@ -10,16 +11,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import Loss, Objective
+from .preference import DPO, IPO, ORPO, SimPO
 from .sft import NextToken
 
 if TYPE_CHECKING:
     from ..config import RunConfig
 
-REGISTRY: dict[str, Objective] = {o.name: o for o in (NextToken(),)}
+REGISTRY: dict[str, Objective] = {o.name: o for o in (NextToken(), DPO(), IPO(), SimPO(), ORPO())}
 NAMES = tuple(REGISTRY)
 
 __all__ = ["NAMES", "REGISTRY", "Loss", "Objective", "objective_of"]
 
 
 def objective_of(cfg: RunConfig) -> Objective:
-    return REGISTRY[cfg.train.objective]
+    return REGISTRY[cfg.train.objective].configured(cfg)

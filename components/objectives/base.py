@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from ..config import RunConfig
+
 
 @dataclass
 class Loss:
@@ -25,6 +27,22 @@ class Objective:
     name: str = ""
     columns: tuple[str, ...] = ()  # what a prepared row holds for it
     metrics: tuple[str, ...] = ()  # the names its Loss.metrics carries, in log order
+    needs_reference = False  # its loss compares with a reference model's log-probabilities
+    data_format: str | None = None  # the data.format it needs (None: any but preference)
+
+    def configured(self, cfg: RunConfig) -> Objective:
+        """This objective with the recipe's parameters for it."""
+        return self
+
+    def validate(self, cfg: RunConfig) -> None:
+        """Settings this objective cannot run with: ValueError naming the key."""
+        if cfg.data.format == "preference":
+            raise ValueError(
+                f"data.format=preference holds pairs for a preference objective (dpo, ipo, "
+                f"simpo, orpo), not train.objective={self.name}"
+            )
+        if cfg.preference.model_fields_set:
+            raise ValueError(f"preference.* has no meaning for train.objective={self.name}")
 
     def metrics_for(self, model) -> tuple[str, ...]:
         """The metrics its Loss carries when training `model` (some depend on the model)."""
@@ -37,7 +55,9 @@ class Objective:
         (real tokens, computed tokens, examples)."""
         raise NotImplementedError
 
-    def loss(self, model, batch: dict, device: torch.device, attn: str) -> Loss:
+    def loss(self, model, batch: dict, device: torch.device, attn: str, reference=None) -> Loss:
+        """`reference`: the run's reference model (train/reference.py) for objectives that
+        need one live; None otherwise."""
         raise NotImplementedError
 
     def weight(self, batch: dict) -> int:

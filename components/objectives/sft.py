@@ -34,7 +34,7 @@ class NextToken(Objective):
 
         return collate(rows, pad_id, attn, dtype, pad_to)
 
-    def loss(self, model, batch: dict, device: torch.device, attn: str) -> Loss:
+    def loss(self, model, batch: dict, device: torch.device, attn: str, reference=None) -> Loss:
         from ..train.attention import FLEX
         from ..train.data import COUNTS, document_block_mask, real_tokens
         from ..train.moe import watch_of

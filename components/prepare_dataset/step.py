@@ -25,6 +25,7 @@ import itertools
 import json
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from ..outputs import check_output, staged_output
 from .arrow_out import OrderedDigest, SplitWriter, chunk_table, table_nbytes
 from .encode import Encoder, available_cpus, encode_all
 from .packing import pack_order
+from .preference import PreferenceEncoder, documents, pair_lengths
 from .ragged import offsets_of, pack_ordered
 from .readers import read_records
 from .spill import Spill
@@ -46,7 +48,8 @@ from .spill import Spill
 
 def spill_examples(cfg: RunConfig, tokenizer, spill: Spill, progress: Progress) -> dict:
     """Read, encode and spill every usable record; returns the counts stats.json reports."""
-    encoder = Encoder(cfg.data, tokenizer)
+    preference = cfg.data.format == "preference"
+    encoder = PreferenceEncoder(cfg.data, tokenizer) if preference else Encoder(cfg.data, tokenizer)
     # JSON Lines: the workers parse the lines (unless max_rows counts them here)
     whole_lines = not cfg.data.max_rows
     records = read_records(cfg.data.path, encoder.required, cfg.data.split, whole_lines)
@@ -82,11 +85,19 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def write_split(
-    folder: Path, spill: Spill, flat: np.ndarray, sizes: np.ndarray, digest: OrderedDigest, texts
+    folder: Path,
+    spill: Spill,
+    flat: np.ndarray,
+    sizes: np.ndarray,
+    digest: OrderedDigest,
+    texts,
+    pairs: bool = False,
 ) -> str:
     """A split whose row i packs the next `sizes[i]` examples of `flat` (all 1 when unpacked);
-    returns its fingerprint (the digest over every split so far)."""
-    text_bytes = [spill.text_bytes(n, flat) for n in ("prompt", "ref")] if texts else []
+    returns its fingerprint (the digest over every split so far). `pairs` (preference data):
+    an eval row is one pair, its texts the chosen document's prompt and answer."""
+    texted = flat[0::2] if pairs else flat
+    text_bytes = [spill.text_bytes(n, texted) for n in ("prompt", "ref")] if texts else []
     writer = SplitWriter(
         folder,
         len(sizes),
@@ -98,7 +109,11 @@ def write_split(
     def table(first: int, end: int):
         examples = flat[starts[first] : starts[end]]
         rows = spill.rows(examples)
-        if texts:  # eval: one example per row, never packed
+        if texts and pairs:  # eval: one pair per row, never packed
+            rows, positions = pack_ordered(rows, sizes[first:end])
+            names = {"prompt": "prompt", "reference": "ref"}
+            columns = {col: spill.texts(name, examples[0::2]) for col, name in names.items()}
+        elif texts:  # eval: one example per row, never packed
             positions = rows.position_ids()
             names = {"prompt": "prompt", "reference": "ref"}
             columns = {col: spill.texts(name, examples) for col, name in names.items()}
@@ -124,6 +139,47 @@ def _length_stats(lengths: np.ndarray) -> dict:
     }
 
 
+@dataclass
+class Layout:
+    """The splits' rows: train row i packs the next `train_sizes[i]` documents of
+    `train_flat`; eval row j the next `eval_sizes[j]` of `eval_docs`."""
+
+    train_flat: np.ndarray
+    train_sizes: np.ndarray
+    eval_docs: np.ndarray
+    eval_sizes: np.ndarray
+    train_tokens: int
+    eval_tokens: int
+    units: int  # examples, or pairs
+    train_units: int
+    capacity: int  # tokens a row may hold
+    pairs: bool
+
+
+def layout(cfg: RunConfig, lengths: np.ndarray) -> Layout:
+    """Split and pack the units: examples, or pairs of documents (preference data: a pair is
+    never split, and a row holds up to 2 x max_seq_len tokens)."""
+    pairs = cfg.data.format == "preference"
+    units = pair_lengths(lengths) if pairs else lengths
+    per_unit = 2 if pairs else 1
+    capacity = cfg.data.max_seq_len * per_unit
+    train_idx, eval_idx = split_indices(len(units), cfg.data.eval_fraction, cfg.data.seed)
+    train_flat = train_idx
+    train_sizes: np.ndarray = np.ones(len(train_idx), dtype=np.int64)
+    if cfg.data.packing:
+        order, train_sizes = pack_order(units[train_idx], capacity)
+        train_flat = train_idx[order]
+    eval_sizes: np.ndarray = np.full(len(eval_idx), per_unit, np.int64)
+    train_tokens, eval_tokens = int(units[train_idx].sum()), int(units[eval_idx].sum())
+    if pairs:  # pairs -> their documents
+        train_flat, eval_idx = documents(train_flat), documents(eval_idx)
+        train_sizes = train_sizes * 2
+    return Layout(
+        train_flat, train_sizes, eval_idx, eval_sizes, train_tokens, eval_tokens, len(units),
+        len(train_idx), capacity, pairs,
+    )  # fmt: skip
+
+
 def prepare(cfg: RunConfig, output_dir: str | Path, overwrite: bool = False) -> dict:
     """Run the step; returns the stats also written to `output_dir/stats.json`."""
     output = Path(output_dir)
@@ -140,13 +196,14 @@ def prepare(cfg: RunConfig, output_dir: str | Path, overwrite: bool = False) -> 
                 f"{cfg.data.path}: no usable rows left out of {counts['read']} ({reasons})"
             )
 
-        train_idx, eval_idx = split_indices(len(lengths), cfg.data.eval_fraction, cfg.data.seed)
-        train_flat = train_idx
-        train_sizes: np.ndarray = np.ones(len(train_idx), dtype=np.int64)
-        if cfg.data.packing:
-            order, train_sizes = pack_order(lengths[train_idx], cfg.data.max_seq_len)
-            train_flat = train_idx[order]
-        train_tokens, n_train = int(lengths[train_idx].sum()), len(train_sizes)
+        lay = layout(cfg, lengths)
+        train_flat, train_sizes, eval_idx, eval_sizes = (
+            lay.train_flat,
+            lay.train_sizes,
+            lay.eval_docs,
+            lay.eval_sizes,
+        )
+        preference, n_train = lay.pairs, len(train_sizes)
 
         digest = OrderedDigest()
         # datasets cannot load back an empty split it saved: no eval split when there is none
@@ -155,7 +212,7 @@ def prepare(cfg: RunConfig, output_dir: str | Path, overwrite: bool = False) -> 
         fingerprint = write_split(staging / "train", spill, train_flat, train_sizes, digest, False)
         if len(eval_idx):
             fingerprint = write_split(
-                staging / "eval", spill, eval_idx, np.ones(len(eval_idx), np.int64), digest, True
+                staging / "eval", spill, eval_idx, eval_sizes, digest, True, preference
             )
         del spill
         shutil.rmtree(work)
@@ -166,27 +223,30 @@ def prepare(cfg: RunConfig, output_dir: str | Path, overwrite: bool = False) -> 
             "model": cfg.model.name_or_path,
             "max_seq_len": cfg.data.max_seq_len,
             "rows_read": counts["read"],
-            "rows_kept": len(lengths),
+            "rows_kept": lay.units,
             "rows_dropped": dict(sorted(dropped.items())),
             "rows_dropped_total": sum(dropped.values()),
             "truncated_rows": counts["truncated"],
             "overlength_policy": cfg.data.overlength,
             "tokens": {
                 "total": int(lengths.sum()),
-                "train": train_tokens,
-                "eval": int(lengths[eval_idx].sum()),
+                "train": lay.train_tokens,
+                "eval": lay.eval_tokens,
                 "response": counts["response"],
             },
-            "splits": {"train": n_train, "eval": len(eval_idx)},
-            "examples": {"train": len(train_idx), "eval": len(eval_idx)},
+            "splits": {"train": n_train, "eval": len(eval_sizes)},
+            "examples": {"train": lay.train_units, "eval": len(eval_sizes)},
             "example_length": _length_stats(lengths),
             "packing": {
                 "enabled": cfg.data.packing,
                 "rows": n_train,
-                "efficiency": round(train_tokens / (n_train * cfg.data.max_seq_len), 4)
+                "efficiency": round(lay.train_tokens / (n_train * lay.capacity), 4)
                 if n_train
                 else 0.0,
             },
+            **(
+                {"pairs": {"train": lay.train_units, "eval": len(eval_sizes)}} if preference else {}
+            ),
             "fingerprint": fingerprint,
             "tokenizer": tokenizer_record(tokenizer, cfg.model.name_or_path),
         }

@@ -15,11 +15,12 @@ from ..architectures import decoder_layers, family_note
 from ..config import RunConfig
 from ..errors import UserError
 from ..methods import method_of
+from ..objectives import objective_of
 from ..planner.fit import Fit, as_set
 from ..planner.kernel_choice import Kernels, select_kernels
 from . import checkpoint as ckpt
 from .attention import FLEX, use_flex_attention, windowed_masks
-from .kernels import apply_kernels, compile_layers
+from .kernels import apply_kernels, compile_layers, use_token_logps
 from .linear_attention import split_by_document
 from .meta_load import materialize
 from .modeling import (
@@ -156,6 +157,8 @@ def build_model(cfg: RunConfig, world: World, attn: str, fit: Fit, packed: bool)
         use_flex_attention(model)
     kernels = select_kernels(cfg, world.device, model.config.model_type, packed)
     apply_kernels(model, kernels)
+    if objective_of(cfg).data_format == "preference":  # answer log-probabilities, chunked
+        use_token_logps(model, chunked=kernels.loss != "transformers")
     model = method_of(cfg).adapt(cfg, model, fused_lora=kernels.lora == "fused")
     layers = decoder_layers(model)
     apply_checkpointing(model, layers, fit.checkpointed_layers)

@@ -86,6 +86,12 @@ def flex_length(max_seq_len: int) -> int:
     return -(-max_seq_len // FLEX_BLOCK) * FLEX_BLOCK
 
 
+def row_tokens(cfg) -> int:
+    """The most tokens a prepared row holds: data.max_seq_len, twice that for preference
+    data (a pair of sequences, or packed pairs)."""
+    return cfg.data.max_seq_len * (2 if cfg.data.format == "preference" else 1)
+
+
 def pad_length(attn: str, max_seq_len: int) -> int:
     """The length every batch is padded to: flex_length for flex_attention, else none (0)."""
     return flex_length(max_seq_len) if attn == "flex_attention" else 0
@@ -124,6 +130,13 @@ def collate(rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to
     return batch
 
 
+def document_starts(positions: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """(rows, length) bool: where each real example (document) of a padded batch begins; the
+    pads after a row's `lengths` tokens start none."""
+    real = torch.arange(positions.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    return (positions == 0) & real
+
+
 # host-side numbers of a batch, not inputs
 COUNTS = ("tokens", "padded_tokens", "examples", "lengths")
 
@@ -160,7 +173,11 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         columns = self.split[[int(i) for i in self.plan.rows(k)]]
         keys = self.objective.columns
-        rows = [{c: columns[c][i] for c in keys} for i in range(len(columns[keys[0]]))]
+        index = self.plan.rows(k)
+        rows = [
+            {**{c: columns[c][i] for c in keys}, "_row": int(index[i]), "_split": "train"}
+            for i in range(len(columns[keys[0]]))
+        ]
         return self.objective.collate(rows, self.pad_id, self.attn, self.dtype, self.pad_to)
 
 

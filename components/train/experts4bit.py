@@ -77,6 +77,7 @@ class Experts4bit(nn.Module):
         self.down = nn.ModuleList(make_linear(two_inter // 2, hidden) for _ in range(experts))
         self.lora_scaling = 0.0
         self.lora_leaves: set[str] = set()
+        self.lora_off = False  # the base's experts alone (a preference objective's reference)
 
     def add_lora(self, r: int, scaling: float, leaves: set[str]) -> None:
         """LoRA on the experts (methods/expert_lora.py): per projection `leaf` (gate_up_proj,
@@ -95,7 +96,7 @@ class Experts4bit(nn.Module):
 
     def _project(self, leaf: str, layers: nn.ModuleList, expert: int, x: torch.Tensor):
         out = layers[expert](x)
-        if leaf not in self.lora_leaves:
+        if leaf not in self.lora_leaves or self.lora_off:
             return out
         lora_a, lora_b = getattr(self, f"lora_{leaf}_A"), getattr(self, f"lora_{leaf}_B")
         rank = lora_a.shape[0] // self.num_experts

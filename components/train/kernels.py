@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from types import MethodType
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ..artifacts import IGNORE_INDEX
 from ..errors import UserError
@@ -136,6 +138,120 @@ def _chunked_loss_forward(self, input_ids=None, labels=None, **kwargs):
     with gather:
         loss = linear_cross_entropy(outputs[0], weight, labels)
     return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+# --- answer-token log-probabilities (the preference objectives) -----------------------------
+
+
+def _logps_chunks(hidden, weight, targets, chunk: int, want_h: bool):
+    """(log p(target) per row in fp32, d logp/d hidden per row or None), a chunk of rows at a
+    time. d logp_i / d h_i = W[y_i] - softmax_i @ W, one hidden-sized row per token."""
+    logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if want_h else None
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start : start + chunk].to(weight.dtype)
+        y = targets[start : start + chunk]
+        logits = (h @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        logps[start : start + chunk] = logits.gather(1, y[:, None])[:, 0] - lse
+        if grad_h is not None:
+            probs = logits.sub_(lse[:, None]).exp_().to(weight.dtype)
+            grad_h[start : start + chunk] = weight[y] - probs @ weight
+    return logps, grad_h
+
+
+@dataclass
+class TokenLogps(ModelOutput):
+    """What the forward returns with `logps_of`: each answer token's log-probability (fp32)."""
+
+    logps: torch.Tensor | None = None
+
+
+class _TokenLogps(torch.autograd.Function):
+    """The hidden states' gradient rows are computed in the forward (where the chunk's logits
+    exist) and scaled by each token's incoming gradient in backward; a trained head's
+    gradient recomputes the chunk's logits in backward (method=full)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        logps, grad_h = _logps_chunks(hidden, weight, targets, chunk, ctx.needs_input_grad[0])
+        ctx.chunk = chunk
+        ctx.save_for_backward(grad_h, hidden if ctx.needs_input_grad[1] else None, weight, targets)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, hidden, weight, targets = ctx.saved_tensors
+        gh = grad_h * grad_output[:, None].to(grad_h.dtype) if grad_h is not None else None
+        gw = None
+        if hidden is not None:
+            gw = torch.zeros_like(weight, dtype=torch.float32)
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[start : start + ctx.chunk].to(weight.dtype)
+                y, g = targets[start : start + ctx.chunk], grad_output[start : start + ctx.chunk]
+                logits = (h @ weight.t()).float()
+                probs = logits.sub_(torch.logsumexp(logits, -1)[:, None]).exp_()
+                probs.neg_()[torch.arange(h.shape[0], device=h.device), y] += 1.0
+                gw += (probs.mul_(g[:, None].float()).to(weight.dtype).t() @ h).float()
+            gw = gw.to(weight.dtype)
+        return gh, gw, None, None
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices of the positions whose next token is a label, those labels): labels shift
+    by one as in transformers' loss, row-major order."""
+    shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    index = (shifted != IGNORE_INDEX).nonzero()[:, 0]
+    return index, shifted[index]
+
+
+def token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """log p(label) of every answer token (labels not -100, shifted by one), in row-major
+    order, from `hidden` (B, L, H) through the bias-free head `weight` (V, H): only the answer
+    positions' rows go through the head, a chunk at a time (no B x L x V logits)."""
+    index, targets = answer_positions(labels)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    chunk = chunk or chunk_rows(max(rows.shape[0], 1), weight.shape[1], weight.shape[0])
+    if not torch.is_grad_enabled():
+        return _logps_chunks(rows, weight, targets, chunk, False)[0]
+    return _TokenLogps.apply(rows, weight, targets, chunk)
+
+
+def _logps_forward(self, input_ids=None, logps_of=None, **kwargs):
+    """The causal LM's forward; with `logps_of` (labels) it returns `TokenLogps`: the log-
+    probability of each answer token (`token_logps`), chunked through the head when the
+    model allows (`chunked_loss_supported`), else from the model's own logits."""
+    if logps_of is None:
+        return self._kubetune_forward(input_ids=input_ids, **kwargs)
+    kwargs.pop("logits_to_keep", None)
+    kwargs["use_cache"] = False
+    if not self._kubetune_chunked_logps:
+        logits = type(self).forward(self, input_ids=input_ids, **kwargs).logits
+        index, targets = answer_positions(logps_of)
+        rows = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
+        return TokenLogps(logps=rows.log_softmax(-1).gather(1, targets[:, None])[:, 0])
+    body = getattr(self, self.base_model_prefix)
+    hidden = body(input_ids=input_ids, **kwargs)[0]
+    weight = self.get_output_embeddings().weight
+    gather = nullcontext()
+    if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partition: gather the (frozen) head
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if weight.ds_status != ZeroParamStatus.AVAILABLE:
+            gather = deepspeed.zero.GatheredParameters([weight])
+    with gather:
+        return TokenLogps(logps=token_logps(hidden, weight, logps_of))
+
+
+def use_token_logps(model: nn.Module, chunked: bool) -> None:
+    """Let the model's forward return answer-token log-probabilities (`logps_of=labels`):
+    through the head in chunks where `chunked` and the model allows, else from its logits."""
+    model._kubetune_forward = model.forward  # what runs without logps_of (kernels' own)
+    model._kubetune_chunked_logps = chunked and chunked_loss_supported(model) is None
+    model.forward = MethodType(_logps_forward, model)
 
 
 def chunked_loss_supported(model: nn.Module) -> str | None:

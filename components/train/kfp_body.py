@@ -34,12 +34,23 @@ def train(
     if metrics is not None:
         for name, value in final_figures(out).metrics().items():
             metrics.log_metric(name, value)
+        for name, value in eval_figures(out).items():
+            metrics.log_metric(name, value)
     if summary_path is not None:
         from ..planner.forecast import prediction_markdown
 
         record = json.loads((out / METRICS_FILE).read_text())
         Path(summary_path).write_text(prediction_markdown(record.get("prediction")))
     return str(out)
+
+
+def eval_figures(out: Path) -> dict[str, float]:
+    """The objective's metrics on the eval split after the last step, as `eval_NAME` (a
+    preference objective's reward accuracy and margin, rewards and log-probabilities)."""
+    record = json.loads((out / METRICS_FILE).read_text())
+    figures = {"eval_loss": record.get("eval_loss")}
+    figures.update({f"eval_{k}": v for k, v in (record.get("eval_metrics") or {}).items()})
+    return {k: float(v) for k, v in figures.items() if v is not None}
 
 
 def final_figures(out: Path):

@@ -13,11 +13,13 @@ import torch
 from ..architectures import decoder_layers
 from ..config import RunConfig
 from ..objectives import objective_of
+from ..objectives.preference import reference_mode
 from ..planner.forecast import compare
 from .build import unwrap
 from .data import (
     batch_loader,
     pad_length,
+    row_tokens,
 )
 from .measure import StepFlops, start_profiler
 from .metrics import (
@@ -45,35 +47,48 @@ WARMUP_STEPS = 5  # steps left out of steady_tokens_per_second
 
 @torch.no_grad()
 def evaluate(
-    cfg: RunConfig, model, split, world: World, pad_id: int, attn: str, dtype
-) -> float | None:
-    """The objective's mean eval loss (weighted as the objective says: tokens for sft), the
-    split sharded across ranks.
+    cfg: RunConfig,
+    model,
+    split,
+    world: World,
+    pad_id: int,
+    attn: str,
+    dtype,
+    objective=None,
+    reference=None,
+) -> tuple[float | None, dict[str, float]]:
+    """The objective's mean eval loss (weighted as the objective says: tokens for sft, pairs
+    for the preference objectives) and its metrics' means (weighted the same), the split
+    sharded across ranks.
 
     Every rank runs the same number of forwards (FSDP and ZeRO-3 forwards are collectives); a
     rank whose share has run out repeats a row and discards the result."""
     if split is None or len(split) == 0:
-        return None
-    objective = objective_of(cfg)
+        return None, {}
+    objective = objective or objective_of(cfg)
     model.eval()
-    pad_to = pad_length(attn, cfg.data.max_seq_len)
+    pad_to = pad_length(attn, row_tokens(cfg))
     loss_sum = weight = 0.0
+    sums: dict[str, float] = {}
     indices = list(range(world.rank, len(split), world.size))
     size = cfg.train.micro_batch_size
     assert isinstance(size, int), "resolved(cfg, fit) set the micro batch"
     batches = math.ceil(math.ceil(len(split) / world.size) / size)
     for b in range(batches):
         chunk = indices[b * size : (b + 1) * size]
-        rows = [split[i] for i in chunk or [0]]
+        rows = [{**split[i], "_row": i, "_split": "eval"} for i in chunk or [0]]
         batch = objective.collate(rows, pad_id, attn, dtype, pad_to)
-        loss = objective.loss(model, batch, world.device, attn).value
+        out = objective.loss(model, batch, world.device, attn, reference)
         if chunk:
             n = objective.weight(batch)
-            loss_sum += float(loss) * n
+            loss_sum += float(out.value) * n
             weight += n
+            for name, value in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
     model.train()
     total = all_reduce_sum(weight, world)
-    return all_reduce_sum(loss_sum, world) / total if total else None
+    means = {name: all_reduce_sum(sums.get(name, 0.0), world) / total for name in sorted(sums)}
+    return (all_reduce_sum(loss_sum, world) / total if total else None), (means if total else {})
 
 
 class Loop:
@@ -99,10 +114,11 @@ class Loop:
         self.warm_step = run.start + WARMUP_STEPS if steady else None
         self.warm_seconds: float | None = None
         self.warm_tokens = 0.0
+        self.eval_history: list[dict] = []  # every evaluation during training
         self.step_flops = StepFlops(cfg, world, synchronize)
         # one row length for compiled layers (packed rows): static shapes, one compile
-        self.pad_to = pad_length(run.attn, cfg.data.max_seq_len) or (
-            cfg.data.max_seq_len if kernels.compile and run.packed else 0
+        self.pad_to = pad_length(run.attn, row_tokens(cfg)) or (
+            row_tokens(cfg) if kernels.compile and run.packed else 0
         )
 
     def batches(self):
@@ -137,7 +153,7 @@ class Loop:
                 batch = next(batches)
                 no_sync = self.ddp_accum and micro < accum - 1
                 with model.no_sync() if no_sync else nullcontext():
-                    out = run.objective.loss(model, batch, world.device, run.attn)
+                    out = run.objective.loss(model, batch, world.device, run.attn, run.reference)
                     if self.is_ds:
                         model.backward(out.value)
                         model.step()
@@ -180,12 +196,18 @@ class Loop:
         synchronize(run.world)
         pause = time.perf_counter()
         if evaluating:
-            eval_loss = evaluate(
+            eval_loss, eval_metrics = evaluate(
                 run.cfg, run.model, run.eval_split, run.world, self.pad_id, run.attn,
-                run.built.dtype,
+                run.built.dtype, run.objective, run.reference,
             )  # fmt: skip
             if run.writer is not None and eval_loss is not None:
                 run.writer.add_scalar("eval/loss", eval_loss, done)
+                for name, value in eval_metrics.items():
+                    run.writer.add_scalar(f"eval/{name}", value, done)
+            if run.world.main and eval_metrics:
+                line = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                print(f"step {done}: eval loss {eval_loss:.4f}, {line}", flush=True)
+            self.eval_history.append({"step": done, "loss": eval_loss, **eval_metrics})
         if saving:
             save_checkpoint(
                 run.cfg, run.output, done, run.world, run.model, run.optimizer, run.losses,
@@ -255,5 +277,8 @@ def run_metrics(run: Session, loop: Loop, seconds: float, flops_token: float) ->
         dataset_fingerprint=run.stats.get("fingerprint"),
         prediction=compare(run.predicted, per_second(loop.padded * world.size), round(seconds, 3)),
         objective_metrics=loop.log.metrics or None,
+        eval_history=loop.eval_history or None,
+        objective=run.objective.name,
+        reference=reference_mode(run.cfg),
         expert_tokens=expert_tokens(model, world),
     )

@@ -54,6 +54,13 @@ class TrainMetrics:
     train_seconds: float
     dataset_fingerprint: str | None
     eval_loss: float | None = None  # after the last step
+    # the objective's metrics on the eval split after the last step (preference objectives:
+    # rewards_chosen, rewards_rejected, reward_accuracy, reward_margin, logps_*), weighted as
+    # its loss; and at each train.eval_steps evaluation before it
+    eval_metrics: dict | None = None
+    eval_history: list | None = None
+    objective: str = "sft"
+    reference: str | None = None  # dpo/ipo: live or precomputed (train/reference.py)
     peak_memory_bytes: int | None = None
     mfu: float | None = None
     prediction: dict | None = None  # the speed model's, beside what the run measured

@@ -97,6 +97,7 @@ class Session:
     losses: list = field(default_factory=list)
     predicted: dict | None = None
     writer: Any = None
+    reference: Any = None  # a preference objective's live reference (train/reference.py)
 
 
 def load_session(args) -> Session:
@@ -145,6 +146,9 @@ def start_session(args) -> Session:
     run.model, run.optimizer, run.scheduler = wrap(
         cfg, built.model, world, built.dtype, built.ds_config, run.steps
     )
+    from .reference import set_up
+
+    run.reference = set_up(run)  # before resume: a precomputed reference is the base's
     run.start, run.losses = resume(
         cfg, run.output, world, run.model, run.optimizer, run.scheduler, run.steps
     )

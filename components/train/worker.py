@@ -65,7 +65,13 @@ def run(args) -> None:
     loop = Loop(session)
     seconds = loop.train()
     metrics = run_metrics(session, loop, seconds, flops_token)
-    evaluation = (session.eval_split, session.attn, built.dtype)
+    evaluation = (
+        session.eval_split,
+        session.attn,
+        built.dtype,
+        session.objective,
+        session.reference,
+    )
     finish(
         cfg, model, session.tokenizer, session.world, session.output, evaluation, session.writer,
         metrics, flops_token,
@@ -107,22 +113,28 @@ def finish(
     flops_per_token: float,
 ) -> None:
     """Final eval, the adapter or weights, then metrics.json (last: it marks a finished run)."""
-    eval_split, attn, dtype = evaluation
-    eval_loss = evaluate(cfg, model, eval_split, world, tokenizer.pad_token_id, attn, dtype)
+    eval_split, attn, dtype, objective, reference = evaluation
+    eval_loss, eval_metrics = evaluate(
+        cfg, model, eval_split, world, tokenizer.pad_token_id, attn, dtype, objective, reference
+    )
     save_outputs(cfg, model, tokenizer, output, world, metrics.dataset_fingerprint)
     peak = all_reduce_max(peak_memory(world), world)
     if world.main:
         tps = metrics.tokens_per_second
         metrics.eval_loss = eval_loss
+        metrics.eval_metrics = eval_metrics or None
         metrics.peak_memory_bytes = int(peak)
         metrics.mfu = mfu(flops_per_token, tps, world) if tps else None
         if eval_loss is not None:
             writer.add_scalar("eval/loss", eval_loss, metrics.steps)
+        for name, value in eval_metrics.items():
+            writer.add_scalar(f"eval/{name}", value, metrics.steps)
         writer.close()
         write_resolved(cfg, output)
         write_json(output / METRICS_FILE, metrics.as_dict())
+        measured = "".join(f", eval {k} {v:.4f}" for k, v in eval_metrics.items())
         print(
-            f"done: {metrics.steps} steps, eval loss {eval_loss}, attention "
+            f"done: {metrics.steps} steps, eval loss {eval_loss}{measured}, attention "
             f"{metrics.attn_implementation}, kernels {metrics.kernels}, wrote {output}",
             flush=True,
         )
