@@ -79,7 +79,7 @@ def _shared_prompt(chosen: str, rejected: str) -> str:
         if a != b:
             break
         n += 1
-    end = chosen.rfind(HH_TURN, 0, n - len(HH_TURN) + 1) if n >= len(HH_TURN) else -1
+    end = chosen.rfind(HH_TURN, 0, n)  # the last tag inside the shared text
     if end < 0:
         raise RowError(
             "no prompt: `chosen` and `rejected` share no text up to an "
