@@ -300,3 +300,58 @@ def test_lora_on_a_bf16_moe_models_experts_plans_their_materialized_weights():
     assert experts - plain == 24 * per_layer * 2
     qlora = load_recipe(RECIPES / "qwen3-30b-a3b-qlora.yaml")
     assert not architecture(qlora).materialized_experts
+
+
+def test_plan_knows_the_preference_objective():
+    """A dpo row holds a pair (twice max_seq_len): its memory is sft's on rows twice as long,
+    a frozen reference copy adds the policy's weights once more, and a step adds the
+    reference's forward (flops without gradients); precomputed log-probabilities cost one
+    forward pass over the data instead."""
+    from dataclasses import replace
+
+    from kubetune.components.planner.architecture import architecture
+    from kubetune.components.planner.data_figures import data_figures
+    from kubetune.components.planner.fit import as_set
+    from kubetune.components.planner.forecast import planned_setup, wall_parts
+    from kubetune.components.planner.gpus import GPU_TYPES
+    from kubetune.components.planner.speed import Efficiency, step_time, work
+
+    recipe = RECIPES / "llama3-8b-lora-fsdp.yaml"
+    pairs = ["train.objective=dpo", "data.format=preference"]
+    sft = load_recipe(recipe)
+    doubled = load_recipe(recipe, [f"data.max_seq_len={2 * sft.data.max_seq_len}"])
+    dpo = load_recipe(recipe, pairs)
+    assert estimate(dpo).parts == estimate(doubled).parts
+    assert estimate(dpo).seq_len == 2 * sft.data.max_seq_len
+    full_live = estimate(load_recipe(recipe, [*pairs, "method=full", "preference.reference=live"]))
+    assert full_live.parts["reference copy"] == full_live.parts["weights"] > 0
+    assert "reference copy" not in estimate(load_recipe(recipe, [*pairs, "method=full"])).parts
+
+    eff, gpu = Efficiency.load(), GPU_TYPES["H100-80GB"]
+
+    def step(cfg):
+        arch = architecture(cfg)
+        fit = as_set(cfg, arch.layers, "as run")
+        data = data_figures(cfg, None)
+        setup = planned_setup(cfg, arch, fit, data, cfg.distributed.world_size)
+        return arch, setup, data, step_time(arch, setup, gpu, eff)
+
+    arch, setup, data, live = step(dpo)
+    assert setup.reference_forward and setup.row_len == 2 * sft.data.max_seq_len
+    flops = work(arch, setup).flops
+    no_ref = work(arch, replace(setup, reference_forward=False)).flops
+    assert flops["reference forward"] == pytest.approx(
+        no_ref["forward"] * (arch.linear_params + arch.hidden * arch.vocab)
+        / (arch.linear_params + arch.hidden * arch.vocab + arch.adapter_params)
+    )
+    assert live.step_seconds > step_time(arch, replace(setup, reference_forward=False), gpu,
+                                         eff).step_seconds  # fmt: skip
+    simpo = load_recipe(recipe, ["train.objective=simpo", "data.format=preference"])
+    assert not step(simpo)[1].reference_forward
+    pre = load_recipe(recipe, [*pairs, "preference.reference=precomputed"])
+    arch, setup, data, timed = step(pre)
+    assert not setup.reference_forward
+    parts = wall_parts(pre, arch, setup, timed, 100, data)
+    assert parts["reference pass"] > 0 and "reference pass" not in wall_parts(
+        dpo, *step(dpo)[:2], live, 100, data
+    )

@@ -20,7 +20,13 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, Objective] = {o.name: o for o in (NextToken(), DPO(), IPO(), SimPO(), ORPO())}
 NAMES = tuple(REGISTRY)
 
-__all__ = ["NAMES", "REGISTRY", "Loss", "Objective", "objective_of"]
+__all__ = ["NAMES", "REGISTRY", "Loss", "Objective", "objective_of", "row_tokens"]
+
+
+def row_tokens(cfg: RunConfig) -> int:
+    """The most tokens a prepared row holds: data.max_seq_len, twice that for preference
+    data (a pair of sequences, or packed pairs)."""
+    return cfg.data.max_seq_len * (2 if cfg.data.format == "preference" else 1)
 
 
 def objective_of(cfg: RunConfig) -> Objective:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..objectives import row_tokens
 
 # Published train-split sizes of hub datasets the recipes use (no download to plan).
 KNOWN_DATASET_ROWS = {
@@ -35,17 +36,21 @@ class Data:
     source: str  # where the figures come from
 
 
-def row_shape(seq: int, packed: bool, lengths: dict) -> tuple[int, int]:
+def row_shape(seq: int, packed: bool, lengths: dict, per_row: int = 1) -> tuple[int, int]:
     """(computed tokens of a row, attention span per token): packed rows are `seq` long and a
     token attends within its example (the mean one); an unpacked row is padded to the longest
-    example and attends over it."""
-    longest = min(seq, int(lengths["max"]))
+    example and attends over it. `per_row`: examples an unpacked row holds (2: a preference
+    pair, each document attending within itself)."""
+    longest = min(seq, int(lengths["max"]) * per_row)
     mean = max(1, min(seq, round(float(lengths["mean"]))))
+    if per_row > 1:  # a pair's documents attend within themselves
+        return (seq, mean) if packed else (longest, min(seq, int(lengths["max"])))
     return (seq, mean) if packed else (longest, longest)
 
 
 def data_figures(cfg: RunConfig, dataset: str | Path | None) -> Data:
-    seq = cfg.data.max_seq_len
+    seq = row_tokens(cfg)
+    per_row = seq // cfg.data.max_seq_len
     if dataset is not None:
         stats_file = Path(dataset) / "stats.json"
         try:
@@ -53,7 +58,7 @@ def data_figures(cfg: RunConfig, dataset: str | Path | None) -> Data:
             rows = int(stats["splits"]["train"])
             eval_rows = int(stats["splits"].get("eval", 0))
             packed = bool(stats["packing"]["enabled"])
-            row_len, span = row_shape(seq, packed, stats["example_length"])
+            row_len, span = row_shape(seq, packed, stats["example_length"], per_row)
             tokens = int(stats["tokens"]["train"])
         except OSError as exc:
             raise UserError(f"--dataset {dataset}: no prepared dataset ({exc.strerror})") from None
@@ -70,7 +75,8 @@ def data_figures(cfg: RunConfig, dataset: str | Path | None) -> Data:
         seq,
         seq,
         None,
-        f"{where}: {examples} examples, each taken as one row of {seq} tokens "
+        f"{where}: {examples} {'pairs' if per_row > 1 else 'examples'}, each taken as one row "
+        f"of {seq} tokens "
         "(pass --dataset for the prepared rows)",
     )
 

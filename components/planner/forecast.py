@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 from ..config import RunConfig
 from ..errors import UserError
 from ..methods import method_of
+from ..objectives import row_tokens
+from ..objectives.preference import reference_mode
 from .architecture import Architecture, architecture
 from .data_figures import Data, data_figures, row_shape
 from .gpus import COMMON, GPU_TYPES, GpuType, named
@@ -72,6 +74,7 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
         sharding=dist.fsdp.sharding,
         offload=offload,
         eager_attention=cfg.model.attn_implementation == "eager",
+        reference_forward=reference_mode(cfg) == "live",
         weight_bytes=4 if cfg.model.dtype == "float32" else 2,
         **kernel_fields(kernels),
     )
@@ -247,13 +250,19 @@ def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) 
     evals = (steps // cfg.train.eval_steps if cfg.train.eval_steps else 0) + 1
     eval_rows = data.eval_rows / setup.gpus
     row_seconds = step.step_seconds / (step.rows_per_step / setup.gpus)
-    return {
+    parts = {
         "load weights": arch.total_params * 2 / LOAD_BYTES_S,
         "compile": COMPILE_SECONDS if setup.compiled else 0.0,
         "train steps": steps * step.step_seconds,
         "checkpoints": saves * checkpoint / SAVE_BYTES_S,
         "eval": evals * eval_rows * row_seconds * EVAL_FORWARD_SHARE,
     }
+    if reference_mode(cfg) == "precomputed":  # one forward over both splits before training
+        rows = ((data.train_rows or 0) + data.eval_rows) / setup.gpus
+        parts["reference pass"] = rows * row_seconds * EVAL_FORWARD_SHARE
+    if reference_mode(cfg) == "live" and not method_of(cfg).switches_off:
+        parts["load weights"] *= 2  # the frozen reference copy too
+    return parts
 
 
 def mark(chosen: list[Option]) -> None:
@@ -329,10 +338,11 @@ def run_prediction(
         return None
     eff = Efficiency.load()
     arch = architecture(cfg)
-    seq = cfg.data.max_seq_len
+    seq = row_tokens(cfg)
+    per_row = seq // cfg.data.max_seq_len
     packed = bool(stats.get("packing", {}).get("enabled", cfg.data.packing))
-    lengths = stats.get("example_length") or {"max": seq, "mean": seq}
-    row_len, span = row_shape(seq, packed, lengths)
+    lengths = stats.get("example_length") or {"max": cfg.data.max_seq_len, "mean": seq}
+    row_len, span = row_shape(seq, packed, lengths, per_row)
     data = Data(None, 0, row_len, span, None, "dataset")
     setup = planned_setup(cfg, arch, fit, data, world_size)  # with the kernels this run took:
     setup = dataclasses.replace(setup, **kernel_fields(kernels))

@@ -40,6 +40,8 @@ from pathlib import Path
 from ..config import RunConfig
 from ..errors import UserError
 from ..methods import method_of, named
+from ..objectives import row_tokens
+from ..objectives.preference import reference_mode
 from .architecture import Architecture, architecture
 from .fit import Fit, choose
 from .gpus import GPU_TYPES
@@ -176,7 +178,7 @@ def plan_for(
     cfg, arch: Architecture, gpus: int, dtype_bytes: int, micro: int, checkpointed: int
 ) -> Plan:
     """The memory parts per GPU for one micro batch and number of checkpointed layers."""
-    seq = cfg.data.max_seq_len
+    seq = row_tokens(cfg)  # a preference row: a pair, or packed pairs
     strategy, zero, offload = (
         cfg.distributed.strategy,
         cfg.distributed.zero_stage,
@@ -226,6 +228,8 @@ def plan_for(
             "cuda overhead": CUDA_OVERHEAD,
         },
     )
+    if reference_copy(cfg):  # dpo/ipo's frozen reference, sharded as the policy's weights
+        plan.parts["reference copy"] = weights
     plan.gpu, plan.method = cfg.hardware.gpu, cfg.method
     return plan
 
@@ -239,6 +243,7 @@ def render(plan: Plan, cfg: RunConfig) -> str:
         f"method {cfg.method}, strategy {cfg.distributed.strategy}, {plan.gpus} GPU(s), "
         f"seq {plan.seq_len} x micro batch {plan.micro_batch}, gradient checkpointing "
         f"{checkpointing_words(plan.fit)}",
+        *objective_words(cfg),
         f"trainable: {plan.trainable_params / 1e6:,.1f}M params",
     ]
     fit = plan.fit
@@ -260,6 +265,30 @@ def render(plan: Plan, cfg: RunConfig) -> str:
             f"{(plan.gpu_memory - plan.total) / GB:+.1f} GB headroom",
         ]
     return "\n".join(lines) + "\n"
+
+
+def reference_copy(cfg) -> bool:
+    """dpo/ipo with a live reference for a method that cannot switch itself off: a frozen
+    copy of the base (train/reference.py)."""
+    return reference_mode(cfg) == "live" and not method_of(cfg).switches_off
+
+
+def objective_words(cfg) -> list[str]:
+    """The plan's line on a preference objective: what a row and a step hold for it."""
+    if cfg.data.format != "preference":
+        return []
+    mode = reference_mode(cfg)
+    reference = {
+        None: "no reference model",
+        "precomputed": "the reference's log-probabilities computed in one pass before training",
+        "live": "a reference forward each micro batch ("
+        + ("a frozen copy of the weights" if reference_copy(cfg) else "the adapters off")
+        + ")",
+    }[mode]
+    return [
+        f"objective {cfg.train.objective}: rows of pairs (each sequence up to "
+        f"{cfg.data.max_seq_len} tokens, a row up to {row_tokens(cfg)}), {reference}"
+    ]
 
 
 def checkpointing_words(fit: Fit | None) -> str:

@@ -111,6 +111,8 @@ class Setup:
     lora: str = "fused"  # fused (kubetune) or peft
     eager_attention: bool = False
     weight_bytes: int = 2  # of the unquantized weights (bf16)
+    # dpo/ipo with a live reference: a forward without gradients before each micro batch's
+    reference_forward: bool = False
 
     @property
     def tokens(self) -> int:
@@ -215,6 +217,12 @@ def work(arch, setup: Setup) -> Work:
     w.bytes["logits"] = T * arch.vocab * LOGIT_BYTES[setup.loss]
     forward, backward = layer_ops(arch, setup)
     w.ops = L * (forward * (1 + recompute) + backward) + HEAD_OPS
+    if setup.reference_forward:  # its matmuls (adapters off or a frozen copy), no gradients
+        w.flops["reference forward"] = 2 * T * (linear + head)
+        w.attention_flops += 4 * T * setup.span * arch.hidden * L
+        w.ops += L * forward + HEAD_OPS
+        if setup.quant_bits:
+            w.bytes["dequantize"] *= (passes + 1) / passes
     _step_work(arch, setup, w)
     return w
 
