@@ -44,6 +44,10 @@ from pathlib import Path
 
 from kubetune.components.artifacts import METRICS_FILE
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dpo_sides import baseline_side as dpo_baseline_side  # noqa: E402
+from dpo_sides import make_pairs  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
 LLAMA3_8B, FALCON_7B = "meta-llama/Meta-Llama-3-8B", "tiiuae/falcon-7b"
@@ -63,6 +67,7 @@ class Case:
     micro: int
     targets: str = "auto"  # the architecture's attention and MLP projections
     layers: int | None = None  # fewer decoder layers than the model (each layer as published)
+    objective: str = "sft"  # dpo: against TRL's DPOTrainer (dpo_sides.py), pairs of `seq` each
 
 
 CASES = [
@@ -89,9 +94,15 @@ MOE_CASES = [
         layers=12,
     ),  # fmt: skip
 ]
+# `--cases` picks these too (and benchmarks/gpu_check.sh runs them): DPO with LoRA against TRL's
+# DPOTrainer (dpo_sides.py); micro batch in pairs, seq per sequence (prompt + answer).
+DPO_CASES = [
+    Case("llama3-8b-dpo-lora-r16", LLAMA3_8B, "lora", 16, 32, 0.0, 1024, 2, objective="dpo")
+]
 SMOKE_CASES = [
     Case("tiny-llama-lora", "tiny://llama", "lora", 16, 32, 0.05, 256, 2),
     Case("tiny-falcon-qlora", "tiny://falcon", "qlora", 64, 16, 0.1, 256, 2),
+    Case("tiny-llama-dpo-lora", "tiny://llama", "lora", 16, 32, 0.0, 128, 2, objective="dpo"),
 ]
 
 
@@ -202,8 +213,11 @@ def kubetune_side(
     ]
     if micro == "auto" and not cuda:  # no GPU memory to fit: keep the smoke run small
         sets.append(f"train.global_batch_size={case.micro}")
+    recipe = "tiny-dpo" if case.objective == "dpo" else "tiny-demo"
+    if case.objective == "dpo":
+        sets += ["preference.beta=0.1", f"data.max_prompt_len={case.seq // 2}"]
     run(
-        [KUBETUNE, "train", "tiny-demo", "--dataset", str(dataset), "--output", str(out)]
+        [KUBETUNE, "train", recipe, "--dataset", str(dataset), "--output", str(out)]
         + [a for s in sets for a in ("--set", s)]
     )
     if args.keep:  # the run's own record, for fit_speed_model.py --add-run
@@ -213,6 +227,8 @@ def kubetune_side(
     losses = [loss for _, loss in metrics["loss"]]
     metrics["final_loss"] = sum(losses[-5:]) / len(losses[-5:])
     metrics["rows_per_second"] = metrics["tokens_per_second"] / case.seq
+    if case.objective == "dpo":  # a row holds pairs: 2 x seq tokens
+        metrics["rows_per_second"] /= 2
     metrics["linear_layers"] = linear_layer_count(model)
     return metrics
 
@@ -464,7 +480,7 @@ def main(argv=None) -> int:
         cases = CASES
     if args.cases:
         wanted = args.cases.split(",")
-        cases = cases + ([] if args.smoke else MOE_CASES)
+        cases = cases + ([] if args.smoke else MOE_CASES + DPO_CASES)
         unknown = sorted(set(wanted) - {c.label for c in cases})
         if unknown:
             print(f"--cases: unknown {', '.join(unknown)}", file=sys.stderr)
@@ -480,16 +496,32 @@ def main(argv=None) -> int:
             key = (case.model, case.layers)
             if key not in models:
                 models[key] = make_model(case.model, work / f"model-{len(models)}", case.layers)
-            if case.seq not in datasets:
+            data_key = (case.seq, case.objective)
+            if data_key not in datasets and case.objective == "dpo":
+                pairs = args.steps * case.micro * max(1, case.seq // 128) + 200
+                folder = work / f"pairs-{case.seq}"
+                datasets[data_key] = make_pairs(folder, case.seq, pairs, KUBETUNE, run)
+            elif data_key not in datasets:
                 # examples average ~150 tokens: enough of them for every step's packed rows
                 examples = args.steps * case.micro * max(1, case.seq // 128) + 200
-                datasets[case.seq] = make_dataset(work / f"data-{case.seq}", case.seq, examples)
-            model, dataset = models[(case.model, case.layers)], datasets[case.seq]
-            ours = kubetune_side(model, dataset, case, args, work)
-            theirs = baseline_side(model, dataset, case, args, work)
+                datasets[data_key] = make_dataset(work / f"data-{case.seq}", case.seq, examples)
+            model = models[(case.model, case.layers)]
+            if case.objective == "dpo":
+                text, dataset = datasets[data_key]
+                ours = kubetune_side(model, dataset, case, args, work)
+                theirs = dpo_baseline_side(model, text, case, args, work, run)
+            else:
+                dataset = datasets[data_key]
+                ours = kubetune_side(model, dataset, case, args, work)
+                theirs = baseline_side(model, dataset, case, args, work)
             auto = kubetune_side(model, dataset, case, args, work, micro="auto")
             sides = [
-                ("transformers Trainer + peft", theirs),
+                (
+                    "TRL DPOTrainer + peft"
+                    if case.objective == "dpo"
+                    else "transformers Trainer + peft",
+                    theirs,
+                ),
                 ("kubetune worker", ours),
                 ("kubetune worker, micro batch auto", auto),
             ]

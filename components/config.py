@@ -49,6 +49,7 @@ from .errors import UserError
 from .methods import NAMES, method_of
 from .objectives import objective_of
 from .objectives.settings import PreferenceConfig
+from .stages import StageConfig, stage_configs
 
 __all__ = [
     "DEFAULT_WORKSPACE",
@@ -108,6 +109,17 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    stages: list[StageConfig] = Field(
+        default_factory=list,
+        description="Train in stages (SFT, then DPO on the SFT model): each stage the recipe "
+        "with its `set`, starting from the model of the stage before (components/stages.py).",
+        exclude_if=lambda value: not value,
+    )
+    stage: str | None = Field(
+        None,
+        description="Set by kubetune: the stage of `stages` this recipe runs.",
+        exclude_if=lambda value: value is None,
+    )
     compare: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="kubetune compare: per method, dotted KEY: VALUE settings its branch trains "
@@ -148,6 +160,11 @@ class RunConfig(Section):
             )
         method_of(self).validate(self)
         objective_of(self).validate(self)
+        if self.stages:  # every stage's recipe must be valid too
+            try:
+                stage_configs(self)
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
         fsdp = self.distributed.fsdp
         if fsdp != FsdpConfig() and self.distributed.strategy != "fsdp":
             raise ValueError("distributed.fsdp.* needs distributed.strategy=fsdp")

@@ -47,14 +47,14 @@ def _local_setup(recipe: str, overrides: list[str], workspace: str):
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(ws / "kfp-root"))
-    return cfg, ws
+    return cfg, ws, overrides
 
 
 def _child(job: dict) -> int:
     """In the child process: build and run the pipeline; the outcome goes to job["result"]."""
     result: dict = {}
     try:
-        cfg, ws = _local_setup(job["recipe"], job["overrides"], job["workspace"])
+        cfg, ws, overrides = _local_setup(job["recipe"], job["overrides"], job["workspace"])
         from kubetune.pipelines.finetune import no_retries
 
         no_retries()  # one machine: a failed step fails the run at once (no 60 s + 120 s waits)
@@ -67,7 +67,10 @@ def _child(job: dict) -> int:
 
             pipeline = build_pipeline(cfg, workspace=str(ws))
         try:
-            task = pipeline()
+            # a staged recipe's stages are fixed when built: --set applies over each stage's
+            task = (
+                pipeline(overrides=overrides) if cfg.stages and job["kind"] == "run" else pipeline()
+            )
             result = {"output": task.output}
         except RuntimeError as exc:  # kfp.local: a task failed; its log is above
             result = {"failed": ANSI.sub("", str(exc))}

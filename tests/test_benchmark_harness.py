@@ -58,6 +58,23 @@ def test_train_throughput_smoke_runs_both_sides(tmp_path):
     assert case["kubetune_auto"]["micro_batch"]["setting"] == "auto"
 
 
+def test_train_throughput_smoke_runs_the_dpo_case_against_trl(tmp_path):
+    """The DPO case: kubetune's dpo objective and TRL's DPOTrainer on the same generated pairs
+    (TRL is not in the GPU image: the GPU run carries it)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--smoke", "--cases",
+         "tiny-llama-dpo-lora"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny-llama-dpo")]
+    assert len(rows) == 5 and "TRL DPOTrainer" in rows[0] and "kubetune worker" in rows[1]
+    losses = [float(r.split("|")[11]) for r in rows[:3]]
+    assert all(0.6 < loss < 0.8 for loss in losses), rows  # DPO's log 2 at the start
+    case = json.loads(next(line for line in proc.stdout.splitlines() if '"case"' in line))
+    assert case["kubetune"]["objective"] == "dpo" and case["kubetune"]["reference"] == "live"
+
+
 def test_the_harness_refuses_a_qlora_side_that_is_not_4_bit():
     from benchmarks.train_throughput import SMOKE_CASES, check_quantized
 

@@ -341,7 +341,8 @@ def test_plan_knows_the_preference_objective():
     flops = work(arch, setup).flops
     no_ref = work(arch, replace(setup, reference_forward=False)).flops
     assert flops["reference forward"] == pytest.approx(
-        no_ref["forward"] * (arch.linear_params + arch.hidden * arch.vocab)
+        no_ref["forward"]
+        * (arch.linear_params + arch.hidden * arch.vocab)
         / (arch.linear_params + arch.hidden * arch.vocab + arch.adapter_params)
     )
     assert live.step_seconds > step_time(arch, replace(setup, reference_forward=False), gpu,

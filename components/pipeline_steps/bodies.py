@@ -55,6 +55,7 @@ def resolve(recipe_yaml: str, overrides: list, fields: dict, workspace: str, run
 
     sets = [f"{dotted}={json.dumps(fields[name])}" for dotted, name, _ in PIPELINE_FIELDS]
     cfg = parse_recipe(recipe_yaml, "recipe", sets + [str(o) for o in overrides])
-    run_dir = Path(workspace) / "runs" / run_id
+    # a stage of a staged recipe (components/stages.py): a run folder of its own beside the run's
+    run_dir = Path(workspace) / "runs" / (f"{run_id}-{cfg.stage}" if cfg.stage else run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     return dump_config(cfg), str(run_dir)
