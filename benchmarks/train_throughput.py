@@ -514,7 +514,12 @@ def main(argv=None) -> int:
                 dataset = datasets[data_key]
                 ours = kubetune_side(model, dataset, case, args, work)
                 theirs = baseline_side(model, dataset, case, args, work)
-            auto = kubetune_side(model, dataset, case, args, work, micro="auto")
+            # the auto micro batch is the SFT cases' (it calibrates the speed model)
+            auto = (
+                kubetune_side(model, dataset, case, args, work, micro="auto")
+                if case.objective == "sft"
+                else None
+            )
             sides = [
                 (
                     "TRL DPOTrainer + peft"
@@ -525,6 +530,7 @@ def main(argv=None) -> int:
                 ("kubetune worker", ours),
                 ("kubetune worker, micro batch auto", auto),
             ]
+            sides = [(who, m) for who, m in sides if m is not None]
             results.append((case, sides))
             # one line per finished case, so a run cut short still leaves its numbers
             print(

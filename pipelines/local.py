@@ -214,13 +214,15 @@ def run_local(recipe: str, overrides: list[str], workspace: str, verbose: bool =
     extra = f" {'pref acc':>8} {'reward acc':>10}" if pairs else ""
     print(f"{'':6} {'eval loss':>10} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8}{extra}")
     for name, m in (("base", base), ("tuned", tuned)):
-        reward = m.get("reward_accuracy")
-        cells = f" {m['preference_accuracy']:8.4f} " + (
-            f"{reward:10.4f}" if reward is not None else f"{'-':>10}"
-        )
+        cells = ""
+        if pairs:
+            reward = m.get("reward_accuracy")
+            cells = f" {m['preference_accuracy']:8.4f} " + (
+                f"{reward:10.4f}" if reward is not None else f"{'-':>10}"
+            )
         print(
             f"{name:6} {m['eval_loss']:10.4f} {m['rouge1']:8.4f} {m['rouge2']:8.4f} "
-            f"{m['rougeL']:8.4f}{cells if pairs else ''}"
+            f"{m['rougeL']:8.4f}{cells}"
         )
     print(f"report: {eval_dir / 'report.html'}")
     print(f"log:    {result['log']}")

@@ -59,17 +59,19 @@ def test_train_throughput_smoke_runs_both_sides(tmp_path):
 
 
 def test_train_throughput_smoke_runs_the_dpo_case_against_trl(tmp_path):
-    """The DPO case: kubetune's dpo objective and TRL's DPOTrainer on the same generated pairs
-    (TRL is not in the GPU image: the GPU run carries it)."""
+    """The DPO case: kubetune's dpo objective and TRL's DPOTrainer on the same generated pairs,
+    with only the GPU image's distributions and the carried wheels (trl among them)."""
+    from .test_gpu_check import image_env
+
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--smoke", "--cases",
          "tiny-llama-dpo-lora"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env={**os.environ, **image_env()},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny-llama-dpo")]
-    assert len(rows) == 5 and "TRL DPOTrainer" in rows[0] and "kubetune worker" in rows[1]
-    losses = [float(r.split("|")[11]) for r in rows[:3]]
+    assert len(rows) == 3 and "TRL DPOTrainer" in rows[0] and "kubetune worker" in rows[1]
+    losses = [float(r.split("|")[11]) for r in rows[:2]]
     assert all(0.6 < loss < 0.8 for loss in losses), rows  # DPO's log 2 at the start
     case = json.loads(next(line for line in proc.stdout.splitlines() if '"case"' in line))
     assert case["kubetune"]["objective"] == "dpo" and case["kubetune"]["reference"] == "live"

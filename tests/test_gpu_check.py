@@ -64,7 +64,9 @@ def test_the_plan_names_every_step_and_pins_every_wheel():
     plan = dry_run()
     steps = plan.split("carry")[0]
     assert "python3 -m pytest -m gpu" in steps
-    assert "benchmarks/train_throughput.py --steps" in steps and "--cases" not in steps
+    runs = [line for line in steps.splitlines() if "benchmarks/train_throughput.py" in line]
+    assert "--cases" not in runs[0]  # every case of the default list
+    assert "--cases llama3-8b-8-layers-dpo-lora-r16" in runs[1]  # and the DPO case against TRL
     assert "fit_each_kubetune_side" in steps and "--add-run" in SCRIPT.read_text()
     assert "540 s in all" in steps  # 9 minutes
     pins = dict(
@@ -73,7 +75,7 @@ def test_the_plan_names_every_step_and_pins_every_wheel():
     )  # fmt: skip
     pins = {name(k): v for k, v in pins.items()}
     wheels = carried()
-    assert {"bitsandbytes", "liger-kernel", "datasets", "pydantic"} <= set(wheels)
+    assert {"bitsandbytes", "liger-kernel", "datasets", "pydantic", "trl"} <= set(wheels)
     for dist, version in wheels.items():
         assert dist not in image(), f"{dist} is in the image already"
         if dist in pins:

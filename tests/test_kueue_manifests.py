@@ -113,6 +113,7 @@ def test_every_recipe_is_admitted_on_its_own_pool(objects, backend):
         "qwen3-30b-a3b-qlora": "l4-24gb",
         "tiny-demo": "cpu",
         "tiny-dpo": "cpu",
+        "tiny-sft-dpo": "cpu",
     }
     # one node fewer of quota on the H100 pool and the largest recipe never runs
     smaller = copy.deepcopy(queue)

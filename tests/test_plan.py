@@ -323,7 +323,7 @@ def test_plan_knows_the_preference_objective():
     dpo = load_recipe(recipe, pairs)
     assert estimate(dpo).parts == estimate(doubled).parts
     assert estimate(dpo).seq_len == 2 * sft.data.max_seq_len
-    full_live = estimate(load_recipe(recipe, [*pairs, "method=full", "preference.reference=live"]))
+    full_live = estimate(load_recipe(recipe, [*pairs, "method=full", "train.reference=live"]))
     assert full_live.parts["reference copy"] == full_live.parts["weights"] > 0
     assert "reference copy" not in estimate(load_recipe(recipe, [*pairs, "method=full"])).parts
 
@@ -349,7 +349,7 @@ def test_plan_knows_the_preference_objective():
                                          eff).step_seconds  # fmt: skip
     simpo = load_recipe(recipe, ["train.objective=simpo", "data.format=preference"])
     assert not step(simpo)[1].reference_forward
-    pre = load_recipe(recipe, [*pairs, "preference.reference=precomputed"])
+    pre = load_recipe(recipe, [*pairs, "train.reference=precomputed"])
     arch, setup, data, timed = step(pre)
     assert not setup.reference_forward
     parts = wall_parts(pre, arch, setup, timed, 100, data)

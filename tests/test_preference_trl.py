@@ -191,3 +191,41 @@ def test_loss_and_lora_gradients_equal_trl(prepared, packing, name, sets, tmp_pa
     assert our_grads.keys() == their_grads.keys() and len(our_grads) > 10
     for key, grad in our_grads.items():
         torch.testing.assert_close(grad, their_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.integration
+def test_the_answer_log_probabilities_never_hold_the_full_logits(prepared, monkeypatch):
+    """A dpo step (the reference's forward, the policy's forward and backward) computes
+    vocabulary-wide values only for answer positions, a chunk of rows at a time: no tensor
+    with a vocabulary dimension holds more than one chunk's rows (here 16; the worker sizes
+    chunks by bytes), never the batch x length x vocabulary logits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kubetune.components.methods import REGISTRY as METHODS
+    from kubetune.components.train import kernels
+
+    monkeypatch.setattr(kernels, "chunk_rows", lambda rows, hidden, vocab: 16)
+    objective = objective_of(load_recipe(RECIPE))
+    batch = objective.collate(prepared[True], 0, "eager", torch.float32)
+    model = lora_model()
+    use_token_logps(model.get_base_model(), chunked=True)
+    config = model.get_base_model().config
+    vocab, head = config.vocab_size, (config.hidden_size, config.vocab_size)
+
+    class VocabWide(TorchDispatchMode):
+        rows = 0  # the most rows of any tensor with a vocabulary-sized last dimension
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                wide = isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab
+                if wide and tuple(t.shape) != head:  # (the head's weight, transposed)
+                    self.rows = max(self.rows, t.numel() // vocab)
+            return out
+
+    reference = Reference(model, lambda: METHODS["lora"].reference(model))
+    with VocabWide() as seen:
+        objective.loss(model, batch, CPU, "eager", reference).value.backward()
+    tokens = batch["input_ids"].numel()
+    assert int(batch["answer_len"].sum()) < tokens / 2  # the prompts are most of the tokens
+    assert 0 < seen.rows <= 16 < tokens, (seen.rows, tokens)

@@ -195,12 +195,12 @@ def test_preference_settings_are_checked_against_the_objective():
         (demo, ["data.max_prompt_len=10"], "data.max_prompt_len is for data.format=preference"),
         (RECIPE, ["data.max_prompt_len=128"], "leaves no room for an answer"),
         (RECIPE, ["preference.gamma=0.5"], "preference.gamma has no meaning for train.objecti"),
-        (RECIPE, ["train.objective=simpo", "preference.reference=live"], "needs no reference"),
+        (RECIPE, ["train.objective=simpo", "train.reference=live"], "needs no reference"),
         (RECIPE, ["preference.label_smoothing=0.5"], "preference.label_smoothing must be < 0.5"),
         (
             RECIPE,
-            ["method=full", "preference.reference=live", "distributed.strategy=deepspeed"],
-            "set preference.reference=precomputed",
+            ["method=full", "train.reference=live", "distributed.strategy=deepspeed"],
+            "set train.reference=precomputed",
         ),
     ]
     for recipe, sets, message in cases:

@@ -106,12 +106,13 @@ class Preference(Objective):
             "label_smoothing": p.label_smoothing and self.name not in ("dpo", "simpo"),
             "gamma": p.gamma is not None and self.name != "simpo",
             "orpo_lambda": p.orpo_lambda is not None and self.name != "orpo",
-            "reference": p.reference != "auto" and not self.needs_reference,
+            "reference": cfg.train.reference != "auto" and not self.needs_reference,
         }
         for key, bad in unused.items():
             if bad:
                 raise ValueError(
-                    f"preference.{key} has no meaning for train.objective={self.name}"
+                    f"{'train' if key == 'reference' else 'preference'}.{key} has no meaning for "
+                    f"train.objective={self.name}"
                     + ("" if key != "reference" else " (it needs no reference model)")
                 )
         if self.needs_reference and reference_mode(cfg) == "live":
@@ -120,9 +121,9 @@ class Preference(Objective):
             method = method_of(cfg)
             if not method.switches_off and cfg.distributed.strategy == "deepspeed":
                 raise ValueError(
-                    f"preference.reference=live with method={cfg.method} needs a frozen copy "
+                    f"train.reference=live with method={cfg.method} needs a frozen copy "
                     "of the model, which kubetune shards under ddp and fsdp but not under "
-                    "deepspeed: set preference.reference=precomputed"
+                    "deepspeed: set train.reference=precomputed"
                 )
 
     def metrics_for(self, model) -> tuple[str, ...]:
@@ -338,8 +339,8 @@ def reference_mode(cfg: RunConfig) -> str | None:
     objective = REGISTRY[cfg.train.objective]
     if not getattr(objective, "needs_reference", False):
         return None
-    if cfg.preference.reference != "auto":
-        return cfg.preference.reference
+    if cfg.train.reference != "auto":
+        return cfg.train.reference
     from ..methods import method_of
 
     return "live" if method_of(cfg).switches_off else "precomputed"

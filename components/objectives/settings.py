@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from ..config_sections import Section
@@ -38,12 +36,4 @@ class PreferenceConfig(Section):
         gt=0,
         description="orpo: the weight lambda of the odds-ratio term beside the chosen answer's "
         "next-token loss. Default 0.1.",
-    )
-    reference: Literal["auto", "live", "precomputed"] = Field(
-        "auto",
-        description="dpo, ipo: the reference model's log-probabilities. live: each step runs "
-        "the reference forward (lora/qlora/adapters: the base with the adapters disabled, no "
-        "second copy; full: a frozen copy sharded like the policy); precomputed: one pass "
-        "over the data before training, stored in the output (reference/) and read from "
-        "there on resume. auto: live for adapters, precomputed for method=full.",
     )

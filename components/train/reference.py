@@ -1,5 +1,5 @@
 """The reference model of dpo and ipo (components/objectives/preference.py), as
-`preference.reference` says (`reference_mode`):
+`train.reference` says (`reference_mode`):
 
 - live, for a method that can switch its training off (LoRA, QLoRA, LLaMA-Adapter): the policy
   itself inside `Method.reference` (the adapters off): no second copy in memory;
@@ -150,9 +150,9 @@ def frozen_copy(run):
     cfg, world, built = run.cfg, run.world, run.built
     if cfg.distributed.strategy == "deepspeed":
         raise UserError(
-            "preference.reference=live needs a frozen copy for method="
+            "train.reference=live needs a frozen copy for method="
             f"{cfg.method}, which kubetune does not shard under deepspeed: set "
-            "preference.reference=precomputed"
+            "train.reference=precomputed"
         )
     low = low_memory_fsdp(cfg)
     if low:
