@@ -30,6 +30,16 @@ WORDS = [
 ]
 
 
+def prepare_rows(kubetune: str, run, recipe: str, data: Path, out: Path, sets: list[str]) -> Path:
+    """`kubetune prepare RECIPE` of the generated `data` into `out`, packed, 1% held out."""
+    sets = [f"data.path={data}", "data.packing=true", "data.eval_fraction=0.01", *sets]
+    run(
+        [kubetune, "prepare", recipe, "--output", str(out)]
+        + [a for s in sets for a in ("--set", s)]
+    )
+    return out
+
+
 def make_pairs(folder: Path, seq: int, pairs: int, kubetune: str, run) -> tuple[Path, Path]:
     """(the pairs as JSON Lines, the same prepared and packed by kubetune to `seq` tokens a
     sequence)."""
@@ -42,14 +52,8 @@ def make_pairs(folder: Path, seq: int, pairs: int, kubetune: str, run) -> tuple[
             chosen = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60)))
             rejected = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60)))
             f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
-    out = folder / "prepared"
-    sets = [f"data.path={data}", f"data.max_seq_len={seq}", "data.packing=true",
-            "data.eval_fraction=0.01", f"data.max_prompt_len={seq // 2}"]  # fmt: skip
-    run(
-        [kubetune, "prepare", "tiny-dpo", "--output", str(out)]
-        + [a for s in sets for a in ("--set", s)]
-    )
-    return data, out
+    sets = [f"data.max_seq_len={seq}", f"data.max_prompt_len={seq // 2}"]
+    return data, prepare_rows(kubetune, run, "tiny-dpo", data, folder / "prepared", sets)
 
 
 BASELINE = r"""

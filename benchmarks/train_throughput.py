@@ -45,8 +45,8 @@ from pathlib import Path
 from kubetune.components.artifacts import METRICS_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dpo_sides import WORDS, make_pairs, prepare_rows  # noqa: E402
 from dpo_sides import baseline_side as dpo_baseline_side  # noqa: E402
-from dpo_sides import make_pairs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 KUBETUNE = str(Path(sys.executable).parent / "kubetune")
@@ -136,47 +136,15 @@ def make_dataset(folder: Path, seq: int, examples: int) -> Path:
 
     rng = random.Random(0)
     folder.mkdir(parents=True, exist_ok=True)
-    words = [
-        "the",
-        "model",
-        "trains",
-        "on",
-        "long",
-        "instructions",
-        "about",
-        "clusters",
-        "data",
-        "and",
-        "adapters",
-    ]
     data = folder / "rows.jsonl"
     with open(data, "w") as f:
         for i in range(examples):
-            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120)))
             f.write(
                 json.dumps({"instruction": f"Task {i}", "input": text, "output": text[::-1]}) + "\n"
             )
-    out = folder / "prepared"
-    run(
-        [
-            KUBETUNE,
-            "prepare",
-            "tiny-demo",
-            "--output",
-            str(out),
-            "--set",
-            f"data.path={data}",
-            "--set",
-            "data.format=alpaca",
-            "--set",
-            f"data.max_seq_len={seq}",
-            "--set",
-            "data.packing=true",
-            "--set",
-            "data.eval_fraction=0.01",
-        ]
-    )
-    return out
+    sets = ["data.format=alpaca", f"data.max_seq_len={seq}"]
+    return prepare_rows(KUBETUNE, run, "tiny-demo", data, folder / "prepared", sets)
 
 
 def run(cmd: list[str], env: dict | None = None) -> str:

@@ -91,9 +91,10 @@ class Encoder:
         self.__dict__.update(state)
         self.render, _ = formatter(self.data_cfg, self.tokenizer)
 
-    def segments(self, records: Iterable, dropped: Counter) -> tuple[list, int, str | None]:
-        """Rendered segments of the usable records, how many records were read, and the first
-        bad row's (or unreadable line's) error if any."""
+    def usable(self, records: Iterable, dropped: Counter, convert) -> tuple[list, int, str | None]:
+        """`convert(row)` of every usable record, how many records were read, and the first bad
+        row's (or unreadable line's) error if any. `convert` raises RowError for a bad row and
+        returns None for one that holds nothing to learn (counted as empty_response)."""
         cfg = self.data_cfg
         examples: list = []
         read = 0
@@ -107,7 +108,7 @@ class Encoder:
                 return examples, read, str(exc)
             read += 1
             try:
-                segments = self.render(row)
+                example = convert(row)
             except RowError as exc:
                 if cfg.on_bad_row == "error":
                     return (
@@ -120,11 +121,20 @@ class Encoder:
                     )
                 dropped[exc.reason] += 1
                 continue
-            if not any(text.strip() for text, trainable in segments if trainable):
+            if example is None:
                 dropped["empty_response"] += 1
                 continue
-            examples.append(segments)
+            examples.append(example)
         return examples, read, None
+
+    def segments(self, records: Iterable, dropped: Counter) -> tuple[list, int, str | None]:
+        """Rendered segments of the usable records (`usable`)."""
+
+        def convert(row: dict):
+            segments = self.render(row)
+            return segments if any(t.strip() for t, trained in segments if trained) else None
+
+        return self.usable(records, dropped, convert)
 
     def tokenize(self, examples: list) -> Rows:
         """Every segment through the Rust tokenizer's batched call, straight into int32 arrays;

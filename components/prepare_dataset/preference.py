@@ -204,36 +204,14 @@ class PreferenceEncoder(Encoder):
         self.__dict__.update(state)
 
     def pairs(self, records, dropped: Counter) -> tuple[list, int, str | None]:
-        """(prompt, chosen, rejected, chat) of the usable records, how many were read, and
-        the first bad row's error."""
-        cfg = self.data_cfg
-        out: list = []
-        read = 0
-        rows = iter(records)
-        while True:
-            from ..errors import UserError
+        """(prompt, chosen, rejected, chat) of the usable records (`Encoder.usable`)."""
 
-            try:
-                where, row = next(rows)
-            except StopIteration:
-                break
-            except UserError as exc:
-                return out, read, str(exc)
-            read += 1
-            try:
-                pair = self.render(row)
-                check_pair(pair[1], pair[2])
-            except RowError as exc:
-                if cfg.on_bad_row == "error":
-                    message = (
-                        f"{where}: {exc} (data.format=preference; set data.on_bad_row=drop "
-                        "to skip such rows)"
-                    )
-                    return out, read, message
-                dropped[exc.reason] += 1
-                continue
-            out.append(pair)
-        return out, read, None
+        def convert(row: dict):
+            pair = self.render(row)
+            check_pair(pair[1], pair[2])
+            return pair
+
+        return self.usable(records, dropped, convert)
 
     def __call__(self, batch) -> Encoded:
         dropped: Counter = Counter()
