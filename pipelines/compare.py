@@ -49,6 +49,14 @@ def build_compare_pipeline(
     `parallelism` 0 runs every branch at once (a cluster: one PyTorchJob each), 1 one at a time
     (one machine: comparable timings)."""
     names, extra = parse_methods(methods)
+    if cfg.stages:
+        stages = ", ".join(s.name for s in cfg.stages)
+        raise UserError(
+            f"compare trains each method on one recipe, and this one has stages ({stages}): "
+            "`kubetune run` trains them in order and its last evaluation tables each stage "
+            "against the one before (SFT against SFT+DPO); compare methods on a recipe "
+            "without stages"
+        )
     for method in names:  # refuse a branch the recipe cannot run before anything starts
         try:
             branch_config(dump_config(cfg), cfg, method, extra.get(method))

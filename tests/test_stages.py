@@ -90,3 +90,12 @@ def test_run_local_trains_sft_then_dpo_on_the_sft_model(tmp_path):
     assert "reward_accuracy" in evaluation["tuned"]
     assert (tmp_path / "model" / "manifest.json").is_file()  # the last stage, pushed
     assert "pref acc" in result.out
+
+
+def test_compare_refuses_a_staged_recipe_and_says_what_tables_the_stages():
+    from .conftest import run_cli_here
+
+    for where in (["--local"], ["--output", "unused.yaml"]):
+        result = run_cli_here("compare", RECIPE, "--methods", "lora,full", *where)
+        assert result.code == 2 and "this one has stages (sft, dpo)" in result.err, result
+        assert "SFT against SFT+DPO" in result.err and "Traceback" not in result.err
