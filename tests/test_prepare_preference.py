@@ -206,3 +206,24 @@ def test_preference_settings_are_checked_against_the_objective():
     for recipe, sets, message in cases:
         with pytest.raises(UserError, match=message):
             load_recipe(recipe, sets)
+
+
+def test_the_kfp_metrics_carry_the_preference_figures(tmp_path):
+    """The train task's Metrics add the objective's eval metrics (eval_reward_accuracy ...);
+    the evaluate task's add each model's preference and reward accuracy."""
+    from kubetune.components.evaluate.step import kfp_metrics
+    from kubetune.components.train.kfp_body import eval_figures
+
+    record = {"eval_loss": 0.41, "eval_metrics": {"reward_accuracy": 0.9, "reward_margin": 1.2}}
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    assert eval_figures(tmp_path) == {
+        "eval_loss": 0.41, "eval_reward_accuracy": 0.9, "eval_reward_margin": 1.2,
+    }  # fmt: skip
+    side = {"eval_loss": 6.2, "perplexity": None, "rouge1": 0.4, "rouge2": 0.2, "rougeL": 0.3,
+            "exact_match": 0.0, "preference_accuracy": 0.87}  # fmt: skip
+    flat = kfp_metrics(
+        {"tuned": {**side, "reward_accuracy": 0.9}, "baseline": {**side, "preference_accuracy": 0.58},
+         "gate": {"passed": True}}
+    )  # fmt: skip
+    assert flat["tuned_preference_accuracy"] == 0.87 and flat["tuned_reward_accuracy"] == 0.9
+    assert flat["baseline_preference_accuracy"] == 0.58 and "baseline_reward_accuracy" not in flat
