@@ -8,19 +8,15 @@ import re
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+# Section (every section's base) and the measuring sections live there; imported from here too
+from .config_measure import FlopCounterConfig, ProfileConfig, Section  # noqa: F401
 from .objectives import NAMES as OBJECTIVES
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -154,21 +150,6 @@ class AdapterConfig(Section):
     start_layer: int = Field(
         2, ge=0, description="The first decoder layer (0-based) that gets a prompt and a gate."
     )
-
-
-class FlopCounterConfig(Section):
-    start_step: int = Field(
-        3,
-        gt=0,
-        description="The optimizer step whose FLOPs torch.utils.flop_counter counts (after the "
-        "first steps' compiles); the step after it is timed for TFLOP/s.",
-    )
-
-
-class ProfileConfig(Section):
-    wait: int = Field(1, ge=0, description="Steps skipped before the profiler starts.")
-    warmup: int = Field(2, ge=0, description="Steps traced but discarded (profiler warm-up).")
-    active: int = Field(3, gt=0, description="Steps recorded into the trace.")
 
 
 class TrainConfig(Section):

@@ -302,6 +302,7 @@ def test_lora_on_a_bf16_moe_models_experts_plans_their_materialized_weights():
     assert not architecture(qlora).materialized_experts
 
 
+@pytest.mark.integration  # counts Llama-3-8B's architecture (seconds)
 def test_plan_knows_the_preference_objective():
     """A dpo row holds a pair (twice max_seq_len): its memory is sft's on rows twice as long,
     a frozen reference copy adds the policy's weights once more, and a step adds the

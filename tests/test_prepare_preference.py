@@ -58,6 +58,7 @@ TEXT_PAIRS = [
 ]  # fmt: skip
 
 
+@pytest.mark.integration  # prepare end to end through the CLI
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "unpacked"])
 def test_text_pairs_become_two_documents_that_stay_together(tmp_path, packing):
     result, out = prepare(tmp_path, TEXT_PAIRS, f"data.packing={str(packing).lower()}")
@@ -91,6 +92,7 @@ def test_text_pairs_become_two_documents_that_stay_together(tmp_path, packing):
     assert stats["format"] == "preference" and stats["pairs"] == {"train": 12, "eval": 0}
 
 
+@pytest.mark.integration  # prepare end to end through the CLI
 def test_the_anthropic_hh_layout_shares_the_prompt_up_to_the_last_assistant_turn(tmp_path):
     rows = [
         {
@@ -112,6 +114,7 @@ def test_the_anthropic_hh_layout_shares_the_prompt_up_to_the_last_assistant_turn
         assert tok.decode(answer(rejected)[:-1]) == " Sure, no."
 
 
+@pytest.mark.integration  # prepare end to end through the CLI
 def test_ultrafeedback_message_lists_render_with_the_chat_template(tmp_path):
     """The shared messages are the prompt (rendered with the generation prompt); each answer is
     what the full conversation's render adds (checked with apply_chat_template itself)."""
@@ -141,6 +144,7 @@ def test_ultrafeedback_message_lists_render_with_the_chat_template(tmp_path):
         assert "No." in tok.decode(answer(rejected))
 
 
+@pytest.mark.integration  # prepare end to end through the CLI
 def test_a_long_prompt_keeps_its_end_and_a_long_answer_loses_its_tail(tmp_path):
     tok = tokenizer()
     long_prompt = " ".join(f"word{i}" for i in range(200)) + "\nAnswer:"
@@ -163,6 +167,7 @@ def test_a_long_prompt_keeps_its_end_and_a_long_answer_loses_its_tail(tmp_path):
     assert result.code == 2 and "no usable rows left out of 2 (too_long: 2)" in result.err
 
 
+@pytest.mark.integration  # prepare end to end through the CLI
 @pytest.mark.parametrize(
     ("row", "message"),
     [

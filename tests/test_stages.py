@@ -44,6 +44,7 @@ def test_each_stage_is_the_recipe_with_its_settings(tmp_path):
         load_recipe(path)
 
 
+@pytest.mark.integration  # the compile command end to end
 def test_the_compiled_pipeline_chains_the_stages(tmp_path):
     """Two of every step; the DPO stage's resolve takes its model from the SFT stage's merge."""
     out = tmp_path / "staged.yaml"
