@@ -9,6 +9,20 @@ import torch
 from ..artifacts import IGNORE_INDEX
 
 
+def right_padded(ids: list, labels: list, pad_id: int):
+    """(input ids, labels, attention mask) of rows padded on the right to the longest: pads
+    are pad_id, labels -100, mask 0."""
+    length = max(len(row) for row in ids)
+    out = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    out_labels = torch.full_like(out, IGNORE_INDEX)
+    mask = torch.zeros_like(out)
+    for i, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
+        out[i, : len(row_ids)] = torch.as_tensor(row_ids)
+        out_labels[i, : len(row_labels)] = torch.as_tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
+    return out, out_labels, mask
+
+
 def documents(split) -> list[tuple[list[int], list[int]]]:
     """Every document (example) of a split's rows, in order: (input ids, labels)."""
     docs = []
@@ -29,14 +43,7 @@ def answer_logps(model, docs, batch_size: int, pad_id: int) -> tuple[list[float]
     counts: list[int] = []
     for start in range(0, len(docs), batch_size):
         part = docs[start : start + batch_size]
-        length = max(len(ids) for ids, _ in part)
-        ids = torch.full((len(part), length), pad_id, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        mask = torch.zeros_like(ids)
-        for i, (row_ids, row_labels) in enumerate(part):
-            ids[i, : len(row_ids)] = torch.as_tensor(row_ids)
-            labels[i, : len(row_labels)] = torch.as_tensor(row_labels)
-            mask[i, : len(row_ids)] = 1
+        ids, labels, mask = right_padded([i for i, _ in part], [lab for _, lab in part], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         targets = labels[:, 1:].to(device)
         valid = targets != IGNORE_INDEX

@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..models import load_tokenizer, model_source, resolve_model
 from ..outputs import check_output, staged_output
 from . import harness
-from .pairs import answer_logps, documents, preference_scores, reward_accuracy
+from .pairs import answer_logps, documents, preference_scores, reward_accuracy, right_padded
 from .report import render_report
 from .scores import per_example, score_texts
 
@@ -133,16 +133,7 @@ def eval_loss(model, split, batch_size: int, pad_id: int) -> tuple[float | None,
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(split), batch_size):
         rows = split[start : start + batch_size]
-        length = max(len(ids) for ids in rows["input_ids"])
-        ids = torch.full((len(rows["input_ids"]), length), pad_id, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        mask = torch.zeros_like(ids)
-        for i, (row_ids, row_labels) in enumerate(
-            zip(rows["input_ids"], rows["labels"], strict=True)
-        ):
-            ids[i, : len(row_ids)] = torch.as_tensor(row_ids)
-            labels[i, : len(row_labels)] = torch.as_tensor(row_labels)
-            mask[i, : len(row_ids)] = 1
+        ids, labels, mask = right_padded(rows["input_ids"], rows["labels"], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         targets = labels[:, 1:].to(device)
         loss_sum += float(

@@ -63,3 +63,56 @@ class Objective:
     def weight(self, batch: dict) -> int:
         """What the evaluation's mean loss is weighted by (tokens the loss is averaged over)."""
         raise NotImplementedError
+
+
+# a MoE model's metrics beside any objective's, while it trains (train/moe.py's RouterWatch)
+MOE_METRICS = ("router_aux_loss", "expert_load_max", "expert_load_min")
+
+
+def moe_metrics(model) -> tuple[str, ...]:
+    """MOE_METRICS for a MoE model with a router watch, else none."""
+    from ..train.moe import watch_of
+
+    return MOE_METRICS if watch_of(model) is not None else ()
+
+
+def model_inputs(batch: dict, device, attn: str, skip: tuple[str, ...] = ()) -> dict:
+    """The batch's model inputs on the device: its host-side counts and `skip` left out; packed
+    rows under flex_attention get their sparse document mask, built on the device."""
+    from ..train.attention import FLEX
+    from ..train.data import COUNTS, document_block_mask
+
+    leave = COUNTS + skip
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in leave}
+    if attn == FLEX:
+        inputs["attention_mask"] = document_block_mask(inputs["position_ids"])
+    return inputs
+
+
+def routed(model, batch: dict, device, forward):
+    """`forward()`, recorded by a MoE model's router watch while it trains: (its result, the
+    routers' (aux loss, load) terms, or None for a dense model or in evaluation)."""
+    from ..train.data import real_tokens
+    from ..train.moe import watch_of
+
+    watch = watch_of(model) if model.training else None
+    if watch is None:
+        return forward(), None
+    with watch.recording():
+        out = forward()
+    return out, watch.terms(real_tokens(batch, device))
+
+
+def with_router_terms(model, loss: Loss, terms) -> Loss:
+    """`loss` plus a MoE model's load-balancing loss (times its router_aux_loss_coef) and its
+    MOE_METRICS, from `routed`'s terms (None: `loss` as it is)."""
+    if terms is None:
+        return loss
+    from ..train.moe import watch_of
+
+    watch = watch_of(model)
+    assert watch is not None, "routed() recorded the routers through it"
+    aux, load = terms
+    return Loss(
+        loss.value + watch.coef * aux, {**loss.metrics, "router_aux_loss": aux.detach(), **load}
+    )

@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import Loss, Objective
+from .base import Loss, Objective, model_inputs, moe_metrics, routed, with_router_terms
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,6 @@ METRICS = (
     "logps_chosen",
     "logps_rejected",
 )
-MOE_METRICS = ("router_aux_loss", "expert_load_max", "expert_load_min")
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class Settings:
 
     beta: float
     label_smoothing: float = 0.0
-    gamma: float = 0.0
+    gamma: float = 0.5  # simpo's
     orpo_lambda: float = 0.1
 
 
@@ -85,14 +84,8 @@ class Preference(Objective):
 
     def configured(self, cfg: RunConfig) -> Preference:
         """This objective with the recipe's parameters."""
-        p = cfg.preference
-        settings = Settings(
-            beta=p.beta if p.beta is not None else self.default_beta,
-            label_smoothing=p.label_smoothing,
-            gamma=p.gamma if p.gamma is not None else 0.5,
-            orpo_lambda=p.orpo_lambda if p.orpo_lambda is not None else 0.1,
-        )
-        return type(self)(settings)
+        given = cfg.preference.model_dump(exclude_none=True)  # the rest: Settings' defaults
+        return type(self)(Settings(**{"beta": self.default_beta, **given}))
 
     def validate(self, cfg: RunConfig) -> None:
         p = cfg.preference
@@ -127,9 +120,7 @@ class Preference(Objective):
                 )
 
     def metrics_for(self, model) -> tuple[str, ...]:
-        from ..train.moe import watch_of
-
-        return METRICS + (MOE_METRICS if watch_of(model) is not None else ())
+        return METRICS + moe_metrics(model)
 
     # --- batches ---------------------------------------------------------------------------
     def collate(
@@ -195,14 +186,7 @@ class Preference(Objective):
         `scores_prompt`, the sums over every labelled token go to batch["labelled_logps"]."""
         import torch
 
-        from ..train.attention import FLEX
-        from ..train.data import COUNTS, document_block_mask, real_tokens
-        from ..train.moe import watch_of
-
-        skip = COUNTS + PAIR_KEYS + ("labels",)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in skip}
-        if attn == FLEX:
-            inputs["attention_mask"] = document_block_mask(inputs["position_ids"])
+        inputs = model_inputs(batch, device, attn, PAIR_KEYS + ("labels",))
         labels = batch["labels"].to(device, non_blocking=True)
         docs = int(batch["answer_len"].numel())
         answer_doc = batch["answer_doc"].to(device, non_blocking=True)
@@ -218,12 +202,10 @@ class Preference(Objective):
         if reference is not None:
             with torch.no_grad(), reference():
                 return sums(reference.model(**inputs, logps_of=labels).logps), None
-        watch = watch_of(model) if model.training else None
-        if watch is None:
-            return sums(model(**inputs, logps_of=labels).logps), None
-        with watch.recording():
-            token_logps = model(**inputs, logps_of=labels).logps
-        return sums(token_logps), watch.terms(real_tokens(batch, device))
+        token_logps, terms = routed(
+            model, batch, device, lambda: model(**inputs, logps_of=labels).logps
+        )
+        return sums(token_logps), terms
 
     def loss(self, model, batch: dict, device: torch.device, attn: str, reference=None) -> Loss:
         import torch
@@ -248,15 +230,8 @@ class Preference(Objective):
             "logps_chosen": logps[0::2].detach().mean(),
             "logps_rejected": logps[1::2].detach().mean(),
         }
-        if moe is not None:
-            from ..train.moe import watch_of
-
-            aux, load = moe
-            watch = watch_of(model)
-            assert watch is not None, "sequence_logps recorded the routers through it"
-            value = value + watch.coef * aux
-            metrics.update({"router_aux_loss": aux.detach(), **load})
-        return Loss(value, {k: v.detach().to(torch.float32) for k, v in metrics.items()})
+        out = with_router_terms(model, Loss(value, metrics), moe)
+        return Loss(out.value, {k: v.detach().to(torch.float32) for k, v in out.metrics.items()})
 
     def pair_loss(self, logps, ref, lengths, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over the pairs, each document's reward, detached)."""
@@ -336,8 +311,7 @@ def reference_mode(cfg: RunConfig) -> str | None:
     needed). auto: live where the method can switch its adapters off, else precomputed."""
     from . import REGISTRY
 
-    objective = REGISTRY[cfg.train.objective]
-    if not getattr(objective, "needs_reference", False):
+    if not REGISTRY[cfg.train.objective].needs_reference:
         return None
     if cfg.train.reference != "auto":
         return cfg.train.reference

@@ -6,13 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..artifacts import IGNORE_INDEX
-from .base import Loss, Objective
+from .base import Loss, Objective, model_inputs, moe_metrics, routed, with_router_terms
 
 if TYPE_CHECKING:
     import torch
-
-
-MOE_METRICS = ("router_aux_loss", "expert_load_max", "expert_load_min")
 
 
 class NextToken(Objective):
@@ -23,9 +20,7 @@ class NextToken(Objective):
     columns = ("input_ids", "labels", "position_ids")
 
     def metrics_for(self, model) -> tuple[str, ...]:
-        from ..train.moe import watch_of
-
-        return MOE_METRICS if watch_of(model) is not None else ()
+        return moe_metrics(model)
 
     def collate(
         self, rows: list[dict], pad_id: int, attn: str, dtype: torch.dtype, pad_to: int = 0
@@ -35,20 +30,9 @@ class NextToken(Objective):
         return collate(rows, pad_id, attn, dtype, pad_to)
 
     def loss(self, model, batch: dict, device: torch.device, attn: str, reference=None) -> Loss:
-        from ..train.attention import FLEX
-        from ..train.data import COUNTS, document_block_mask, real_tokens
-        from ..train.moe import watch_of
-
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in COUNTS}
-        if attn == FLEX:  # packed rows: a sparse document mask, built on the device
-            inputs["attention_mask"] = document_block_mask(inputs["position_ids"])
-        watch = watch_of(model) if model.training else None
-        if watch is None:
-            return Loss(model(**inputs).loss)
-        with watch.recording():  # a MoE model in training: its routers' terms too
-            value = model(**inputs).loss
-        aux, load = watch.terms(real_tokens(batch, device))
-        return Loss(value + watch.coef * aux, {"router_aux_loss": aux.detach(), **load})
+        inputs = model_inputs(batch, device, attn)
+        value, terms = routed(model, batch, device, lambda: model(**inputs).loss)
+        return with_router_terms(model, Loss(value), terms)
 
     def weight(self, batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

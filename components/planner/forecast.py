@@ -245,6 +245,8 @@ def options(
 
 
 def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) -> dict:
+    from .plan import reference_copy
+
     checkpoint = method_of(cfg).checkpoint_bytes(arch)  # trained weights + AdamW moments
     saves = steps // cfg.train.save_steps
     evals = (steps // cfg.train.eval_steps if cfg.train.eval_steps else 0) + 1
@@ -260,7 +262,7 @@ def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) 
     if reference_mode(cfg) == "precomputed":  # one forward over both splits before training
         rows = ((data.train_rows or 0) + data.eval_rows) / setup.gpus
         parts["reference pass"] = rows * row_seconds * EVAL_FORWARD_SHARE
-    if reference_mode(cfg) == "live" and not method_of(cfg).switches_off:
+    if reference_copy(cfg):
         parts["load weights"] *= 2  # the frozen reference copy too
     return parts
 

@@ -84,6 +84,10 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
+# the eval split's text columns: their spill names
+EVAL_TEXTS = {"prompt": "prompt", "reference": "ref"}
+
+
 def write_split(
     folder: Path,
     spill: Spill,
@@ -96,30 +100,27 @@ def write_split(
     """A split whose row i packs the next `sizes[i]` examples of `flat` (all 1 when unpacked);
     returns its fingerprint (the digest over every split so far). `pairs` (preference data):
     an eval row is one pair, its texts the chosen document's prompt and answer."""
-    texted = flat[0::2] if pairs else flat
-    text_bytes = [spill.text_bytes(n, texted) for n in ("prompt", "ref")] if texts else []
+    texted = flat[0::2] if pairs else flat  # an eval row's texts: its first example's
+    text_bytes = [spill.text_bytes(n, texted) for n in EVAL_TEXTS.values()] if texts else []
     writer = SplitWriter(
         folder,
         len(sizes),
         table_nbytes(len(sizes), int(spill.lengths[flat].sum()), text_bytes),
-        ("prompt", "reference") if texts else (),
+        tuple(EVAL_TEXTS) if texts else (),
     )
     starts = offsets_of(sizes)
 
     def table(first: int, end: int):
         examples = flat[starts[first] : starts[end]]
         rows = spill.rows(examples)
-        if texts and pairs:  # eval: one pair per row, never packed
-            rows, positions = pack_ordered(rows, sizes[first:end])
-            names = {"prompt": "prompt", "reference": "ref"}
-            columns = {col: spill.texts(name, examples[0::2]) for col, name in names.items()}
-        elif texts:  # eval: one example per row, never packed
+        if texts and not pairs:  # eval: one example per row, never packed
             positions = rows.position_ids()
-            names = {"prompt": "prompt", "reference": "ref"}
-            columns = {col: spill.texts(name, examples) for col, name in names.items()}
-        else:
+        else:  # packed rows, or eval's one pair per row
             rows, positions = pack_ordered(rows, sizes[first:end])
-            columns = {}
+        columns = {}
+        if texts:  # the prompt and reference of each row's first (a pair's chosen) example
+            firsts = examples[0::2] if pairs else examples
+            columns = {col: spill.texts(name, firsts) for col, name in EVAL_TEXTS.items()}
         digest.add(rows)
         return chunk_table(rows, positions, columns)
 

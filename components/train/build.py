@@ -128,6 +128,31 @@ class BuiltModel:
     kernels: Kernels
 
 
+def patched_base(cfg: RunConfig, world: World, attn: str, dtype: torch.dtype, zero3: bool):
+    """(the base model, its quantized linear layers) with what its family needs to train on
+    packed rows, before kernels and the method: loaded (on the meta device for low-memory
+    FSDP), its routers watched, sliding windows and linear-attention documents kept apart,
+    flex_attention's document masks. The policy and a frozen reference copy load alike."""
+    if low_memory_fsdp(cfg):
+        model, quantized = build_on_meta(cfg, dtype, attn), 0
+    else:
+        model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
+    install_router_watch(model)  # a MoE model: its routers' load-balancing loss and load
+    windowed_masks(model)  # a sliding-window family: packed rows keep its windows
+    split_by_document(model)  # linear-attention layers: a packed row's examples run apart
+    if attn == FLEX:
+        use_flex_attention(model)
+    return model, quantized
+
+
+def with_kernels(cfg: RunConfig, model, kernels: Kernels) -> None:
+    """The chosen kernels on the (unwrapped) base, and for a preference objective the forward
+    that returns answer log-probabilities, chunked through the head where the loss is."""
+    apply_kernels(model, kernels)
+    if objective_of(cfg).data_format == "preference":
+        use_token_logps(model, chunked=kernels.loss != "transformers")
+
+
 def build_model(cfg: RunConfig, world: World, attn: str, fit: Fit, packed: bool) -> BuiltModel:
     """Base model (+ kernels, + LoRA or adapters, + checkpointing, + compiled layers), not yet
     sharded. Frozen weights stay in the compute dtype; trainable LoRA/adapter weights are
@@ -143,22 +168,12 @@ def build_model(cfg: RunConfig, world: World, attn: str, fit: Fit, packed: bool)
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive while loading)
-    if low_memory_fsdp(cfg):
-        model, quantized = build_on_meta(cfg, dtype, attn), 0
-    else:
-        model, quantized = load_base(cfg, world.device, deepspeed_zero3=zero3, attn=attn)
-    install_router_watch(model)  # a MoE model: its routers' load-balancing loss and load
-    windowed_masks(model)  # a sliding-window family: packed rows keep its windows
-    split_by_document(model)  # linear-attention layers: a packed row's examples run apart
+    model, quantized = patched_base(cfg, world, attn, dtype, zero3)
     note = family_note(model.config.model_type)
     if note and world.main:
         print(note, flush=True)
-    if attn == FLEX:
-        use_flex_attention(model)
     kernels = select_kernels(cfg, world.device, model.config.model_type, packed)
-    apply_kernels(model, kernels)
-    if objective_of(cfg).data_format == "preference":  # answer log-probabilities, chunked
-        use_token_logps(model, chunked=kernels.loss != "transformers")
+    with_kernels(cfg, model, kernels)
     model = method_of(cfg).adapt(cfg, model, fused_lora=kernels.lora == "fused")
     layers = decoder_layers(model)
     apply_checkpointing(model, layers, fit.checkpointed_layers)

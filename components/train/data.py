@@ -6,13 +6,13 @@ always the same rows, so a resumed run continues the data order exactly from its
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..artifacts import IGNORE_INDEX
-from ..objectives import row_tokens  # noqa: F401 (the loops and the reference read it here)
 
 if TYPE_CHECKING:
     pass
@@ -132,6 +132,17 @@ def document_starts(positions: torch.Tensor, lengths: list[int]) -> torch.Tensor
     return (positions == 0) & real
 
 
+def rank_batches(split, name: str, rank: int, world: int, size: int):
+    """This rank's share of `split` (every world-th row) in batches of `size`: (the row
+    indices, the rows tagged with `_row` and `_split` = name). Every rank gets as many batches
+    (FSDP and ZeRO-3 forwards are collectives): one whose share has run out gets row 0 with no
+    indices, to compute and discard."""
+    indices = list(range(rank, len(split), world))
+    for b in range(math.ceil(math.ceil(len(split) / world) / size)):
+        chunk = indices[b * size : (b + 1) * size]
+        yield chunk, [{**split[i], "_row": i, "_split": name} for i in chunk or [0]]
+
+
 # host-side numbers of a batch, not inputs
 COUNTS = ("tokens", "padded_tokens", "examples", "lengths")
 
@@ -166,9 +177,9 @@ class MicroBatches(torch.utils.data.Dataset):
         self.objective = objective  # its columns and its batch format
 
     def __getitem__(self, k: int) -> dict:
-        columns = self.split[[int(i) for i in self.plan.rows(k)]]
-        keys = self.objective.columns
         index = self.plan.rows(k)
+        columns = self.split[[int(i) for i in index]]
+        keys = self.objective.columns
         rows = [
             {**{c: columns[c][i] for c in keys}, "_row": int(index[i]), "_split": "train"}
             for i in range(len(columns[keys[0]]))

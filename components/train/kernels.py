@@ -116,6 +116,20 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(flat, weight, shifted, chunk)
 
 
+def output_head(model: nn.Module):
+    """(the model's output head weight, the context inside which it is whole): a DeepSpeed
+    ZeRO-3 partition of the (frozen) head is gathered there; a tied head may be gathered
+    already."""
+    weight = model.get_output_embeddings().weight
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if weight.ds_status != ZeroParamStatus.AVAILABLE:
+            return weight, deepspeed.zero.GatheredParameters([weight])
+    return weight, nullcontext()
+
+
 def _chunked_loss_forward(self, input_ids=None, labels=None, **kwargs):
     """The causal LM's forward with the loss computed chunk by chunk over the output head.
     Without labels (generation) it is the model's own forward."""
@@ -127,14 +141,7 @@ def _chunked_loss_forward(self, input_ids=None, labels=None, **kwargs):
     kwargs.pop("num_items_in_batch", None)
     body = getattr(self, self.base_model_prefix)
     outputs = body(input_ids=input_ids, **kwargs)
-    weight = self.get_output_embeddings().weight
-    gather = nullcontext()
-    if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partition: gather the (frozen) head
-        import deepspeed
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        if weight.ds_status != ZeroParamStatus.AVAILABLE:  # (a tied head may be gathered)
-            gather = deepspeed.zero.GatheredParameters([weight])
+    weight, gather = output_head(self)
     with gather:
         loss = linear_cross_entropy(outputs[0], weight, labels)
     return CausalLMOutputWithPast(loss=loss, logits=None)
@@ -234,14 +241,7 @@ def _logps_forward(self, input_ids=None, logps_of=None, **kwargs):
         return TokenLogps(logps=rows.log_softmax(-1).gather(1, targets[:, None])[:, 0])
     body = getattr(self, self.base_model_prefix)
     hidden = body(input_ids=input_ids, **kwargs)[0]
-    weight = self.get_output_embeddings().weight
-    gather = nullcontext()
-    if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partition: gather the (frozen) head
-        import deepspeed
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        if weight.ds_status != ZeroParamStatus.AVAILABLE:
-            gather = deepspeed.zero.GatheredParameters([weight])
+    weight, gather = output_head(self)
     with gather:
         return TokenLogps(logps=token_logps(hidden, weight, logps_of))
 

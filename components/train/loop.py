@@ -4,7 +4,6 @@ which one runs; and metrics.json's record of the run (`run_metrics`)."""
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 
@@ -12,14 +11,14 @@ import torch
 
 from ..architectures import decoder_layers
 from ..config import RunConfig
-from ..objectives import objective_of
+from ..objectives import objective_of, row_tokens
 from ..objectives.preference import reference_mode
 from ..planner.forecast import compare
 from .build import unwrap
 from .data import (
     batch_loader,
     pad_length,
-    row_tokens,
+    rank_batches,
 )
 from .measure import StepFlops, start_profiler
 from .metrics import (
@@ -70,13 +69,9 @@ def evaluate(
     pad_to = pad_length(attn, row_tokens(cfg))
     loss_sum = weight = 0.0
     sums: dict[str, float] = {}
-    indices = list(range(world.rank, len(split), world.size))
     size = cfg.train.micro_batch_size
     assert isinstance(size, int), "resolved(cfg, fit) set the micro batch"
-    batches = math.ceil(math.ceil(len(split) / world.size) / size)
-    for b in range(batches):
-        chunk = indices[b * size : (b + 1) * size]
-        rows = [{**split[i], "_row": i, "_split": "eval"} for i in chunk or [0]]
+    for chunk, rows in rank_batches(split, "eval", world.rank, world.size, size):
         batch = objective.collate(rows, pad_id, attn, dtype, pad_to)
         out = objective.loss(model, batch, world.device, attn, reference)
         if chunk:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -52,21 +51,13 @@ def document_counts(split) -> np.ndarray:
     return np.bincount(starts, minlength=len(split)).astype(np.int64)
 
 
-def _with_rows(split, indices: list[int], name: str) -> list[dict]:
-    rows = []
-    for i in indices:
-        row = dict(split[i])
-        row["_row"], row["_split"] = i, name
-        rows.append(row)
-    return rows
-
-
 @torch.no_grad()
 def precompute(run, split, name: str, micro: int) -> tuple[np.ndarray, np.ndarray]:
     """(log-probability of every document's answer, in row order; each row's offset into
     it) under the model as it is now, the rows sharded over the ranks. Every rank runs the
     same number of forwards (FSDP and ZeRO-3 forwards are collectives)."""
-    from .data import pad_length, row_tokens
+    from ..objectives import row_tokens
+    from .data import pad_length, rank_batches
 
     world: World = run.world
     counts = document_counts(split)
@@ -74,13 +65,9 @@ def precompute(run, split, name: str, micro: int) -> tuple[np.ndarray, np.ndarra
     out = torch.zeros(int(offsets[-1]), dtype=torch.float64)
     objective = run.objective
     pad_to = pad_length(run.attn, row_tokens(run.cfg))
-    mine = list(range(world.rank, len(split), world.size))
-    batches = math.ceil(math.ceil(len(split) / world.size) / micro)
     was_training = run.model.training
     run.model.eval()
-    for b in range(batches):
-        chunk = mine[b * micro : (b + 1) * micro]
-        rows = _with_rows(split, chunk or [0], name)
+    for chunk, rows in rank_batches(split, name, world.rank, world.size, micro):
         batch = objective.collate(
             rows, run.tokenizer.pad_token_id, run.attn, run.built.dtype, pad_to
         )
@@ -139,12 +126,8 @@ def store(output: Path, tables: dict, fingerprint: str | None) -> None:
 def frozen_copy(run):
     """A frozen copy of the base for a live reference of a method that cannot switch its
     training off: loaded, patched and sharded as the policy is."""
-    from .attention import FLEX, use_flex_attention, windowed_masks
-    from .build import low_memory_fsdp
-    from .kernels import apply_kernels, use_token_logps
-    from .linear_attention import split_by_document
+    from .build import low_memory_fsdp, patched_base, with_kernels
     from .meta_load import materialize
-    from .modeling import build_on_meta, load_base
     from .parallel import wrap_fsdp
 
     cfg, world, built = run.cfg, run.world, run.built
@@ -154,23 +137,14 @@ def frozen_copy(run):
             f"{cfg.method}, which kubetune does not shard under deepspeed: set "
             "train.reference=precomputed"
         )
-    low = low_memory_fsdp(cfg)
-    if low:
-        model = build_on_meta(cfg, built.dtype, run.attn)
-    else:
-        model, _ = load_base(cfg, world.device, deepspeed_zero3=False, attn=run.attn)
-    windowed_masks(model)
-    split_by_document(model)
-    if run.attn == FLEX:
-        use_flex_attention(model)
-    apply_kernels(model, built.kernels)
-    use_token_logps(model, chunked=built.kernels.loss != "transformers")
+    model, _ = patched_base(cfg, world, run.attn, built.dtype, zero3=False)
+    with_kernels(cfg, model, built.kernels)
     model.requires_grad_(False)
     model.config.use_cache = False
     if cfg.distributed.strategy == "fsdp":
         dist_cfg = cfg.distributed
         model = wrap_fsdp(model, world, built.dtype, dist_cfg.fsdp, dist_cfg.procs_per_node)
-        if low:
+        if low_memory_fsdp(cfg):
             materialize(model, cfg, world)
     return model.eval()
 
