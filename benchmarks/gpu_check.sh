@@ -30,7 +30,7 @@ WHEELS=${GPU_CHECK_WHEELS:-.whl}  # where --fetch-wheels puts them and the insta
 TIME_LIMIT_S=540  # 9 minutes for everything below
 # name|seconds at most|command ($OUT: the output folder, $RUNS: the kept kubetune runs)
 STEPS=(
-  'pytest-gpu|180|python3 -m pytest -m gpu -n 0 -p no:cacheprovider -rs tests/test_gpu.py'
+  'pytest-gpu|180|python3 -m pytest -m gpu -n 0 -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_faults.py'
   'train-throughput|270|python3 benchmarks/train_throughput.py --steps 20 --keep $RUNS'
   'train-throughput-dpo|60|python3 benchmarks/train_throughput.py --steps 20 --cases llama3-8b-8-layers-dpo-lora-r16'
   'fit-speed-model|30|fit_each_kubetune_side'

@@ -10,6 +10,7 @@ console can use it without loading torch.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -125,8 +126,21 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_json(path: Path, data: dict, indent: int | None = 1) -> None:
-    """How every step writes its metrics.json / stats.json / merge.json: one line per key."""
-    path.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
+    """How every step writes its metrics.json / stats.json / merge.json: one line per key. A
+    NaN or inf becomes null: JSON has neither, and a reader's parser would refuse the file."""
+    text = json.dumps(finite_json(data), indent=indent, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def finite_json(value):
+    """`value` with every NaN/inf float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 _PROGRESS = re.compile(

@@ -189,6 +189,15 @@ class RunConfig(Section):
             )
         if self.distributed.offload != "none" and self.distributed.strategy != "deepspeed":
             raise ValueError("distributed.offload needs distributed.strategy=deepspeed")
+        if self.distributed.strategy == "deepspeed" and (
+            self.train.nonfinite == "skip"
+            or (self.train.spike_guard and self.train.spike_guard.action == "rollback")
+        ):
+            raise ValueError(
+                "train.nonfinite=skip and train.spike_guard.action=rollback need ddp or fsdp: "
+                "DeepSpeed's engine steps its optimizer inside backward, before a bad step "
+                "could be dropped (nonfinite: stop and spike_guard.action: log work)"
+            )
         low = self.kubernetes.elastic_min_nodes
         if low is not None and low > self.distributed.nodes:
             raise ValueError(

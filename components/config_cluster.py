@@ -212,6 +212,35 @@ class KubernetesConfig(Section):
         "the cluster's default class when unset).",
     )
 
+    termination_grace_seconds: int | Literal["auto"] = Field(
+        "auto",
+        description="terminationGracePeriodSeconds of the training pods: the time a drained or "
+        "preempted pod has after SIGTERM to finish its step and save a checkpoint. auto: the "
+        "plan's step time plus its checkpoint's save time, doubled, plus a minute.",
+    )
+    stall_minutes: float | None = Field(
+        60.0,
+        gt=0,
+        description="The launcher reports the job stalled when rank 0's log has printed no line "
+        "for this long while it runs (None: never).",
+    )
+    delete_stalled: bool = Field(
+        False,
+        description="Delete a stalled job (kubernetes.stall_minutes) and fail the step, "
+        "instead of reporting it and watching on.",
+    )
+
+    @field_validator("termination_grace_seconds", mode="before")
+    @classmethod
+    def _grace(cls, value: Any) -> Any:
+        whole = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        if value != "auto" and not whole:
+            raise ValueError(
+                f"kubernetes.termination_grace_seconds must be a whole number > 0 or auto, got "
+                f"{value!r}"
+            )
+        return value
+
     # What the API server would reject is rejected here, naming the recipe key.
     @field_validator("cpu", "memory", "shm_size", "workspace_size", mode="before")
     @classmethod

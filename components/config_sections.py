@@ -15,7 +15,15 @@ from pydantic import (
 )
 
 # Section (every section's base) and the measuring sections live there; imported from here too
-from .config_measure import FlopCounterConfig, ProfileConfig, Section  # noqa: F401
+from .config_measure import (  # noqa: F401
+    FlopCounterConfig,
+    ProfileConfig,
+    Section,
+    SpikeGuardConfig,
+)
+
+# the distributed section lives there; imported from here too
+from .config_parallel import DistributedConfig, FsdpConfig  # noqa: F401
 from .objectives import NAMES as OBJECTIVES
 
 
@@ -193,6 +201,30 @@ class TrainConfig(Section):
     )
     logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
     seed: int = Field(42, description="Seed of init, dropout and data order.")
+    keep_checkpoints: int = Field(
+        2,
+        gt=0,
+        description="Complete checkpoints kept (the newest N); a resume falls back to an older "
+        "one when the newest fails its checksums, so keep at least 2.",
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN or inf loss or gradient norm on any rank (all ranks agree): stop "
+        "ends the run with one line (the step, the value, the batch's rows) and keeps the last "
+        "good checkpoint; skip drops that optimizer step, up to train.max_skipped_steps.",
+    )
+    max_skipped_steps: int = Field(
+        10,
+        ge=0,
+        description="nonfinite: skip (and spike_guard rollbacks): steps a run may skip before it "
+        "stops as under nonfinite: stop.",
+    )
+    spike_guard: SpikeGuardConfig | None = Field(
+        None,
+        description="Loss spikes: a step's loss more than `z` standard deviations above the "
+        "mean of the `window` steps before it is logged, and with action: rollback the run "
+        "goes back to its last checkpoint and skips that step's batch.",
+    )
 
     @field_validator("micro_batch_size", mode="before")
     @classmethod
@@ -260,49 +292,6 @@ class TrainConfig(Section):
         # from before objectives read the same
         exclude_if=lambda value: value == "sft",
     )
-
-
-class FsdpConfig(Section):
-    sharding: Literal["full", "shard_grad_op", "no_shard", "hybrid"] = Field(
-        "full",
-        description="full: weights, gradients and optimizer state sharded over every process, "
-        "weights gathered per layer (ZeRO-3); shard_grad_op: weights stay gathered from forward "
-        "to backward (ZeRO-2, fewer all-gathers); no_shard: a replica per process (DDP); hybrid: "
-        "shard inside a node, replicate across nodes (HSDP).",
-    )
-    cpu_offload: bool = Field(
-        False,
-        description="Keep sharded weights, gradients and optimizer state in CPU memory; the "
-        "optimizer steps on the CPU (FSDP2 CPUOffloadPolicy).",
-    )
-
-
-class DistributedConfig(Section):
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
-        "ddp", description="ddp: a replica per GPU; fsdp; deepspeed ZeRO."
-    )
-    nodes: int = Field(1, gt=0, description="Machines (PyTorchJob Master + nodes-1 Workers).")
-    procs_per_node: int = Field(1, gt=0, description="Processes per node, one per GPU.")
-    backend: Literal["local", "pytorchjob", "trainjob"] = Field(
-        "local",
-        description="local: torchrun here; pytorchjob: a PyTorchJob (Kubeflow Training "
-        "Operator v1); trainjob: a TrainJob (Kubeflow Trainer v2) over kubernetes.runtime.",
-    )
-    zero_stage: Literal[2, 3] = Field(3, description="deepspeed: ZeRO stage.")
-    offload: Literal["none", "optimizer", "optimizer+params"] = Field(
-        "none", description="deepspeed: CPU offload."
-    )
-    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
-    low_memory_load: bool = Field(
-        True,
-        description="fsdp with lora/full: only rank 0 reads the checkpoint; the other ranks "
-        "build on the meta device and receive their shards (llama-recipes' low_cpu_fsdp).",
-    )
-
-    @property
-    def world_size(self) -> int:
-        """Training processes over every node: one per GPU."""
-        return self.nodes * self.procs_per_node
 
 
 class HardwareConfig(Section):

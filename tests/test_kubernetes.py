@@ -385,3 +385,36 @@ def test_the_pod_command_trains_with_the_operators_environment(tmp_path, tiny_da
     line = f"step 4/4 loss {sent['loss']} "
     (logged,) = [x for x in proc.stdout.splitlines() if x.startswith(line)]
     assert f"tokens/s {sent['tokens_per_second']} progress 100% eta 0s" in logged
+
+
+STALLING = [
+    (0.2, "Created", "", ""),
+    (0.3, "Running", "", ""),
+    (0.3, "log", "step 1/300 loss 2.0000", ""),
+    (0.1, "log", "step 2/300 loss 1.9000", ""),
+]  # then nothing: rank 0 stops printing while the job stays Running
+
+
+@pytest.mark.integration
+def test_a_job_whose_log_stops_moving_is_reported_stalled_and_deleted_if_asked(kube):
+    """kubernetes.stall_minutes=0.05 (3 s) of silence from rank 0 while the job runs: reported
+    once with the last line; with delete_stalled the job is deleted and the step fails."""
+    kube.scenario = STALLING
+    proc = start(kube, [*TRAIN, "--set", "kubernetes.stall_minutes=0.05"])
+    wait_for(lambda: any("/log?" in p for _, p, _ in kube.requests))
+    time.sleep(6)
+    assert proc.poll() is None, "a stalled job is watched on without delete_stalled"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert out.count("stalled: rank 0 printed nothing for") == 1, out
+    assert "its last line: 'step 2/300 loss 1.9000'" in out and "Still watching it" in out
+    kube.scenario = STALLING
+    result = run_cli(
+        *TRAIN, "--set", "kubernetes.stall_minutes=0.05", "--set", "kubernetes.delete_stalled=true",
+        env=kube.env,
+    )  # fmt: skip
+    assert_user_error(
+        result, "stalled: rank 0 printed nothing for", "(kubernetes.stall_minutes=0.05)",
+        "It was deleted (kubernetes.delete_stalled)",
+    )  # fmt: skip
+    assert kube.count("DELETE") == 2 and kube.jobs == {}  # the cancelled one, the stalled one

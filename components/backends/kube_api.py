@@ -239,6 +239,14 @@ class LogFollower(threading.Thread):
         self.api, self.name, self.selector = api, name, selector
         self.stop = threading.Event()
         self.seen: set[tuple[str, int]] = set()
+        self.last_line, self.last_text = time.monotonic(), ""  # for stall.py
+
+    def touch(self) -> None:
+        self.last_line = time.monotonic()
+
+    def said(self, text: str) -> None:
+        print(text, flush=True)
+        self.last_line, self.last_text = time.monotonic(), text[-200:]
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -268,9 +276,9 @@ class LogFollower(threading.Thread):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
-                    print(line.decode("utf-8", "replace"), flush=True)
+                    self.said(line.decode("utf-8", "replace"))
             if buffer:
-                print(buffer.decode("utf-8", "replace"), flush=True)
+                self.said(buffer.decode("utf-8", "replace"))
         finally:
             response.release_conn()
 

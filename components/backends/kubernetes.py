@@ -40,6 +40,7 @@ from .kube_api import (
     job_state,
 )
 from .pod import QUEUE_LABEL, hashed_job_name
+from .stall import Stall, Stalled
 from .taskconfig import JOB_NAME_ENV, TaskConfig
 
 
@@ -187,9 +188,12 @@ def launch(
             pickup=cfg.kubernetes.queue_pickup_seconds,
             workloads=api.workloads,
         )
-        state, reason, message = wait(api, name, where, queue)
-    except NotPickedUp:
-        api.delete(name)  # it would wait suspended forever
+        k8s = cfg.kubernetes
+        stall = Stall(where, k8s.stall_minutes, k8s.delete_stalled, follower)
+        state, reason, message = wait(api, name, where, queue, stall)
+    except (NotPickedUp, Stalled):
+        cancelled = True  # no last lines to wait for
+        api.delete(name)  # it would wait suspended forever, or it is stuck
         raise
     except Cancelled as exc:
         cancelled = True
@@ -361,7 +365,7 @@ class Admission:
 
 
 def wait(
-    api: JobApi, name: str, where: str, queue: Admission | None = None
+    api: JobApi, name: str, where: str, queue: Admission | None = None, stall: Stall | None = None
 ) -> tuple[str, str, str]:
     """Watch the job until it Succeeded or Failed (or was deleted by someone else)."""
     from kubernetes.client.exceptions import ApiException
@@ -376,8 +380,11 @@ def wait(
             return "Deleted", "", "the job was deleted while it ran"
         queue.observe(job)
         events = [("SNAPSHOT", job)]
+        wake = [t for t in (queue.left(), stall.left() if stall else None) if t is not None]
         try:
-            events_iter = api.watch(name, job["metadata"].get("resourceVersion"), queue.left())
+            events_iter = api.watch(
+                name, job["metadata"].get("resourceVersion"), min(wake) if wake else None
+            )
             for kind, obj in _chain(events, events_iter):
                 if kind == "DELETED":
                     return "Deleted", "", "the job was deleted while it ran"
@@ -385,6 +392,8 @@ def wait(
                     break
                 queue.observe(obj)
                 state = job_state(obj, api.kind)
+                if stall is not None:
+                    stall.check(queue.since is None and state[0] not in api.kind.terminal)
                 if state != reported:
                     reported = state
                     if state[0] == "Suspended":  # Admission reports queued and preempted

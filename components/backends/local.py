@@ -24,7 +24,7 @@ from ..artifacts import METRICS_FILE
 from ..config import RunConfig, write_resolved
 from ..errors import UserError
 from ..outputs import check_parent, disk_errors
-from ..train.entry import ERROR_FILE, worker_args
+from ..train.entry import ERROR_FILE, PREEMPTED_EXIT, PREEMPTED_FILE, worker_args
 
 
 def free_port() -> int:
@@ -82,11 +82,14 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distributed.procs_per_node))
         )
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # after a SIGTERM torchrun waits this long for the workers' checkpoint before SIGKILL
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(LOCAL_GRACE_SECONDS))
     if cfg.model.local_dir:  # a fetched copy: every rank reads it, none asks the hub
         env["HF_HUB_OFFLINE"] = "1"
     return env
 
 
+LOCAL_GRACE_SECONDS = 300
 WORKER_ERROR = re.compile(r"^(?:\[rank\d+\]:)?error: (.+)$")
 
 
@@ -122,6 +125,7 @@ class LocalBackend:
         with disk_errors(out):
             out.mkdir(exist_ok=True)
             (out / ERROR_FILE).unlink(missing_ok=True)
+            (out / PREEMPTED_FILE).unlink(missing_ok=True)
             recipe = write_resolved(cfg, out)
         proc = subprocess.Popen(
             torchrun_command(cfg, recipe, Path(dataset).resolve(), out, forked_workers()),
@@ -142,6 +146,8 @@ class LocalBackend:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if code != 0 and (out / PREEMPTED_FILE).is_file():  # a SIGTERM's checkpoint: not failed
+            return PREEMPTED_EXIT
         error = out / ERROR_FILE
         for partial in out.glob(f"{ERROR_FILE}.*"):  # a rank killed while keeping its error
             partial.unlink(missing_ok=True)

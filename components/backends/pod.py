@@ -57,6 +57,9 @@ def container_env(cfg: RunConfig, recipe_text: str, task: TaskConfig = NO_TASK) 
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "OMP_NUM_THREADS", "value": str(threads)},
         {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+        # after SIGTERM torchrun gives the workers this long to save a checkpoint (its own
+        # default, 30 s, would kill them mid-save): the pod's grace less a margin to exit
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(shutdown_seconds(cfg))},
     ]
     if not cfg.hardware.uses_gpu:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
@@ -67,6 +70,18 @@ def container_env(cfg: RunConfig, recipe_text: str, task: TaskConfig = NO_TASK) 
     if k8s.hf_secret:
         env.append(_secret_env("HF_TOKEN", k8s.hf_secret, "HF_TOKEN"))
     return merge_env(env, task)
+
+
+def termination_grace(cfg: RunConfig) -> int:
+    """terminationGracePeriodSeconds of a training pod (planner/grace.py)."""
+    from ..planner.grace import grace_seconds
+
+    return grace_seconds(cfg)
+
+
+def shutdown_seconds(cfg: RunConfig) -> int:
+    grace = termination_grace(cfg)
+    return max(1, grace - min(15, grace // 4))
 
 
 def _whole_cpus(quantity: str) -> int:

@@ -25,6 +25,7 @@ from .pod import (
     pod_security_context,
     resources,
     storage,
+    termination_grace,
     worker_command,
 )
 from .taskconfig import TaskConfig
@@ -57,6 +58,7 @@ def pod_template(
             }
         ],
         "volumes": pod_volumes,
+        "terminationGracePeriodSeconds": termination_grace(cfg),  # a SIGTERM's checkpoint
         **node_pool(k8s, task),
     }
     if k8s.priority_class:
@@ -85,6 +87,9 @@ def render_job(
     )
 
     def replica(count: int) -> dict:
+        # OnFailure, not ExitCode: ExitCode would fail the job at once on exit codes 1-127, a
+        # worker's traceback from a transient NCCL or network fault and a watchdog's timeout
+        # (exit 2) among them; a preempted worker (143) restarts under both and resumes
         return {"replicas": count, "restartPolicy": "OnFailure", "template": template}
 
     spec: dict = {"nprocPerNode": str(dist.procs_per_node)}

@@ -40,6 +40,7 @@ from .pod import (
     pod_security_context,
     resources,
     storage,
+    termination_grace,
     worker_command,
 )
 from .taskconfig import TaskConfig
@@ -113,6 +114,7 @@ def runtime_patch(cfg: RunConfig, name: str, task: TaskConfig = NO_TASK) -> dict
         "serviceAccountName": k8s.service_account,
         "containers": [{"name": NODE, "volumeMounts": mounts}],
         "volumes": pod_volumes,
+        "terminationGracePeriodSeconds": termination_grace(cfg),  # a SIGTERM's checkpoint
         **node_pool(k8s, task),
     }
     node_job = {

@@ -47,7 +47,8 @@ def _num(value) -> str:
 
 def loss_curve_svg(training: dict, width: int = 640, height: int = 260) -> str:
     """The training loss history (and final eval loss) as an inline SVG line chart."""
-    points = [(float(s), float(v)) for s, v in training.get("loss", [])]
+    # a skipped step's loss is null (train.nonfinite: skip, a spike's rollback)
+    points = [(float(s), float(v)) for s, v in training.get("loss", []) if v is not None]
     if len(points) < 2:
         return "<p>Too few logged steps for a loss curve.</p>"
     eval_loss = training.get("eval_loss")

@@ -90,7 +90,10 @@ def fit_run(cfg: RunConfig, world: World, rows: int, output: Path) -> Fit:
     train = cfg.train
     latest = ckpt.latest_checkpoint(output)
     if latest is not None and train.micro_batch_size == "auto":
-        state = ckpt.read_state(latest)
+        try:
+            state = ckpt.read_state(latest)
+        except (OSError, ValueError):  # a damaged checkpoint: resume() sets it aside
+            state = {}
         if "micro_batch_size" in state:
             train = train.model_copy(
                 update={

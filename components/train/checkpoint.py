@@ -4,9 +4,14 @@
         trainer_state.json      step, losses so far, scheduler position, world size, strategy
         rank-00000.safetensors  this rank's trainable tensors, optimizer state, RNG state
         rank-00000.json         the non-tensor skeleton of this rank's optimizer state
+        SHA256SUMS              every file's SHA-256 (`sha256sum -c SHA256SUMS` checks it)
 
-Every rank writes into `.step-N.partial`; after a barrier rank 0 renames it to `step-N`, so a
-folder named `step-N` is always complete and a half-written one is ignored (and removed).
+Every rank writes into `.step-N.partial` and hashes its own files; after a barrier rank 0
+gathers the digests into SHA256SUMS and renames the folder to `step-N`, so a folder named
+`step-N` is always complete and a half-written one is ignored (and removed). A resume checks
+the digests (each rank its own files) and falls back to the next older complete checkpoint
+when one does not match (state.resume); the failed one is moved aside to `.step-N.corrupt`
+and removed with the next successful save. `train.keep_checkpoints` keeps the newest N.
 The data position is the step itself (see data.BatchPlan). With DeepSpeed the optimizer's
 partitioned state is its own; its checkpoints keep weights, schedule and data position, and
 the optimizer moments start again on resume.
@@ -14,6 +19,7 @@ the optimizer moments start again on resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -28,6 +34,8 @@ from ..errors import UserError
 from ..outputs import STORAGE_CAUSES, storage_errno
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+SUMS = "SHA256SUMS"
+STATE = "trainer_state.json"
 
 
 def flatten(obj, tensors: dict, prefix: str):
@@ -76,13 +84,60 @@ def restore_rng(tensors: dict) -> None:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
-def latest_checkpoint(output: Path) -> Path | None:
+def complete_checkpoints(output: Path) -> list[Path]:
+    """The complete `step-N` folders, newest first."""
     folder = output / "checkpoints"
     if not folder.is_dir():
-        return None
+        return []
     steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name))]
-    complete = [(s, p) for s, p in steps if (p / "trainer_state.json").is_file()]
-    return max(complete)[1] if complete else None
+    return [p for _, p in sorted(steps, reverse=True) if (p / STATE).is_file()]
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    found = complete_checkpoints(output)
+    return found[0] if found else None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rank_files(rank: int) -> list[str]:
+    return [f"rank-{rank:05d}.safetensors", f"rank-{rank:05d}.json"]
+
+
+def verify(folder: Path, rank: int) -> str | None:
+    """What is wrong with this rank's files of a checkpoint (rank 0: also trainer_state.json),
+    by SHA256SUMS; None when they match. A checkpoint from before checksums has no SHA256SUMS
+    and is taken as it is."""
+    sums = folder / SUMS
+    if not sums.is_file():
+        return None
+    expected = {}
+    for line in sums.read_text(errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        expected[name] = digest
+    for name in rank_files(rank) + ([STATE] if rank == 0 else []):
+        path = folder / name
+        if name not in expected:
+            return f"{name} is not in {SUMS} (the file list is damaged)"
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_of(path) != expected[name]:
+            return f"{name} does not match its SHA-256 in {SUMS} (a corrupt or altered file)"
+    return None
+
+
+def set_aside(folder: Path) -> Path:
+    """Move a checkpoint that failed its checksums out of the way (never read again)."""
+    aside = folder.with_name(f".{folder.name}.corrupt")
+    shutil.rmtree(aside, ignore_errors=True)
+    folder.rename(aside)
+    return aside
 
 
 def _save_fault(exc: Exception) -> int:
@@ -106,10 +161,14 @@ def _agreed_failure(folder: Path, step: int, code: int, agree: Callable[[float],
         )
 
 
-def remove_partial(output: Path) -> None:
-    """Remove checkpoints a killed or failed save left half-written (they are never read)."""
+def remove_partial(output: Path, corrupt: bool = False) -> None:
+    """Remove checkpoints a killed or failed save left half-written (they are never read), and
+    with `corrupt` those set aside for failing their checksums."""
     for partial in (output / "checkpoints").glob(".step-*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+    if corrupt:
+        for aside in (output / "checkpoints").glob(".step-*.corrupt"):
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -139,16 +198,28 @@ def save_checkpoint(
     }
     skeleton = flatten(optimizer_state, tensors, "optim") if optimizer_state is not None else None
     tensors.update(rng_tensors())
+    weights, skeleton_file = rank_files(rank)
     try:
-        save_file(tensors, str(staging / f"rank-{rank:05d}.safetensors"))
-        (staging / f"rank-{rank:05d}.json").write_text(json.dumps({"optimizer": skeleton}))
+        save_file(tensors, str(staging / weights))
+        (staging / skeleton_file).write_text(json.dumps({"optimizer": skeleton}))
+        # this rank's digests, read back from what was written; rank 0 gathers them
+        lines = "".join(f"{sha256_of(staging / n)}  {n}\n" for n in (weights, skeleton_file))
+        (staging / f"rank-{rank:05d}.sha256").write_text(lines)
     except Exception as exc:
         code = _save_fault(exc)
     _agreed_failure(folder, step, code, agree)
     if rank == 0:
         try:
-            (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            staging.rename(folder / f"step-{step:07d}")
+            (staging / STATE).write_text(json.dumps(state, indent=1))
+            parts = sorted(staging.glob("rank-*.sha256"))
+            sums = "".join(p.read_text() for p in parts)
+            (staging / SUMS).write_text(sums + f"{sha256_of(staging / STATE)}  {STATE}\n")
+            for part in parts:
+                part.unlink()
+            final = folder / f"step-{step:07d}"
+            if final.exists():  # this step saved before (a rollback replays it): the new one wins
+                shutil.rmtree(final)
+            staging.rename(final)
         except OSError as exc:
             code = _save_fault(exc)
     _agreed_failure(folder, step, code, agree)
@@ -156,20 +227,27 @@ def save_checkpoint(
         done = sorted(p for p in folder.iterdir() if STEP_DIR.match(p.name))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        remove_partial(output)
+        remove_partial(output, corrupt=True)
     dist.barrier()
+
+
+def read_step(folder: Path) -> int:
+    match = STEP_DIR.match(folder.name)
+    assert match, f"{folder} is a step-N folder"
+    return int(match.group(1))
 
 
 def read_state(folder: Path) -> dict:
     """A complete checkpoint's trainer_state.json."""
-    return json.loads((folder / "trainer_state.json").read_text())
+    return json.loads((folder / STATE).read_text())
 
 
 def load_checkpoint(folder: Path, rank: int) -> tuple[dict, dict, dict | None, dict]:
     """(trainer state, params by name, optimizer state or None, all tensors) of this rank."""
     state = read_state(folder)
-    tensors = load_file(str(folder / f"rank-{rank:05d}.safetensors"))
-    skeleton = json.loads((folder / f"rank-{rank:05d}.json").read_text())["optimizer"]
+    weights, skeleton_file = rank_files(rank)
+    tensors = load_file(str(folder / weights))
+    skeleton = json.loads((folder / skeleton_file).read_text())["optimizer"]
     params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     optim = unflatten(skeleton, tensors) if skeleton is not None else None
     return state, params, optim, tensors

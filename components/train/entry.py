@@ -10,3 +10,7 @@ ERROR_FILE = ".worker-error"  # in --output: a worker's UserError, for the launc
 def worker_args(recipe: str, dataset: str, output: str) -> list[str]:
     """The worker's own arguments after torchrun's (`recipe`: a path, or env:NAME)."""
     return ["-m", WORKER_MODULE, "--recipe", recipe, "--dataset", dataset, "--output", output]
+
+
+PREEMPTED_FILE = ".worker-preempted"  # in --output: rank 0's line after a SIGTERM's checkpoint
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a preempted worker exits with (retryable, not failed)

@@ -63,7 +63,7 @@ def final_figures(out: Path):
     return Figures(
         step=steps,
         steps=steps,
-        loss=record["loss"][-1][1] if record["loss"] else float("nan"),
+        loss=next((v for _, v in reversed(record["loss"]) if v is not None), float("nan")),
         tokens_per_second=record.get("tokens_per_second") or 0.0,
         percent=100,
         eta_seconds=0,

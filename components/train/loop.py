@@ -4,22 +4,28 @@ which one runs; and metrics.json's record of the run (`run_metrics`)."""
 
 from __future__ import annotations
 
+import shutil
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
 
 from ..architectures import decoder_layers
 from ..config import RunConfig
+from ..errors import UserError
 from ..objectives import objective_of, row_tokens
 from ..objectives.preference import reference_mode
 from ..planner.forecast import compare
 from .build import unwrap
+from .checkpoint import complete_checkpoints, read_step
 from .data import (
+    BatchPlan,
     batch_loader,
     pad_length,
     rank_batches,
 )
+from .guard import Guard, Preempted
 from .measure import StepFlops, start_profiler
 from .metrics import (
     TrainMetrics,
@@ -32,13 +38,14 @@ from .modeling import (
     checkpointed_layers,
 )
 from .moe import expert_tokens
+from .oom import is_oom, oom_line
 from .parallel import (
     World,
     all_reduce_sum,
 )
 from .progress import LossLog, synchronize
 from .session import Session
-from .state import save_checkpoint
+from .state import resume, save_checkpoint
 from .status import TrainerStatus
 
 WARMUP_STEPS = 5  # steps left out of steady_tokens_per_second
@@ -86,6 +93,14 @@ def evaluate(
     return (all_reduce_sum(loss_sum, world) / total if total else None), (means if total else {})
 
 
+def step_schedule(scheduler) -> None:
+    """The schedule follows the data position, skipped steps included (torch warns when a
+    schedule steps before its optimizer ever has: a skipped first step does that on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
+
+
 class Loop:
     """The training loop over a session's steps: accumulation, clipping, the optimizer and
     schedule, losses logged without a host sync per micro batch, evaluation and checkpoints
@@ -101,6 +116,8 @@ class Loop:
         metrics = run.objective.metrics_for(run.model)
         self.log = LossLog(world, run.losses, run.writer, metrics)
         self.status = TrainerStatus.from_env(world.rank)
+        self.guard = Guard(cfg, world, run.skipped, run.output)
+        self.rollback: int | None = None  # a spike's step to go back before (spike_guard)
         self.rows_done, self.paused, self.padded, self.examples = 0.0, 0.0, 0, 0
         self.began = 0.0
         # Steady speed leaves out the first steps (flex_attention/Triton compiles, autotuning,
@@ -126,10 +143,20 @@ class Loop:
             )
         )  # fmt: skip
 
+    def mark(self, step: int, doing: str) -> None:
+        """Progress for the watchdog (watchdog.py)."""
+        if self.run.watchdog is not None:
+            self.run.watchdog.mark(step, doing)
+
     def flush(self, wait: bool = True) -> None:
-        """Record the losses that landed (all of them with `wait`); rank 0 prints their lines."""
+        """Record the losses that landed (all of them with `wait`); rank 0 prints their lines.
+        A spike among them (train.spike_guard) is logged, and with rollback remembered."""
         run = self.run
         landed = self.log.flush(wait)
+        guard = run.cfg.train.spike_guard
+        for step, loss, _ in landed:
+            if self.guard.spike(step, loss) and guard is not None and guard.action == "rollback":
+                self.rollback = step if self.rollback is None else min(self.rollback, step)
         if run.world.main:
             elapsed = time.perf_counter() - self.began - self.paused
             logging_steps = run.cfg.train.logging_steps
@@ -137,10 +164,43 @@ class Loop:
                 landed, logging_steps, run.steps, run.start, self.log, elapsed, self.status
             )
 
+    def rows_of(self, done: int):
+        """rank -> the rows of the train split that its micro batches of step `done` held."""
+        run = self.run
+        first = (done - 1) * self.accum
+
+        def rows(rank: int) -> list[int]:
+            plan = BatchPlan(run.plan.n_rows, run.plan.micro, rank, run.world.size, run.plan.seed)
+            return [int(r) for k in range(first, first + self.accum) for r in plan.rows(k)]
+
+        return rows
+
+    def skip_batches(self, batches, done: int) -> None:
+        """A step a spike rollback skips: its batches are drawn, nothing is trained."""
+        for _ in range(self.accum):
+            next(batches)
+        step_schedule(self.run.scheduler)
+        nan = torch.tensor(float("nan"))
+        metrics = {name: nan for name in self.log.metrics}
+        self.log.add(done, nan, self.run.scheduler.get_last_lr()[0], 0, metrics)
+
     def step(self, batches, done: int) -> None:
-        """One optimizer step of `accum` micro batches."""
+        """One optimizer step of `accum` micro batches (an out-of-memory error: one line)."""
+        try:
+            self._step(batches, done)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            run = self.run
+            rows = run.plan.n_rows // run.world.size
+            raise UserError(oom_line(run.cfg, run.fit, run.world, done, exc, rows)) from None
+
+    def _step(self, batches, done: int) -> None:
         run, accum = self.run, self.accum
         model, world = run.model, run.world
+        if any(step == done and "spike" in why for step, why in self.guard.skipped):
+            self.skip_batches(batches, done)
+            return
         step_loss, step_tokens = None, 0
         step_metrics: dict[str, torch.Tensor] = {}
         with self.step_flops.around(done):
@@ -161,10 +221,17 @@ class Loop:
                 step_tokens += batch["tokens"]
                 self.padded += batch["padded_tokens"]
                 self.examples += batch["examples"]
+            if self.is_ds:
+                norm = model.get_global_grad_norm()
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.trainable, run.cfg.train.max_grad_norm)
+            verdict = self.guard.agree(step_loss, norm)  # every rank takes the same branch
+            if verdict.bad:
+                self.guard.nonfinite(done, verdict, self.rows_of(done))  # skip, or the line
             if not self.is_ds:
-                torch.nn.utils.clip_grad_norm_(self.trainable, run.cfg.train.max_grad_norm)
-                run.optimizer.step()
-                run.scheduler.step()
+                if not verdict.bad:
+                    run.optimizer.step()
+                step_schedule(run.scheduler)
                 run.optimizer.zero_grad(set_to_none=True)
         self.step_flops.tokens_of(done, step_tokens)
         self.rows_done += world.size * accum * run.plan.micro
@@ -174,8 +241,9 @@ class Loop:
     def after_step(self, done: int) -> None:
         """Log, measure the warm-up, evaluate and checkpoint as the recipe says."""
         run, train = self.run, self.run.cfg.train
-        evaluating = bool(train.eval_steps and done % train.eval_steps == 0)
-        saving = done % train.save_steps == 0
+        preempting = self.guard.preempting and done < run.steps  # SIGTERM: save, then stop
+        evaluating = bool(train.eval_steps and done % train.eval_steps == 0) and not preempting
+        saving = done % train.save_steps == 0 or preempting
         logging = done % train.logging_steps == 0 or done == run.steps
         pausing = done < run.steps and (evaluating or saving)
         if logging or pausing:
@@ -186,11 +254,12 @@ class Loop:
             synchronize(run.world)
             self.warm_seconds = time.perf_counter() - self.began - self.paused
             self.warm_tokens = self.log.tokens
-        if not pausing:
+        if not pausing or self.rollback is not None:  # a spike to roll back: no save of it
             return
         synchronize(run.world)
         pause = time.perf_counter()
         if evaluating:
+            self.mark(done, "the evaluation")
             eval_loss, eval_metrics = evaluate(
                 run.cfg, run.model, run.eval_split, run.world, self.pad_id, run.attn,
                 run.built.dtype, run.objective, run.reference,
@@ -204,10 +273,13 @@ class Loop:
                 print(f"step {done}: eval loss {eval_loss:.4f}, {line}", flush=True)
             self.eval_history.append({"step": done, "loss": eval_loss, **eval_metrics})
         if saving:
-            save_checkpoint(
+            self.mark(done, "the checkpoint")
+            folder = save_checkpoint(
                 run.cfg, run.output, done, run.world, run.model, run.optimizer, run.losses,
-                run.steps,
+                run.steps, self.guard.skipped,
             )  # fmt: skip
+            if preempting:
+                raise Preempted(done, run.steps, str(folder))
         self.paused += time.perf_counter() - pause
 
     def train(self) -> float:
@@ -217,17 +289,58 @@ class Loop:
         profiler = start_profiler(run.cfg, run.world, run.output, run.steps - run.start)
         run.model.train()
         self.began = time.perf_counter()
-        for step in range(run.start, run.steps):
-            self.step(batches, step + 1)
+        done = run.start
+        while done < run.steps:
+            self.mark(done + 1, "training")
+            self.step(batches, done + 1)
+            done += 1
             if profiler is not None:
                 profiler.step()
-            self.after_step(step + 1)
+            self.after_step(done)
+            if self.rollback is not None:
+                done, batches = self.roll_back(done, batches)
         self.flush()
         synchronize(run.world)
         seconds = time.perf_counter() - self.began - self.paused
         if profiler is not None:
             profiler.stop()
         return seconds
+
+    def roll_back(self, done: int, batches):
+        """Go back to the newest checkpoint before the spike and skip the spike's batch (the
+        step and the data iterator to go on with)."""
+        run, spike, guard = self.run, self.rollback, self.guard
+        assert spike is not None, "called with a spike to roll back"
+        self.rollback = None
+        self.log.flush()  # what is still in flight is replaced by the checkpoint's record
+        limit = run.cfg.train.max_skipped_steps
+        if len(guard.skipped) >= limit:
+            raise UserError(
+                f"step {spike}: a loss spike, and train.max_skipped_steps={limit} steps were "
+                "skipped already; the last good checkpoint is kept"
+            )
+        self.mark(done, "a rollback")
+        start, losses, state = resume(
+            run.cfg, run.output, run.world, run.model, run.optimizer, run.scheduler, run.steps,
+            before=spike,
+        )  # fmt: skip
+        if not state:
+            if run.world.main:
+                print(f"step {spike}: no checkpoint before it to roll back to", flush=True)
+            return done, batches
+        if run.world.main:  # the checkpoints after it hold the spike's update
+            for later in complete_checkpoints(run.output):
+                if read_step(later) > start:
+                    shutil.rmtree(later, ignore_errors=True)
+        run.losses[:] = losses
+        for series in self.log.metrics.values():
+            series[:] = [point for point in series if point[0] <= start]
+        guard.skipped[:] = [*state.get("skipped", []), [spike, "loss spike"]]
+        guard.recent.clear()
+        if run.world.main:
+            print(f"step {spike}: rolled back to step {start}; its batch is skipped", flush=True)
+        run.start = start
+        return start, self.batches()
 
 
 def run_metrics(run: Session, loop: Loop, seconds: float, flops_token: float) -> TrainMetrics:

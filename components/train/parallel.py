@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,8 +35,9 @@ class World:
         return self.rank == 0
 
 
-def init_world() -> World:
-    """Read torchrun's / the Training Operator's environment and join the process group."""
+def init_world(timeout_minutes: float | None = None) -> World:
+    """Read torchrun's / the Training Operator's environment and join the process group, whose
+    collectives give up after `timeout_minutes` (distributed.timeout_minutes)."""
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -48,7 +50,8 @@ def init_world() -> World:
         backend = "gloo"
     if "MASTER_ADDR" not in os.environ:  # a single process started by hand
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", RANK="0", WORLD_SIZE="1")
-    dist.init_process_group(backend, rank=rank, world_size=size)
+    timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout)
     return World(rank, local_rank, size, device)
 
 

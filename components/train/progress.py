@@ -10,10 +10,17 @@ CPU the copy is the read, and every flush is complete.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+def finite(value: float) -> float | None:
+    """A recorded figure: rounded, or None for NaN/inf (JSON has no NaN; guard.py skipped or
+    stopped at that step)."""
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def synchronize(world) -> None:
@@ -88,13 +95,13 @@ class LossLog:
         landed = []
         for n, (step, lr) in enumerate(steps):
             loss, *metrics = (v / self.world.size for v in totals[n * width : (n + 1) * width])
-            self.losses.append([step, round(loss, 6)])
+            self.losses.append([step, finite(loss)])
             landed.append((step, loss, lr))
             if self.writer is not None:
                 self.writer.add_scalar("train/loss", loss, step)
                 self.writer.add_scalar("train/lr", lr, step)
             for name, value in zip(self.metrics, metrics, strict=True):
-                self.metrics[name].append([step, round(value, 6)])
+                self.metrics[name].append([step, finite(value)])
                 if self.writer is not None:
                     self.writer.add_scalar(f"train/{name}", value, step)
         return landed

@@ -98,13 +98,15 @@ class Session:
     predicted: dict | None = None
     writer: Any = None
     reference: Any = None  # a preference objective's live reference (train/reference.py)
+    skipped: list = field(default_factory=list)  # [[step, why]]: steps not trained (guard.py)
+    watchdog: Any = None  # watchdog.py: names the rank that stops answering
 
 
 def load_session(args) -> Session:
     """The recipe, the data and the tokenizer, the fitted micro batch, the built model, and the
     number of steps: everything before the model is sharded."""
     cfg = recipe_from_arg(args.recipe, args.overrides)
-    output, world = Path(args.output), init_world()
+    output, world = Path(args.output), init_world(cfg.distributed.timeout_minutes)
     torch.manual_seed(cfg.train.seed)
     from datasets import load_from_disk
 
@@ -149,9 +151,10 @@ def start_session(args) -> Session:
     from .reference import set_up
 
     run.reference = set_up(run)  # before resume: a precomputed reference is the base's
-    run.start, run.losses = resume(
+    run.start, run.losses, state = resume(
         cfg, run.output, world, run.model, run.optimizer, run.scheduler, run.steps
     )
+    run.skipped = state.get("skipped", [])
     if world.main:  # the steps this run trains: a resumed run's prediction is for the rest
         rest = run.steps - run.start
         run.predicted = speed_prediction(cfg, run.fit, world, run.stats, rest, built.kernels)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ..artifacts import (
@@ -46,13 +47,58 @@ def restore_optimizer(optimizer, saved: dict) -> None:
     optimizer.load_state_dict(saved)
 
 
-def resume(cfg: RunConfig, output: Path, world: World, model, optimizer, scheduler, steps: int):
-    """(first step, losses so far) from the newest complete checkpoint, or (0, [])."""
+def verified_checkpoint(output: Path, world: World, before: int | None = None) -> Path | None:
+    """The newest complete checkpoint (older than step `before`, when given) whose files match
+    their checksums on every rank; each one that does not is said and moved aside."""
+    for folder in ckpt.complete_checkpoints(output):
+        if before is not None and ckpt.read_step(folder) >= before:
+            continue
+        problem = ckpt.verify(folder, world.rank)
+        device = world.device if world.device.type == "cuda" else "cpu"
+        table = torch.zeros(world.size, dtype=torch.float64, device=device)
+        table[world.rank] = 1.0 if problem else 0.0
+        dist.all_reduce(table)
+        failed = [rank for rank, bad in enumerate(table.cpu().tolist()) if bad]
+        if not failed:
+            return folder
+        if problem:
+            print(f"rank {world.rank}: {folder}: {problem}", flush=True)
+        dist.barrier()  # every rank said what it found before rank 0 moves the folder
+        if world.main:
+            aside = ckpt.set_aside(folder)
+            print(
+                f"{folder} failed its checksums on rank(s) {', '.join(map(str, failed))}: "
+                f"moved aside to {aside.name}; trying the checkpoint before it",
+                flush=True,
+            )
+        dist.barrier()
+    return None
+
+
+def resume(
+    cfg: RunConfig,
+    output: Path,
+    world: World,
+    model,
+    optimizer,
+    scheduler,
+    steps: int,
+    before: int | None = None,
+) -> tuple[int, list, dict]:
+    """(first step, losses so far, trainer state) from the newest complete checkpoint whose
+    checksums match (older than step `before`: a spike guard's rollback), or (0, [], {})."""
     if world.main:
         ckpt.remove_partial(output)  # a failed save's leftovers: free their space first
-    latest = ckpt.latest_checkpoint(output)
+    had = ckpt.latest_checkpoint(output)
+    latest = verified_checkpoint(output, world, before)
     if latest is None:
-        return 0, []
+        if had is not None and world.main and before is None:
+            print(
+                f"no checkpoint in {output / 'checkpoints'} passed its checksums: training "
+                "starts again from step 0",
+                flush=True,
+            )
+        return 0, [], {}
     state, params, optim, tensors = ckpt.load_checkpoint(latest, world.rank)
     if state["world_size"] != world.size or state["strategy"] != cfg.distributed.strategy:
         raise UserError(
@@ -76,10 +122,13 @@ def resume(cfg: RunConfig, output: Path, world: World, model, optimizer, schedul
     ckpt.restore_rng(tensors)
     if world.main:
         print(f"resuming from {latest} (step {state['step']} of {steps})", flush=True)
-    return state["step"], state["loss"]
+    return state["step"], state["loss"], state
 
 
-def save_checkpoint(cfg: RunConfig, output, done, world, model, optimizer, losses, steps) -> None:
+def save_checkpoint(
+    cfg: RunConfig, output, done, world, model, optimizer, losses, steps, skipped=()
+) -> Path:
+    """Every rank's part of the checkpoint of step `done`; its folder."""
     is_ds = cfg.distributed.strategy == "deepspeed"
     optim_state = None if is_ds else optimizer.state_dict()
     params = gathered_trainable(model) if is_zero3(cfg) else trainable_named(model)
@@ -98,9 +147,12 @@ def save_checkpoint(cfg: RunConfig, output, done, world, model, optimizer, losse
             "steps": steps,
             "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum": cfg.train.grad_accum,
+            "skipped": [list(s) for s in skipped],  # steps skipped: non-finite or spikes
         },
         agree=lambda value: all_reduce_max(value, world),
+        keep=cfg.train.keep_checkpoints,
     )
+    return Path(output) / "checkpoints" / f"step-{done:07d}"
 
 
 def save_outputs(

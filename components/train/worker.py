@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -31,8 +33,9 @@ from ..errors import UserError
 from ..outputs import disk_errors
 from ..secrets import redact
 from .build import unwrap
-from .entry import ERROR_FILE
+from .entry import ERROR_FILE, PREEMPTED_EXIT, PREEMPTED_FILE
 from .flops import mfu, train_flops_per_token
+from .guard import Preempted
 from .loop import Loop, evaluate, run_metrics
 from .metrics import (
     TrainMetrics,
@@ -44,6 +47,7 @@ from .parallel import (
 )
 from .session import start_session
 from .state import save_outputs
+from .watchdog import Watchdog, abort_others, end_with
 
 
 def parse_args(argv):
@@ -59,11 +63,23 @@ def run(args) -> None:
     """join the process group, build, resume, train, evaluate, save (see the module docstring)."""
     session = start_session(args)
     cfg, model, built = session.cfg, session.model, session.built
+    session.watchdog = Watchdog(
+        session.world, cfg.distributed.timeout_minutes, end_with(session.output, keep_error)
+    )
+    session.watchdog.start()
     flops_token = train_flops_per_token(
         unwrap(model), built.total, built.trainable, cfg.data.max_seq_len
     )
     loop = Loop(session)
-    seconds = loop.train()
+    session.watchdog.signalled = lambda: loop.guard.signal is not None
+    try:
+        seconds = loop.train()
+    except RuntimeError as exc:  # gloo's (and NCCL's blocking) timeout: name who did not arrive
+        if not re.search(r"timed out|timeout", str(exc), re.IGNORECASE):
+            raise
+        watchdog = session.watchdog
+        raise UserError(watchdog.diagnose(time.monotonic() - watchdog.since)) from None
+    session.watchdog.mark(session.steps, "the final evaluation and save")
     metrics = run_metrics(session, loop, seconds, flops_token)
     evaluation = (
         session.eval_split,
@@ -77,6 +93,7 @@ def run(args) -> None:
         metrics, flops_token,
     )  # fmt: skip
     dist.barrier()
+    session.watchdog.stop()
     dist.destroy_process_group()
     KEPT.append(model)  # its process group is never destructed in-process: see end_process
 
@@ -173,12 +190,29 @@ def main(argv=None) -> int:
     try:
         with disk_errors(args.output):  # a full disk or a read-only output: one line
             run(args)
+    except Preempted as stop:
+        return preempted(Path(args.output), stop)
     except UserError as exc:
         message = redact(str(exc))
         print(f"error: {message}", file=sys.stderr, flush=True)
         keep_error(Path(args.output), message)
+        abort_others(message)  # ranks waiting in a collective for this one stop too
         return 2
     return 0
+
+
+def preempted(output: Path, stop: Preempted) -> int:
+    """After a SIGTERM's checkpoint: rank 0 says so (and leaves the line for the launcher);
+    every rank exits with PREEMPTED_EXIT, which a launcher reports as preempted, not failed."""
+    line = (
+        f"preempted (SIGTERM) at step {stop.step} of {stop.steps}: the checkpoint "
+        f"{stop.checkpoint} is saved, and a rerun resumes from it"
+    )
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+        with suppress(OSError):
+            (output / PREEMPTED_FILE).write_text(line + "\n")
+    return PREEMPTED_EXIT
 
 
 if __name__ == "__main__":
