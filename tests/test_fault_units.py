@@ -112,7 +112,7 @@ def test_the_watchdog_thread_fires_on_its_own_and_on_an_abort():
     from kubetune.components.train.watchdog import abort_others
 
     said.clear()
-    dog = Watchdog(WORLD, 5, die=said.append, store=store)
+    dog = Watchdog(WORLD, 0.05, die=said.append, store=store)  # the abort, seen at the 1st beat
     abort_others("step 2: rank 1 ran out of GPU memory", store)
     dog.start()
     dog.join(10)
@@ -125,6 +125,7 @@ def render(*sets):
     return yaml.safe_load(result.out)
 
 
+@pytest.mark.integration
 def test_pods_get_a_grace_period_for_their_checkpoint_and_torchrun_waits_for_it():
     from kubetune.components.planner.grace import MARGIN_SECONDS, step_and_save_seconds
 

@@ -341,21 +341,16 @@ def rank_processes(root: int) -> dict[str, int]:
     return found
 
 
+def train_cmd(dataset, out, *sets) -> list[str]:
+    """The `kubetune train` command line of the tiny demo with `--set` for each of sets."""
+    args = [a for s in sets for a in ("--set", s)]
+    return [KUBETUNE, "train", str(TINY_DEMO), "--dataset", str(dataset), "--output", str(out),
+            *args]  # fmt: skip
+
+
 def test_sigkill_a_worker_then_rerun_resumes_and_finishes(dataset, tmp_path):
     out = tmp_path / "killed"
-    cmd = [
-        KUBETUNE,
-        "train",
-        str(TINY_DEMO),
-        "--dataset",
-        str(dataset),
-        "--output",
-        str(out),
-        "--set",
-        "train.max_steps=80",
-        "--set",
-        "train.save_steps=5",
-    ]
+    cmd = train_cmd(dataset, out, "train.max_steps=80", "train.save_steps=5")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:

@@ -23,27 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from kubetune.components.models import resolve_model
 
-from .conftest import KUBETUNE, TINY_DEMO, assert_user_error, run_cli
-from .test_train import rank_processes
+from .conftest import assert_user_error, run_cli
+from .test_train import rank_processes, train_cmd
 
 pytestmark = pytest.mark.integration
 
 POISON = 1000  # a token id the tiny demo's data never uses (checked below)
 MICRO, RANKS = 8, 2  # tiny-demo.yaml's micro batch, and its processes
-
-
-def train_cmd(dataset, out, *sets) -> list[str]:
-    args = [a for s in sets for a in ("--set", s)]
-    return [
-        KUBETUNE,
-        "train",
-        str(TINY_DEMO),
-        "--dataset",
-        str(dataset),
-        "--output",
-        str(out),
-        *args,
-    ]
 
 
 def train(dataset, out, *sets, env=None):
