@@ -475,3 +475,22 @@ def test_plan_refuses_what_it_cannot_price(tmp_path):
         options(cfg, "3xA100-80GB")
     with pytest.raises(UserError, match=f"--dataset {tmp_path / 'none'}: no prepared dataset"):
         options(cfg, None, tmp_path / "none")
+
+
+@pytest.mark.parametrize(
+    "device,name",
+    [
+        ("NVIDIA GeForce RTX 4090", "RTX4090-24GB"),
+        ("NVIDIA RTX A6000", "RTXA6000-48GB"),
+        ("NVIDIA B200", "B200-180GB"),
+        ("AMD Instinct MI300X", "MI300X-192GB"),
+        ("NVIDIA A10", "A10-24GB"),
+    ],
+)
+def test_the_gpus_people_rent_are_in_the_one_table(device, name):
+    """A run's device name finds its type (the speed prediction and MFU), and `plan --gpus`
+    takes the short name."""
+    from kubetune.components.planner.gpus import gpu_type_of, named
+
+    assert gpu_type_of(device).name == name
+    assert [g.name for g in named(name.rsplit("-", 1)[0])] == [name]

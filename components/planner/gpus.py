@@ -34,6 +34,12 @@ GPU_TYPES = {
         GpuType("L4-24GB", 24, 121e12, 0.3e12, "PCIe 4", 32e9, 12.5e9, ("L4",)),
         GpuType("V100-32GB", 32, 125e12, 0.9e12, "NVLink 2", 150e9, 12.5e9, ("V100-SXM2-32GB", "V100-PCIE-32GB", "V100S")),
         GpuType("V100-16GB", 16, 125e12, 0.9e12, "NVLink 2", 150e9, 12.5e9, ("V100",)),
+        # rented often (issue 40): bf16 with fp32 accumulate for the RTX cards (GeForce halves
+        # it against fp16 accumulate), HGX B200's per-GPU share, MI300X under ROCm ("cuda")
+        GpuType("RTX4090-24GB", 24, 165.2e12, 1.008e12, "PCIe 4", 32e9, 12.5e9, ("RTX 4090",)),
+        GpuType("RTXA6000-48GB", 48, 154.8e12, 0.768e12, "PCIe 4", 32e9, 12.5e9, ("RTX A6000",)),
+        GpuType("B200-180GB", 180, 2250e12, 8.0e12, "NVLink 5", 900e9, 50e9, ("B200",)),
+        GpuType("MI300X-192GB", 192, 1307.4e12, 5.3e12, "Infinity Fabric", 448e9, 50e9, ("MI300X",)),
     )
 }  # fmt: skip
 # Offered by `kubetune plan` when neither --gpus nor hardware.gpu names one.
