@@ -56,6 +56,7 @@ def torchrun_command(
 
 
 LAUNCHER_ENV = "KUBETUNE_LOCAL_LAUNCHER"  # forked or torchrun: overrides the choice below
+LOCAL_GRACE_SECONDS = 300  # TORCH_ELASTIC_SHUTDOWN_TIMEOUT of local workers (worker_env)
 
 
 def forked_workers() -> bool:
@@ -89,7 +90,6 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-LOCAL_GRACE_SECONDS = 300
 WORKER_ERROR = re.compile(r"^(?:\[rank\d+\]:)?error: (.+)$")
 
 

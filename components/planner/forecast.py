@@ -244,10 +244,14 @@ def options(
     return chosen, data
 
 
+def checkpoint_seconds(cfg: RunConfig, arch: Architecture) -> float:
+    """Writing one checkpoint: the trained weights and their AdamW moments."""
+    return method_of(cfg).checkpoint_bytes(arch) / SAVE_BYTES_S
+
+
 def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) -> dict:
     from .plan import reference_copy
 
-    checkpoint = method_of(cfg).checkpoint_bytes(arch)  # trained weights + AdamW moments
     saves = steps // cfg.train.save_steps
     evals = (steps // cfg.train.eval_steps if cfg.train.eval_steps else 0) + 1
     eval_rows = data.eval_rows / setup.gpus
@@ -256,7 +260,7 @@ def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) 
         "load weights": arch.total_params * 2 / LOAD_BYTES_S,
         "compile": COMPILE_SECONDS if setup.compiled else 0.0,
         "train steps": steps * step.step_seconds,
-        "checkpoints": saves * checkpoint / SAVE_BYTES_S,
+        "checkpoints": saves * checkpoint_seconds(cfg, arch),
         "eval": evals * eval_rows * row_seconds * EVAL_FORWARD_SHARE,
     }
     if reference_mode(cfg) == "precomputed":  # one forward over both splits before training

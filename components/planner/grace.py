@@ -9,27 +9,25 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from functools import lru_cache
 
 from ..config import RunConfig, dump_config
-from ..methods import method_of
 
 MARGIN_SECONDS = 60  # the process exiting, the volume's own flush, the kubelet's bookkeeping
 FALLBACK_SECONDS = 600  # when the plan cannot size the model (an architecture it cannot build)
+_PLANNED: dict[str, int] = {}  # by the dumped recipe: a job's pods and env ask more than once
 
 
 def grace_seconds(cfg: RunConfig) -> int:
     setting = cfg.kubernetes.termination_grace_seconds
     if setting != "auto":
         return int(setting)
-    return _planned(dump_config(cfg))
+    key = dump_config(cfg)
+    if key not in _PLANNED:
+        _PLANNED[key] = _planned(cfg)
+    return _PLANNED[key]
 
 
-@lru_cache(maxsize=64)
-def _planned(recipe_text: str) -> int:
-    from ..config import parse_recipe
-
-    cfg = parse_recipe(recipe_text, "<recipe>", [])
+def _planned(cfg: RunConfig) -> int:
     try:  # what loading the model's code prints (DeepSpeed's accelerator line) is not the YAML's
         with contextlib.redirect_stdout(sys.stderr):
             step, save = step_and_save_seconds(cfg)
@@ -40,12 +38,9 @@ def _planned(recipe_text: str) -> int:
 
 def step_and_save_seconds(cfg: RunConfig) -> tuple[float, float]:
     """(one optimizer step, one checkpoint's save and checksum) in seconds, by the plan."""
-    from .architecture import architecture
-    from .forecast import options
-    from .speed import SAVE_BYTES_S
+    from .forecast import checkpoint_seconds, options
 
-    arch = architecture(cfg)
     chosen, _ = options(cfg)
     step = max(option.step.step_seconds for option in chosen)
-    checkpoint = method_of(cfg).checkpoint_bytes(arch)
-    return step, 2 * checkpoint / SAVE_BYTES_S  # written, then read back for SHA256SUMS
+    # written, then read back for SHA256SUMS
+    return step, 2 * checkpoint_seconds(cfg, chosen[0].plan.arch)

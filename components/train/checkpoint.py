@@ -180,11 +180,13 @@ def save_checkpoint(
     state: dict,
     agree: Callable[[float], float],
     keep: int = 2,
-) -> None:
+) -> Path:
     """Save this rank's part; `agree(x)` is the all-reduced max of x over the ranks. A full
-    disk (or a kill) half-way leaves only the staging folder: the last good checkpoint stays."""
+    disk (or a kill) half-way leaves only the staging folder: the last good checkpoint stays.
+    The complete checkpoint's folder."""
     folder = output / "checkpoints"
     staging = folder / f".step-{step:07d}.partial"
+    final = folder / f"step-{step:07d}"
     code = 0
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -216,9 +218,6 @@ def save_checkpoint(
             (staging / SUMS).write_text(sums + f"{sha256_of(staging / STATE)}  {STATE}\n")
             for part in parts:
                 part.unlink()
-            final = folder / f"step-{step:07d}"
-            if final.exists():  # this step saved before (a rollback replays it): the new one wins
-                shutil.rmtree(final)
             staging.rename(final)
         except OSError as exc:
             code = _save_fault(exc)
@@ -229,6 +228,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         remove_partial(output, corrupt=True)
     dist.barrier()
+    return final
 
 
 def read_step(folder: Path) -> int:

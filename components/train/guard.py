@@ -23,10 +23,11 @@ import statistics
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from ..errors import UserError
-from .entry import PREEMPTED_EXIT  # noqa: F401  # the exit status of a preempted worker
+from .parallel import every_rank
+
+SPIKE = "loss spike"  # why a spike guard's rollback skipped a step (trainer_state `skipped`)
 
 
 class Preempted(Exception):
@@ -78,17 +79,13 @@ class Guard:
 
     def agree(self, loss: torch.Tensor | None, norm) -> Verdict:
         """Every rank's loss, gradient norm and stop request, all-reduced (a collective)."""
-        world = self.world
-        device = world.device if world.device.type == "cuda" else "cpu"
-        table = torch.zeros(world.size, 3, dtype=torch.float64, device=device)
-        if loss is not None:
-            table[world.rank, 0] = loss.detach().to(device, torch.float64)
         norm = local_norm(norm)
-        if norm is not None:
-            table[world.rank, 1] = norm.detach().to(device, torch.float64)
-        table[world.rank, 2] = 1.0 if self.signal else 0.0
-        dist.all_reduce(table)
-        rows = table.cpu().tolist()
+        row = [
+            0.0 if loss is None else loss.detach(),
+            0.0 if norm is None else norm.detach(),
+            1.0 if self.signal else 0.0,
+        ]
+        rows = every_rank(row, self.world)
         verdict = Verdict(preempt=any(r[2] > 0 for r in rows))
         verdict.bad = [
             (rank, r[0], r[1])

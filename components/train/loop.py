@@ -25,7 +25,7 @@ from .data import (
     pad_length,
     rank_batches,
 )
-from .guard import Guard, Preempted
+from .guard import SPIKE, Guard, Preempted
 from .measure import StepFlops, start_profiler
 from .metrics import (
     TrainMetrics,
@@ -198,7 +198,7 @@ class Loop:
     def _step(self, batches, done: int) -> None:
         run, accum = self.run, self.accum
         model, world = run.model, run.world
-        if any(step == done and "spike" in why for step, why in self.guard.skipped):
+        if [done, SPIKE] in self.guard.skipped:
             self.skip_batches(batches, done)
             return
         step_loss, step_tokens = None, 0
@@ -335,7 +335,7 @@ class Loop:
         run.losses[:] = losses
         for series in self.log.metrics.values():
             series[:] = [point for point in series if point[0] <= start]
-        guard.skipped[:] = [*state.get("skipped", []), [spike, "loss spike"]]
+        guard.skipped[:] = [*state.get("skipped", []), [spike, SPIKE]]
         guard.recent.clear()
         if run.world.main:
             print(f"step {spike}: rolled back to step {start}; its batch is skipped", flush=True)

@@ -164,6 +164,21 @@ def deepspeed_config(cfg: RunConfig, world: World, bf16: bool) -> dict:
     }
 
 
+def every_rank(row: list, world: World) -> list[list[float]]:
+    """Every rank's `row` (floats or 0-d tensors, on the device: no host sync before the
+    collective), by rank: one all-reduce of a table where each rank fills its own row."""
+    table = torch.zeros(
+        world.size,
+        len(row),
+        dtype=torch.float64,
+        device=world.device if world.device.type == "cuda" else "cpu",
+    )
+    for column, value in enumerate(row):
+        table[world.rank, column] = value
+    dist.all_reduce(table)
+    return table.cpu().tolist()
+
+
 def all_reduce_sum(value: float, world: World) -> float:
     t = torch.tensor(
         [float(value)],

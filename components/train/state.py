@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ..artifacts import (
@@ -18,7 +17,7 @@ from ..methods import method_of
 from . import checkpoint as ckpt
 from .build import is_zero3, trainable_named, unwrap
 from .metrics import fsdp_record
-from .parallel import World, all_reduce_max
+from .parallel import World, all_reduce_max, every_rank
 
 
 def gathered_trainable(model) -> dict:
@@ -54,11 +53,9 @@ def verified_checkpoint(output: Path, world: World, before: int | None = None) -
         if before is not None and ckpt.read_step(folder) >= before:
             continue
         problem = ckpt.verify(folder, world.rank)
-        device = world.device if world.device.type == "cuda" else "cpu"
-        table = torch.zeros(world.size, dtype=torch.float64, device=device)
-        table[world.rank] = 1.0 if problem else 0.0
-        dist.all_reduce(table)
-        failed = [rank for rank, bad in enumerate(table.cpu().tolist()) if bad]
+        failed = [
+            rank for rank, (bad,) in enumerate(every_rank([float(bool(problem))], world)) if bad
+        ]
         if not failed:
             return folder
         if problem:
@@ -132,7 +129,7 @@ def save_checkpoint(
     is_ds = cfg.distributed.strategy == "deepspeed"
     optim_state = None if is_ds else optimizer.state_dict()
     params = gathered_trainable(model) if is_zero3(cfg) else trainable_named(model)
-    ckpt.save_checkpoint(
+    return ckpt.save_checkpoint(
         output,
         done,
         world.rank,
@@ -152,7 +149,6 @@ def save_checkpoint(
         agree=lambda value: all_reduce_max(value, world),
         keep=cfg.train.keep_checkpoints,
     )
-    return Path(output) / "checkpoints" / f"step-{done:07d}"
 
 
 def save_outputs(
