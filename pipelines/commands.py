@@ -323,7 +323,8 @@ def cmd_submit(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from kubetune.components.planner.forecast import options, render_options
+    from kubetune.components.planner.forecast import options
+    from kubetune.components.planner.options_table import render_options
     from kubetune.components.planner.plan import estimate, inference_plan, render
     from kubetune.components.planner.speed import Efficiency
 

@@ -73,6 +73,8 @@ LLAMA = Family(
     liger=True,
     adapter_attention=("q_proj", "o_proj"),
     configs={
+        "meta-llama/Llama-2-7b-hf": published_config("llama", 4096, 11008, 32, 32, 32, 32000),
+        "meta-llama/Llama-2-13b-hf": published_config("llama", 5120, 13824, 40, 40, 40, 32000),
         "meta-llama/Meta-Llama-3-8B": published_config("llama", 4096, 14336, 32, 32, 8, 128256),
         "meta-llama/Meta-Llama-3-70B": published_config("llama", 8192, 28672, 80, 64, 8, 128256),
         # Llama 3.1: the same shapes, 128K positions through its RoPE scaling

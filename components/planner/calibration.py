@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .architecture import Architecture
 from .gpus import GPU_TYPES
-from .speed import Efficiency, Setup, step_time
+from .speed import Efficiency, Setup, Work, step_time, work
 
 DEFAULT_DATA = {"path": "sample://dialogsum", "format": "samsum"}
 
@@ -35,13 +35,41 @@ class Point:
     tolerance: float | None
     source: str
     why: str = ""
+    publication: str = (
+        ""  # the points one publication (or benchmark output) gave: left out together
+    )
+    work: Work | None = None
 
     def predicted(self, eff: Efficiency) -> float:
-        t = step_time(self.arch, self.setup, GPU_TYPES[self.gpu], eff)
+        if self.work is None:
+            self.work = work(self.arch, self.setup)
+        t = step_time(self.arch, self.setup, GPU_TYPES[self.gpu], eff, self.work)
         return t.tokens_per_second if self.measure == "tokens_per_second" else t.samples_per_second
 
     def error(self, eff: Efficiency) -> float:
         return self.predicted(eff) / self.measured - 1
+
+    @property
+    def features(self) -> dict[str, str]:
+        return features(self.arch, self.setup, self.gpu)
+
+
+def features(arch: Architecture, setup: Setup, gpu: str) -> dict[str, str]:
+    """What a prediction's setting is, in the terms `plan` checks against the calibration: a
+    setting whose value no fitted point had is outside what the points cover."""
+    strategy = setup.strategy
+    if strategy == "deepspeed":
+        strategy += f" ZeRO-{setup.zero_stage}"
+    return {
+        "GPU": gpu,
+        "method": setup.method + (f" {setup.quant_bits}-bit" if setup.quant_bits else ""),
+        "model": "mixture-of-experts" if arch.experts else "dense",
+        "layers": "compiled" if setup.compiled else "eager",
+        "strategy": strategy,
+        "nodes": "several nodes" if setup.nodes > 1 else "one node",
+        "offload": setup.offload,
+        "reference forward": "live" if setup.reference_forward else "none",
+    }
 
 
 def recipe_point(raw: dict):
@@ -82,6 +110,7 @@ def load_point(raw: dict) -> Point:
         raw.get("tolerance"),
         raw.get("source", ""),
         raw.get("why", ""),
+        raw.get("publication") or raw.get("source", "").split(",")[0],
     )
 
 
@@ -166,11 +195,21 @@ def raw_points(folder: Path) -> list[dict]:
 
 
 GRID = {
-    "matmul": [0.15 + 0.05 * i for i in range(16)],  # 0.15 .. 0.90
-    "memory": [0.3, 0.5, 0.7, 0.9],
-    "op_seconds": [1e-6 * 10 ** (i / 12) for i in range(31)],  # 1 .. 316 us
-    "overlap": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0],
+    "matmul": [0.2 + 0.1 * i for i in range(8)],  # 0.2 .. 0.9
+    "memory": [0.1, 0.2, 0.35, 0.5, 0.7, 0.9],
+    "op_seconds": [1e-6 * 10 ** (i / 6) for i in range(16)],  # 1 .. 316 us
+    "overlap": [1.0, 2.0, 4.0],
+    "eager_traffic": [1.0, 3.0, 6.0, 10.0, 15.0],
 }
+BOUNDS = {
+    "matmul": (0.05, 0.95),
+    "memory": (0.05, 0.95),
+    "op_seconds": (1e-7, 1e-3),
+    "overlap": (1.0, 20.0),
+    "int8": (0.005, 0.95),
+    "eager_traffic": (1.0, 40.0),
+}
+BAND = (0.1, 0.9)  # the quantiles of the out-of-sample ratios measured / predicted plan prints
 
 
 def loss(points: list[Point], eff: Efficiency) -> float:
@@ -178,26 +217,32 @@ def loss(points: list[Point], eff: Efficiency) -> float:
 
 
 def fit(points: list[Point]) -> Efficiency:
-    """The efficiencies that minimise the squared log error over the points: a grid, then a
-    finer search around its best cell, one coordinate at a time."""
+    """The efficiencies that minimise the squared log error over the fitted points: a grid
+    over the five shared ones on the points without LLM.int8, the int8 share on the 8-bit
+    points (None when there is none: the prior, as the bf16 share), then a finer search
+    around the best, one coordinate at a time, on all of them."""
     fitted = [p for p in points if p.fit]
     if not fitted:
         raise ValueError("no calibration point to fit")
+    int8 = [p for p in fitted if p.setup.quant_bits == 8]
+    shared = [p for p in fitted if p.setup.quant_bits != 8] or fitted
     best = min(
         (
             Efficiency(**dict(zip(GRID, values, strict=True)), points=len(fitted))
             for values in itertools.product(*GRID.values())
         ),
-        key=lambda e: loss(fitted, e),
+        key=lambda e: loss(shared, e),
     )
-    bounds = {
-        "matmul": (0.05, 0.95),
-        "memory": (0.1, 0.95),
-        "op_seconds": (1e-7, 1e-3),
-        "overlap": (1.0, 20.0),
-    }
+    names = list(GRID)
+    if int8:
+        names.append("int8")
+        best = min(
+            (dataclasses.replace(best, int8=0.01 * 1.25**k) for k in range(20)),
+            key=lambda e: loss(int8, e),
+        )
     for _ in range(6):
-        for name, (low, high) in bounds.items():
+        for name in names:
+            low, high = BOUNDS[name]
             value = getattr(best, name)
             candidates = [min(high, max(low, value * 1.05**k)) for k in range(-10, 11)]
             best = min(
@@ -210,14 +255,57 @@ def fit(points: list[Point]) -> Efficiency:
         memory=round(best.memory, 4),
         op_seconds=float(f"{best.op_seconds:.4g}"),
         overlap=round(best.overlap, 3),
+        eager_traffic=round(best.eager_traffic, 3),
+        int8=None if best.int8 is None else round(best.int8, 4),
     )
 
 
 def leave_one_out(points: list[Point]) -> dict[str, float]:
-    """Each fitted point's error when the efficiencies are fitted without it."""
+    """Each fitted point's error when the efficiencies are fitted without its publication:
+    every point one source gave is left out together (its points share that source's
+    unstated settings, so leaving one out alone would flatter the fit)."""
     errors = {}
+    for publication in dict.fromkeys(p.publication for p in points if p.fit):
+        others = [q for q in points if q.publication != publication]
+        if not any(q.fit for q in others):
+            continue
+        eff = fit(others)
+        for p in points:
+            if p.fit and p.publication == publication:
+                errors[p.name] = p.error(eff)
+    return errors
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile of values, linear between the order statistics."""
+    ordered = sorted(values)
+    at = q * (len(ordered) - 1)
+    low = math.floor(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def band(out_of_sample: dict[str, float]) -> dict:
+    """What the out-of-sample errors say about a new prediction: the ratios measured /
+    predicted at BAND's quantiles (plan prints the prediction times each), the share within
+    +-30% and the median error."""
+    ratios = [1 / (1 + e) for e in out_of_sample.values()]
+    errors = sorted(abs(e) for e in out_of_sample.values())
+    return {
+        "low": round(quantile(ratios, BAND[0]), 3),
+        "high": round(quantile(ratios, BAND[1]), 3),
+        "quantiles": list(BAND),
+        "within_30_percent": round(sum(e <= 0.3 for e in errors) / len(errors), 3),
+        "median_abs_error": round(quantile(errors, 0.5), 3),
+        "points": len(errors),
+    }
+
+
+def covers(points: list[Point]) -> dict[str, list[str]]:
+    """Each feature's values among the fitted points (`plan` flags a setting outside them)."""
+    seen: dict[str, set[str]] = {}
     for p in points:
         if p.fit:
-            others = [q for q in points if q is not p]
-            errors[p.name] = p.error(fit(others))
-    return errors
+            for key, value in p.features.items():
+                seen.setdefault(key, set()).add(value)
+    return {key: sorted(values) for key, values in seen.items()}

@@ -10,7 +10,11 @@ dataset's published size) and each is taken as one full row (an upper bound with
 Wall time = startup (reading the base weights at LOAD_BYTES_S, compiling the layers) + steps x
 step time + checkpoint saves + the eval passes (forward only: a third of a training step per
 row). GPU-hours = wall time x GPUs; cost = GPU-hours x price (hardware.price_per_gpu_hour: one
-price, or one per GPU type)."""
+price, or one per GPU type).
+
+Each figure comes with the band the calibration's out-of-sample errors imply (`speed.Band`:
+measured / predicted between two quantiles when each publication's points were left out of the
+fit), and with the settings no measured point had (a GPU, a method, a stack)."""
 
 from __future__ import annotations
 
@@ -25,12 +29,14 @@ from ..methods import method_of
 from ..objectives import row_tokens
 from ..objectives.preference import reference_mode
 from .architecture import Architecture, architecture
+from .calibration import features
 from .data_figures import Data, data_figures, row_shape
 from .gpus import COMMON, GPU_TYPES, GpuType, named
 from .speed import (
     COMPILE_SECONDS,
     LOAD_BYTES_S,
     SAVE_BYTES_S,
+    Band,
     Efficiency,
     Setup,
     StepTime,
@@ -103,6 +109,8 @@ class Option:
     seconds: dict[str, float] | None  # wall time's parts
     price: float | None
     data: Data
+    band: Band
+    outside: dict[str, str]  # the settings no calibration point had
     marks: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -151,8 +159,27 @@ class Option:
             "gpu_hours": self.gpu_hours,
             "price_per_gpu_hour": self.price,
             "cost": self.cost,
+            "band": self.bands(),
+            "outside_calibration": self.outside,
             "marks": self.marks,
         }
+
+    def bands(self) -> dict:
+        """Each figure's band (low, high) from the calibration's out-of-sample errors."""
+        b = self.band
+        step = self.step
+        figures: dict = {
+            "quantiles": list(b.quantiles),
+            "samples_per_second": b.throughput(step.samples_per_second),
+            "tokens_per_second": b.throughput(step.tokens_per_second),
+        }
+        for key, value in (
+            ("wall_seconds", self.wall_seconds),
+            ("gpu_hours", self.gpu_hours),
+            ("cost", self.cost),
+        ):
+            figures[key] = None if value is None else b.duration(value)
+        return figures
 
 
 def parse_gpus(text: str | None, cfg: RunConfig) -> list[tuple[str, int]]:
@@ -219,6 +246,7 @@ def options(
     from .plan import estimate
 
     eff = eff or Efficiency.load()
+    band = Band.load()
     data = data_figures(cfg, dataset)
     arch = architecture(cfg)
     chosen = []
@@ -237,8 +265,10 @@ def options(
             resolved = run.train.model_copy(update={"grad_accum": fit.grad_accum})
             steps = total_steps(run.model_copy(update={"train": resolved}), per_epoch)
             seconds = wall_parts(run, arch, setup, step, steps, data)
+        outside = band.outside(features(arch, setup, name))
+        price = price_of(cfg, name)
         chosen.append(
-            Option(gpu, count, plan, setup, step, steps, seconds, price_of(cfg, name), data)
+            Option(gpu, count, plan, setup, step, steps, seconds, price, data, band, outside)
         )
     mark(chosen)
     return chosen, data
@@ -284,50 +314,6 @@ def mark(chosen: list[Option]) -> None:
     priced = [o for o in timed if o.cost is not None]
     if priced:
         min(priced, key=lambda o: o.cost or 0.0).marks.append("cheapest")
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
-def render_options(chosen: list[Option], data: Data, eff: Efficiency) -> str:
-    lines = [
-        "",
-        "| GPUs | fits (GB/GPU) | micro x accum, checkpointed | step s | tokens/s per GPU | "
-        "tokens/s | samples/s | bound | steps | wall | GPU-hours | cost | |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for o in chosen:
-        fit = o.plan.fit
-        assert fit is not None, "estimate() always fits"
-        memory = f"{'yes' if o.fits else 'NO'} ({o.plan.total / 1e9:.1f}/{o.gpu.memory_gb:g})"
-        hours = "-" if o.gpu_hours is None else f"{o.gpu_hours:,.1f}"
-        cost = "-" if o.cost is None else f"{o.cost:,.2f}"
-        lines.append(
-            f"| {o.gpus} x {o.gpu.name} | {memory} | {fit.micro_batch_size} x {fit.grad_accum}, "
-            f"{fit.checkpointed_layers}/{fit.layers} | {o.step.step_seconds:.3f} | "
-            f"{o.step.tokens_per_second / o.gpus:,.0f} | {o.step.tokens_per_second:,.0f} | "
-            f"{o.step.samples_per_second:,.2f} | {o.step.bound} | "
-            f"{'-' if o.steps is None else o.steps} | {duration(o.wall_seconds)} | {hours} | "
-            f"{cost} | {' '.join(o.marks)} |"
-        )
-    lines += [
-        "",
-        f"rows: {data.source}",
-        f"speed model: {eff.matmul:.0%} of bf16 peak for matmuls, {eff.memory:.0%} of HBM "
-        f"bandwidth, {eff.op_seconds * 1e6:.0f} us of host time per op, GPU and host joined "
-        f"with p={eff.overlap:g} (fitted on {eff.points} measured points; "
-        "docs/benchmarks.md says how near it lands)",
-    ]
-    if all(o.price is None for o in chosen):
-        lines.append("cost: set hardware.price_per_gpu_hour (one price, or one per GPU type)")
-    if not any(o.fits for o in chosen):
-        lines.append("no option fits: see the memory plan above")
-    return "\n".join(lines) + "\n"
 
 
 def run_prediction(

@@ -23,10 +23,12 @@ parameter counts of the real config) and the run's settings; T = micro batch x r
   over the node's link (NVLink/PCIe) or, across nodes, its network; what overlaps the backward
   is hidden, the rest is added.
 
-Time: GPU time = matmul / (peak x e_matmul) + bytes / (HBM x e_memory); host time = ops x
-op_seconds; a micro batch takes the power mean (GPU^p + host^p)^(1/p) of the two (the GPU runs
-behind the host asynchronously: p = 1 adds them, a large p is the slower of the two). The four
-(e_matmul, e_memory, op_seconds, p) are fitted by `benchmarks/fit_speed_model.py` on the points
+Time: GPU time = matmul / (peak x e_matmul) + bytes / (HBM x e_memory), the activations'
+bytes of eager (uncompiled) layers times eager_traffic (their elementwise ops each write and
+read their output; a compiled layer fuses them), LLM.int8's forward matmuls at e_int8 of the
+int8 peak (2x bf16); host time = ops x op_seconds; a micro batch takes the power mean (GPU^p + host^p)^(1/p) of the two (the GPU runs
+behind the host asynchronously: p = 1 adds them, a large p is the slower of the two). The six
+(e_matmul, e_memory, op_seconds, p, eager_traffic, e_int8) are fitted by `benchmarks/fit_speed_model.py` on the points
 in docs/benchmarks/speed-calibration.json and the GPU case lines of the raw benchmark outputs
 there (`calibration.py`), and stored in speed_calibration.json beside this file;
 e_comm and the startup figures are assumptions, written below, not fitted.
@@ -50,6 +52,14 @@ CAUSAL = 0.5  # causal attention kernels compute half the score matrix
 # mode with SDPA (transformers 5.17); per adapted linear layer for peft's LoRA forward and for
 # kubetune's fused one
 LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
+# Other stacks' eager decoder layers (forward, backward), assumed from their modules' code, not
+# countable here: litgpt's Block (one fused qkv linear, its own RMSNorm and RoPE: about 20
+# fewer ops forward than transformers' llama) and torchtune's TransformerSelfAttentionLayer
+# (the same shape); a compiled layer is counted the same way for every stack
+STACK_OPS = {
+    "litgpt": {"llama": (58, 110), "falcon": (60, 86)},
+    "torchtune": {"llama": (58, 110), "falcon": (60, 86)},
+}
 # transformers' eager experts loop, per routed expert that gets tokens (forward, backward):
 # index, gate_up, chunk, act, mul, down, weight, index_add and their views (counted on
 # tiny://qwen3-moe; a test recounts them). A 4-bit base runs that loop over its bitsandbytes
@@ -58,6 +68,17 @@ LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
 EXPERT_OPS = (23, 32)
 LORA_OPS = {"peft": (14, 15), "fused": (12, 20)}
 QUANT_OPS = (3, 4)  # assumed: bitsandbytes' dequantization of absmax and weight, a transpose
+# bitsandbytes' LLM.int8 (MatMul8bitLt, threshold 6) per linear layer, assumed from its code:
+# forward: the activations' row/column quantization and outlier search, the outlier columns
+# (unique, gather, zeroing) and their fp16 matmul, the col32 layout transform, the int8 GEMM
+# and its dequantization, the add; backward: the int8 weight copied to 16 bits and scaled,
+# then a 16-bit matmul
+QUANT8_OPS = (14, 6)
+# bytes per token and in+out feature of an 8-bit layer's forward: the input read and written
+# as int8 row- and column-major (2 + 2), its col32 transform (1 + 1), the int32 GEMM output
+# written and read (4 + 4), the 16-bit output (2): 16 over in + out, 8 per feature
+INT8_FEATURE_BYTES = 8
+INT8_WEIGHT_BYTES = 7  # backward: int8 read, 16-bit written, scaled in place (read + write)
 LIGER_SAVES = 27  # assumed: the eager RMSNorm x2, rotary and SiLU x mul ops Liger replaces
 COMPILED_OPS = 1.5  # assumed: launches per matmul of a compiled layer, with its fused neighbours
 LOGIT_BYTES = {"transformers": 20, "chunked": 12}
@@ -82,10 +103,68 @@ class Efficiency:
     op_seconds: float  # host time per dispatched op
     overlap: float  # p of the power mean of GPU and host time
     points: int = 0  # calibration points it was fitted on
+    # the time of an eager (uncompiled) layer's activation traffic over a compiled one's, for
+    # the same counted bytes (`Work.bytes["activations"]`): its elementwise ops each write and
+    # read their output (about 1.6-1.9x the counted bytes, counted on the tiny models with a
+    # TorchDispatchMode), and small unfused kernels reach less of the bandwidth; fitted
+    eager_traffic: float = 1.0
+    # share of the int8 peak (2x the bf16 one) bitsandbytes' LLM.int8 forward matmuls reach;
+    # None where no 8-bit point was measured: as the bf16 matmuls' share (an assumption)
+    int8: float | None = None
+
+    @property
+    def int8_share(self) -> float:
+        return self.matmul if self.int8 is None else self.int8
 
     @classmethod
     def load(cls, path: Path = CALIBRATION) -> Efficiency:
         return cls(**json.loads(path.read_text())["efficiency"])
+
+    def describe(self) -> str:
+        int8 = "" if self.int8 is None else f", {self.int8:.0%} of the int8 peak for LLM.int8"
+        return (
+            f"{self.matmul:.0%} of bf16 peak for matmuls, {self.memory:.0%} of HBM bandwidth, "
+            f"{self.op_seconds * 1e6:.0f} us of host time per op, GPU and host joined with "
+            f"p={self.overlap:g}, eager layers moving {self.eager_traffic:.1f}x the saved "
+            f"activations{int8}"
+        )
+
+
+@dataclass(frozen=True)
+class Band:
+    """How far measured runs were from the model out of sample (each publication's points
+    left out of the fit together): the ratios measured / predicted at two quantiles, and what
+    the fit's points cover (a setting outside them has no measured point behind it)."""
+
+    low: float
+    high: float
+    quantiles: tuple[float, float]
+    within_30_percent: float
+    points: int
+    covers: dict[str, list[str]]
+
+    @classmethod
+    def load(cls, path: Path = CALIBRATION) -> Band:
+        record = json.loads(path.read_text())
+        band = record["band"]
+        return cls(
+            band["low"],
+            band["high"],
+            tuple(band["quantiles"]),
+            band["within_30_percent"],
+            band["points"],
+            record["covers"],
+        )
+
+    def throughput(self, value: float) -> tuple[float, float]:
+        return value * self.low, value * self.high
+
+    def duration(self, value: float) -> tuple[float, float]:
+        return value / self.high, value / self.low
+
+    def outside(self, features: dict[str, str]) -> dict[str, str]:
+        """The settings of `features` no fitted point had."""
+        return {k: v for k, v in features.items() if v not in self.covers.get(k, [v])}
 
 
 @dataclass(frozen=True)
@@ -113,6 +192,9 @@ class Setup:
     weight_bytes: int = 2  # of the unquantized weights (bf16)
     # dpo/ipo with a live reference: a forward without gradients before each micro batch's
     reference_forward: bool = False
+    # the training code around the model: kubetune's worker and transformers' Trainer run
+    # transformers' modules ("transformers"); litgpt and torchtune their own ("litgpt")
+    stack: str = "transformers"
 
     @property
     def tokens(self) -> int:
@@ -129,6 +211,7 @@ class Work:
 
     flops: dict[str, float] = field(default_factory=dict)  # matmul, as flop_counter counts
     attention_flops: float = 0.0  # dense count (flop_counter's), not halved for causal
+    int8_flops: float = 0.0  # 8-bit layers' forward matmuls (LLM.int8), not in `flops`
     bytes: dict[str, float] = field(default_factory=dict)
     ops: float = 0.0
     step_bytes: float = 0.0  # optimizer
@@ -144,7 +227,7 @@ class Work:
     @property
     def counted_flops(self) -> float:
         """What torch.utils.flop_counter counts for the micro batch: matmuls and attention."""
-        return self.matmul_flops + self.attention_flops
+        return self.matmul_flops + self.int8_flops + self.attention_flops
 
 
 def layer_ops(arch, setup: Setup) -> tuple[float, float]:
@@ -157,11 +240,12 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     linears = arch.linear_modules / arch.layers
     adapted = arch.adapted_modules / arch.layers
     lora_f, lora_b = LORA_OPS["fused" if setup.lora == "fused" else "peft"]
-    quant_f, quant_b = QUANT_OPS if setup.quant_bits else (0, 0)
+    quant_f, quant_b = {0: (0, 0), 4: QUANT_OPS, 8: QUANT8_OPS}[setup.quant_bits]
     if setup.compiled:
         matmuls = linears * (1 + quant_f / 2) + adapted * 2
         return COMPILED_OPS * matmuls + 10, 2 * (COMPILED_OPS * matmuls + 10)
-    base_f, base_b = LAYER_OPS["falcon" if arch.model_type == "falcon" else "llama"]
+    ops = STACK_OPS.get(setup.stack, LAYER_OPS)
+    base_f, base_b = ops["falcon" if arch.model_type == "falcon" else "llama"]
     if setup.fused_norms and arch.model_type != "falcon":
         base_f, base_b = base_f - LIGER_SAVES, base_b - LIGER_SAVES
     # the routing cost of a 4-bit base: every expert that gets tokens is its own MLP call
@@ -201,11 +285,25 @@ def work(arch, setup: Setup) -> Work:
     w.flops["recompute"] = 2 * T * (linear - last + adapter) * recompute
     w.attention_flops = 4 * T * setup.span * arch.hidden * L * (1 + 2 + recompute)
     passes = 2 + recompute  # weights dequantized: forward, backward, recomputation
-    if setup.quant_bits:  # double quantization assumed (the recipes' and QLoRA's setting)
-        # every quantized weight, the experts' too (with a few thousand tokens a micro batch,
-        # every expert gets some)
-        stored = arch.linear_params
-        w.bytes["dequantize"] = stored * (quantized_bytes(setup.quant_bits) + 2) * passes
+    # every quantized weight, the experts' too (with a few thousand tokens a micro batch, every
+    # expert gets some)
+    stored = arch.linear_params
+    if setup.quant_bits == 4:  # double quantization assumed (the recipes' and QLoRA's setting)
+        w.bytes["dequantize"] = stored * (quantized_bytes(4) + 2) * passes
+    elif setup.quant_bits == 8:  # LLM.int8: int8 GEMMs forward, a 16-bit copy backward
+        forward = 1 + recompute
+        w.int8_flops = 2 * T * linear * forward
+        w.flops["forward"] -= 2 * T * linear
+        w.flops["recompute"] -= 2 * T * linear * recompute
+        w.bytes["dequantize"] = stored * INT8_WEIGHT_BYTES
+        features = arch.adapted_features * arch.linear_modules / max(1, arch.adapted_modules)
+        w.bytes["int8 activations"] = T * features * INT8_FEATURE_BYTES * forward
+    # the weights each matmul reads (16-bit: a quantized layer's dequantized copy; LLM.int8's
+    # forward its int8 weight), the head's forward and backward
+    weight_reads = (passes - 1 + below) if full else passes
+    if setup.quant_bits == 8:
+        weight_reads = (1 + recompute) / 2 + 1
+    w.bytes["weights"] = (stored * weight_reads + 2 * head) * setup.weight_bytes
     w.bytes["activations"] = T * L * saved_bytes_per_token_layer(arch) * (4 + recompute)
     if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
         w.bytes["lora"] = T * arch.adapted_features * 2 * 3
@@ -300,15 +398,23 @@ def link_bytes_s(gpu: GpuType, setup: Setup) -> float:
     return gpu.network_bytes_s if setup.nodes > 1 else gpu.link_bytes_s
 
 
-def step_time(arch, setup: Setup, gpu: GpuType, eff: Efficiency) -> StepTime:
-    w = work(arch, setup)
+def step_time(arch, setup: Setup, gpu: GpuType, eff: Efficiency, w: Work | None = None) -> StepTime:
+    """The step's time; `w` is work(arch, setup) where the caller has it (the fit reuses it)."""
+    w = w or work(arch, setup)
     peak, hbm = gpu.bf16_flops * eff.matmul, gpu.hbm_bytes_s * eff.memory
     attention = w.attention_flops * (1.0 if setup.eager_attention else CAUSAL)
     parts = {
         "matmul": w.matmul_flops / peak,
         "attention": attention / peak,
+        **(
+            {"int8 matmul": w.int8_flops / (2 * gpu.bf16_flops * eff.int8_share)}
+            if w.int8_flops
+            else {}
+        ),
         **{name: b / hbm for name, b in w.bytes.items()},
     }
+    if "activations" in parts and not setup.compiled:
+        parts["activations"] *= eff.eager_traffic
     gpu_s = sum(parts.values())
     host_s = w.ops * eff.op_seconds
     p = eff.overlap
