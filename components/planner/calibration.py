@@ -18,9 +18,46 @@ from pathlib import Path
 
 from .architecture import Architecture
 from .gpus import GPU_TYPES
-from .speed import Efficiency, Setup, Work, step_time, work
+from .speed import CALIBRATION, Efficiency, Setup, Work, step_time, work
 
 DEFAULT_DATA = {"path": "sample://dialogsum", "format": "samsum"}
+
+
+@dataclass(frozen=True)
+class Band:
+    """How far measured runs were from the model out of sample (each publication's points
+    left out of the fit together): the ratios measured / predicted at two quantiles, and what
+    the fit's points cover (a setting outside them has no measured point behind it)."""
+
+    low: float
+    high: float
+    quantiles: tuple[float, float]
+    within_30_percent: float
+    points: int
+    covers: dict[str, list[str]]
+
+    @classmethod
+    def load(cls, path: Path = CALIBRATION) -> Band:
+        record = json.loads(path.read_text())
+        band = record["band"]
+        return cls(
+            band["low"],
+            band["high"],
+            tuple(band["quantiles"]),
+            band["within_30_percent"],
+            band["points"],
+            record["covers"],
+        )
+
+    def throughput(self, value: float) -> tuple[float, float]:
+        return value * self.low, value * self.high
+
+    def duration(self, value: float) -> tuple[float, float]:
+        return value / self.high, value / self.low
+
+    def outside(self, features: dict[str, str]) -> dict[str, str]:
+        """The settings of `features` no fitted point had."""
+        return {k: v for k, v in features.items() if v not in self.covers.get(k, [v])}
 
 
 @dataclass

@@ -29,14 +29,13 @@ from ..methods import method_of
 from ..objectives import row_tokens
 from ..objectives.preference import reference_mode
 from .architecture import Architecture, architecture
-from .calibration import features
+from .calibration import Band, features
 from .data_figures import Data, data_figures, row_shape
 from .gpus import COMMON, GPU_TYPES, GpuType, named
 from .speed import (
     COMPILE_SECONDS,
     LOAD_BYTES_S,
     SAVE_BYTES_S,
-    Band,
     Efficiency,
     Setup,
     StepTime,

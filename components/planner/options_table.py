@@ -3,9 +3,10 @@ GPU-hours and cost, each figure with its band, and the settings no calibration p
 
 from __future__ import annotations
 
+from .calibration import Band
 from .data_figures import Data
 from .forecast import Option
-from .speed import Band, Efficiency
+from .speed import Efficiency
 
 
 def duration(seconds: float | None) -> str:

@@ -131,43 +131,6 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
-class Band:
-    """How far measured runs were from the model out of sample (each publication's points
-    left out of the fit together): the ratios measured / predicted at two quantiles, and what
-    the fit's points cover (a setting outside them has no measured point behind it)."""
-
-    low: float
-    high: float
-    quantiles: tuple[float, float]
-    within_30_percent: float
-    points: int
-    covers: dict[str, list[str]]
-
-    @classmethod
-    def load(cls, path: Path = CALIBRATION) -> Band:
-        record = json.loads(path.read_text())
-        band = record["band"]
-        return cls(
-            band["low"],
-            band["high"],
-            tuple(band["quantiles"]),
-            band["within_30_percent"],
-            band["points"],
-            record["covers"],
-        )
-
-    def throughput(self, value: float) -> tuple[float, float]:
-        return value * self.low, value * self.high
-
-    def duration(self, value: float) -> tuple[float, float]:
-        return value / self.high, value / self.low
-
-    def outside(self, features: dict[str, str]) -> dict[str, str]:
-        """The settings of `features` no fitted point had."""
-        return {k: v for k, v in features.items() if v not in self.covers.get(k, [v])}
-
-
-@dataclass(frozen=True)
 class Setup:
     """A training step as the speed model sees it: everything that changes its work."""
 
@@ -195,6 +158,9 @@ class Setup:
     # the training code around the model: kubetune's worker and transformers' Trainer run
     # transformers' modules ("transformers"); litgpt and torchtune their own ("litgpt")
     stack: str = "transformers"
+    # transformers' Trainer after peft's prepare_model_for_kbit_training: unquantized weights
+    # and the residual stream in fp32 under 16-bit autocast
+    upcast: bool = False
 
     @property
     def tokens(self) -> int:
@@ -305,6 +271,16 @@ def work(arch, setup: Setup) -> Work:
         weight_reads = (1 + recompute) / 2 + 1
     w.bytes["weights"] = (stored * weight_reads + 2 * head) * setup.weight_bytes
     w.bytes["activations"] = T * L * saved_bytes_per_token_layer(arch) * (4 + recompute)
+    if setup.upcast:
+        # peft's k-bit preparation made every unquantized weight fp32 (the embeddings too, so
+        # the residual stream and its saved activations are fp32) and autocast casts each
+        # weight to 16 bits on every pass (fp32 read, 16-bit written and read: 8 bytes for 2)
+        # and each linear layer's fp32 input forward and its gradient backward (4 + 2 bytes)
+        unquantized = 0 if setup.quant_bits else stored * weight_reads
+        w.bytes["weights"] += (unquantized + 2 * head) * 6
+        w.bytes["activations"] *= 2
+        inputs = arch.adapted_features * arch.linear_modules / max(1, arch.adapted_modules) / 2
+        w.bytes["upcast casts"] = T * inputs * 6 * (2 + recompute)
     if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
         w.bytes["lora"] = T * arch.adapted_features * 2 * 3
     if adapter and arch.materialized_experts:
