@@ -52,13 +52,17 @@ CAUSAL = 0.5  # causal attention kernels compute half the score matrix
 # mode with SDPA (transformers 5.17); per adapted linear layer for peft's LoRA forward and for
 # kubetune's fused one
 LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
-# Other stacks' eager decoder layers (forward, backward), assumed from their modules' code, not
-# countable here: litgpt's Block (one fused qkv linear, its own RMSNorm and RoPE: about 20
-# fewer ops forward than transformers' llama) and torchtune's TransformerSelfAttentionLayer
-# (the same shape); a compiled layer is counted the same way for every stack
+# Other stacks' eager decoder layers (forward, backward), counted the same way on litgpt 0.5.13's
+# GPT (benchmarks/count_stack_ops.py; docs/benchmarks/2026-12-06-cpu-litgpt-ops.txt): one fused
+# qkv linear, its own RMSNorm and RoPE; litgpt's LoRA per adapted projection (q or v inside
+# the fused qkv). torchtune's layers are taken as litgpt's (not counted: its points compile)
 STACK_OPS = {
-    "litgpt": {"llama": (58, 110), "falcon": (60, 86)},
-    "torchtune": {"llama": (58, 110), "falcon": (60, 86)},
+    "litgpt": {"llama": (74, 126), "falcon": (64, 86)},
+    "torchtune": {"llama": (74, 126), "falcon": (64, 86)},
+}
+STACK_LORA_OPS = {
+    "litgpt": {"llama": (9, 10), "falcon": (11, 12.5)},
+    "torchtune": {"llama": (9, 10), "falcon": (11, 12.5)},
 }
 # transformers' eager experts loop, per routed expert that gets tokens (forward, backward):
 # index, gate_up, chunk, act, mul, down, weight, index_add and their views (counted on
@@ -156,7 +160,7 @@ class Setup:
     # dpo/ipo with a live reference: a forward without gradients before each micro batch's
     reference_forward: bool = False
     # the training code around the model: kubetune's worker and transformers' Trainer run
-    # transformers' modules ("transformers"); litgpt and torchtune their own ("litgpt")
+    # transformers' modules ("transformers"); litgpt and torchtune their own ("litgpt", "torchtune")
     stack: str = "transformers"
     # transformers' Trainer after peft's prepare_model_for_kbit_training: unquantized weights
     # and the residual stream in fp32 under 16-bit autocast
@@ -205,13 +209,14 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     kernels launch without dispatch: COMPILED_OPS per matmul plus a few per layer)."""
     linears = arch.linear_modules / arch.layers
     adapted = arch.adapted_modules / arch.layers
-    lora_f, lora_b = LORA_OPS["fused" if setup.lora == "fused" else "peft"]
+    family = "falcon" if arch.model_type == "falcon" else "llama"
+    stack_lora = STACK_LORA_OPS.get(setup.stack, {}).get(family)
+    lora_f, lora_b = stack_lora or LORA_OPS["fused" if setup.lora == "fused" else "peft"]
     quant_f, quant_b = {0: (0, 0), 4: QUANT_OPS, 8: QUANT8_OPS}[setup.quant_bits]
     if setup.compiled:
         matmuls = linears * (1 + quant_f / 2) + adapted * 2
         return COMPILED_OPS * matmuls + 10, 2 * (COMPILED_OPS * matmuls + 10)
-    ops = STACK_OPS.get(setup.stack, LAYER_OPS)
-    base_f, base_b = ops["falcon" if arch.model_type == "falcon" else "llama"]
+    base_f, base_b = STACK_OPS.get(setup.stack, LAYER_OPS)[family]
     if setup.fused_norms and arch.model_type != "falcon":
         base_f, base_b = base_f - LIGER_SAVES, base_b - LIGER_SAVES
     # the routing cost of a 4-bit base: every expert that gets tokens is its own MLP call
