@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..methods import named
 from .architecture import Architecture
 from .gpus import GPU_TYPES
 from .speed import CALIBRATION, Efficiency, Setup, Work, step_time, work
@@ -102,6 +103,8 @@ def features(arch: Architecture, setup: Setup, gpu: str) -> dict[str, str]:
         "method": setup.method + (f" {setup.quant_bits}-bit" if setup.quant_bits else ""),
         "model": "mixture-of-experts" if arch.experts else "dense",
         "layers": "compiled" if setup.compiled else "eager",
+        # kubetune's fused LoRA (the default since issue 21) or peft's forward
+        "LoRA kernel": setup.lora if named(setup.method).lora_matmuls else "none",
         "strategy": strategy,
         "nodes": "several nodes" if setup.nodes > 1 else "one node",
         "offload": setup.offload,

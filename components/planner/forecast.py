@@ -8,8 +8,8 @@ unpacked ones). Without it, the data source's records are counted (a local file;
 dataset's published size) and each is taken as one full row (an upper bound with packing).
 
 Wall time = startup (reading the base weights at LOAD_BYTES_S, compiling the layers) + steps x
-step time + checkpoint saves + the eval passes (forward only: a third of a training step per
-row). GPU-hours = wall time x GPUs; cost = GPU-hours x price (hardware.price_per_gpu_hour: one
+step time + checkpoint saves (written, then read back for their checksums) + the eval passes
+(forward only: a third of a training step per row). GPU-hours = wall time x GPUs; cost = GPU-hours x price (hardware.price_per_gpu_hour: one
 price, or one per GPU type).
 
 Each figure comes with the band the calibration's out-of-sample errors imply (`speed.Band`:
@@ -274,8 +274,9 @@ def options(
 
 
 def checkpoint_seconds(cfg: RunConfig, arch: Architecture) -> float:
-    """Writing one checkpoint: the trained weights and their AdamW moments."""
-    return method_of(cfg).checkpoint_bytes(arch) / SAVE_BYTES_S
+    """Saving one checkpoint: the trained weights and their AdamW moments written, then read
+    back for their SHA256SUMS (twice the bytes through the volume)."""
+    return 2 * method_of(cfg).checkpoint_bytes(arch) / SAVE_BYTES_S
 
 
 def wall_parts(cfg, arch, setup: Setup, step: StepTime, steps: int, data: Data) -> dict:

@@ -125,12 +125,12 @@ class Efficiency:
         return cls(**json.loads(path.read_text())["efficiency"])
 
     def describe(self) -> str:
-        int8 = "" if self.int8 is None else f", {self.int8:.0%} of the int8 peak for LLM.int8"
+        int8 = "" if self.int8 is None else f", {self.int8:.1%} of the int8 peak for LLM.int8"
         return (
             f"{self.matmul:.0%} of bf16 peak for matmuls, {self.memory:.0%} of HBM bandwidth, "
             f"{self.op_seconds * 1e6:.0f} us of host time per op, GPU and host joined with "
-            f"p={self.overlap:g}, eager layers moving {self.eager_traffic:.1f}x the saved "
-            f"activations{int8}"
+            f"p={self.overlap:g}, eager layers' activation bytes taking "
+            f"{self.eager_traffic:.1f}x their time{int8}"
         )
 
 
