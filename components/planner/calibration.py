@@ -5,7 +5,8 @@ A point is JSON: `recipe` (recipe sections, as a recipe file has them) plus `as_
 fields the recipe cannot say, such as a baseline's peft LoRA), or `setup` + `architecture`
 (what a training run records in metrics.json `prediction`); `gpu`, `measured` (tokens_per_second
 or samples_per_second, steady where the run had a steady figure), `fit` (false: shown, not
-fitted, with `why`), `tolerance` (the error the tests hold it to)."""
+fitted, with `why`), `publication` (the points one source gave, left out of the fit together
+for the out-of-sample error; default: the source up to its first comma)."""
 
 from __future__ import annotations
 
@@ -70,12 +71,10 @@ class Point:
     measure: str  # tokens_per_second or samples_per_second
     measured: float
     fit: bool
-    tolerance: float | None
     source: str
     why: str = ""
-    publication: str = (
-        ""  # the points one publication (or benchmark output) gave: left out together
-    )
+    # the points one publication (or benchmark output) gave: left out of the fit together
+    publication: str = ""
     work: Work | None = None
 
     def predicted(self, eff: Efficiency) -> float:
@@ -147,7 +146,6 @@ def load_point(raw: dict) -> Point:
         measure,
         float(value),
         raw.get("fit", True),
-        raw.get("tolerance"),
         raw.get("source", ""),
         raw.get("why", ""),
         raw.get("publication") or raw.get("source", "").split(",")[0],

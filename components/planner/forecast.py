@@ -9,10 +9,10 @@ dataset's published size) and each is taken as one full row (an upper bound with
 
 Wall time = startup (reading the base weights at LOAD_BYTES_S, compiling the layers) + steps x
 step time + checkpoint saves (written, then read back for their checksums) + the eval passes
-(forward only: a third of a training step per row). GPU-hours = wall time x GPUs; cost = GPU-hours x price (hardware.price_per_gpu_hour: one
-price, or one per GPU type).
+(forward only: a third of a training step per row). GPU-hours = wall time x GPUs; cost =
+GPU-hours x price (hardware.price_per_gpu_hour: one price, or one per GPU type).
 
-Each figure comes with the band the calibration's out-of-sample errors imply (`speed.Band`:
+Each figure comes with the band the calibration's out-of-sample errors imply (`calibration.Band`:
 measured / predicted between two quantiles when each publication's points were left out of the
 fit), and with the settings no measured point had (a GPU, a method, a stack)."""
 

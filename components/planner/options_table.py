@@ -3,7 +3,6 @@ GPU-hours and cost, each figure with its band, and the settings no calibration p
 
 from __future__ import annotations
 
-from .calibration import Band
 from .data_figures import Data
 from .forecast import Option
 from .speed import Efficiency
@@ -48,7 +47,7 @@ def render_options(chosen: list[Option], data: Data, eff: Efficiency) -> str:
             f"{samples} | {o.step.bound} | {'-' if o.steps is None else o.steps} | {wall} | "
             f"{hours} | {cost} | {' '.join(o.marks)} |"
         )
-    band = chosen[0].band if chosen else Band.load()
+    band = chosen[0].band  # one calibration for every option (parse_gpus names one at least)
     lines += [
         "",
         f"rows: {data.source}",

@@ -26,12 +26,12 @@ parameter counts of the real config) and the run's settings; T = micro batch x r
 Time: GPU time = matmul / (peak x e_matmul) + bytes / (HBM x e_memory), the activations'
 bytes of eager (uncompiled) layers times eager_traffic (their elementwise ops each write and
 read their output; a compiled layer fuses them), LLM.int8's forward matmuls at e_int8 of the
-int8 peak (2x bf16); host time = ops x op_seconds; a micro batch takes the power mean (GPU^p + host^p)^(1/p) of the two (the GPU runs
-behind the host asynchronously: p = 1 adds them, a large p is the slower of the two). The six
-(e_matmul, e_memory, op_seconds, p, eager_traffic, e_int8) are fitted by `benchmarks/fit_speed_model.py` on the points
-in docs/benchmarks/speed-calibration.json and the GPU case lines of the raw benchmark outputs
-there (`calibration.py`), and stored in speed_calibration.json beside this file;
-e_comm and the startup figures are assumptions, written below, not fitted.
+int8 peak (2x bf16); host time = ops x op_seconds; a micro batch takes the power mean
+(GPU^p + host^p)^(1/p) of the two (the GPU runs behind the host asynchronously: p = 1 adds
+them, a large p is the slower of the two). The six (e_matmul, e_memory, op_seconds, p,
+eager_traffic, e_int8) are fitted by `benchmarks/fit_speed_model.py` on the points in
+docs/benchmarks/speed-calibration.json and the GPU case lines of the raw benchmark outputs
+there (`calibration.py`), and stored in speed_calibration.json beside this file; e_comm and the startup figures are assumptions, written below, not fitted.
 """
 
 from __future__ import annotations
@@ -56,14 +56,10 @@ LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
 # GPT (benchmarks/count_stack_ops.py; docs/benchmarks/2026-12-06-cpu-litgpt-ops.txt): one fused
 # qkv linear, its own RMSNorm and RoPE; litgpt's LoRA per adapted projection (q or v inside
 # the fused qkv). torchtune's layers are taken as litgpt's (not counted: its points compile)
-STACK_OPS = {
-    "litgpt": {"llama": (74, 126), "falcon": (64, 86)},
-    "torchtune": {"llama": (74, 126), "falcon": (64, 86)},
-}
-STACK_LORA_OPS = {
-    "litgpt": {"llama": (9, 10), "falcon": (11, 12.5)},
-    "torchtune": {"llama": (9, 10), "falcon": (11, 12.5)},
-}
+LITGPT_OPS = {"llama": (74, 126), "falcon": (64, 86)}
+LITGPT_LORA_OPS = {"llama": (9, 10), "falcon": (11, 12.5)}
+STACK_OPS = {"litgpt": LITGPT_OPS, "torchtune": LITGPT_OPS}
+STACK_LORA_OPS = {"litgpt": LITGPT_LORA_OPS, "torchtune": LITGPT_LORA_OPS}
 # transformers' eager experts loop, per routed expert that gets tokens (forward, backward):
 # index, gate_up, chunk, act, mul, down, weight, index_add and their views (counted on
 # tiny://qwen3-moe; a test recounts them). A 4-bit base runs that loop over its bitsandbytes
@@ -259,6 +255,8 @@ def work(arch, setup: Setup) -> Work:
     # every quantized weight, the experts' too (with a few thousand tokens a micro batch, every
     # expert gets some)
     stored = arch.linear_params
+    # in + out features of every linear layer, from the adapted ones' (8-bit and upcast traffic)
+    features = arch.adapted_features * arch.linear_modules / max(1, arch.adapted_modules)
     if setup.quant_bits == 4:  # double quantization assumed (the recipes' and QLoRA's setting)
         w.bytes["dequantize"] = stored * (quantized_bytes(4) + 2) * passes
     elif setup.quant_bits == 8:  # LLM.int8: int8 GEMMs forward, a 16-bit copy backward
@@ -267,7 +265,6 @@ def work(arch, setup: Setup) -> Work:
         w.flops["forward"] -= 2 * T * linear
         w.flops["recompute"] -= 2 * T * linear * recompute
         w.bytes["dequantize"] = stored * INT8_WEIGHT_BYTES
-        features = arch.adapted_features * arch.linear_modules / max(1, arch.adapted_modules)
         w.bytes["int8 activations"] = T * features * INT8_FEATURE_BYTES * forward
     # the weights each matmul reads (16-bit: a quantized layer's dequantized copy; LLM.int8's
     # forward its int8 weight), the head's forward and backward
@@ -284,8 +281,7 @@ def work(arch, setup: Setup) -> Work:
         unquantized = 0 if setup.quant_bits else stored * weight_reads
         w.bytes["weights"] += (unquantized + 2 * head) * 6
         w.bytes["activations"] *= 2
-        inputs = arch.adapted_features * arch.linear_modules / max(1, arch.adapted_modules) / 2
-        w.bytes["upcast casts"] = T * inputs * 6 * (2 + recompute)
+        w.bytes["upcast casts"] = T * features / 2 * 6 * (2 + recompute)  # inputs: half
     if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
         w.bytes["lora"] = T * arch.adapted_features * 2 * 3
     if adapter and arch.materialized_experts:
