@@ -97,7 +97,7 @@ def test_flops_match_torch_flop_counter(model, method, checkpointing):
         net(input_ids=ids, labels=ids).loss.backward()
     counted = counter.get_total_flops()
     setup = setup_for(
-        arch, method, batch, seq, arch.layers if checkpointing else 0, eager_attention=True
+        arch, method, batch, seq, arch.layers if checkpointing else 0, dense_attention=True
     )
     predicted = work(arch, setup).counted_flops
     # With LoRA and no checkpointing, autograd skips the input gradient of the projections that
@@ -289,7 +289,7 @@ def test_time_terms_follow_the_gpu_tables():
     eff = Efficiency(matmul=0.5, memory=0.5, op_seconds=1e-5, overlap=1.0)
     w = work(arch, setup)
     t = step_time(arch, setup, gpu, eff)
-    expected_gpu = (w.matmul_flops + 0.5 * w.attention_flops) / (gpu.bf16_flops * 0.5) + sum(
+    expected_gpu = (w.matmul_flops + 0.5 * w.attention_flops) / (gpu.matmul_flops * 0.5) + sum(
         w.bytes.values()
     ) / (gpu.hbm_bytes_s * 0.5)
     assert t.gpu_seconds == pytest.approx(expected_gpu)
@@ -298,6 +298,91 @@ def test_time_terms_follow_the_gpu_tables():
     slower = step_time(arch, setup, GPU_TYPES["A100-80GB"], eff)
     assert slower.gpu_seconds > t.gpu_seconds and slower.host_seconds == t.host_seconds
     assert t.tokens_per_second == pytest.approx(4 * 512 / t.step_seconds)
+
+
+def test_packed_rows_under_sdpa_attend_every_score_of_the_row():
+    """transformers gives SDPA a dense block-diagonal mask for packed position ids (no causal
+    kernel skips a masked block: every score of the row is computed) and none for one example a
+    row (SDPA's causal kernel); the plan reads which the worker runs from the recipe, and the
+    speed model times dense attention over the whole score matrix at its own share of the peak,
+    a causal or block-sparse kernel over half of it at the matmuls' share."""
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    from kubetune.components.planner.forecast import dense_attention
+    from kubetune.components.planner.gpus import GPU_TYPES
+
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=128
+    )
+    config._attn_implementation = "sdpa"
+
+    def mask(position_ids):
+        return create_causal_mask(
+            config=config,
+            inputs_embeds=torch.zeros(1, 12, 64),
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
+
+    packed = mask(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2]]))
+    assert packed is not None and tuple(packed.shape[-2:]) == (12, 12)
+    assert not packed[0, 0, 5, 2] and packed[0, 0, 5, 4]  # the second example sees only itself
+    assert mask(torch.arange(12)[None]) is None  # one example: SDPA's is_causal kernel
+
+    for attn, packing, dense in (
+        ("sdpa", "true", True),  # the CPU fallback's dense mask, transformers' packed SDPA
+        ("sdpa", "false", False),
+        ("eager", "false", True),
+        ("auto", "true", False),  # Llama's flex_attention document mask on a GPU
+        ("flash_attention_2", "true", False),
+    ):
+        cfg = tiny_cfg(
+            "tiny://llama", f"model.attn_implementation={attn}", f"data.packing={packing}"
+        )
+        assert dense_attention(cfg) is dense, (attn, packing)
+
+    arch = architecture(tiny_cfg("tiny://llama", "method=lora"))
+    causal = setup_for(arch, "lora", 2, 256, 0)
+    full = dataclasses.replace(causal, dense_attention=True)
+    eff = Efficiency(matmul=0.5, memory=0.5, op_seconds=1e-5, overlap=1.0, dense=0.1)
+    gpu = GPU_TYPES["H100-80GB"]
+    flops = work(arch, causal).attention_flops
+    key = "attention (per micro batch)"
+    assert step_time(arch, causal, gpu, eff).parts[key] == pytest.approx(
+        flops * 0.5 / (gpu.matmul_flops * 0.5)
+    )
+    assert step_time(arch, full, gpu, eff).parts[key] == pytest.approx(
+        flops / (gpu.matmul_flops * 0.1)
+    )
+
+
+def test_stack_op_tables_count_a_frozen_layer_under_an_adapter():
+    """litgpt's LoRA ops are counted over its frozen layer (benchmarks/count_stack_ops.py), so
+    an adapter run on that stack takes the frozen layer's backward, full fine-tuning the
+    trained one's; transformers' LORA_OPS are counted over the trained layer's."""
+    from kubetune.components.planner.speed import (
+        LITGPT_FROZEN_OPS,
+        LITGPT_LORA_OPS,
+        LITGPT_OPS,
+        layer_ops,
+    )
+
+    arch = architecture(tiny_cfg("tiny://llama", "method=lora"))
+    adapted = arch.adapted_modules / arch.layers
+    lora = setup_for(arch, "lora", 1, 64, 0, stack="litgpt", lora="peft")
+    frozen, per_lora = LITGPT_FROZEN_OPS["llama"], LITGPT_LORA_OPS["llama"]
+    assert layer_ops(arch, lora) == pytest.approx(
+        tuple(f + adapted * a for f, a in zip(frozen, per_lora, strict=True))
+    )
+    whole = architecture(tiny_cfg("tiny://llama", "method=full"))
+    full = setup_for(whole, "full", 1, 64, 0, stack="litgpt")
+    assert layer_ops(whole, full) == pytest.approx(LITGPT_OPS["llama"])
+    ours = setup_for(arch, "lora", 1, 64, 0, lora="peft")
+    assert layer_ops(arch, ours) == pytest.approx(
+        tuple(f + adapted * a for f, a in zip(LAYER_OPS["llama"], LORA_OPS["peft"], strict=True))
+    )
 
 
 @pytest.mark.integration
@@ -507,6 +592,8 @@ def test_plan_predicts_time_and_cost_and_the_run_records_it(tiny_dataset, tmp_pa
         "transformers",
     )
     assert trainer.setup.checkpointed == ours.arch.layers
+    # DataCollatorWithFlattening's one row per micro batch, attended with SDPA's dense mask
+    assert trainer.setup.dense_attention and trainer.setup.span == ours.setup.tokens
 
 
 def test_plan_refuses_what_it_cannot_price(tmp_path):

@@ -146,6 +146,12 @@ QWEN2 = Family(
     adapter_attention=("q_proj", "o_proj"),
     configs={
         "Qwen/Qwen2-7B": published_config("qwen2", 3584, 18944, 28, 28, 4, 152064),
+        # Qwen (2023), whose hub checkpoints are remote code (QWenLMHeadModel): the same layer
+        # as Qwen2's (biased fused qkv, SwiGLU, RMSNorm, rotary, untied head) with its own
+        # shapes (config.json's intermediate_size counts both of w1 and w2: 22016 and 27392);
+        # for `plan` and the speed model's calibration (Qwen's README profiling table)
+        "Qwen/Qwen-7B": published_config("qwen2", 4096, 11008, 32, 32, 32, 151936),
+        "Qwen/Qwen-14B": published_config("qwen2", 5120, 13696, 40, 40, 40, 152064),
     },
     tiny={"qwen2": tiny_qwen2},
 )

@@ -64,10 +64,11 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
     offload: str = dist.offload if dist.strategy == "deepspeed" else "none"
     if dist.strategy == "fsdp" and dist.fsdp.cpu_offload:
         offload = "cpu"
+    dense = dense_attention(cfg)
     return Setup(
         micro_batch=fit.micro_batch_size,
         row_len=data.row_len,
-        span=data.span,
+        span=data.row_len if dense else data.span,
         grad_accum=fit.grad_accum,
         gpus=gpus,
         procs_per_node=dist.procs_per_node,
@@ -78,11 +79,31 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
         zero_stage=dist.zero_stage,
         sharding=dist.fsdp.sharding,
         offload=offload,
-        eager_attention=cfg.model.attn_implementation == "eager",
+        dense_attention=dense,
         reference_forward=reference_mode(cfg) == "live",
         weight_bytes=4 if cfg.model.dtype == "float32" else 2,
         **kernel_fields(kernels),
     )
+
+
+def dense_attention(cfg: RunConfig) -> bool:
+    """Whether the worker's attention on a GPU computes every score of a row: eager attention,
+    or SDPA with the dense block-diagonal mask of packed rows (`model.attn_implementation:
+    sdpa`, or `auto` for a family without a flex_attention path: train/attention.py), rather
+    than a causal or block-sparse kernel (flash, flex). Where flash-attention is installed,
+    `auto` takes it instead: the plan assumes the image without it (its default build)."""
+    attn: str = cfg.model.attn_implementation
+    packed = cfg.data.packing
+    if attn == "auto":
+        from ..architectures import family
+        from .architecture import config_of
+
+        config = config_of(cfg)
+        record = family(config.model_type)
+        if packed and record.flex_attention(config):
+            return False
+        attn = record.attention_fallback
+    return attn == "eager" or (attn == "sdpa" and packed)
 
 
 def kernel_fields(kernels) -> dict:

@@ -1,6 +1,7 @@
 """The GPU types `kubetune plan` knows: memory, peak dense bf16 tensor FLOP/s, HBM bandwidth, the
 link between GPUs of a node and the network between nodes (vendor data sheets; SXM parts where
-there are several). One table for the memory plan, the speed model and MFU."""
+there are several), and the share of that peak a bf16 matmul measurably reaches. One table for
+the memory plan, the speed model and MFU."""
 
 from __future__ import annotations
 
@@ -19,15 +20,28 @@ class GpuType:
     link_bytes_s: float  # per GPU and direction, bytes/s
     network_bytes_s: float  # per GPU between nodes, bytes/s (the usual NIC per GPU of its nodes)
     device_names: tuple[str, ...]  # substrings of torch.cuda.get_device_name that mean this type
+    # the best bf16 matmul's share of bf16_flops, measured: stas00/ml-engineering's "Maximum
+    # Achievable Matmul FLOPS comparison table" (compute/accelerator/README.md, mamf-finder.py).
+    # Newer, faster parts reach less of their data sheet (H100 80%, B200 78%, MI300X 51%: its 668.4 TFLOP/s, A100
+    # 87%); a type it has not measured takes the A100's (MAMF_UNMEASURED): an assumption
+    mamf_share: float | None = None
+
+    @property
+    def matmul_flops(self) -> float:
+        """What the best bf16 matmul reaches: the speed model's matmul peak."""
+        return self.bf16_flops * (MAMF_UNMEASURED if self.mamf_share is None else self.mamf_share)
+
+
+MAMF_UNMEASURED = 1.0  # a type the table has not measured: its data sheet (an assumption)
 
 
 GPU_TYPES = {
     g.name: g
     for g in (
-        GpuType("A100-80GB", 80, 312e12, 2.039e12, "NVLink 3", 300e9, 25e9, ("A100-SXM4-80GB", "A100 80GB", "A100-PCIE-80GB")),
-        GpuType("A100-40GB", 40, 312e12, 1.555e12, "NVLink 3", 300e9, 25e9, ("A100-SXM4-40GB", "A100-PCIE-40GB", "A100")),
-        GpuType("H100-80GB", 80, 989e12, 3.35e12, "NVLink 4", 450e9, 50e9, ("H100",)),
-        GpuType("H200-141GB", 141, 989e12, 4.8e12, "NVLink 4", 450e9, 50e9, ("H200",)),
+        GpuType("A100-80GB", 80, 312e12, 2.039e12, "NVLink 3", 300e9, 25e9, ("A100-SXM4-80GB", "A100 80GB", "A100-PCIE-80GB"), 0.869),
+        GpuType("A100-40GB", 40, 312e12, 1.555e12, "NVLink 3", 300e9, 25e9, ("A100-SXM4-40GB", "A100-PCIE-40GB", "A100"), 0.869),
+        GpuType("H100-80GB", 80, 989e12, 3.35e12, "NVLink 4", 450e9, 50e9, ("H100",), 0.803),
+        GpuType("H200-141GB", 141, 989e12, 4.8e12, "NVLink 4", 450e9, 50e9, ("H200",), 0.803),
         GpuType("L40S-48GB", 48, 362e12, 0.864e12, "PCIe 4", 32e9, 12.5e9, ("L40S",)),
         GpuType("A10G-24GB", 24, 70e12, 0.6e12, "PCIe 4", 32e9, 12.5e9, ("A10G",)),
         GpuType("A10-24GB", 24, 125e12, 0.6e12, "PCIe 4", 32e9, 12.5e9, ("A10",)),
@@ -38,8 +52,8 @@ GPU_TYPES = {
         # it against fp16 accumulate), HGX B200's per-GPU share, MI300X under ROCm ("cuda")
         GpuType("RTX4090-24GB", 24, 165.2e12, 1.008e12, "PCIe 4", 32e9, 12.5e9, ("RTX 4090",)),
         GpuType("RTXA6000-48GB", 48, 154.8e12, 0.768e12, "PCIe 4", 32e9, 12.5e9, ("RTX A6000",)),
-        GpuType("B200-180GB", 180, 2250e12, 8.0e12, "NVLink 5", 900e9, 50e9, ("B200",)),
-        GpuType("MI300X-192GB", 192, 1307.4e12, 5.3e12, "Infinity Fabric", 448e9, 50e9, ("MI300X",)),
+        GpuType("B200-180GB", 180, 2250e12, 8.0e12, "NVLink 5", 900e9, 50e9, ("B200",), 0.776),
+        GpuType("MI300X-192GB", 192, 1307.4e12, 5.3e12, "Infinity Fabric", 448e9, 50e9, ("MI300X",), 0.511),
     )
 }  # fmt: skip
 # Offered by `kubetune plan` when neither --gpus nor hardware.gpu names one.

@@ -23,15 +23,18 @@ parameter counts of the real config) and the run's settings; T = micro batch x r
   over the node's link (NVLink/PCIe) or, across nodes, its network; what overlaps the backward
   is hidden, the rest is added.
 
-Time: GPU time = matmul / (peak x e_matmul) + bytes / (HBM x e_memory), the activations'
-bytes of eager (uncompiled) layers times eager_traffic (their elementwise ops each write and
-read their output; a compiled layer fuses them), LLM.int8's forward matmuls at e_int8 of the
-int8 peak (2x bf16); host time = ops x op_seconds; a micro batch takes the power mean
-(GPU^p + host^p)^(1/p) of the two (the GPU runs behind the host asynchronously: p = 1 adds
-them, a large p is the slower of the two). The six (e_matmul, e_memory, op_seconds, p,
-eager_traffic, e_int8) are fitted by `benchmarks/fit_speed_model.py` on the points in
-docs/benchmarks/speed-calibration.json and the GPU case lines of the raw benchmark outputs
-there (`calibration.py`), and stored in speed_calibration.json beside this file; e_comm and the startup figures are assumptions, written below, not fitted.
+Time: GPU time = matmul / (MAMF x e_matmul) (MAMF: the measured best matmul, gpus.py) +
+bytes / (HBM x e_memory); attention that computes every score of a dense mask (eager attention;
+SDPA given the block-diagonal mask of packed rows: no kernel skips a masked block) at e_dense of
+MAMF, causal and block-sparse kernels (flash, flex) at e_matmul on half the scores; eager
+(uncompiled) layers' activation bytes times eager_traffic (each elementwise op writes and reads
+its output; a compiled layer fuses them); LLM.int8's forward matmuls at e_int8 of 2x MAMF; host
+time = ops x op_seconds; a micro batch takes the power mean (GPU^p + host^p)^(1/p) of the two
+(the GPU runs behind the host asynchronously: p = 1 adds them, a large p is the slower). The
+seven (e_matmul, e_memory, op_seconds, p, eager_traffic, e_int8, e_dense) are fitted by
+`benchmarks/fit_speed_model.py` on docs/benchmarks/speed-calibration.json's points and the GPU
+case lines of the raw benchmark outputs there (`calibration.py`) and stored in
+speed_calibration.json beside this file; e_comm and the startup figures are assumed, below.
 """
 
 from __future__ import annotations
@@ -55,10 +58,14 @@ LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
 # Other stacks' eager decoder layers (forward, backward), counted the same way on litgpt 0.5.13's
 # GPT (benchmarks/count_stack_ops.py; docs/benchmarks/2026-12-06-cpu-litgpt-ops.txt): one fused
 # qkv linear, its own RMSNorm and RoPE; litgpt's LoRA per adapted projection (q or v inside
-# the fused qkv). torchtune's layers are taken as litgpt's (not counted: its points compile)
+# the fused qkv), over the frozen layer's. torchtune's layers are taken as litgpt's (not
+# counted: its points compile). Every weight trained (full fine-tuning), and frozen under an
+# adapter (its backward computes no weight gradients)
 LITGPT_OPS = {"llama": (74, 126), "falcon": (64, 86)}
+LITGPT_FROZEN_OPS = {"llama": (74, 93), "falcon": (64, 64)}
 LITGPT_LORA_OPS = {"llama": (9, 10), "falcon": (11, 12.5)}
 STACK_OPS = {"litgpt": LITGPT_OPS, "torchtune": LITGPT_OPS}
+STACK_FROZEN_OPS = {"litgpt": LITGPT_FROZEN_OPS, "torchtune": LITGPT_FROZEN_OPS}
 STACK_LORA_OPS = {"litgpt": LITGPT_LORA_OPS, "torchtune": LITGPT_LORA_OPS}
 # transformers' eager experts loop, per routed expert that gets tokens (forward, backward):
 # index, gate_up, chunk, act, mul, down, weight, index_add and their views (counted on
@@ -98,7 +105,7 @@ SAVE_BYTES_S = 1e9  # writing a checkpoint
 class Efficiency:
     """What a step reaches of the GPU's peaks: fitted on measured runs."""
 
-    matmul: float  # share of the bf16 peak GEMMs and attention reach
+    matmul: float  # share of the best bf16 matmul's rate (GpuType.matmul_flops) GEMMs reach
     memory: float  # share of HBM bandwidth memory-bound kernels reach
     op_seconds: float  # host time per dispatched op
     overlap: float  # p of the power mean of GPU and host time
@@ -108,22 +115,32 @@ class Efficiency:
     # read their output (about 1.6-1.9x the counted bytes, counted on the tiny models with a
     # TorchDispatchMode), and small unfused kernels reach less of the bandwidth; fitted
     eager_traffic: float = 1.0
-    # share of the int8 peak (2x the bf16 one) bitsandbytes' LLM.int8 forward matmuls reach;
+    # share of twice that rate (int8's) bitsandbytes' LLM.int8 forward matmuls reach;
     # None where no 8-bit point was measured: as the bf16 matmuls' share (an assumption)
     int8: float | None = None
+    # share of MAMF attention reaches computing every score of a dense mask (Setup.dense_attention);
+    # None where no such point was measured: as the matmuls' share (an assumption)
+    dense: float | None = None
 
     @property
     def int8_share(self) -> float:
         return self.matmul if self.int8 is None else self.int8
+
+    @property
+    def dense_share(self) -> float:
+        return self.matmul if self.dense is None else self.dense
 
     @classmethod
     def load(cls, path: Path = CALIBRATION) -> Efficiency:
         return cls(**json.loads(path.read_text())["efficiency"])
 
     def describe(self) -> str:
-        int8 = "" if self.int8 is None else f", {self.int8:.1%} of the int8 peak for LLM.int8"
+        int8 = "" if self.int8 is None else f", {self.int8:.1%} of twice that for LLM.int8"
+        if self.dense is not None:
+            int8 += f", {self.dense:.0%} of it for attention over a dense mask"
         return (
-            f"{self.matmul:.0%} of bf16 peak for matmuls, {self.memory:.0%} of HBM bandwidth, "
+            f"{self.matmul:.0%} of the measured best bf16 matmul (MAMF) for matmuls, "
+            f"{self.memory:.0%} of HBM bandwidth, "
             f"{self.op_seconds * 1e6:.0f} us of host time per op, GPU and host joined with "
             f"p={self.overlap:g}, eager layers' activation bytes taking "
             f"{self.eager_traffic:.1f}x their time{int8}"
@@ -151,7 +168,9 @@ class Setup:
     loss: str = "transformers"  # transformers or chunked (Liger's or kubetune's)
     compiled: bool = False
     lora: str = "fused"  # fused (kubetune) or peft
-    eager_attention: bool = False
+    # attention computes every score of the row (`span`): eager attention, or SDPA with a dense
+    # block-diagonal mask for packed rows; else a causal or block-sparse kernel (half the scores)
+    dense_attention: bool = False
     weight_bytes: int = 2  # of the unquantized weights (bf16)
     # dpo/ipo with a live reference: a forward without gradients before each micro batch's
     reference_forward: bool = False
@@ -212,7 +231,9 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     if setup.compiled:
         matmuls = linears * (1 + quant_f / 2) + adapted * 2
         return COMPILED_OPS * matmuls + 10, 2 * (COMPILED_OPS * matmuls + 10)
-    base_f, base_b = STACK_OPS.get(setup.stack, LAYER_OPS)[family]
+    # transformers' LORA_OPS count over the trained layer's ops, litgpt's over the frozen one's
+    stacks = STACK_OPS if named(setup.method).trains_base else STACK_FROZEN_OPS
+    base_f, base_b = stacks.get(setup.stack, LAYER_OPS)[family]
     if setup.fused_norms and arch.model_type != "falcon":
         base_f, base_b = base_f - LIGER_SAVES, base_b - LIGER_SAVES
     # the routing cost of a 4-bit base: every expert that gets tokens is its own MLP call
@@ -378,13 +399,16 @@ def link_bytes_s(gpu: GpuType, setup: Setup) -> float:
 def step_time(arch, setup: Setup, gpu: GpuType, eff: Efficiency, w: Work | None = None) -> StepTime:
     """The step's time; `w` is work(arch, setup) where the caller has it (the fit reuses it)."""
     w = w or work(arch, setup)
-    peak, hbm = gpu.bf16_flops * eff.matmul, gpu.hbm_bytes_s * eff.memory
-    attention = w.attention_flops * (1.0 if setup.eager_attention else CAUSAL)
+    peak, hbm = gpu.matmul_flops * eff.matmul, gpu.hbm_bytes_s * eff.memory
+    if setup.dense_attention:
+        attention = w.attention_flops / (gpu.matmul_flops * eff.dense_share)
+    else:
+        attention = w.attention_flops * CAUSAL / peak
     parts = {
         "matmul": w.matmul_flops / peak,
-        "attention": attention / peak,
+        "attention": attention,
         **(
-            {"int8 matmul": w.int8_flops / (2 * gpu.bf16_flops * eff.int8_share)}
+            {"int8 matmul": w.int8_flops / (2 * gpu.matmul_flops * eff.int8_share)}
             if w.int8_flops
             else {}
         ),
