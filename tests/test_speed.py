@@ -341,7 +341,7 @@ def test_packed_rows_under_sdpa_attend_every_score_of_the_row():
         cfg = tiny_cfg(
             "tiny://llama", f"model.attn_implementation={attn}", f"data.packing={packing}"
         )
-        assert dense_attention(cfg) is dense, (attn, packing)
+        assert dense_attention(cfg, architecture(cfg)) is dense, (attn, packing)
 
     arch = architecture(tiny_cfg("tiny://llama", "method=lora"))
     causal = setup_for(arch, "lora", 2, 256, 0)

@@ -51,6 +51,10 @@ class Architecture:
     materialized_experts: bool = False
     matmul_params: int | None = None
     adapter_matmul_params: int | None = None
+    # what the worker's `attn_implementation: auto` takes on a GPU (train/attention.py): a
+    # document-masked flex_attention path for packed rows, else this fallback
+    flex_attention: bool = False
+    attention_fallback: str = "sdpa"
 
     @property
     def active(self) -> int:
@@ -253,5 +257,7 @@ def _count(config, cfg: RunConfig) -> Architecture:
         frozen_layers=counts.frozen_layers,
         active_params=active_params(config, total, experts),
         embedding_params=embeddings,
+        flex_attention=bool(record.flex_attention(config)),
+        attention_fallback=record.attention_fallback,
         **moe,
     )

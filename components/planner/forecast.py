@@ -64,7 +64,7 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
     offload: str = dist.offload if dist.strategy == "deepspeed" else "none"
     if dist.strategy == "fsdp" and dist.fsdp.cpu_offload:
         offload = "cpu"
-    dense = dense_attention(cfg)
+    dense = dense_attention(cfg, arch)
     return Setup(
         micro_batch=fit.micro_batch_size,
         row_len=data.row_len,
@@ -86,7 +86,7 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
     )
 
 
-def dense_attention(cfg: RunConfig) -> bool:
+def dense_attention(cfg: RunConfig, arch: Architecture) -> bool:
     """Whether the worker's attention on a GPU computes every score of a row: eager attention,
     or SDPA with the dense block-diagonal mask of packed rows (`model.attn_implementation:
     sdpa`, or `auto` for a family without a flex_attention path: train/attention.py), rather
@@ -95,14 +95,9 @@ def dense_attention(cfg: RunConfig) -> bool:
     attn: str = cfg.model.attn_implementation
     packed = cfg.data.packing
     if attn == "auto":
-        from ..architectures import family
-        from .architecture import config_of
-
-        config = config_of(cfg)
-        record = family(config.model_type)
-        if packed and record.flex_attention(config):
+        if packed and arch.flex_attention:
             return False
-        attn = record.attention_fallback
+        attn = arch.attention_fallback
     return attn == "eager" or (attn == "sdpa" and packed)
 
 
