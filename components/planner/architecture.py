@@ -147,17 +147,11 @@ def _architecture_cache(config: dict, cfg: RunConfig) -> Path:
     return cache_root() / "architectures" / f"{key.hexdigest()[:24]}.json"
 
 
-def config_of(cfg: RunConfig):
-    """The recipe model's transformers config: a local model's own, else the known configs'
-    or the hub's (`model_config`)."""
-    from ..models import load_config
-
-    return load_config(cfg.model) if cfg.model.local_dir else model_config(cfg.model.name_or_path)
-
-
 def architecture(cfg: RunConfig) -> Architecture:
     """Count parameters exactly on a meta-device instance of the model (once per
     architecture and adapter settings: the counts are cached)."""
+    from ..models import load_config
+
     raw = _raw_config(cfg)
     cached = _architecture_cache(raw, cfg) if raw is not None else None
     if cached is not None and cached.is_file():
@@ -165,7 +159,8 @@ def architecture(cfg: RunConfig) -> Architecture:
             return Architecture(**json.loads(cached.read_text()))
         except (OSError, ValueError, TypeError):
             pass  # unreadable: count again and replace it
-    arch = _count(config_of(cfg), cfg)
+    config = load_config(cfg.model) if cfg.model.local_dir else model_config(cfg.model.name_or_path)
+    arch = _count(config, cfg)
     if cached is not None:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)

@@ -275,11 +275,10 @@ def fit(points: list[Point]) -> Efficiency:
     fitted = [p for p in points if p.fit]
     if not fitted:
         raise ValueError("no calibration point to fit")
-    own = {
-        "int8": [p for p in fitted if p.setup.quant_bits == 8],
-        "dense": [p for p in fitted if p.setup.dense_attention],
-    }
-    shared = [p for p in fitted if not any(p in group for group in own.values())] or fitted
+    # the points that alone say each of these shares, by their setup
+    owns = {"int8": lambda s: s.quant_bits == 8, "dense": lambda s: s.dense_attention}
+    own = {name: [p for p in fitted if is_own(p.setup)] for name, is_own in owns.items()}
+    shared = [p for p in fitted if not any(is_own(p.setup) for is_own in owns.values())] or fitted
     best = min(
         (
             Efficiency(**dict(zip(GRID, values, strict=True)), points=len(fitted))

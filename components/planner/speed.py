@@ -135,15 +135,15 @@ class Efficiency:
         return cls(**json.loads(path.read_text())["efficiency"])
 
     def describe(self) -> str:
-        int8 = "" if self.int8 is None else f", {self.int8:.1%} of twice that for LLM.int8"
+        own = "" if self.int8 is None else f", {self.int8:.1%} of twice that for LLM.int8"
         if self.dense is not None:
-            int8 += f", {self.dense:.0%} of it for attention over a dense mask"
+            own += f", {self.dense:.0%} of it for attention over a dense mask"
         return (
             f"{self.matmul:.0%} of the measured best bf16 matmul (MAMF) for matmuls, "
             f"{self.memory:.0%} of HBM bandwidth, "
             f"{self.op_seconds * 1e6:.0f} us of host time per op, GPU and host joined with "
             f"p={self.overlap:g}, eager layers' activation bytes taking "
-            f"{self.eager_traffic:.1f}x their time{int8}"
+            f"{self.eager_traffic:.1f}x their time{own}"
         )
 
 
