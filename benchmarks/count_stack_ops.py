@@ -3,21 +3,28 @@ tests/test_speed.py counts transformers' layers for the speed model's LAYER_OPS:
 between a 4-layer and a 2-layer model of the same tiny shape, under a TorchDispatchMode.
 
     python benchmarks/count_stack_ops.py --litgpt-wheel litgpt-0.5.13-py3-none-any.whl
+    git -C litgpt archive 8641822 lit_gpt | tar -x -C lit-gpt-8641822
+    python benchmarks/count_stack_ops.py --lit-gpt-source lit-gpt-8641822
 
-litgpt is no dependency of kubetune: the wheel (`pip download litgpt --no-deps`) is unpacked in
-a temporary folder and only its model, config and LoRA modules are imported (its conversion
-and training helpers, which need lightning, are replaced by empty modules). Prints one JSON
+litgpt is no dependency of kubetune: the wheel (`pip download litgpt --no-deps`) or lit-gpt's
+2023 package folder (`lit_gpt`, from a clone of Lightning-AI/litgpt at the commit that ran) is
+copied to a temporary folder and only its model, config, LoRA and adapter modules are imported
+(its conversion, training and lightning helpers are replaced by small modules). Prints one JSON
 line per family: the base layer with every weight trainable (as LAYER_OPS is counted) and
-frozen, and LoRA on query and value (ops per adapted projection), which speed.py's STACK_OPS
-and STACK_LORA_OPS hold.
+frozen, LoRA on query and value (ops per adapted projection), which speed.py's stacks.py tables
+hold; for lit-gpt also its LLaMA-Adapter v1 and v2 per layer over the frozen layer's, and the
+host time of its LoRA's index list (torch.tensor of a Python list, seconds per int).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import shutil
 import sys
 import tempfile
+import timeit
 import types
 import zipfile
 from pathlib import Path
@@ -56,28 +63,84 @@ def per_layer(build) -> tuple[float, float]:
     return (f4 - f2) / 2, (b4 - b2) / 2
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--litgpt-wheel", type=Path, required=True)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+def stub_modules(modules: dict[str, dict]) -> None:
+    """Empty stand-ins for the stack's modules that need lightning (never called here)."""
+    for name, attrs in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+
+
+def find_multiple(n: int, k: int) -> int:  # lit_gpt.utils' (its config pads the vocabulary)
+    return n if n % k == 0 else n + k - n % k
+
+
+class NoRequirement:  # lightning_utilities' RequirementCache: flash-attn is not installed
+    def __init__(self, *args) -> None:
+        pass
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def load_stack(args, tmp: str):
+    """(model module, LoRA module, adapter modules or None, stack name, LoRA config keys)."""
+    if args.litgpt_wheel:
         with zipfile.ZipFile(args.litgpt_wheel) as wheel:
             wheel.extractall(tmp)
         (Path(tmp) / "litgpt" / "__init__.py").write_text("")
-        for name, attrs in (
-            ("litgpt.scripts", {}),
-            ("litgpt.scripts.convert_hf_checkpoint", {"qkv_reassemble": None}),
-            ("litgpt.utils", {"map_old_state_dict_weights": None}),
-        ):
-            module = types.ModuleType(name)
-            module.__dict__.update(attrs)
-            sys.modules[name] = module
+        stub_modules(
+            {
+                "litgpt.scripts": {},
+                "litgpt.scripts.convert_hf_checkpoint": {"qkv_reassemble": None},
+                "litgpt.utils": {"map_old_state_dict_weights": None},
+            }
+        )
         sys.path.insert(0, tmp)
         import litgpt.lora as lora
         import litgpt.model as model
-        from litgpt.config import Config
 
-        version = args.litgpt_wheel.name.split("-")[1]
+        keys = ("lora_r", "lora_alpha", "lora_dropout", "lora_query", "lora_value")
+        return model, lora, None, f"litgpt {args.litgpt_wheel.name.split('-')[1]}", keys
+    shutil.copytree(args.lit_gpt_source / "lit_gpt", Path(tmp) / "lit_gpt")
+    (Path(tmp) / "lit_gpt" / "__init__.py").write_text("")
+    stub_modules(
+        {
+            "lit_gpt.utils": {
+                "find_multiple": find_multiple,
+                "map_old_state_dict_weights": lambda state, *args: state,
+            },
+            "lightning_utilities": {},
+            "lightning_utilities.core": {},
+            "lightning_utilities.core.imports": {"RequirementCache": NoRequirement},
+        }
+    )
+    sys.path.insert(0, tmp)
+    # the model first: lit_gpt.config imports it, and it imports lit_gpt.config's Config
+    model, adapter, adapter_v2, lora = (
+        importlib.import_module(f"lit_gpt.{name}")
+        for name in ("model", "adapter", "adapter_v2", "lora")
+    )
+    keys = ("r", "alpha", "dropout", "to_query", "to_value")
+    return model, lora, {"adapter": adapter, "adapter_v2": adapter_v2}, "lit-gpt", keys
+
+
+def index_list_seconds() -> float:
+    """Host seconds per int of lit-gpt's LoRA index list (Llama-2-7B's query and value
+    features), as torch.tensor converts it in every forward (the best of five timings)."""
+    ints = list(range(8192))
+    best = min(timeit.repeat(lambda: torch.tensor(ints), number=200, repeat=5)) / 200
+    return best / len(ints)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--litgpt-wheel", type=Path)
+    source.add_argument("--lit-gpt-source", type=Path, help="a folder holding lit_gpt/")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, lora, adapters, stack, keys = load_stack(args, tmp)
         for family, name in (("llama", "Llama-2-7b-hf"), ("falcon", "falcon-7b")):
             shape = {"n_embd": 64, "n_head": 4, "padded_vocab_size": 128, "block_size": 64}
             shape.update(
@@ -87,7 +150,7 @@ def main() -> int:
             )
 
             def base(layers, frozen=False, name=name, shape=shape):
-                net = model.GPT(Config.from_name(name, n_layer=layers, **shape))
+                net = model.GPT(model.Config.from_name(name, n_layer=layers, **shape))
                 if frozen:  # a frozen base under an adapter: only the input gradients
                     for p in net.parameters():
                         p.requires_grad_(False)
@@ -95,30 +158,38 @@ def main() -> int:
                 return net
 
             def adapted(layers, name=name, shape=shape):
-                config = lora.Config.from_name(
-                    name, n_layer=layers, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                    lora_query=True, lora_value=True, **shape,
-                )  # fmt: skip
-                net = lora.GPT(config)
+                lora_args = dict(zip(keys, (8, 16, 0.05, True, True), strict=True))
+                net = lora.GPT(lora.Config.from_name(name, n_layer=layers, **lora_args, **shape))
                 lora.mark_only_lora_as_trainable(net)
                 return net
 
-            trainable = per_layer(base)
-            frozen = per_layer(lambda n: base(n, frozen=True))
-            with_lora = per_layer(adapted)
-            per_adapted = tuple((w - f) / 2 for w, f in zip(with_lora, frozen, strict=True))
-            print(
-                json.dumps(
-                    {
-                        "stack": f"litgpt {version}",
-                        "family": family,
-                        "layer_ops_trainable": trainable,
-                        "layer_ops_frozen": frozen,
-                        "lora_ops_per_adapted": per_adapted,
-                        "torch": torch.__version__,
-                    }
+            def prompted(layers, module, name=name, shape=shape):
+                config = module.Config.from_name(
+                    name, n_layer=layers, adapter_prompt_length=10, adapter_start_layer=0, **shape
                 )
-            )
+                net = module.GPT(config)
+                for key, value in net.named_parameters():  # lit-gpt's mark_only_adapter*
+                    value.requires_grad_(module.adapter_filter(key, value))
+                return net
+
+            frozen = per_layer(lambda n: base(n, frozen=True))
+            record = {
+                "stack": stack,
+                "family": family,
+                "layer_ops_trainable": per_layer(base),
+                "layer_ops_frozen": frozen,
+                "lora_ops_per_adapted": tuple(
+                    (w - f) / 2 for w, f in zip(per_layer(adapted), frozen, strict=True)
+                ),
+            }
+            for method, module in (adapters or {}).items():
+                counted = per_layer(lambda n, module=module: prompted(n, module))
+                record[f"{method}_ops_per_layer"] = tuple(
+                    w - f for w, f in zip(counted, frozen, strict=True)
+                )
+            if adapters:
+                record["index_list_seconds_per_int"] = index_list_seconds()
+            print(json.dumps({**record, "torch": torch.__version__}))
     return 0
 
 

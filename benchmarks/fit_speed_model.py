@@ -32,7 +32,7 @@ from kubetune.components.planner.calibration import (
     metrics_point,
     raw_points,
 )
-from kubetune.components.planner.speed import CALIBRATION, Efficiency
+from kubetune.components.planner.efficiency import CALIBRATION, Efficiency
 
 POINTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "speed-calibration.json"
 

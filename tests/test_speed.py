@@ -14,9 +14,9 @@ import torch
 
 from kubetune.components.config import load_recipe
 from kubetune.components.planner.architecture import architecture
+from kubetune.components.planner.efficiency import CALIBRATION
 from kubetune.components.planner.speed import (
     ADAMW_BYTES,
-    CALIBRATION,
     EXPERT_OPS,
     LAYER_OPS,
     LORA_OPS,
@@ -257,6 +257,9 @@ def test_bytes_match_the_tensors():
     features = sum(m.in_features + m.out_features for m in layers)
     assert len(layers) == arch.adapted_modules and features == arch.adapted_features
     assert w.bytes["lora"] == 64 * features * 2 * 3
+    # without dropout (p = 0: peft's and torchtune's identity) no copy of the input: B's output
+    undropped = work(arch, dataclasses.replace(setup, lora_dropout=False))
+    assert undropped.bytes["lora"] == w.bytes["lora"] / 2
     # FSDP (LoRA on bf16 weights, 4 GPUs): each micro batch gathers the other 3/4 of every
     # weight, in the forward and again in the backward
     bf16 = tiny_model(tiny_cfg("tiny://llama", "method=lora")).to(torch.bfloat16)
@@ -289,10 +292,19 @@ def test_time_terms_follow_the_gpu_tables():
     eff = Efficiency(matmul=0.5, memory=0.5, op_seconds=1e-5, overlap=1.0)
     w = work(arch, setup)
     t = step_time(arch, setup, gpu, eff)
-    expected_gpu = (w.matmul_flops + 0.5 * w.attention_flops) / (gpu.matmul_flops * 0.5) + sum(
-        w.bytes.values()
-    ) / (gpu.hbm_bytes_s * 0.5)
+    hbm, peak = gpu.hbm_bytes_s * 0.5, gpu.matmul_flops * 0.5
+    matmul = w.matmul_flops / peak
+    # a GEMM streams its weights while it computes: they add only beyond the matmuls' time
+    streamed = max(0.0, w.bytes["weights"] / hbm - matmul)
+    others = sum(b for name, b in w.bytes.items() if name != "weights") / hbm
+    expected_gpu = matmul + 0.5 * w.attention_flops / peak + others + streamed
     assert t.gpu_seconds == pytest.approx(expected_gpu)
+    assert t.parts["weights (per micro batch)"] == pytest.approx(streamed)
+    short = setup_for(arch, "lora", 1, 4, 0)  # 4 tokens: bound by the weights' bytes
+    ws, ts = work(arch, short), step_time(arch, short, gpu, eff)
+    assert ts.parts["matmul (per micro batch)"] + ts.parts[
+        "weights (per micro batch)"
+    ] == pytest.approx(ws.bytes["weights"] / hbm)
     assert t.host_seconds == pytest.approx(w.ops * 1e-5)
     assert t.micro_seconds == pytest.approx(expected_gpu + w.ops * 1e-5)  # p = 1: the sum
     slower = step_time(arch, setup, GPU_TYPES["A100-80GB"], eff)
@@ -359,23 +371,30 @@ def test_packed_rows_under_sdpa_attend_every_score_of_the_row():
 
 
 def test_stack_op_tables_count_a_frozen_layer_under_an_adapter():
-    """litgpt's LoRA ops are counted over its frozen layer (benchmarks/count_stack_ops.py), so
-    an adapter run on that stack takes the frozen layer's backward, full fine-tuning the
-    trained one's; transformers' LORA_OPS are counted over the trained layer's."""
-    from kubetune.components.planner.speed import (
+    """Other stacks' LoRA ops are counted over their frozen layer (benchmarks/count_stack_ops.py),
+    so an adapter run on them takes the frozen layer's backward, full fine-tuning the trained
+    one's; transformers' LORA_OPS are counted over the trained layer's. lit-gpt's LLaMA-Adapter
+    modules add their own ops in every layer."""
+    from kubetune.components.planner.speed import layer_ops
+    from kubetune.components.planner.stacks import (
+        LIT_GPT_ADAPTER_OPS,
+        LIT_GPT_FROZEN_OPS,
+        LIT_GPT_LORA_OPS,
         LITGPT_FROZEN_OPS,
         LITGPT_LORA_OPS,
         LITGPT_OPS,
-        layer_ops,
     )
 
     arch = architecture(tiny_cfg("tiny://llama", "method=lora"))
     adapted = arch.adapted_modules / arch.layers
-    lora = setup_for(arch, "lora", 1, 64, 0, stack="litgpt", lora="peft")
-    frozen, per_lora = LITGPT_FROZEN_OPS["llama"], LITGPT_LORA_OPS["llama"]
-    assert layer_ops(arch, lora) == pytest.approx(
-        tuple(f + adapted * a for f, a in zip(frozen, per_lora, strict=True))
-    )
+    for stack, frozen, per_lora in (
+        ("litgpt", LITGPT_FROZEN_OPS["llama"], LITGPT_LORA_OPS["llama"]),
+        ("lit-gpt", LIT_GPT_FROZEN_OPS["llama"], LIT_GPT_LORA_OPS["llama"]),
+    ):
+        lora = setup_for(arch, "lora", 1, 64, 0, stack=stack, lora="peft")
+        assert layer_ops(arch, lora) == pytest.approx(
+            tuple(f + adapted * a for f, a in zip(frozen, per_lora, strict=True))
+        )
     whole = architecture(tiny_cfg("tiny://llama", "method=full"))
     full = setup_for(whole, "full", 1, 64, 0, stack="litgpt")
     assert layer_ops(whole, full) == pytest.approx(LITGPT_OPS["llama"])
@@ -383,6 +402,80 @@ def test_stack_op_tables_count_a_frozen_layer_under_an_adapter():
     assert layer_ops(arch, ours) == pytest.approx(
         tuple(f + adapted * a for f, a in zip(LAYER_OPS["llama"], LORA_OPS["peft"], strict=True))
     )
+    for method in ("adapter", "adapter_v2"):
+        prompted = architecture(tiny_cfg("tiny://llama", f"method={method}"))
+        setup = setup_for(prompted, method, 1, 64, 0, stack="lit-gpt")
+        assert layer_ops(prompted, setup) == pytest.approx(
+            tuple(
+                f + a
+                for f, a in zip(
+                    LIT_GPT_FROZEN_OPS["llama"], LIT_GPT_ADAPTER_OPS["llama"][method], strict=True
+                )
+            )
+        )
+
+
+def test_lit_gpt_lora_converts_its_index_list_and_waits_for_the_gpu():
+    """lit-gpt's LoRA on query and value builds its padding index from a Python list in every
+    forward (the adapted projections' output features) and copies it to the GPU synchronously:
+    host seconds beside its ops, and host and GPU time add whatever the fitted overlap."""
+    from kubetune.components.planner.gpus import GPU_TYPES
+    from kubetune.components.planner.stacks import INDEX_LIST_SECONDS
+
+    arch = architecture(tiny_cfg("tiny://llama", "method=lora"))
+    lit = setup_for(arch, "lora", 1, 64, 0, stack="lit-gpt", lora="peft")
+    w = work(arch, lit)
+    out_features = arch.adapted_features / 2  # q and v of the tiny Llama: in = out
+    assert w.host_seconds == pytest.approx(INDEX_LIST_SECONDS * out_features)
+    assert w.synchronous
+    eff = Efficiency(matmul=0.5, memory=0.5, op_seconds=1e-5, overlap=4.0)
+    t = step_time(arch, lit, GPU_TYPES["A100-40GB"], eff)
+    assert t.host_seconds == pytest.approx(w.ops * 1e-5 + w.host_seconds)
+    assert t.micro_seconds == pytest.approx(t.gpu_seconds + t.host_seconds)
+    for other in ("litgpt", "transformers"):  # litgpt 0.2+ caches the index as a buffer
+        setup = dataclasses.replace(lit, stack=other)
+        assert work(arch, setup).host_seconds == 0 and not work(arch, setup).synchronous
+        t = step_time(arch, setup, GPU_TYPES["A100-40GB"], eff)
+        assert t.micro_seconds < t.gpu_seconds + t.host_seconds
+
+
+def test_compiled_layers_and_bitsandbytes_dequantization_take_their_own_shares():
+    """A compiled layer's activation traffic at e_compiled of HBM (an eager one's at e_memory,
+    eager_traffic times), bitsandbytes' 4-bit dequantization at e_dequant (torchtune's torchao
+    NF4 at e_memory); without a fitted share, memory's."""
+    from kubetune.components.planner.gpus import GPU_TYPES
+
+    gpu = GPU_TYPES["A100-80GB"]
+    hbm = gpu.hbm_bytes_s
+    lora = architecture(tiny_cfg("tiny://llama", "method=lora"))
+    qlora = architecture(tiny_cfg("tiny://llama", "method=qlora"))
+    eff = Efficiency(0.5, 0.4, 1e-5, 1.0, eager_traffic=3.0, compiled=0.8, dequant=0.2)
+    eager = setup_for(lora, "lora", 2, 256, 0)
+    compiled = dataclasses.replace(eager, compiled=True)
+    for setup, share in ((eager, 0.4 / 3.0), (compiled, 0.8)):
+        t = step_time(lora, setup, gpu, eff)
+        expected = work(lora, setup).bytes["activations"] / (hbm * share)
+        assert t.parts["activations (per micro batch)"] == pytest.approx(expected)
+    four = setup_for(qlora, "qlora", 2, 256, 0, quant_bits=4)
+    for stack, share in (("transformers", 0.2), ("lit-gpt", 0.2), ("torchtune", 0.4)):
+        setup = dataclasses.replace(four, stack=stack)
+        t = step_time(qlora, setup, gpu, eff)
+        expected = work(qlora, setup).bytes["dequantize"] / (hbm * share)
+        assert t.parts["dequantize (per micro batch)"] == pytest.approx(expected), stack
+    prior = Efficiency(0.5, 0.4, 1e-5, 1.0)
+    assert prior.compiled_share == prior.dequant_share == 0.4
+
+
+def test_the_plan_counts_lora_dropout_only_where_it_runs():
+    """planned_setup (what `plan` and the calibration points run) takes lora.dropout: p = 0
+    (torchtune's recipes, many current ones) copies no input."""
+    from kubetune.components.planner.calibration import recipe_point
+
+    for dropout, runs in ((0.0, False), (0.05, True)):
+        raw = {"recipe": {"model": {"name_or_path": "tiny://llama"}, "method": "lora"}}
+        raw["recipe"]["lora"] = {"dropout": dropout}
+        _, setup = recipe_point(raw)
+        assert setup.lora_dropout is runs
 
 
 @pytest.mark.integration

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from ..methods import named
 from .architecture import Architecture
+from .efficiency import CALIBRATION, Efficiency
 from .gpus import GPU_TYPES
-from .speed import CALIBRATION, Efficiency, Setup, Work, step_time, work
+from .speed import Setup, Work, step_time, work
 
 DEFAULT_DATA = {"path": "sample://dialogsum", "format": "samsum"}
 
@@ -252,6 +253,8 @@ BOUNDS = {
     "overlap": (1.0, 20.0),
     "int8": (0.005, 0.95),
     "dense": (0.01, 0.95),
+    "compiled": (0.01, 0.95),
+    "dequant": (0.01, 0.95),
     "eager_traffic": (1.0, 40.0),
 }
 BAND = (0.1, 0.9)  # the quantiles of the out-of-sample ratios measured / predicted plan prints
@@ -269,14 +272,20 @@ def loss(points: list[Point], eff: Efficiency) -> float:
 
 def fit(points: list[Point]) -> Efficiency:
     """The efficiencies that minimise `loss` over the fitted points: a grid over the five
-    shared ones on the points without LLM.int8 or dense attention, the int8 share on the 8-bit
-    points and the dense-attention share on theirs (None when there is none: the prior, as the
-    matmuls' share), then a finer search around the best, one coordinate at a time, on all."""
+    shared ones on the points no own share speaks for, then each own share (LLM.int8's, dense
+    attention's, compiled layers', bitsandbytes' 4-bit dequantization's) on the points that
+    have it (None when there is none: the prior, as the matmuls' or memory's share), then a
+    finer search around the best, one coordinate at a time, on all."""
     fitted = [p for p in points if p.fit]
     if not fitted:
         raise ValueError("no calibration point to fit")
     # the points that alone say each of these shares, by their setup
-    owns = {"int8": lambda s: s.quant_bits == 8, "dense": lambda s: s.dense_attention}
+    owns = {
+        "int8": lambda s: s.quant_bits == 8,
+        "dense": lambda s: s.dense_attention,
+        "compiled": lambda s: s.compiled,
+        "dequant": lambda s: s.quant_bits == 4 and s.stack != "torchtune",
+    }
     own = {name: [p for p in fitted if is_own(p.setup)] for name, is_own in owns.items()}
     shared = [p for p in fitted if not any(is_own(p.setup) for is_own in owns.values())] or fitted
     best = min(
@@ -313,6 +322,8 @@ def fit(points: list[Point]) -> Efficiency:
         eager_traffic=round(best.eager_traffic, 3),
         int8=None if best.int8 is None else round(best.int8, 4),
         dense=None if best.dense is None else round(best.dense, 4),
+        compiled=None if best.compiled is None else round(best.compiled, 4),
+        dequant=None if best.dequant is None else round(best.dequant, 4),
     )
 
 

@@ -80,6 +80,7 @@ def planned_setup(cfg: RunConfig, arch: Architecture, fit: Fit, data: Data, gpus
         sharding=dist.fsdp.sharding,
         offload=offload,
         dense_attention=dense,
+        lora_dropout=cfg.lora.dropout > 0,
         reference_forward=reference_mode(cfg) == "live",
         weight_bytes=4 if cfg.model.dtype == "float32" else 2,
         **kernel_fields(kernels),

@@ -14,8 +14,8 @@ parameter counts of the real config) and the run's settings; T = micro batch x r
 - memory traffic (bytes through HBM): 4-bit/8-bit dequantization (the packed weight read, the
   bf16 weight written) in the forward, the backward and each recomputation; activations written
   and read by the elementwise kernels (the memory plan's saved bytes per token and layer, x4:
-  written and read forward, their gradients backward); LoRA's dropout copy and its gradient;
-  the logits (20 bytes each with transformers' loss, 12 chunked);
+  written and read forward, their gradients backward); LoRA's B output and dropout copy;
+  the logits (20 bytes each with transformers' loss, 12 chunked); the weights each GEMM reads;
 - host ops: the ops Python and autograd dispatch per layer (LAYER_OPS and LORA_OPS below: each
   a kernel launch and its bookkeeping), forward, backward and recomputation;
 - per optimizer step: AdamW's traffic over the (sharded) trainable state, the gradient
@@ -24,54 +24,44 @@ parameter counts of the real config) and the run's settings; T = micro batch x r
   is hidden, the rest is added.
 
 Time: GPU time = matmul / (MAMF x e_matmul) (MAMF: the measured best matmul, gpus.py) +
-bytes / (HBM x e_memory); attention that computes every score of a dense mask (eager attention;
-SDPA given the block-diagonal mask of packed rows: no kernel skips a masked block) at e_dense of
-MAMF, causal and block-sparse kernels (flash, flex) at e_matmul on half the scores; eager
-(uncompiled) layers' activation bytes times eager_traffic (each elementwise op writes and reads
-its output; a compiled layer fuses them); LLM.int8's forward matmuls at e_int8 of 2x MAMF; host
-time = ops x op_seconds; a micro batch takes the power mean (GPU^p + host^p)^(1/p) of the two
-(the GPU runs behind the host asynchronously: p = 1 adds them, a large p is the slower). The
-seven (e_matmul, e_memory, op_seconds, p, eager_traffic, e_int8, e_dense) are fitted by
-`benchmarks/fit_speed_model.py` on docs/benchmarks/speed-calibration.json's points and the GPU
-case lines of the raw benchmark outputs there (`calibration.py`) and stored in
-speed_calibration.json beside this file; e_comm and the startup figures are assumed, below.
+bytes / (HBM x e_memory), the weights' bytes only beyond the matmuls' time (a GEMM streams its
+weight while it computes: a roofline, which short rows meet at the weights); attention that
+computes every score of a dense mask (eager attention; SDPA given the block-diagonal mask of
+packed rows: no kernel skips a masked block) at e_dense of MAMF, causal and block-sparse kernels
+(flash, flex) at e_matmul on half the scores; eager (uncompiled) layers' activation bytes times
+eager_traffic (each elementwise op writes and reads its output), a compiled layer's (fused) at
+e_compiled of HBM; bitsandbytes' 4-bit dequantization at e_dequant of HBM; LLM.int8's forward
+matmuls at e_int8 of 2x MAMF; host time = ops x op_seconds (transformers' layers' ops, or the
+stack's: stacks.py) and what the stack does beside them; a micro batch takes the power mean
+(GPU^p + host^p)^(1/p) of the two (the GPU runs behind the host asynchronously: p = 1 adds
+them, a large p is the slower; a stack whose host waits for the GPU inside every layer adds
+them). The nine efficiencies (`efficiency.py`) are fitted by `benchmarks/fit_speed_model.py`
+on docs/benchmarks/speed-calibration.json's points and the GPU case lines of the raw benchmark
+outputs there (`calibration.py`) and stored in speed_calibration.json beside this file; e_comm
+and the startup figures are assumed, below.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..methods import named
 from ..methods.lora import quantized_bytes
+from . import stacks
+from .efficiency import Efficiency
 from .gpus import GpuType
 from .plan import saved_bytes_per_token_layer
 
-CALIBRATION = Path(__file__).with_name("speed_calibration.json")
 CAUSAL = 0.5  # causal attention kernels compute half the score matrix
 # Ops dispatched per decoder layer (forward, backward), counted on the tiny models in eager
 # mode with SDPA (transformers 5.17); per adapted linear layer for peft's LoRA forward and for
 # kubetune's fused one
 LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
-# Other stacks' eager decoder layers (forward, backward), counted the same way on litgpt 0.5.13's
-# GPT (benchmarks/count_stack_ops.py; docs/benchmarks/2026-12-06-cpu-litgpt-ops.txt): one fused
-# qkv linear, its own RMSNorm and RoPE; litgpt's LoRA per adapted projection (q or v inside
-# the fused qkv), over the frozen layer's. torchtune's layers are taken as litgpt's (not
-# counted: its points compile). Every weight trained (full fine-tuning), and frozen under an
-# adapter (its backward computes no weight gradients)
-LITGPT_OPS = {"llama": (74, 126), "falcon": (64, 86)}
-LITGPT_FROZEN_OPS = {"llama": (74, 93), "falcon": (64, 64)}
-LITGPT_LORA_OPS = {"llama": (9, 10), "falcon": (11, 12.5)}
-STACK_OPS = {"litgpt": LITGPT_OPS, "torchtune": LITGPT_OPS}
-STACK_FROZEN_OPS = {"litgpt": LITGPT_FROZEN_OPS, "torchtune": LITGPT_FROZEN_OPS}
-STACK_LORA_OPS = {"litgpt": LITGPT_LORA_OPS, "torchtune": LITGPT_LORA_OPS}
 # transformers' eager experts loop, per routed expert that gets tokens (forward, backward):
 # index, gate_up, chunk, act, mul, down, weight, index_add and their views (counted on
-# tiny://qwen3-moe; a test recounts them). A 4-bit base runs that loop over its bitsandbytes
-# experts (train/experts4bit.py; QUANT_OPS for each of an expert's two layers); a bf16 one runs
-# transformers' grouped_mm, a few ops a layer whatever the experts.
+# tiny://qwen3-moe; a test recounts them), which a 4-bit base runs over its bitsandbytes experts
+# (train/experts4bit.py; QUANT_OPS per expert layer); a bf16 one runs transformers' grouped_mm.
 EXPERT_OPS = (23, 32)
 LORA_OPS = {"peft": (14, 15), "fused": (12, 20)}
 QUANT_OPS = (3, 4)  # assumed: bitsandbytes' dequantization of absmax and weight, a transpose
@@ -102,52 +92,6 @@ SAVE_BYTES_S = 1e9  # writing a checkpoint
 
 
 @dataclass(frozen=True)
-class Efficiency:
-    """What a step reaches of the GPU's peaks: fitted on measured runs."""
-
-    matmul: float  # share of the best bf16 matmul's rate (GpuType.matmul_flops) GEMMs reach
-    memory: float  # share of HBM bandwidth memory-bound kernels reach
-    op_seconds: float  # host time per dispatched op
-    overlap: float  # p of the power mean of GPU and host time
-    points: int = 0  # calibration points it was fitted on
-    # the time of an eager (uncompiled) layer's activation traffic over a compiled one's, for
-    # the same counted bytes (`Work.bytes["activations"]`): its elementwise ops each write and
-    # read their output (about 1.6-1.9x the counted bytes, counted on the tiny models with a
-    # TorchDispatchMode), and small unfused kernels reach less of the bandwidth; fitted
-    eager_traffic: float = 1.0
-    # share of twice that rate (int8's) bitsandbytes' LLM.int8 forward matmuls reach;
-    # None where no 8-bit point was measured: as the bf16 matmuls' share (an assumption)
-    int8: float | None = None
-    # share of MAMF attention reaches computing every score of a dense mask (Setup.dense_attention);
-    # None where no such point was measured: as the matmuls' share (an assumption)
-    dense: float | None = None
-
-    @property
-    def int8_share(self) -> float:
-        return self.matmul if self.int8 is None else self.int8
-
-    @property
-    def dense_share(self) -> float:
-        return self.matmul if self.dense is None else self.dense
-
-    @classmethod
-    def load(cls, path: Path = CALIBRATION) -> Efficiency:
-        return cls(**json.loads(path.read_text())["efficiency"])
-
-    def describe(self) -> str:
-        own = "" if self.int8 is None else f", {self.int8:.1%} of twice that for LLM.int8"
-        if self.dense is not None:
-            own += f", {self.dense:.0%} of it for attention over a dense mask"
-        return (
-            f"{self.matmul:.0%} of the measured best bf16 matmul (MAMF) for matmuls, "
-            f"{self.memory:.0%} of HBM bandwidth, "
-            f"{self.op_seconds * 1e6:.0f} us of host time per op, GPU and host joined with "
-            f"p={self.overlap:g}, eager layers' activation bytes taking "
-            f"{self.eager_traffic:.1f}x their time{own}"
-        )
-
-
-@dataclass(frozen=True)
 class Setup:
     """A training step as the speed model sees it: everything that changes its work."""
 
@@ -168,6 +112,7 @@ class Setup:
     loss: str = "transformers"  # transformers or chunked (Liger's or kubetune's)
     compiled: bool = False
     lora: str = "fused"  # fused (kubetune) or peft
+    lora_dropout: bool = True  # LoRA's dropout runs (p > 0): a copy of each adapted input
     # attention computes every score of the row (`span`): eager attention, or SDPA with a dense
     # block-diagonal mask for packed rows; else a causal or block-sparse kernel (half the scores)
     dense_attention: bool = False
@@ -175,7 +120,7 @@ class Setup:
     # dpo/ipo with a live reference: a forward without gradients before each micro batch's
     reference_forward: bool = False
     # the training code around the model: kubetune's worker and transformers' Trainer run
-    # transformers' modules ("transformers"); litgpt and torchtune their own ("litgpt", "torchtune")
+    # transformers' modules; litgpt (0.5), lit-gpt (2023) and torchtune their own (stacks.py)
     stack: str = "transformers"
     # transformers' Trainer after peft's prepare_model_for_kbit_training: unquantized weights
     # and the residual stream in fp32 under 16-bit autocast
@@ -204,6 +149,8 @@ class Work:
     comm: dict[str, float] = field(default_factory=dict)  # bytes each GPU sends, per step
     comm_per_micro: dict[str, float] = field(default_factory=dict)
     offload_seconds: float = 0.0  # per step
+    host_seconds: float = 0.0  # per micro batch, beside the ops (lit-gpt's LoRA index lists)
+    synchronous: bool = False  # the host waits for the GPU inside every layer: their times add
 
     @property
     def matmul_flops(self) -> float:
@@ -225,24 +172,26 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     linears = arch.linear_modules / arch.layers
     adapted = arch.adapted_modules / arch.layers
     family = "falcon" if arch.model_type == "falcon" else "llama"
-    stack_lora = STACK_LORA_OPS.get(setup.stack, {}).get(family)
+    stack_lora = stacks.STACK_LORA_OPS.get(setup.stack, {}).get(family)
     lora_f, lora_b = stack_lora or LORA_OPS["fused" if setup.lora == "fused" else "peft"]
     quant_f, quant_b = {0: (0, 0), 4: QUANT_OPS, 8: QUANT8_OPS}[setup.quant_bits]
     if setup.compiled:
         matmuls = linears * (1 + quant_f / 2) + adapted * 2
         return COMPILED_OPS * matmuls + 10, 2 * (COMPILED_OPS * matmuls + 10)
-    # transformers' LORA_OPS count over the trained layer's ops, litgpt's over the frozen one's
-    stacks = STACK_OPS if named(setup.method).trains_base else STACK_FROZEN_OPS
-    base_f, base_b = stacks.get(setup.stack, LAYER_OPS)[family]
+    # transformers' LORA_OPS count over the trained layer's ops, other stacks' over the frozen one's
+    tables = stacks.STACK_OPS if named(setup.method).trains_base else stacks.STACK_FROZEN_OPS
+    base_f, base_b = tables.get(setup.stack, LAYER_OPS)[family]
     if setup.fused_norms and arch.model_type != "falcon":
         base_f, base_b = base_f - LIGER_SAVES, base_b - LIGER_SAVES
     # the routing cost of a 4-bit base: every expert that gets tokens is its own MLP call
     experts = arch.experts * arch.moe_layers / arch.layers if setup.quant_bits else 0
     expert_f = experts * (EXPERT_OPS[0] + 2 * quant_f)
     expert_b = experts * (EXPERT_OPS[1] + 2 * quant_b)
+    # a stack's LLaMA-Adapter modules, in every layer (the architecture has no start layer)
+    prompt_f, prompt_b = stacks.adapter_ops(setup.stack, family, setup.method)
     return (
-        base_f + adapted * lora_f + linears * quant_f + expert_f,
-        base_b + adapted * lora_b + linears * quant_b + expert_b,
+        base_f + adapted * lora_f + linears * quant_f + expert_f + prompt_f,
+        base_b + adapted * lora_b + linears * quant_b + expert_b + prompt_b,
     )
 
 
@@ -273,8 +222,7 @@ def work(arch, setup: Setup) -> Work:
     w.flops["recompute"] = 2 * T * (linear - last + adapter) * recompute
     w.attention_flops = 4 * T * setup.span * arch.hidden * L * (1 + 2 + recompute)
     passes = 2 + recompute  # weights dequantized: forward, backward, recomputation
-    # every quantized weight, the experts' too (with a few thousand tokens a micro batch, every
-    # expert gets some)
+    # every quantized weight, the experts' too (a few thousand tokens reach every expert)
     stored = arch.linear_params
     # in + out features of every linear layer, from the adapted ones' (8-bit and upcast traffic)
     features = arch.adapted_features * arch.linear_modules / max(1, arch.adapted_modules)
@@ -303,8 +251,8 @@ def work(arch, setup: Setup) -> Work:
         w.bytes["weights"] += (unquantized + 2 * head) * 6
         w.bytes["activations"] *= 2
         w.bytes["upcast casts"] = T * features / 2 * 6 * (2 + recompute)  # inputs: half
-    if adapter:  # dropout's copy of the input and the A/B outputs, forward and backward
-        w.bytes["lora"] = T * arch.adapted_features * 2 * 3
+    if adapter:  # B's output, forward and backward, and dropout's copy of the input (about half)
+        w.bytes["lora"] = T * arch.adapted_features * 2 * 3 / (1 if setup.lora_dropout else 2)
     if adapter and arch.materialized_experts:
         # assumed: peft's parameter LoRA makes every expert weight W + B_e A_e anew at each
         # forward (read W, write and read the sum: 3 bf16 passes over the experts) and its
@@ -313,6 +261,10 @@ def work(arch, setup: Setup) -> Work:
     w.bytes["logits"] = T * arch.vocab * LOGIT_BYTES[setup.loss]
     forward, backward = layer_ops(arch, setup)
     w.ops = L * (forward * (1 + recompute) + backward) + HEAD_OPS
+    if adapter and setup.stack in stacks.INDEX_LIST_STACKS:
+        # its index list: the adapted projections' output features (q and v: half their in + out)
+        w.host_seconds = stacks.INDEX_LIST_SECONDS * arch.adapted_features / 2 * (1 + recompute)
+        w.synchronous = True  # the list's copy to the GPU waits for the queued kernels
     if setup.reference_forward:  # its matmuls (adapters off or a frozen copy), no gradients
         w.flops["reference forward"] = 2 * T * (linear + head)
         w.attention_flops += 4 * T * setup.span * arch.hidden * L
@@ -414,11 +366,15 @@ def step_time(arch, setup: Setup, gpu: GpuType, eff: Efficiency, w: Work | None 
         ),
         **{name: b / hbm for name, b in w.bytes.items()},
     }
-    if "activations" in parts and not setup.compiled:
-        parts["activations"] *= eff.eager_traffic
+    if "activations" in parts:  # a compiled layer's fused kernels, else eager ops
+        compiled = eff.memory / eff.compiled_share
+        parts["activations"] *= compiled if setup.compiled else eff.eager_traffic
+    if "dequantize" in parts and setup.quant_bits == 4 and setup.stack != "torchtune":
+        parts["dequantize"] *= eff.memory / eff.dequant_share  # bitsandbytes' kernel
+    parts["weights"] = max(0.0, parts.get("weights", 0.0) - parts["matmul"])  # the roofline
     gpu_s = sum(parts.values())
-    host_s = w.ops * eff.op_seconds
-    p = eff.overlap
+    host_s = w.ops * eff.op_seconds + w.host_seconds
+    p = 1.0 if w.synchronous else eff.overlap
     micro = (gpu_s**p + host_s**p) ** (1 / p)
     link = link_bytes_s(gpu, setup) * COMM_EFFICIENCY
     # collectives overlap the compute they run beside: per micro batch (FSDP, ZeRO-3) all of
