@@ -140,8 +140,10 @@ def dispatched_ops(net, ids) -> tuple[int, int]:
 
 
 def test_ops_per_layer_match_the_dispatched_ops():
-    """LAYER_OPS and LORA_OPS are the aten ops a decoder layer dispatches (forward, backward),
-    recounted here: the difference between a 4-layer and a 2-layer model."""
+    """LAYER_OPS, LORA_OPS and ADAPTER_OPS are the aten ops a decoder layer dispatches (forward,
+    backward), recounted here: the difference between a 4-layer and a 2-layer model."""
+    from kubetune.components.methods.llama_adapter import AdapterSpec, install
+    from kubetune.components.planner.speed import ADAPTER_OPS
 
     def per_layer(cfg, lora: bool):
         counts = []
@@ -149,6 +151,9 @@ def test_ops_per_layer_match_the_dispatched_ops():
             net = tiny_model(cfg, layers)
             if lora:
                 net = with_lora(net, cfg)
+            if cfg.method.startswith("adapter"):  # kubetune's modules on a frozen base
+                net.requires_grad_(False)
+                install(net, AdapterSpec.from_recipe(cfg))
             counts.append(dispatched_ops(net, torch.randint(0, 100, (2, 32))))
         (f2, b2), (f4, b4) = counts
         return (f4 - f2) / 2, (b4 - b2) / 2
@@ -173,6 +178,11 @@ def test_ops_per_layer_match_the_dispatched_ops():
         adapted = architecture(cfg).adapted_modules / architecture(cfg).layers
         assert (lora_f - forward) / adapted == pytest.approx(LORA_OPS["peft"][0], rel=0.15)
         assert (lora_b - backward) / adapted == pytest.approx(LORA_OPS["peft"][1], rel=0.15)
+        for method, (extra_f, extra_b) in ADAPTER_OPS[family].items():
+            prompted = tiny_cfg(model, f"method={method}", "adapter.start_layer=0")
+            adapter_f, adapter_b = per_layer(prompted, lora=False)
+            assert adapter_f == pytest.approx(forward + extra_f, rel=0.05), (model, method)
+            assert adapter_b == pytest.approx(backward + extra_b, rel=0.05), (model, method)
 
 
 def test_expert_ops_match_the_dispatched_ops():

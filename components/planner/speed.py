@@ -64,6 +64,12 @@ LAYER_OPS = {"llama": (77, 142), "falcon": (80, 103)}
 # (train/experts4bit.py; QUANT_OPS per expert layer); a bf16 one runs transformers' grouped_mm.
 EXPERT_OPS = (23, 32)
 LORA_OPS = {"peft": (14, 15), "fused": (12, 20)}
+# kubetune's LLaMA-Adapter modules (methods/llama_adapter.py) per adapted layer, over the
+# trained layer's ops as LORA_OPS (the base is frozen: its backward computes no weight gradients)
+ADAPTER_OPS: dict[str, stacks.Ops] = {
+    "llama": {"adapter": (41, 4), "adapter_v2": (59, 84)},
+    "falcon": {"adapter": (40, 27), "adapter_v2": (50, 69)},
+}
 QUANT_OPS = (3, 4)  # assumed: bitsandbytes' dequantization of absmax and weight, a transpose
 # bitsandbytes' LLM.int8 (MatMul8bitLt, threshold 6) per linear layer, assumed from its code:
 # forward: the activations' row/column quantization and outlier search, the outlier columns
@@ -166,7 +172,7 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     """Ops one decoder layer dispatches in its forward and its backward (aten ops, views
     included: each costs the host its dispatch). Counted with a TorchDispatchMode on the tiny
     models (a test recounts them): LAYER_OPS per architecture, LORA_OPS per adapted linear
-    layer. Assumed, not countable on a CPU: bitsandbytes' dequantization (QUANT_OPS per linear
+    layer, ADAPTER_OPS per LLaMA-Adapter layer. Assumed, not countable on a CPU: bitsandbytes' dequantization (QUANT_OPS per linear
     layer), Liger's fused RMSNorm/RoPE/SwiGLU (LIGER_SAVES), compiled layers (their Triton
     kernels launch without dispatch: COMPILED_OPS per matmul plus a few per layer)."""
     linears = arch.linear_modules / arch.layers
@@ -187,8 +193,9 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     experts = arch.experts * arch.moe_layers / arch.layers if setup.quant_bits else 0
     expert_f = experts * (EXPERT_OPS[0] + 2 * quant_f)
     expert_b = experts * (EXPERT_OPS[1] + 2 * quant_b)
-    # a stack's LLaMA-Adapter modules, in every layer (the architecture has no start layer)
-    prompt_f, prompt_b = stacks.adapter_ops(setup.stack, family, setup.method)
+    # LLaMA-Adapter modules, in every layer (the architecture has no start layer)
+    prompts = {**stacks.STACK_ADAPTER_OPS, "transformers": ADAPTER_OPS}.get(setup.stack, {})
+    prompt_f, prompt_b = prompts.get(family, {}).get(setup.method, (0, 0))
     return (
         base_f + adapted * lora_f + linears * quant_f + expert_f + prompt_f,
         base_b + adapted * lora_b + linears * quant_b + expert_b + prompt_b,

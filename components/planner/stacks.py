@@ -42,12 +42,6 @@ STACK_LORA_OPS: dict[str, Ops] = {
 STACK_ADAPTER_OPS: dict[str, dict[str, Ops]] = {"lit-gpt": LIT_GPT_ADAPTER_OPS}
 
 
-def adapter_ops(stack: str, family: str, method: str) -> tuple[float, float]:
-    """A stack's LLaMA-Adapter (v1 or v2) modules' ops in one layer (forward, backward); none
-    where the stack's were not counted (kubetune's own are not yet)."""
-    return STACK_ADAPTER_OPS.get(stack, {}).get(family, {}).get(method, (0, 0))
-
-
 # lit-gpt's LoRA on a fused qkv with only some of q, k, v adapted (its finetune/lora.py's
 # default, query and value) pads the update with zeros through an index tensor it builds from a
 # Python list of the adapted output features in every forward (`LoRAQKVLinear.zero_pad`:
