@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .base import GENERIC, Family, linear_layer_names, quantized_linear_names
+from .base import (
+    FLEX,
+    GENERIC,
+    Family,
+    auto_attention,
+    linear_layer_names,
+    quantized_linear_names,
+)
 from .falcon import FALCON
 from .gemma import GEMMA, GEMMA3
 from .gpt_oss import GPT_OSS
@@ -36,10 +43,12 @@ FAMILIES: tuple[Family, ...] = (
 
 __all__ = [
     "FAMILIES",
+    "FLEX",
     "GENERIC",
     "KNOWN_CONFIGS",
     "TINY_BUILDERS",
     "Family",
+    "auto_attention",
     "decoder_layers",
     "family",
     "family_note",

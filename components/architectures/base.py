@@ -86,6 +86,17 @@ def transformers_flex(config) -> bool:
     return bool(getattr(model_class, "_supports_flex_attn", False))
 
 
+FLEX = "flex_attention"
+
+
+def auto_attention(packed: bool, flex: bool, fallback: str) -> str:
+    """What `model.attn_implementation: auto` runs on CUDA where no flash-attention is
+    installed, for the worker (train/attention.py) and the plan (planner/forecast.py) alike:
+    flex_attention for packed rows where the family has a document-masked flex path, else the
+    family's fallback (SDPA; eager where transformers has no SDPA path for it)."""
+    return FLEX if packed and flex else fallback
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family (see the module docstring). `model_types`: the config.json model_type

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..architectures import auto_attention
 from ..config import RunConfig
 from ..errors import UserError
 from ..methods import method_of
@@ -96,9 +97,7 @@ def dense_attention(cfg: RunConfig, arch: Architecture) -> bool:
     attn: str = cfg.model.attn_implementation
     packed = cfg.data.packing
     if attn == "auto":
-        if packed and arch.flex_attention:
-            return False
-        attn = arch.attention_fallback
+        attn = auto_attention(packed, arch.flex_attention, arch.attention_fallback)
     return attn == "eager" or (attn == "sdpa" and packed)
 
 

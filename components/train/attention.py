@@ -25,14 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..architectures import family
+from ..architectures import FLEX, auto_attention, family
 from ..errors import UserError
 from ..models import load_config
 
 if TYPE_CHECKING:
     from ..config import RunConfig
-
-FLEX = "flex_attention"
 
 
 def supports_flex_attention(config) -> bool:
@@ -58,9 +56,11 @@ def attention_implementation(cfg: RunConfig, device: torch.device, packed: bool 
             return "flash_attention_3"
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-        if packed and supports_flex_attention(load_config(cfg.model)):
-            return FLEX
-    return family(load_config(cfg.model).model_type).attention_fallback
+    config = load_config(cfg.model)
+    fallback = family(config.model_type).attention_fallback
+    if device.type != "cuda":
+        return fallback
+    return auto_attention(packed, supports_flex_attention(config), fallback)
 
 
 def transformers_attention(attn: str, model_type: str) -> str:
