@@ -315,6 +315,14 @@ def test_time_terms_follow_the_gpu_tables():
     assert ts.parts["matmul (per micro batch)"] + ts.parts[
         "weights (per micro batch)"
     ] == pytest.approx(ws.bytes["weights"] / hbm)
+    # peft's k-bit preparation upcasts the weights: autocast's cast kernels (fp32 read, bf16
+    # written) run beside the GEMMs, not inside them
+    upcast = dataclasses.replace(setup, upcast=True)
+    wu, tu = work(arch, upcast), step_time(arch, upcast, gpu, eff)
+    assert wu.bytes["weight casts"] == (wu.bytes["weights"] / 2) * 6
+    assert tu.parts["weight casts (per micro batch)"] == pytest.approx(
+        wu.bytes["weight casts"] / hbm
+    )
     assert t.host_seconds == pytest.approx(w.ops * 1e-5)
     assert t.micro_seconds == pytest.approx(expected_gpu + w.ops * 1e-5)  # p = 1: the sum
     slower = step_time(arch, setup, GPU_TYPES["A100-80GB"], eff)

@@ -252,10 +252,10 @@ def work(arch, setup: Setup) -> Work:
     if setup.upcast:
         # peft's k-bit preparation made every unquantized weight fp32 (the embeddings too, so
         # the residual stream and its saved activations are fp32) and autocast casts each
-        # weight to 16 bits on every pass (fp32 read, 16-bit written and read: 8 bytes for 2)
-        # and each linear layer's fp32 input forward and its gradient backward (4 + 2 bytes)
+        # weight to 16 bits on every pass (a cast kernel beside the GEMM: fp32 read, 16-bit
+        # written) and each linear layer's fp32 input forward and its gradient backward
         unquantized = 0 if setup.quant_bits else stored * weight_reads
-        w.bytes["weights"] += (unquantized + 2 * head) * 6
+        w.bytes["weight casts"] = (unquantized + 2 * head) * 6
         w.bytes["activations"] *= 2
         w.bytes["upcast casts"] = T * features / 2 * 6 * (2 + recompute)  # inputs: half
     if adapter:  # B's output, forward and backward, and dropout's copy of the input (about half)
