@@ -111,6 +111,33 @@ def test_flops_match_torch_flop_counter(model, method, checkpointing):
     )
 
 
+def test_layers_below_the_lowest_trained_one_run_no_backward():
+    """train.freeze_layers (and LLaMA-Adapter's start_layer): the layers below the lowest
+    trained one compute no input gradients and no attention backward, as torch's flop counter
+    sees; their backward ops are not dispatched either."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kubetune.components.methods.full import freeze_bottom
+
+    cfg = tiny_cfg("tiny://llama", "method=full", "train.freeze_layers=1")
+    arch = architecture(cfg)
+    assert arch.frozen_layers == 1
+    net = tiny_model(cfg, attention="eager")
+    freeze_bottom(net, 1)
+    ids = torch.randint(0, arch.vocab, (2, 96))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(input_ids=ids, labels=ids).loss.backward()
+    setup = setup_for(arch, "full", 2, 96, 0, dense_attention=True)
+    assert work(arch, setup).counted_flops == pytest.approx(counter.get_total_flops(), rel=0.005)
+    whole = architecture(tiny_cfg("tiny://llama", "method=full"))
+    frozen_ops, all_ops = work(arch, setup).ops, work(whole, setup).ops
+    assert all_ops - frozen_ops == pytest.approx(LAYER_OPS["llama"][1] * 1)
+    for method, frozen in (("adapter", 1), ("adapter_v2", 0)):  # v2 trains every layer's norms
+        prompted = tiny_cfg("tiny://llama", f"method={method}", "adapter.start_layer=1")
+        assert architecture(prompted).frozen_layers == frozen, method
+
+
 def pinned_version(name: str) -> str:
     """images/constraints.txt's version of a package."""
     for line in (REPO / "images" / "constraints.txt").read_text().splitlines():
@@ -421,7 +448,9 @@ def test_stack_op_tables_count_a_frozen_layer_under_an_adapter():
         tuple(f + adapted * a for f, a in zip(LAYER_OPS["llama"], LORA_OPS["peft"], strict=True))
     )
     for method in ("adapter", "adapter_v2"):
-        prompted = architecture(tiny_cfg("tiny://llama", f"method={method}"))
+        prompted = architecture(
+            tiny_cfg("tiny://llama", f"method={method}", "adapter.start_layer=0")
+        )
         setup = setup_for(prompted, method, 1, 64, 0, stack="lit-gpt")
         assert layer_ops(prompted, setup) == pytest.approx(
             tuple(

@@ -21,6 +21,7 @@ class Adapter(Method):
     name = "adapter"
     kind = ModelKind.PROMPTS
     switches_off = True
+    prompts_only = True  # trains only the prompts and gates of the layers from start_layer up
     # lit-parrot / lit-llama finetune/adapter.py (the LLaMA-Adapter paper's 9e-3)
     published: ClassVar[dict[str, Any]] = {"train.lr": 9e-3, "train.weight_decay": 0.02}
 
@@ -62,7 +63,9 @@ class Adapter(Method):
         from .llama_adapter import AdapterSpec, install, trainable_count
 
         install(model, AdapterSpec.from_recipe(cfg))  # on the meta model, counted
-        return Counts(trainable=trainable_count(model))
+        # below its first prompt nothing trains (v1), so the backward stops there
+        frozen = cfg.adapter.start_layer if self.prompts_only else 0
+        return Counts(trainable=trainable_count(model), frozen_layers=frozen)
 
 
 class AdapterV2(Adapter):
@@ -70,5 +73,6 @@ class AdapterV2(Adapter):
     # its head has its own bias and scale, which only the head's own forward applies
     head_forward = True
     switches_off = False  # it trains the base's norms: switched off is not the base
+    prompts_only = False  # every layer's norms and linear scales train too
     # lit-parrot finetune/adapter_v2.py
     published: ClassVar[dict[str, Any]] = {"train.lr": 9e-3, "train.weight_decay": 0.02}

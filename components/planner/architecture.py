@@ -34,7 +34,9 @@ class Architecture:
     linear_modules: int = 0  # the quantizable linear layers, counted
     adapted_modules: int = 0  # of them, the ones LoRA adapts
     adapted_features: int = 0  # their in + out features, summed
-    frozen_layers: int = 0  # method=full: train.freeze_layers
+    frozen_layers: int = (
+        0  # below the lowest trained layer (train.freeze_layers, adapter.start_layer)
+    )
     # mixture-of-experts: what one token passes through (every routed expert counted at
     # top-k / experts, the embedding table and the head included); total_params for dense models
     active_params: int | None = None

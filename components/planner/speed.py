@@ -193,9 +193,11 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     experts = arch.experts * arch.moe_layers / arch.layers if setup.quant_bits else 0
     expert_f = experts * (EXPERT_OPS[0] + 2 * quant_f)
     expert_b = experts * (EXPERT_OPS[1] + 2 * quant_b)
-    # LLaMA-Adapter modules, in every layer (the architecture has no start layer)
+    # LLaMA-Adapter modules, in the layers from its start layer up (the only ones whose
+    # backward runs for v1: work() takes the backward's share of the layers)
     prompts = {**stacks.STACK_ADAPTER_OPS, "transformers": ADAPTER_OPS}.get(setup.stack, {})
     prompt_f, prompt_b = prompts.get(family, {}).get(setup.method, (0, 0))
+    prompt_f *= 1 - arch.frozen_layers / arch.layers
     return (
         base_f + adapted * lora_f + linears * quant_f + expert_f + prompt_f,
         base_b + adapted * lora_b + linears * quant_b + expert_b + prompt_b,
@@ -218,7 +220,7 @@ def work(arch, setup: Setup) -> Work:
     full = method.trains_base
     w = Work()
     w.flops["forward"] = 2 * T * (linear + head + adapter)
-    below = trained_layers / L if full else 1.0  # input gradients stop at the lowest trained
+    below = trained_layers / L  # input gradients (and the backward) stop at the lowest trained
     w.flops["backward"] = 2 * T * (linear * below + head + adapter)  # input gradients
     w.flops["weight gradients"] = (
         2 * T * ((linear * trained_layers / L + head) if full else adapter)
@@ -227,7 +229,7 @@ def work(arch, setup: Setup) -> Work:
     # with full fine-tuning, before the layer's last matmul (the MLP's down projection)
     last = arch.intermediate * arch.hidden * L if full else 0
     w.flops["recompute"] = 2 * T * (linear - last + adapter) * recompute
-    w.attention_flops = 4 * T * setup.span * arch.hidden * L * (1 + 2 + recompute)
+    w.attention_flops = 4 * T * setup.span * arch.hidden * L * (1 + 2 * below + recompute)
     passes = 2 + recompute  # weights dequantized: forward, backward, recomputation
     # every quantized weight, the experts' too (a few thousand tokens reach every expert)
     stored = arch.linear_params
@@ -244,7 +246,7 @@ def work(arch, setup: Setup) -> Work:
         w.bytes["int8 activations"] = T * features * INT8_FEATURE_BYTES * forward
     # the weights each matmul reads (16-bit: a quantized layer's dequantized copy; LLM.int8's
     # forward its int8 weight), the head's forward and backward
-    weight_reads = (passes - 1 + below) if full else passes
+    weight_reads = passes - 1 + below
     if setup.quant_bits == 8:
         weight_reads = (1 + recompute) / 2 + 1
     w.bytes["weights"] = (stored * weight_reads + 2 * head) * setup.weight_bytes
@@ -267,7 +269,7 @@ def work(arch, setup: Setup) -> Work:
         w.bytes["expert lora"] = arch.expert_params * 2 * (3 * (1 + recompute) + 3)
     w.bytes["logits"] = T * arch.vocab * LOGIT_BYTES[setup.loss]
     forward, backward = layer_ops(arch, setup)
-    w.ops = L * (forward * (1 + recompute) + backward) + HEAD_OPS
+    w.ops = L * (forward * (1 + recompute) + backward * below) + HEAD_OPS
     if adapter and setup.stack in stacks.INDEX_LIST_STACKS:
         # its index list: the adapted projections' output features (q and v: half their in + out)
         w.host_seconds = stacks.INDEX_LIST_SECONDS * arch.adapted_features / 2 * (1 + recompute)
