@@ -34,9 +34,8 @@ class Architecture:
     linear_modules: int = 0  # the quantizable linear layers, counted
     adapted_modules: int = 0  # of them, the ones LoRA adapts
     adapted_features: int = 0  # their in + out features, summed
-    frozen_layers: int = (
-        0  # below the lowest trained layer (train.freeze_layers, adapter.start_layer)
-    )
+    # below the lowest trained layer (train.freeze_layers, LLaMA-Adapter's adapter.start_layer)
+    frozen_layers: int = 0
     # mixture-of-experts: what one token passes through (every routed expert counted at
     # top-k / experts, the embedding table and the head included); total_params for dense models
     active_params: int | None = None

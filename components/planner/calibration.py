@@ -284,7 +284,7 @@ def fit(points: list[Point]) -> Efficiency:
         "int8": lambda s: s.quant_bits == 8,
         "dense": lambda s: s.dense_attention,
         "compiled": lambda s: s.compiled,
-        "dequant": lambda s: s.quant_bits == 4 and s.stack != "torchtune",
+        "dequant": lambda s: s.bitsandbytes_4bit,
     }
     own = {name: [p for p in fitted if is_own(p.setup)] for name, is_own in owns.items()}
     shared = [p for p in fitted if not any(is_own(p.setup) for is_own in owns.values())] or fitted

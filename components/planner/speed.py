@@ -70,6 +70,7 @@ ADAPTER_OPS: dict[str, stacks.Ops] = {
     "llama": {"adapter": (41, 4), "adapter_v2": (59, 84)},
     "falcon": {"adapter": (40, 27), "adapter_v2": (50, 69)},
 }
+PROMPT_OPS = {**stacks.STACK_ADAPTER_OPS, "transformers": ADAPTER_OPS}  # per stack
 QUANT_OPS = (3, 4)  # assumed: bitsandbytes' dequantization of absmax and weight, a transpose
 # bitsandbytes' LLM.int8 (MatMul8bitLt, threshold 6) per linear layer, assumed from its code:
 # forward: the activations' row/column quantization and outlier search, the outlier columns
@@ -133,6 +134,11 @@ class Setup:
     upcast: bool = False
 
     @property
+    def bitsandbytes_4bit(self) -> bool:
+        """Its 4-bit layers are bitsandbytes' (torchtune's NF4 is torchao's, compiled)."""
+        return self.quant_bits == 4 and self.stack != "torchtune"
+
+    @property
     def tokens(self) -> int:
         return self.micro_batch * self.row_len
 
@@ -172,9 +178,10 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     """Ops one decoder layer dispatches in its forward and its backward (aten ops, views
     included: each costs the host its dispatch). Counted with a TorchDispatchMode on the tiny
     models (a test recounts them): LAYER_OPS per architecture, LORA_OPS per adapted linear
-    layer, ADAPTER_OPS per LLaMA-Adapter layer. Assumed, not countable on a CPU: bitsandbytes' dequantization (QUANT_OPS per linear
-    layer), Liger's fused RMSNorm/RoPE/SwiGLU (LIGER_SAVES), compiled layers (their Triton
-    kernels launch without dispatch: COMPILED_OPS per matmul plus a few per layer)."""
+    layer, ADAPTER_OPS per LLaMA-Adapter layer. Assumed, not countable on a CPU:
+    bitsandbytes' dequantization (QUANT_OPS per linear layer), Liger's fused RMSNorm/RoPE/
+    SwiGLU (LIGER_SAVES), compiled layers (their Triton kernels launch without dispatch:
+    COMPILED_OPS per matmul plus a few per layer)."""
     linears = arch.linear_modules / arch.layers
     adapted = arch.adapted_modules / arch.layers
     family = "falcon" if arch.model_type == "falcon" else "llama"
@@ -195,8 +202,8 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     expert_b = experts * (EXPERT_OPS[1] + 2 * quant_b)
     # LLaMA-Adapter modules, in the layers from its start layer up (the only ones whose
     # backward runs for v1: work() takes the backward's share of the layers)
-    prompts = {**stacks.STACK_ADAPTER_OPS, "transformers": ADAPTER_OPS}.get(setup.stack, {})
-    prompt_f, prompt_b = prompts.get(family, {}).get(setup.method, (0, 0))
+    prompts = PROMPT_OPS.get(setup.stack, {}).get(family, {})
+    prompt_f, prompt_b = prompts.get(setup.method, (0, 0))
     prompt_f *= 1 - arch.frozen_layers / arch.layers
     return (
         base_f + adapted * lora_f + linears * quant_f + expert_f + prompt_f,
@@ -378,8 +385,8 @@ def step_time(arch, setup: Setup, gpu: GpuType, eff: Efficiency, w: Work | None 
     if "activations" in parts:  # a compiled layer's fused kernels, else eager ops
         compiled = eff.memory / eff.compiled_share
         parts["activations"] *= compiled if setup.compiled else eff.eager_traffic
-    if "dequantize" in parts and setup.quant_bits == 4 and setup.stack != "torchtune":
-        parts["dequantize"] *= eff.memory / eff.dequant_share  # bitsandbytes' kernel
+    if "dequantize" in parts and setup.bitsandbytes_4bit:
+        parts["dequantize"] *= eff.memory / eff.dequant_share
     parts["weights"] = max(0.0, parts.get("weights", 0.0) - parts["matmul"])  # the roofline
     gpu_s = sum(parts.values())
     host_s = w.ops * eff.op_seconds + w.host_seconds
