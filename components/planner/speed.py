@@ -31,7 +31,8 @@ packed rows: no kernel skips a masked block) at e_dense of MAMF, causal and bloc
 (flash, flex) at e_matmul on half the scores; eager (uncompiled) layers' activation bytes times
 eager_traffic (each elementwise op writes and reads its output), a compiled layer's (fused) at
 e_compiled of HBM; bitsandbytes' 4-bit dequantization at e_dequant of HBM; LLM.int8's forward
-matmuls at e_int8 of 2x MAMF; host time = ops x op_seconds (transformers' layers' ops, or the
+matmuls at e_int8 of 2x MAMF, float32 matmuls (LLM.int8's backward under peft's fp32 upcast) at
+e_matmul of the FP32 peak; host time = ops x op_seconds (transformers' layers' ops, or the
 stack's: stacks.py) and what the stack does beside them; a micro batch takes the power mean
 (GPU^p + host^p)^(1/p) of the two (the GPU runs behind the host asynchronously: p = 1 adds
 them, a large p is the slower; a stack whose host waits for the GPU inside every layer adds
@@ -82,7 +83,8 @@ QUANT8_OPS = (14, 6)
 # as int8 row- and column-major (2 + 2), its col32 transform (1 + 1), the int32 GEMM output
 # written and read (4 + 4), the 16-bit output (2): 16 over in + out, 8 per feature
 INT8_FEATURE_BYTES = 8
-INT8_WEIGHT_BYTES = 7  # backward: int8 read, 16-bit written, scaled in place (read + write)
+# backward: the int8 weight read, copied to the input's dtype (16 or 32 bits), scaled in place
+INT8_WEIGHT_BYTES = {2: 7, 4: 13}
 LIGER_SAVES = 27  # assumed: the eager RMSNorm x2, rotary and SiLU x mul ops Liger replaces
 COMPILED_OPS = 1.5  # assumed: launches per matmul of a compiled layer, with its fused neighbours
 LOGIT_BYTES = {"transformers": 20, "chunked": 12}
@@ -154,6 +156,7 @@ class Work:
     flops: dict[str, float] = field(default_factory=dict)  # matmul, as flop_counter counts
     attention_flops: float = 0.0  # dense count (flop_counter's), not halved for causal
     int8_flops: float = 0.0  # 8-bit layers' forward matmuls (LLM.int8), not in `flops`
+    fp32_flops: float = 0.0  # float32 matmuls on the CUDA cores, not in `flops`
     bytes: dict[str, float] = field(default_factory=dict)
     ops: float = 0.0
     step_bytes: float = 0.0  # optimizer
@@ -171,7 +174,7 @@ class Work:
     @property
     def counted_flops(self) -> float:
         """What torch.utils.flop_counter counts for the micro batch: matmuls and attention."""
-        return self.matmul_flops + self.int8_flops + self.attention_flops
+        return self.matmul_flops + self.int8_flops + self.fp32_flops + self.attention_flops
 
 
 def layer_ops(arch, setup: Setup) -> tuple[float, float]:
@@ -244,13 +247,8 @@ def work(arch, setup: Setup) -> Work:
     features = arch.adapted_features * arch.linear_modules / max(1, arch.adapted_modules)
     if setup.quant_bits == 4:  # double quantization assumed (the recipes' and QLoRA's setting)
         w.bytes["dequantize"] = stored * (quantized_bytes(4) + 2) * passes
-    elif setup.quant_bits == 8:  # LLM.int8: int8 GEMMs forward, a 16-bit copy backward
-        forward = 1 + recompute
-        w.int8_flops = 2 * T * linear * forward
-        w.flops["forward"] -= 2 * T * linear
-        w.flops["recompute"] -= 2 * T * linear * recompute
-        w.bytes["dequantize"] = stored * INT8_WEIGHT_BYTES
-        w.bytes["int8 activations"] = T * features * INT8_FEATURE_BYTES * forward
+    elif setup.quant_bits == 8:
+        _int8_work(arch, setup, w, linear, recompute, features)
     # the weights each matmul reads (16-bit: a quantized layer's dequantized copy; LLM.int8's
     # forward its int8 weight), the head's forward and backward
     weight_reads = passes - 1 + below
@@ -289,6 +287,27 @@ def work(arch, setup: Setup) -> Work:
             w.bytes["dequantize"] *= (passes + 1) / passes
     _step_work(arch, setup, w)
     return w
+
+
+def _int8_work(arch, setup: Setup, w: Work, linear: float, recompute: float, features) -> None:
+    """LLM.int8 (bitsandbytes' MatMul8bitLt): int8 GEMMs forward, a dequantized copy of the
+    weight backward; `linear` as work()'s, `features` the linear layers' in + out."""
+    T = setup.tokens
+    forward = 1 + recompute
+    w.int8_flops = 2 * T * linear * forward
+    w.flops["forward"] -= 2 * T * linear
+    w.flops["recompute"] -= 2 * T * linear * recompute
+    w.bytes["dequantize"] = arch.linear_params * INT8_WEIGHT_BYTES[4 if setup.upcast else 2]
+    w.bytes["int8 activations"] = T * features * INT8_FEATURE_BYTES * forward
+    if setup.upcast:
+        # its backward (bitsandbytes 0.39 to 0.50) copies the weight to its input's dtype and
+        # multiplies in it outside autocast (no custom_bwd): float32 for every 8-bit layer the
+        # fp32 residual stream feeds (through a norm, or another 8-bit layer's fp32 output),
+        # all but attention's output projection (its input: SDPA's, 16-bit)
+        below = 1 - arch.frozen_layers / arch.layers  # input gradients stop at the lowest trained
+        fp32 = 2 * T * (linear - min(linear, arch.hidden**2 * arch.layers)) * below
+        w.flops["backward"] -= fp32
+        w.fp32_flops = fp32
 
 
 def _step_work(arch, setup: Setup, w: Work) -> None:
@@ -380,6 +399,7 @@ def step_time(arch, setup: Setup, gpu: GpuType, eff: Efficiency, w: Work | None 
             if w.int8_flops
             else {}
         ),
+        **({"fp32 matmul": w.fp32_flops / (gpu.fp32_flops * eff.matmul)} if w.fp32_flops else {}),
         **{name: b / hbm for name, b in w.bytes.items()},
     }
     if "activations" in parts:  # a compiled layer's fused kernels, else eager ops
