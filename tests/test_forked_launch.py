@@ -63,6 +63,55 @@ def test_a_crashing_worker_shows_its_traceback_and_fails_the_launch(tmp_path):
         assert 'raise RuntimeError("a bug in rank 1")' in result.stderr, result.stderr
 
 
+FORK_SERVER = """
+import multiprocessing, multiprocessing.forkserver as server, sys
+multiprocessing.get_context("forkserver").set_forkserver_preload(sys.argv[1:])
+server.ensure_running()
+print(server._forkserver._forkserver_pid)
+"""
+
+
+@pytest.mark.parametrize("exit_fast", [True, False])
+def test_the_fork_server_leaves_without_tearing_its_modules_down(tmp_path, exit_fast):
+    """With forkserver_exit preloaded first, the fork server runs the atexit handlers of what it
+    preloaded after it and then leaves, without the module teardown that kept the CLI waiting
+    on its stderr; without it, the teardown runs (the finalizer's mark)."""
+    import os
+    import time
+
+    preload = ["tests.atexit_marker"]
+    if exit_fast:
+        preload.insert(0, "kubetune.components.backends.forkserver_exit")
+    env = {**os.environ, "MARKER_DIR": str(tmp_path)}
+    started = subprocess.run(
+        [sys.executable, "-c", FORK_SERVER, *preload],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    pid = int(started.stdout.split()[-1])
+    deadline = time.monotonic() + 120  # its launcher has gone: the server follows
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"fork server {pid} still running")
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "finalized").exists() is not exit_fast
+
+
+def test_forkserver_exit_changes_nothing_outside_a_fork_server():
+    code = (
+        "import sys, kubetune.components.backends.forkserver_exit as fast\n"
+        "assert not fast.in_fork_server()\n"
+        "sys.exit(3)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+
+
 def test_the_launcher_is_chosen_by_cuda_unless_the_environment_says(monkeypatch):
     import torch
 

@@ -16,6 +16,9 @@ threaded process can inherit a lock another thread held at that instant. The for
 started before any of those threads exist and runs none of its own (Python 3.14 makes it the
 default start method on Linux for this reason).
 
+The fork server preloads forkserver_exit first: when the launcher has gone, it leaves without
+tearing its modules down (seconds, while it held the stderr the CLI relays).
+
 Forking is safe only before CUDA is initialised, so the local backend uses this only where
 torch sees no CUDA device; with GPUs it runs torchrun with the worker module as before.
 """
@@ -27,6 +30,8 @@ import multiprocessing
 import sys
 
 PRELOAD = ("peft", "datasets", "transformers.modeling_utils")  # what every worker imports
+# first, so that the fork server leaves without tearing those down (forkserver_exit.py)
+EXIT_FAST = "kubetune.components.backends.forkserver_exit"
 
 
 def run_worker(module: str, *argv: str) -> None:
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     module = _module_argument(sys.argv[1:] if argv is None else argv)
     # The fork server imports the worker while this process imports torch's launcher and meets
     # the other ranks: started first, so the two overlap.
-    preload = [module, *PRELOAD] if module else list(PRELOAD)
+    preload = [EXIT_FAST, module, *PRELOAD] if module else [EXIT_FAST, *PRELOAD]
     multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
     multiprocessing.forkserver.ensure_running()
 
