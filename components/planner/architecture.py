@@ -58,6 +58,12 @@ class Architecture:
     attention_fallback: str = "sdpa"
 
     @property
+    def trained_share(self) -> float:
+        """The share of the layers from the lowest trained one up: the only ones whose backward
+        runs (input gradients stop there) and whose LLaMA-Adapter prompts exist."""
+        return 1 - self.frozen_layers / self.layers
+
+    @property
     def active(self) -> int:
         return self.total_params if self.active_params is None else self.active_params
 

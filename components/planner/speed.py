@@ -207,7 +207,7 @@ def layer_ops(arch, setup: Setup) -> tuple[float, float]:
     # backward runs for v1: work() takes the backward's share of the layers)
     prompts = PROMPT_OPS.get(setup.stack, {}).get(family, {})
     prompt_f, prompt_b = prompts.get(setup.method, (0, 0))
-    prompt_f *= 1 - arch.frozen_layers / arch.layers
+    prompt_f *= arch.trained_share
     return (
         base_f + adapted * lora_f + linears * quant_f + expert_f + prompt_f,
         base_b + adapted * lora_b + linears * quant_b + expert_b + prompt_b,
@@ -218,7 +218,6 @@ def work(arch, setup: Setup) -> Work:
     T = setup.tokens
     L = arch.layers
     recompute = setup.checkpointed / L
-    trained_layers = L - arch.frozen_layers
     head = arch.hidden * arch.vocab
     # what one token multiplies (a MoE model: its top-k experts of every layer)
     linear = arch.linear_params if arch.matmul_params is None else arch.matmul_params
@@ -230,11 +229,9 @@ def work(arch, setup: Setup) -> Work:
     full = method.trains_base
     w = Work()
     w.flops["forward"] = 2 * T * (linear + head + adapter)
-    below = trained_layers / L  # input gradients (and the backward) stop at the lowest trained
+    below = arch.trained_share  # input gradients (and the backward) stop at the lowest trained
     w.flops["backward"] = 2 * T * (linear * below + head + adapter)  # input gradients
-    w.flops["weight gradients"] = (
-        2 * T * ((linear * trained_layers / L + head) if full else adapter)
-    )
+    w.flops["weight gradients"] = 2 * T * ((linear * below + head) if full else adapter)
     # non-reentrant checkpointing stops recomputing once the tensors backward needs are back:
     # with full fine-tuning, before the layer's last matmul (the MLP's down projection)
     last = arch.intermediate * arch.hidden * L if full else 0
@@ -304,8 +301,7 @@ def _int8_work(arch, setup: Setup, w: Work, linear: float, recompute: float, fea
         # multiplies in it outside autocast (no custom_bwd): float32 for every 8-bit layer the
         # fp32 residual stream feeds (through a norm, or another 8-bit layer's fp32 output),
         # all but attention's output projection (its input: SDPA's, 16-bit)
-        below = 1 - arch.frozen_layers / arch.layers  # input gradients stop at the lowest trained
-        fp32 = 2 * T * (linear - min(linear, arch.hidden**2 * arch.layers)) * below
+        fp32 = 2 * T * (linear - min(linear, arch.hidden**2 * arch.layers)) * arch.trained_share
         w.flops["backward"] -= fp32
         w.fp32_flops = fp32
 
